@@ -1,0 +1,315 @@
+"""ManagerConfig: the registry of models, provider settings and memory policy.
+
+Config is a value object built at the edge (YAML file, dict, ``MODELMORA_*`` environment)
+and passed into :class:`~modelmora.manager.ModelManager`.  Every validation problem becomes
+one :class:`~modelmora.errors.ConfigError` line naming the source, the field and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+from .spec import Duration, ModelSpec, Size, check_name, format_size, parse_size
+
+ENV_PREFIX = "MODELMORA_"
+
+
+class Budget(BaseModel):
+    """A device budget: absolute bytes, or a fraction of what the device has."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> Budget:
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, dict):
+            return cls.model_validate(value)
+        if isinstance(value, str) and value.strip().endswith("%"):
+            try:
+                percent = float(value.strip()[:-1])
+            except ValueError:
+                raise ValueError(f"expected a percentage like '90%', got {value!r}") from None
+            if not 0 < percent <= 100:
+                raise ValueError(f"a percentage budget must be in (0, 100], got {value!r}")
+            return cls(fraction=percent / 100)
+        return cls(bytes=parse_size(value))
+
+    def resolve(self, total: int | None) -> int | None:
+        """Bytes this budget allows on a device with ``total`` bytes (None when unknowable)."""
+        if self.bytes is not None:
+            return self.bytes
+        if total is None or self.fraction is None:
+            return None
+        return int(total * self.fraction)
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}%"
+        return format_size(self.bytes or 0)
+
+
+BudgetValue = Annotated[Budget, BeforeValidator(Budget.parse), PlainSerializer(str)]
+
+
+class ManagerConfig(BaseModel):
+    """Everything a :class:`ModelManager` needs; see ``configs/modelmora.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="The model registry.")
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Provider instances by name; 'type' defaults to the instance name.",
+    )
+    budgets: dict[str, BudgetValue] = Field(
+        default_factory=dict, description="Per device: '15.5GB' or '90%' of the device."
+    )
+    reserve: Size = Field(0, description="Kept free on measured devices (CUDA context, others).")
+    default_model: str | None = None
+    idle_ttl: Duration = Field(300.0, description="Default keep-alive for idle models.")
+    max_loaded_models: int | None = Field(None, ge=1)
+    reaper_interval: Duration = Field(1.0, gt=0)
+    reconcile_interval: Duration = Field(30.0, gt=0)
+    wait_timeout: Duration = Field(300.0, description="How long a load may wait for memory.")
+    unload_timeout: Duration = Field(120.0, gt=0)
+    failure_cooldown: Duration = Field(5.0, description="First back-off after a failed load.")
+    failure_cooldown_max: Duration = Field(300.0)
+    verbose: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            models = {}
+            for key, value in data["models"].items():
+                if isinstance(value, dict):
+                    value = {"name": key, **value}
+                models[key] = value
+            data = {**data, "models": models}
+        return data
+
+    @field_validator("models")
+    @classmethod
+    def _keys_match_names(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        for key, spec in models.items():
+            if spec.name != key:
+                raise ValueError(f"model key {key!r} and its name {spec.name!r} differ")
+        return models
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, providers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in providers:
+            check_name(name, "provider name")
+        return providers
+
+    @field_validator("default_model")
+    @classmethod
+    def _default_is_registered(cls, value: str | None, info: ValidationInfo) -> str | None:
+        models = info.data.get("models")
+        if value is not None and models is not None and value not in models:
+            raise ValueError(_unknown(value, models))
+        return value
+
+    # -- construction at the edge -------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "config",
+        environ: Mapping[str, str] | None = None,
+    ) -> ManagerConfig:
+        """Validate a dict, applying ``MODELMORA_*`` overrides from ``environ`` if given."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        merged = dict(data)
+        if environ is not None:
+            merged = deep_merge(merged, env_overrides(environ))
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, source)) from None
+
+    @classmethod
+    def from_yaml(
+        cls, path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    ) -> ManagerConfig:
+        """Read a YAML file; a missing or malformed file is a one-line ConfigError."""
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read config file ({exc})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+        return cls.from_dict(data or {}, source=source, environ=environ)
+
+    def merged(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> ManagerConfig:
+        """A copy with ``overrides`` deep-merged in (how per-chain config is applied)."""
+        base = self.model_dump(mode="json", exclude_unset=False)
+        return ManagerConfig.from_dict(deep_merge(base, dict(overrides)), source=source)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        for name, spec in data.get("models", {}).items():
+            if spec.get("name") == name:
+                spec.pop("name")
+        return data
+
+    def spec(self, name: str) -> ModelSpec:
+        from .errors import UnknownModel
+
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(name, self.models) from None
+
+    def describe(self) -> str:
+        return (
+            f"{len(self.models)} models, budgets "
+            + (", ".join(f"{d}={b}" for d, b in self.budgets.items()) or "none")
+            + (f", reserve {format_size(self.reserve)}" if self.reserve else "")
+        )
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``MODELMORA_IDLE_TTL=10m`` → ``{"idle_ttl": "10m"}``; ``__`` nests
+    (``MODELMORA_PROVIDERS__OLLAMA__BASE_URL``); ``MODELMORA_BUDGETS`` takes
+    ``"cuda:0=15.5GB,cpu=80%"`` or JSON.  ``MODELMORA_CONFIG``/``MODELMORA_URL`` are the CLI's."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in (
+            "MODELMORA_CONFIG",
+            "MODELMORA_URL",
+            "MODELMORA_TOKEN",
+        ):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        value: Any = raw
+        if path == ["budgets"]:
+            value = _parse_budgets_env(raw)
+        elif raw.startswith(("{", "[")):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                raise ConfigError(f"environment {key}: invalid JSON") from None
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {key}: conflicts with another MODELMORA_ variable")
+        node[path[-1]] = value
+    return out
+
+
+def _parse_budgets_env(raw: str) -> dict[str, str]:
+    raw = raw.strip()
+    if raw.startswith("{"):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConfigError("environment MODELMORA_BUDGETS: invalid JSON") from None
+        return {str(k): v for k, v in value.items()}
+    budgets = {}
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        device, sep, amount = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"environment MODELMORA_BUDGETS: expected 'device=size' items like "
+                f"'cuda:0=15.5GB,cpu=80%', got {item!r}"
+            )
+        budgets[device.strip()] = amount.strip()
+    return budgets
+
+
+_FRIENDLY = {
+    "extra_forbidden": "unknown field",
+    "missing": "required field missing",
+}
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One readable line for a pydantic error: source, dotted field path, what was expected."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    field = ".".join(loc) or "(top level)"
+    kind = first["type"]
+    message = _FRIENDLY.get(kind) or first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(loc)
+        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6) if allowed else []
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+        elif allowed:
+            message += f" (expected one of: {', '.join(sorted(allowed))})"
+    elif kind != "missing" and not isinstance(first.get("input"), dict | list):
+        got = repr(first.get("input"))
+        if got not in message:
+            message += f", got {got}"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{source}: {field}: {message}{more}"
+
+
+def _allowed_fields(loc: list[str]) -> list[str]:
+    if len(loc) == 1:
+        return list(ManagerConfig.model_fields)
+    if len(loc) == 3 and loc[0] == "models":
+        return list(ModelSpec.model_fields)
+    return []
+
+
+def _unknown(name: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{name!r} is not a registered model{hint}"
+
+
+__all__ = ["Budget", "ManagerConfig", "deep_merge", "describe_validation_error", "env_overrides"]

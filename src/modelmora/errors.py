@@ -1,0 +1,155 @@
+"""One exception tree for everything modelmora raises.
+
+```
+ModelMoraError
+├── ConfigError                 bad YAML / dict / environment / CLI input
+├── UnknownModel                a name that is not in the registry (with a did-you-mean)
+├── ModelInUse                  unload refused because leases are held (use force=True)
+├── InsufficientMemory          can never fit, or what would have to be evicted is held
+├── HandleClosed                a handle used after its model was unloaded
+├── ModelMoraTimeout            waiting for memory, a load or an unload took too long
+├── ManagerClosed               the manager was used outside its ``async with`` block
+└── ProviderError               anything a runtime reported
+    ├── ProviderUnavailable     runtime unreachable, not installed, or busy (transient)
+    ├── LoadFailed              the runtime could not load the model
+    │   ├── ModelNotFound       the runtime does not have it (e.g. not pulled)
+    │   └── RecentlyFailed      a load failed a moment ago; retried after a cool-down
+    └── UnloadFailed            the runtime could not unload the model
+```
+
+Errors carry the model and provider they are about.  Providers map foreign errors
+(httpx, docker, CUDA OOM) at their boundary with ``raise Mapped(...) from exc``.
+Errors that are worth retrying also derive from :class:`TransientError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+
+
+class ModelMoraError(Exception):
+    """Root of every error modelmora raises."""
+
+    def __init__(self, message: str, *, model: str | None = None, provider: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.model = model
+        self.provider = provider
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TransientError(ModelMoraError):
+    """Marker base: the same call may succeed if retried later."""
+
+
+class ConfigError(ModelMoraError):
+    """Configuration (file, dict, environment or command line) is invalid."""
+
+
+class UnknownModel(ModelMoraError):
+    """A model name that the registry does not know."""
+
+    def __init__(self, name: str, known: Iterable[str]):
+        self.known = sorted(known)
+        close = difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        listing = f" (known: {', '.join(self.known)})" if self.known and not close else ""
+        super().__init__(f"unknown model {name!r}{hint}{listing}", model=name)
+        self.suggestions = close
+
+
+class ModelInUse(ModelMoraError):
+    """Unload refused: the model is leased.  ``force=True`` overrides."""
+
+    def __init__(self, name: str, leases: int):
+        super().__init__(
+            f"model {name!r} is in use by {leases} lease(s); wait for them or pass force=True",
+            model=name,
+        )
+        self.leases = leases
+
+
+class InsufficientMemory(ModelMoraError):
+    """The model cannot be admitted into the memory budget."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        device: str | None = None,
+        needed: int | None = None,
+        available: int | None = None,
+        holders: Mapping[str, int] | None = None,
+        would_evict: Iterable[str] = (),
+    ):
+        super().__init__(message, model=model, provider=provider)
+        self.device = device
+        self.needed = needed
+        self.available = available
+        self.holders = dict(holders or {})
+        self.would_evict = list(would_evict)
+
+
+class HandleClosed(ModelMoraError):
+    """The model behind this handle has been unloaded; take a new lease."""
+
+
+class ModelMoraTimeout(ModelMoraError, TimeoutError):
+    """Waiting for memory, a load or an unload exceeded its timeout."""
+
+
+class ManagerClosed(ModelMoraError):
+    """The manager is not running: use it inside ``async with ModelManager(...)``."""
+
+
+class ProviderError(ModelMoraError):
+    """A runtime reported a failure."""
+
+
+class ProviderUnavailable(ProviderError, TransientError):
+    """The runtime cannot be reached, is not installed, or is busy."""
+
+
+class LoadFailed(ProviderError):
+    """The runtime could not load the model."""
+
+
+class ModelNotFound(LoadFailed):
+    """The runtime does not have this model (e.g. it was never pulled)."""
+
+
+class RecentlyFailed(LoadFailed):
+    """The model failed to load recently and is cooling down before the next attempt."""
+
+    def __init__(self, message: str, *, model: str, retry_after: float, cause: BaseException):
+        super().__init__(message, model=model)
+        self.retry_after = retry_after
+        self.cause = cause
+
+
+class UnloadFailed(ProviderError):
+    """The runtime could not unload the model."""
+
+
+__all__ = [
+    "ConfigError",
+    "HandleClosed",
+    "InsufficientMemory",
+    "LoadFailed",
+    "ManagerClosed",
+    "ModelInUse",
+    "ModelMoraError",
+    "ModelMoraTimeout",
+    "ModelNotFound",
+    "ProviderError",
+    "ProviderUnavailable",
+    "RecentlyFailed",
+    "TransientError",
+    "UnknownModel",
+    "UnloadFailed",
+]

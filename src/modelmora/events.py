@@ -1,0 +1,207 @@
+"""Typed lifecycle events and the bus that delivers them to subscribers.
+
+Every state change in the manager is an event; logging, metrics, progress bars and the
+benchmark subscribe instead of the manager printing anything.  Subscribers are plain
+callables; one that raises is logged and never breaks the manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger("modelmora")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    model: str
+    at: float = field(default_factory=time.time)
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Waiting(Event):
+    """A load waits for memory held by leased or transitioning models."""
+
+    blockers: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Loading(Event):
+    provider: str
+    estimate: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Loaded(Event):
+    provider: str
+    duration_s: float
+    memory: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadFailed(Event):
+    provider: str
+    error: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unloading(Event):
+    reason: str
+    forced: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unloaded(Event):
+    reason: str
+    duration_s: float
+    freed: dict[str, int] = field(default_factory=dict)
+    forced: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evicted(Event):
+    """Chosen by the planner to make room for ``for_model``; an Unloaded follows."""
+
+    for_model: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adopted(Event):
+    """Found resident in a runtime at start-up or reconciliation."""
+
+    provider: str
+    memory: dict[str, int] = field(default_factory=dict)
+    owned: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Vanished(Event):
+    """The runtime no longer has a model the manager believed resident."""
+
+    provider: str
+    leased: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseAcquired(Event):
+    leases: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseReleased(Event):
+    leases: int
+
+
+class Subscriber(Protocol):
+    def __call__(self, event: Event) -> None: ...
+
+
+class EventBus:
+    """Synchronous fan-out; cheap when nobody listens (the lease hot path emits)."""
+
+    __slots__ = ("_subscribers",)
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    def emit(self, event: Event) -> None:
+        for subscriber in self._subscribers:
+            try:
+                subscriber(event)
+            except Exception:
+                log.exception("event subscriber %r failed on %s", subscriber, event.kind)
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+
+_QUIET = (LeaseAcquired, LeaseReleased)
+
+
+class LoggingSubscriber:
+    """Logs transitions at INFO when verbose, else DEBUG; leases always at DEBUG."""
+
+    def __init__(self, logger: logging.Logger = log, *, verbose: bool = False):
+        self.logger = logger
+        self.level = logging.INFO if verbose else logging.DEBUG
+
+    def __call__(self, event: Event) -> None:
+        level = logging.DEBUG if isinstance(event, _QUIET) else self.level
+        if isinstance(event, LoadFailed):
+            level = logging.WARNING
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, "%s", describe(event))
+
+
+def describe(event: Event) -> str:
+    """A one-line human description, shared by logs and the CLI."""
+    from .spec import format_size
+
+    def mem(m: dict[str, int]) -> str:
+        return ", ".join(f"{d} {format_size(b)}" for d, b in m.items()) or "no memory measured"
+
+    match event:
+        case Loading():
+            return f"loading {event.model} on {event.provider} (estimate: {mem(event.estimate)})"
+        case Loaded():
+            return f"loaded {event.model} in {event.duration_s:.2f}s ({mem(event.memory)})"
+        case LoadFailed():
+            return f"failed to load {event.model}: {event.error}"
+        case Unloading():
+            return f"unloading {event.model} ({event.reason}{', forced' if event.forced else ''})"
+        case Unloaded():
+            return f"unloaded {event.model} in {event.duration_s:.2f}s, freed {mem(event.freed)}"
+        case Evicted():
+            return f"evicting {event.model} to make room for {event.for_model} ({event.reason})"
+        case Adopted():
+            return f"adopted {event.model} from {event.provider} ({mem(event.memory)})"
+        case Vanished():
+            return f"{event.model} is no longer resident in {event.provider}"
+        case Waiting():
+            return f"{event.model} waits for memory held by {', '.join(event.blockers) or '?'}"
+        case LeaseAcquired() | LeaseReleased():
+            return f"{event.kind} {event.model} (leases: {event.leases})"
+    return f"{event.kind} {event.model}"
+
+
+__all__ = [
+    "Adopted",
+    "Event",
+    "EventBus",
+    "Evicted",
+    "LeaseAcquired",
+    "LeaseReleased",
+    "LoadFailed",
+    "Loaded",
+    "Loading",
+    "LoggingSubscriber",
+    "Subscriber",
+    "Unloaded",
+    "Unloading",
+    "Vanished",
+    "Waiting",
+    "describe",
+]

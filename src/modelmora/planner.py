@@ -1,0 +1,219 @@
+"""Admission and eviction decisions, as pure functions of a table snapshot.
+
+``plan_admission`` answers one question: can ``candidate`` become resident, and if so,
+which idle models must go first?  The answer is one of
+
+* :class:`Admit` — evict these (possibly none) and load;
+* :class:`Wait` — room can only come from models that are leased or in transition;
+* :class:`Refuse` — it can never fit (bigger than the budget, or pinned models hold it).
+
+Policy lives here: LRU among idle models, exclusive groups (loading a ``heavy`` model
+evicts the other ``heavy`` ones), pins (never chosen), a cap on loaded models, and memory
+used by processes other than ours.  Nothing here awaits or touches a runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .residency import State
+from .spec import format_size
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    """A planner's view of one table entry."""
+
+    name: str
+    memory: Mapping[str, int] = field(default_factory=dict)
+    state: State = State.READY
+    leases: int = 0
+    pinned: bool = False
+    group: str | None = None
+    last_used: float = 0.0
+
+    def is_evictable(self) -> bool:
+        return self.state in (State.READY, State.SLEEPING) and self.leases == 0 and not self.pinned
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.state.holds_memory
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    memory: Mapping[str, int] = field(default_factory=dict)
+    group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    evict: tuple[str, ...] = ()
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    blockers: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    reason: str
+    device: str | None = None
+    needed: int | None = None
+    available: int | None = None
+    holders: Mapping[str, int] = field(default_factory=dict)
+
+
+Plan = Admit | Wait | Refuse
+
+
+def usage(residents: Iterable[Resident]) -> dict[str, int]:
+    """Bytes per device held by entries that hold memory."""
+    used: dict[str, int] = {}
+    for r in residents:
+        if r.holds_memory:
+            for device, n in r.memory.items():
+                used[device] = used.get(device, 0) + n
+    return used
+
+
+def within_budget(
+    residents: Iterable[Resident],
+    budgets: Mapping[str, int],
+    external: Mapping[str, int] | None = None,
+) -> bool:
+    external = external or {}
+    used = usage(residents)
+    return all(used.get(d, 0) + external.get(d, 0) <= b for d, b in budgets.items())
+
+
+def _deficits(
+    holding: Sequence[Resident],
+    candidate: Candidate,
+    caps: Mapping[str, int],
+    max_loaded: int | None,
+) -> tuple[dict[str, int], int]:
+    used = usage(holding)
+    memory = {
+        d: used.get(d, 0) + candidate.memory.get(d, 0) - cap
+        for d, cap in caps.items()
+        if candidate.memory.get(d, 0) > 0
+    }
+    count = len(holding) + 1 - max_loaded if max_loaded is not None else 0
+    return {d: n for d, n in memory.items() if n > 0}, max(count, 0)
+
+
+def _helps(r: Resident, memory_deficit: Mapping[str, int], count_deficit: int) -> bool:
+    return count_deficit > 0 or any(r.memory.get(d, 0) > 0 for d in memory_deficit)
+
+
+def plan_admission(
+    residents: Iterable[Resident],
+    candidate: Candidate,
+    budgets: Mapping[str, int],
+    *,
+    max_loaded: int | None = None,
+    external: Mapping[str, int] | None = None,
+) -> Plan:
+    """Decide how ``candidate`` gets in.  ``budgets`` are bytes per device (devices without
+    a budget are not limited); ``external`` is memory held by other processes."""
+    external = external or {}
+    caps = {d: b - external.get(d, 0) for d, b in budgets.items()}
+    others = [r for r in residents if r.name != candidate.name and r.holds_memory]
+
+    # 1. Can it ever fit?
+    pinned = [r for r in others if r.pinned]
+    for device, need in candidate.memory.items():
+        if device not in caps or need <= 0:
+            continue
+        cap = caps[device]
+        if need > cap:
+            ext = (
+                f" ({format_size(external[device])} used by other processes)" if external.get(device) else ""
+            )
+            return Refuse(
+                f"{candidate.name} needs {format_size(need)} on {device} but the budget is "
+                f"{format_size(budgets[device])}{ext}",
+                device=device, needed=need, available=cap,
+            )  # fmt: skip
+        held = {r.name: r.memory.get(device, 0) for r in pinned if r.memory.get(device, 0)}
+        if need + sum(held.values()) > cap:
+            return Refuse(
+                f"{candidate.name} needs {format_size(need)} on {device}; pinned models hold "
+                f"{format_size(sum(held.values()))} of the {format_size(cap)} budget "
+                f"({', '.join(held)}); unpin one or unload it with force",
+                device=device, needed=need, available=cap - sum(held.values()), holders=held,
+            )  # fmt: skip
+    if max_loaded is not None and len(pinned) + 1 > max_loaded:
+        return Refuse(
+            f"{candidate.name} cannot load: {len(pinned)} pinned models already fill the cap of "
+            f"{max_loaded} loaded models ({', '.join(r.name for r in pinned)})"
+        )
+
+    # 2. Exclusive group: every other member must go.
+    reasons: dict[str, str] = {}
+    members = [r for r in others if candidate.group is not None and r.group == candidate.group]
+    for r in members:
+        if r.pinned:
+            return Refuse(
+                f"{candidate.name} is in exclusive group {candidate.group!r} with pinned model "
+                f"{r.name}; unpin it or unload it with force"
+            )
+        reasons[r.name] = f"exclusive group {candidate.group!r}"
+    blocked = [r for r in members if not r.is_evictable()]
+    remaining = [r for r in others if r not in members]
+
+    # 3. LRU among idle models until memory and the count cap are satisfied.
+    mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
+    victims: list[Resident] = []
+    for r in sorted((r for r in remaining if r.is_evictable()), key=lambda r: r.last_used):
+        if not mem_def and not count_def:
+            break
+        if _helps(r, mem_def, count_def):
+            victims.append(r)
+            remaining.remove(r)
+            mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
+
+    if blocked or mem_def or count_def:
+        holders = [
+            r for r in remaining
+            if not r.pinned and not r.is_evictable() and _helps(r, mem_def, count_def)
+        ]  # fmt: skip
+        names = tuple(r.name for r in [*blocked, *holders])
+        why = []
+        if blocked:
+            why.append(f"exclusive group {candidate.group!r} members are in use")
+        if mem_def:
+            why.append("short of " + ", ".join(f"{format_size(n)} on {d}" for d, n in mem_def.items()))
+        if count_def:
+            why.append(f"the cap of {max_loaded} loaded models is reached")
+        return Wait(blockers=names, reason="; ".join(why))
+
+    # 4. Keep the plan minimal: give back victims that turned out not to be needed.
+    for r in reversed(list(victims)):
+        trial = [*remaining, r]
+        if _deficits(trial, candidate, caps, max_loaded) == ({}, 0):
+            victims.remove(r)
+            remaining = trial
+    for r in victims:
+        reasons[r.name] = "least recently used"
+    order = [r.name for r in members] + [r.name for r in victims]
+    return Admit(evict=tuple(order), reasons=reasons)
+
+
+__all__ = [
+    "Admit",
+    "Candidate",
+    "Plan",
+    "Refuse",
+    "Resident",
+    "Wait",
+    "plan_admission",
+    "usage",
+    "within_budget",
+]

@@ -1,0 +1,176 @@
+"""The provider seam: a small async base class every runtime plugs in behind.
+
+A provider knows how to make one kind of runtime load, unload and report models.  It
+holds no policy (that is the manager's and the planner's); it tells the truth about its
+runtime.  Contract, which the manager relies on:
+
+* ``load`` either returns a :class:`Handle` for a ready model or raises, leaving nothing
+  half-loaded behind (no process, container or runner it started).
+* ``unload`` returns only when the runtime has actually released the model.
+* ``observe`` reports what is resident *now*, including models this process never loaded.
+* errors are mapped to :mod:`modelmora.errors` at this boundary.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import HandleClosed
+from ..spec import ModelSpec
+
+
+class Tier(enum.StrEnum):
+    """Where a resident model's weights are."""
+
+    ACTIVE = "active"  # ready to serve on its device
+    SLEEPING = "sleeping"  # warm tier: vLLM sleep, torch weights offloaded to CPU RAM
+
+
+@dataclass(eq=False)
+class Handle:
+    """A provider's grip on one resident model, lent to callers inside a lease.
+
+    ``endpoint`` is the base URL for runtimes behind HTTP (with ``api`` saying which
+    protocol), ``obj`` the model object for in-process runtimes.  After unload the handle
+    is closed and refuses use, so a model object never outlives its residency by accident.
+    """
+
+    spec: ModelSpec
+    provider: str
+    endpoint: str | None = None
+    api: str | None = None
+    memory: dict[str, int] = field(default_factory=dict)
+    owned: bool = True
+    data: dict[str, Any] = field(default_factory=dict)
+    _obj: Any = field(default=None, repr=False)
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def target(self) -> str:
+        return self.spec.target
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def obj(self) -> Any:
+        """The in-process model object (None for server runtimes)."""
+        self.check_open()
+        return self._obj
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise HandleClosed(
+                f"model {self.name!r} has been unloaded; take a new lease with manager.use()",
+                model=self.name,
+                provider=self.provider,
+            )
+
+    def close(self) -> None:
+        """Drop the model object and refuse further use (called by the provider on unload)."""
+        self._closed = True
+        self._obj = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a runtime reports as resident: its truth, used for reconciliation."""
+
+    target: str
+    memory: dict[str, int] = field(default_factory=dict)
+    tier: Tier = Tier.ACTIVE
+    owned: bool = False
+    expires_at: datetime | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str = ""
+    version: str | None = None
+
+
+class ProviderSettings(BaseModel):
+    """Base for a provider's settings; unknown keys are errors, like everywhere else."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Provider(ABC):
+    """Base class for runtimes.  Subclasses set ``Settings`` and implement the four methods.
+
+    Optional capabilities are declared in ``capabilities``: ``"sleep"`` (``sleep``/``wake``
+    keep a model warm at a lower cost) and ``"refresh"`` (``refresh`` must be called
+    periodically while the manager keeps a model, e.g. Ollama's keep_alive dead man's switch).
+    """
+
+    Settings: ClassVar[type[ProviderSettings]] = ProviderSettings
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str, settings: ProviderSettings | None = None):
+        self.name = name
+        self.settings = settings if settings is not None else self.Settings()
+
+    @abstractmethod
+    async def load(self, spec: ModelSpec) -> Handle:
+        """Make ``spec`` resident and ready; leave nothing behind on failure."""
+
+    @abstractmethod
+    async def unload(self, handle: Handle) -> dict[str, int]:
+        """Release the model; return the bytes freed per device (measured where possible)."""
+
+    @abstractmethod
+    async def observe(self) -> list[Observed]:
+        """Models the runtime reports as resident right now."""
+
+    async def health(self) -> Health:
+        return Health(ok=True)
+
+    async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
+        """A handle for a model found resident (not loaded through this process)."""
+        return Handle(spec=spec, provider=self.name, memory=dict(observed.memory), owned=observed.owned)
+
+    async def refresh(self, handle: Handle, keep_alive: float) -> None:
+        """Extend the runtime's own expiry for a model the manager keeps (``"refresh"``)."""
+
+    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
+        """Move to the warm tier; returns the memory still held per device (``"sleep"``)."""
+        raise NotImplementedError(f"provider {self.name!r} has no sleep tier")
+
+    async def wake(self, handle: Handle) -> dict[str, int]:
+        """Return from the warm tier; returns the memory now held per device."""
+        raise NotImplementedError(f"provider {self.name!r} has no sleep tier")
+
+    async def aclose(self) -> None:
+        """Release connections and clients; idempotent.  Never unloads models."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+__all__ = ["Handle", "Health", "Observed", "Provider", "ProviderSettings", "Tier"]

@@ -1,0 +1,210 @@
+"""What a model is: :class:`ModelSpec`, and the size and duration values it is written in.
+
+Sizes follow the usual convention: ``GB``/``MB`` are powers of 1000, ``GiB``/``MiB`` powers
+of 1024, a bare number is bytes.  Durations are seconds or Go-style strings (``"5m"``,
+``"1h30m"``, ``"500ms"``); ``0`` means "unload right after use" and any negative value
+means "never" (stored as ``math.inf``), as in Ollama's ``keep_alive``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+FOREVER = math.inf
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?|[+-]?\.\d+)\s*([a-zA-Z]*)\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
+}  # fmt: skip
+
+
+def parse_size(value: str | int | float) -> int:
+    """Parse ``"11.5GB"``, ``"512MiB"``, ``1024`` or ``"1e9"`` into a non-negative byte count."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '11.5GB' or '512MiB', got {value!r}")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match:
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"expected a size like '11.5GB' or '512MiB', got {value!r}") from None
+        else:
+            unit = match.group(2).lower()
+            if unit not in _SIZE_UNITS:
+                raise ValueError(
+                    f"unknown size unit {match.group(2)!r} in {value!r} (use B, KB, MB, GB, TB "
+                    "or KiB, MiB, GiB, TiB)"
+                )
+            number = float(match.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise ValueError(f"expected a size like '11.5GB' or '512MiB', got {value!r}")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"a size must be a finite, non-negative amount, got {value!r}")
+    return round(number)
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Parse seconds or a Go-style duration; negative means forever (``math.inf``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '5m' or seconds, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(
+                    f"expected a duration like '30s', '5m', '1h30m', seconds, 0 or -1, got {value!r}"
+                ) from None
+            seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError(f"expected a duration like '5m' or seconds, got {value!r}")
+    if math.isnan(seconds):
+        raise ValueError(f"a duration must be a number, got {value!r}")
+    return FOREVER if seconds < 0 else seconds
+
+
+def format_size(n: int | float) -> str:
+    """Human-readable bytes in the units people use for GPUs (GB = 10^9)."""
+    n = float(n)
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if math.isinf(seconds):
+        return "forever"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s".replace(".0s", "s")
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m".replace(".0m", "m")
+    return f"{seconds / 3600:.1f}h".replace(".0h", "h")
+
+
+def _ser_duration(value: float) -> float | int:
+    return -1 if math.isinf(value) else value
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes, written as ``"11.5GB"``, ``"512MiB"`` or a number."""
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_ser_duration)]
+"""Seconds, written as ``"5m"`` or a number; negative means forever."""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,199}$")
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """Names reach URLs, labels and file names: allow a conservative character set only."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name or "//" in name:
+        raise ValueError(
+            f"invalid {what} {name!r}: use letters, digits and . _ : @ + / - "
+            "(starting with a letter or digit, no '..')"
+        )
+    return name
+
+
+class ModelSpec(BaseModel):
+    """One model in the registry: where it runs and what it costs to keep resident."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Registry name used by callers, e.g. 'qwen-14b'.")
+    provider: str = Field(
+        "simulated", description="Provider instance that runs it, e.g. 'ollama', 'vllm', 'torch'."
+    )
+    target: str = Field(
+        "",
+        description="What the runtime calls it: 'qwen2.5:14b', a Hugging Face id, "
+        "'package.module:factory'. Defaults to the name.",
+    )
+    device: str = Field("cuda:0", description="Device a bare memory estimate applies to.")
+    memory: dict[str, Size] = Field(
+        default_factory=dict, description="Estimated bytes per device, replaced by measurements."
+    )
+    group: str | None = Field(None, description="Exclusive group: one resident member at a time.")
+    keep_alive: Duration | None = Field(
+        None, description="Idle time before unload; 0 = right after use, -1 = never."
+    )
+    pinned: bool = Field(False, description="Never evicted or reaped unless forced.")
+    load_timeout: Duration = Field(600.0, description="How long one load may take.")
+    load_time: Duration | None = Field(
+        None, description="Expected load time (planning prior), replaced by measurements."
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Provider options.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("memory"), str | int | float):
+            data = dict(data)
+            data["memory"] = {data.get("device", "cuda:0"): data["memory"]}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_name(value)
+
+    @field_validator("provider")
+    @classmethod
+    def _check_provider(cls, value: str) -> str:
+        return check_name(value, "provider name")
+
+    @model_validator(mode="after")
+    def _default_target(self) -> ModelSpec:
+        if not self.target:
+            object.__setattr__(self, "target", self.name)
+        return self
+
+    @property
+    def total_memory(self) -> int:
+        return sum(self.memory.values())
+
+
+__all__ = [
+    "FOREVER",
+    "Duration",
+    "ModelSpec",
+    "Size",
+    "check_name",
+    "format_duration",
+    "format_size",
+    "parse_duration",
+    "parse_size",
+]

@@ -1,0 +1,1 @@
+"""Emulators and fixtures for testing code built on modelmora without real runtimes."""
