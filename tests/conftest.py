@@ -1,0 +1,41 @@
+"""Shared fixtures: the anyio backend and a manager over the simulated provider."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from modelmora import ModelManager
+from modelmora.memory import StaticProbe
+from modelmora.providers.simulated import SimulatedProvider
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def sim() -> SimulatedProvider:
+    return SimulatedProvider()
+
+
+def make_manager(sim: SimulatedProvider, models: dict[str, Any], **config: Any) -> ModelManager:
+    """A manager on ``sim`` with a fixed 16 GB cuda:0 budget unless told otherwise."""
+    cfg: dict[str, Any] = {"budgets": {"cuda:0": "16GB"}, "reaper_interval": 0.01, **config, "models": models}
+    return ModelManager(cfg, providers={"simulated": sim}, probe=StaticProbe({}))
+
+
+@pytest.fixture
+async def heavy_light(sim: SimulatedProvider) -> AsyncIterator[ModelManager]:
+    """The seed's RTX 5080 16 GB set: heavy LLM/SDXL models and a light TTS model."""
+    models = {
+        "qwen-14b": {"memory": "11.5GB", "group": "heavy"},
+        "qwen2.5-vl-7b": {"memory": "13.8GB", "group": "heavy"},
+        "sdxl-base": {"memory": "10.5GB", "group": "heavy"},
+        "gpt-sovits": {"memory": "3.5GB", "group": "light"},
+    }
+    async with make_manager(sim, models, budgets={"cuda:0": "15.5GB"}) as mm:
+        yield mm
