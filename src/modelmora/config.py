@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -273,7 +274,7 @@ _FRIENDLY = {
 }
 
 
-def describe_validation_error(exc: ValidationError, source: str) -> str:
+def describe_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     """One readable line for a pydantic error: source, dotted field path, what was expected."""
     errors = exc.errors(include_url=False)
     first = errors[0]
@@ -284,7 +285,7 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc)
+        allowed = _allowed_fields(model or ManagerConfig, loc)
         close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6) if allowed else []
         if close:
             message += f" (did you mean {close[0]!r}?)"
@@ -298,11 +299,24 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
     return f"{source}: {field}: {message}{more}"
 
 
-def _allowed_fields(loc: list[str]) -> list[str]:
-    if len(loc) == 1:
-        return list(ManagerConfig.model_fields)
-    if len(loc) == 3 and loc[0] == "models":
-        return list(ModelSpec.model_fields)
+def _allowed_fields(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names valid where ``loc`` points, walking nested models and dicts of models."""
+    current: Any = model
+    parts = loc[:-1]
+    i = 0
+    while i < len(parts):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(parts[i])
+        if info is None:
+            return []
+        current = info.annotation
+        if typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+            i += 1  # the dict key
+        i += 1
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
     return []
 
 

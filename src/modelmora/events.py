@@ -107,7 +107,7 @@ class LeaseReleased(Event):
 
 
 class Subscriber(Protocol):
-    def __call__(self, event: Event) -> None: ...
+    def __call__(self, event: Event, /) -> None: ...
 
 
 class EventBus:

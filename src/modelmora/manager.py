@@ -225,7 +225,9 @@ class ModelManager:
     ) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
-            await stack.__aexit__(exc_type, exc, tb)
+            # The body's own exception is not handed to the task group, so callers see
+            # UnknownModel & co. themselves rather than wrapped in an ExceptionGroup.
+            await stack.__aexit__(None, None, None)
 
     async def _shutdown(self) -> None:
         tg = self._tg

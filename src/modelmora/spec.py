@@ -131,7 +131,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,199}$")
 
 def check_name(name: str, what: str = "model name") -> str:
     """Names reach URLs, labels and file names: allow a conservative character set only."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name or "//" in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name or "//" in name:
         raise ValueError(
             f"invalid {what} {name!r}: use letters, digits and . _ : @ + / - "
             "(starting with a letter or digit, no '..')"

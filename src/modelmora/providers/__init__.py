@@ -92,7 +92,9 @@ class ProviderRegistry:
             try:
                 parsed = factory.Settings.model_validate(dict(settings))
             except ValidationError as exc:
-                raise ConfigError(describe_validation_error(exc, f"providers.{instance}")) from None
+                raise ConfigError(
+                    describe_validation_error(exc, f"providers.{instance}", factory.Settings)
+                ) from None
             return factory(instance, parsed)
         provider = factory(instance, settings)  # type: ignore[call-arg]
         if not isinstance(provider, Provider):

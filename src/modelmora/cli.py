@@ -1,0 +1,377 @@
+"""`modelmora …`: the command line (typer + rich).
+
+Direct mode builds a :class:`ModelManager` from the config and acts on the runtimes,
+whose state lives in the runtime (Ollama, Docker, processes), so ``status`` shows what
+they report.  Every error is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import events as ev
+from .config import ManagerConfig
+from .errors import ModelMoraError
+from .manager import ManagerStatus, ModelManager
+from .memory import StaticProbe
+from .providers.simulated import SimulatedProvider
+from .spec import ModelSpec, format_duration, format_size, parse_duration
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="modelmora",
+    help="Keep the right models resident in GPU/CPU memory: load, unload, plan and inspect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_CONFIGS = ("modelmora.yaml", "configs/modelmora.yaml")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config YAML (default: $MODELMORA_CONFIG, ./modelmora.yaml, configs/modelmora.yaml).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_config(path: Path | None) -> ManagerConfig:
+    if path is None:
+        env = os.environ.get("MODELMORA_CONFIG")
+        path = Path(env) if env else next((Path(p) for p in DEFAULT_CONFIGS if Path(p).is_file()), None)
+    if path is None:
+        return ManagerConfig.from_dict({}, source="defaults", environ=os.environ)
+    return ManagerConfig.from_yaml(path, environ=os.environ)
+
+
+def run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async job at the CLI edge, turning every modelmora error into one line."""
+    try:
+        return anyio.run(fn)
+    except ModelMoraError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def with_manager(
+    config: Path | None, job: Callable[[ModelManager], Awaitable[T]], *, verbose: bool = False
+) -> T:
+    try:
+        cfg = load_config(config)
+    except ModelMoraError as exc:
+        fail(str(exc))
+    if verbose:
+        cfg = cfg.model_copy(update={"verbose": True})
+
+    async def main() -> T:
+        async with ModelManager(cfg) as mm:
+            if verbose:
+                mm.events.subscribe(lambda e: err.print(f"  {ev.describe(e)}", highlight=False))
+            return await job(mm)
+
+    return run(main)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def render_status(status: ManagerStatus) -> None:
+    mem = Table(title="Memory", title_justify="left")
+    for col in ("device", "modelmora", "budget", "peak", "observed (total / used / free)"):
+        mem.add_column(col)
+    for device, s in status.memory.devices.items():
+        bar = ""
+        if s.budget:
+            filled = min(20, round(20 * s.modelmora / s.budget))
+            bar = f" [{'█' * filled}{'·' * (20 - filled)}]"
+        observed = (
+            f"{format_size(s.observed.total)} / {format_size(s.observed.used)} / {format_size(s.observed.free)} ({s.observed.source})"
+            if s.observed
+            else "not observed"
+        )
+        mem.add_row(
+            device,
+            format_size(s.modelmora) + bar,
+            format_size(s.budget) if s.budget is not None else "unlimited",
+            format_size(s.peak),
+            observed,
+        )
+    out.print(mem)
+    if not status.memory.gpu_observed:
+        out.print(
+            "[dim]GPU memory is not observed on this machine (no NVML): budgets come from the config.[/]"
+        )
+    models = Table(title="Resident models", title_justify="left")
+    for col in ("model", "provider", "state", "leases", "memory", "idle", "expires in", "flags"):
+        models.add_column(col)
+    for m in status.models:
+        flags = ", ".join(f for f, on in (("pinned", m.pinned), ("adopted", not m.owned)) if on)
+        models.add_row(
+            m.name,
+            m.provider,
+            m.state,
+            str(m.leases),
+            ", ".join(f"{d} {format_size(b)}" for d, b in m.memory.items()) or "-",
+            format_duration(m.idle_s),
+            "never" if m.expires_in_s is None else format_duration(m.expires_in_s),
+            flags,
+        )
+    if status.models:
+        out.print(models)
+    else:
+        out.print("No models resident.")
+    for name, f in status.failures.items():
+        out.print(
+            f"[yellow]{name}[/]: {f['failures']} failed load(s), retry in {format_duration(f['retry_in_s'])}: {f['error']}"
+        )
+
+
+@app.command()
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Memory per device, resident models, leases, idle time and expiry."""
+
+    async def job(mm: ModelManager) -> ManagerStatus:
+        return await mm.status()
+
+    result = with_manager(config, job)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        render_status(result)
+
+
+@app.command("list-loaded")
+def list_loaded(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Names of resident models, one per line."""
+
+    async def job(mm: ModelManager) -> list[str]:
+        return mm.loaded()
+
+    names = with_manager(config, job)
+    if as_json:
+        emit_json(names)
+    else:
+        for name in names:
+            out.print(name, highlight=False)
+
+
+@app.command()
+def models(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The model registry from the config."""
+    try:
+        cfg = load_config(config)
+    except ModelMoraError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json({n: s.model_dump(mode="json") for n, s in cfg.models.items()})
+        return
+    table = Table(title="Registered models", title_justify="left")
+    for col in ("model", "provider", "target", "memory", "group", "keep alive", ""):
+        table.add_column(col)
+    for name, s in cfg.models.items():
+        table.add_row(
+            name,
+            s.provider,
+            s.target,
+            ", ".join(f"{d} {format_size(b)}" for d, b in s.memory.items()) or "-",
+            s.group or "-",
+            format_duration(s.keep_alive if s.keep_alive is not None else cfg.idle_ttl),
+            " ".join(f for f, on in (("default", name == cfg.default_model), ("pinned", s.pinned)) if on),
+        )
+    out.print(table)
+
+
+# -- acting ----------------------------------------------------------------------------
+
+
+@app.command()
+def load(
+    name: Annotated[str, typer.Argument(help="Registry name of the model.")],
+    config: ConfigOpt = None,
+    pin: Annotated[bool, typer.Option("--pin", help="Keep it until unpinned or force-unloaded.")] = False,
+    keep_alive: Annotated[
+        str | None, typer.Option("--keep-alive", help="Idle time before unload, e.g. 10m; -1 = never.")
+    ] = None,
+    retry: Annotated[
+        bool, typer.Option("--retry", help="Ignore the cool-down after a recent failure.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print lifecycle events.")] = False,
+) -> None:
+    """Load a model (evicting idle ones if needed)."""
+    ttl = _duration_opt("--keep-alive", keep_alive)
+
+    async def job(mm: ModelManager) -> None:
+        with err.status(f"loading {name} …"):
+            handle = await mm.load(name, pin=pin, keep_alive=ttl, retry=retry)
+        out.print(
+            f"loaded {handle.name} ({', '.join(f'{d} {format_size(b)}' for d, b in handle.memory.items()) or 'no memory reported'})"
+        )
+
+    with_manager(config, job, verbose=verbose)
+
+
+@app.command()
+def unload(
+    name: Annotated[str, typer.Argument(help="Registry name of the model.")],
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Unload even while leased.")] = False,
+) -> None:
+    """Unload a model."""
+
+    async def job(mm: ModelManager) -> bool:
+        return await mm.unload(name, force=force)
+
+    done = with_manager(config, job)
+    out.print(f"unloaded {name}" if done else f"{name} was not loaded")
+
+
+@app.command("unload-all")
+def unload_all(
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Also unload leased and pinned models.")] = False,
+) -> None:
+    """Unload every resident model (leased and pinned ones stay unless --force)."""
+
+    async def job(mm: ModelManager) -> Any:
+        return await mm.unload_all(force=force)
+
+    result = with_manager(config, job)
+    out.print(f"unloaded: {', '.join(result.unloaded) or 'nothing'}")
+    if result.in_use or result.pinned:
+        out.print(
+            f"kept (in use: {', '.join(result.in_use) or '-'}; pinned: {', '.join(result.pinned) or '-'}); use --force"
+        )
+
+
+# -- planning --------------------------------------------------------------------------
+
+
+def simulate_config(cfg: ManagerConfig) -> tuple[ManagerConfig, SimulatedProvider]:
+    """The same registry and policy with every model on one simulated runtime."""
+    models = {n: s.model_copy(update={"provider": "simulated"}) for n, s in cfg.models.items()}
+    sim_cfg = cfg.model_copy(update={"models": models, "providers": {}})
+    return sim_cfg, SimulatedProvider("simulated")
+
+
+@app.command()
+def plan(
+    sequence: Annotated[list[str], typer.Argument(help="Models in the order they will be used.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry-run a sequence of model uses on a simulated runtime: loads, evictions, peak memory.
+
+    Example: modelmora plan qwen-14b sdxl-base gpt-sovits qwen-14b -c configs/modelmora.yaml
+    """
+    try:
+        cfg = load_config(config)
+        unknown = [m for m in sequence if m not in cfg.models]
+        if unknown:
+            cfg.spec(unknown[0])
+    except ModelMoraError as exc:
+        fail(str(exc))
+    sim_cfg, sim = simulate_config(cfg)
+
+    async def main() -> list[dict[str, Any]]:
+        steps: list[dict[str, Any]] = []
+        evicted: list[str] = []
+
+        def on_event(e: ev.Event) -> None:
+            if isinstance(e, ev.Evicted):
+                evicted.append(e.model)
+
+        async with ModelManager(sim_cfg, providers={"simulated": sim}, probe=StaticProbe({})) as mm:
+            mm.events.subscribe(on_event)
+            for i, name in enumerate(sequence, 1):
+                evicted.clear()
+                resident = mm.is_loaded(name)
+                async with mm.use(name):
+                    used = mm.usage()
+                spec: ModelSpec = mm.spec(name)
+                steps.append(
+                    {
+                        "step": i,
+                        "model": name,
+                        "action": "reuse" if resident else "load",
+                        "modelled_load_s": 0.0 if resident else (spec.load_time or 0.0),
+                        "evicted": list(evicted),
+                        "resident": mm.loaded(),
+                        "memory": used,
+                    }
+                )
+            peak = dict(mm.monitor.peak)
+            budgets = mm.budgets
+        steps.append({"peak": peak, "budgets": budgets, "loads": sim.stats.loads})
+        return steps
+
+    steps = run(main)
+    summary = steps.pop()
+    if as_json:
+        emit_json({"steps": steps, **summary})
+        return
+    table = Table(title="Plan (simulated)", title_justify="left")
+    for col in ("#", "model", "action", "evicted", "resident after", "memory in use"):
+        table.add_column(col)
+    for s in steps:
+        table.add_row(
+            str(s["step"]),
+            s["model"],
+            s["action"] + (f" (~{format_duration(s['modelled_load_s'])})" if s["modelled_load_s"] else ""),
+            ", ".join(s["evicted"]) or "-",
+            ", ".join(s["resident"]),
+            ", ".join(f"{d} {format_size(b)}" for d, b in s["memory"].items()) or "-",
+        )
+    out.print(table)
+    total_load = sum(s["modelled_load_s"] for s in steps)
+    peaks = ", ".join(
+        f"{d} {format_size(p)}"
+        + (f" of {format_size(summary['budgets'][d])}" if d in summary["budgets"] else "")
+        for d, p in summary["peak"].items()
+    )
+    out.print(
+        f"{summary['loads']} loads, modelled load time {format_duration(total_load)}, peak {peaks or '-'}"
+    )
+
+
+def _duration_opt(flag: str, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=flag) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
