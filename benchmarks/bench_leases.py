@@ -20,11 +20,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import anyio  # noqa: E402
+import anyio
+import anyio.lowlevel
 
-from modelmora import ModelManager  # noqa: E402
-from modelmora.memory import StaticProbe  # noqa: E402
-from modelmora.providers.simulated import SimulatedProvider  # noqa: E402
+from modelmora import ModelManager
+from modelmora.memory import StaticProbe
+from modelmora.providers.simulated import SimulatedProvider
 
 
 class LockDictLeases:
@@ -65,7 +66,7 @@ async def throughput(use: Any, tasks: int, per_task: int) -> float:
     async def worker() -> None:
         for _ in range(per_task):
             async with use("m"):
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:

@@ -6,8 +6,8 @@ import math
 
 import anyio
 import pytest
-
 from conftest import make_manager
+
 from modelmora import (
     HandleClosed,
     InsufficientMemory,
@@ -103,17 +103,16 @@ async def test_eviction_never_picks_a_leased_model_and_waits_for_it(sim: Simulat
     models = {"a": {"memory": "10GB"}, "b": {"memory": "10GB"}}
     async with make_manager(sim, models) as mm:
         order: list[str] = []
-        async with anyio.create_task_group() as tg:
-            async with mm.use("a"):
+        async with anyio.create_task_group() as tg, mm.use("a"):
 
-                async def want_b() -> None:
-                    async with mm.use("b"):
-                        order.append("b loaded")
+            async def want_b() -> None:
+                async with mm.use("b"):
+                    order.append("b loaded")
 
-                tg.start_soon(want_b)
-                await anyio.sleep(0.1)
-                assert mm.is_loaded("a") and not mm.is_loaded("b")
-                order.append("a released")
+            tg.start_soon(want_b)
+            await anyio.sleep(0.1)
+            assert mm.is_loaded("a") and not mm.is_loaded("b")
+            order.append("a released")
         assert order == ["a released", "b loaded"]
         assert mm.loaded() == ["b"]
 
@@ -132,17 +131,16 @@ async def test_waiters_are_served_in_fifo_order(sim: SimulatedProvider) -> None:
     models = {n: {"memory": "10GB"} for n in ("a", "b", "c", "d")}
     async with make_manager(sim, models) as mm:
         served: list[str] = []
-        async with anyio.create_task_group() as tg:
-            async with mm.use("a"):
-                for name in ("b", "c", "d"):
+        async with anyio.create_task_group() as tg, mm.use("a"):
+            for name in ("b", "c", "d"):
 
-                    async def user(name: str = name) -> None:
-                        async with mm.use(name):
-                            served.append(name)
-                            await anyio.sleep(0.01)
+                async def user(name: str = name) -> None:
+                    async with mm.use(name):
+                        served.append(name)
+                        await anyio.sleep(0.01)
 
-                    tg.start_soon(user)
-                    await anyio.sleep(0.02)
+                tg.start_soon(user)
+                await anyio.sleep(0.02)
         assert served == ["b", "c", "d"]
 
 
@@ -319,9 +317,8 @@ async def test_unknown_model_suggests(sim: SimulatedProvider) -> None:
 
 
 async def test_inline_provider_slash_target_names(sim: SimulatedProvider) -> None:
-    async with make_manager(sim, {}) as mm:
-        async with mm.use("simulated/tiny:1b") as handle:
-            assert handle.target == "tiny:1b"
+    async with make_manager(sim, {}) as mm, mm.use("simulated/tiny:1b") as handle:
+        assert handle.target == "tiny:1b"
 
 
 async def test_manual_load_pin_and_keep_alive(sim: SimulatedProvider) -> None:
@@ -375,11 +372,10 @@ async def test_restart_adopts_what_the_runtime_still_has(sim: SimulatedProvider)
 
 
 async def test_default_model_and_repr(sim: SimulatedProvider) -> None:
-    async with make_manager(sim, {"m": {"memory": "1GB"}}, default_model="m") as mm:
-        async with mm.use() as handle:
-            assert handle.name == "m"
-            assert "m(ready, 1 leases)" in repr(mm)
-            assert "cuda:0 1.0 GB/16.0 GB" in repr(mm)
+    async with make_manager(sim, {"m": {"memory": "1GB"}}, default_model="m") as mm, mm.use() as handle:
+        assert handle.name == "m"
+        assert "m(ready, 1 leases)" in repr(mm)
+        assert "cuda:0 1.0 GB/16.0 GB" in repr(mm)
 
 
 async def test_status_reports_memory_and_entries(heavy_light: ModelManager) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import anyio
+import anyio.lowlevel
 import pytest
-
 from conftest import make_manager
+
 from modelmora import ModelManager, ModelMoraError
 from modelmora import events as ev
 from modelmora.providers.simulated import SimulatedProvider
@@ -64,7 +65,7 @@ async def test_randomized_operations_keep_invariants(seed: int) -> None:
                 async with mm.use(name, timeout=rng.choice([None, 0.01, 0.1])):
                     counts["leases"] += 1
                     for _ in range(ticks):
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
             except ModelMoraError:
                 counts["errors"] += 1
 
@@ -84,7 +85,7 @@ async def test_randomized_operations_keep_invariants(seed: int) -> None:
                                 await hold(name, 50)
 
                         tg.start_soon(cancelled)
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
                         scope.cancel()
                     elif op < 0.72:
                         await mm.load(name, pin=rng.random() < 0.1, timeout=0.05)
@@ -102,7 +103,7 @@ async def test_randomized_operations_keep_invariants(seed: int) -> None:
                         await mm.reconcile()
                 except ModelMoraError:
                     counts["errors"] += 1
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 check_invariants(mm, sim)
         # every task finished: no leases left anywhere
         for entry in mm.entries():
