@@ -37,7 +37,9 @@ def test_models_lists_the_registry() -> None:
 
 
 def test_plan_one_heavy_model_at_a_time() -> None:
-    result = runner.invoke(app, ["plan", "qwen-14b", "gpt-sovits", "sdxl-base", "qwen-14b", "-c", CONFIG, "--json"])
+    result = runner.invoke(
+        app, ["plan", "qwen-14b", "gpt-sovits", "sdxl-base", "qwen-14b", "-c", CONFIG, "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     steps = data["steps"]
@@ -87,7 +89,10 @@ def test_status_table() -> None:
     ("yaml_text", "expected"),
     [
         ("models:\n  a:\n    memroy: 3GB\n", "models.a.memroy: unknown field (did you mean 'memory'?)"),
-        ("models:\n  a:\n    memory: -3GB\n", "models.a.memory.cuda:0: a size must be a finite, non-negative amount"),
+        (
+            "models:\n  a:\n    memory: -3GB\n",
+            "models.a.memory.cuda:0: a size must be a finite, non-negative amount",
+        ),
         ("models:\n  a:\n    provider: olama\n", "models.a.provider: unknown provider type 'olama'"),
         ("models: [\n", "invalid YAML at line"),
     ],

@@ -26,12 +26,21 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("models:\n  a:\n    keep_alvie: 5m\n", "models.a.keep_alvie: unknown field (did you mean 'keep_alive'?)"),
-        ("models:\n  a:\n    memory: -3GB\n", "models.a.memory.cuda:0: a size must be a finite, non-negative amount"),
+        (
+            "models:\n  a:\n    keep_alvie: 5m\n",
+            "models.a.keep_alvie: unknown field (did you mean 'keep_alive'?)",
+        ),
+        (
+            "models:\n  a:\n    memory: -3GB\n",
+            "models.a.memory.cuda:0: a size must be a finite, non-negative amount",
+        ),
         ("idle_ttl: soon\n", "idle_ttl: expected a duration"),
         ("budgets:\n  cuda:0: 150%\n", "budgets.cuda:0: a percentage budget must be in (0, 100]"),
         ("modles: {}\n", "modles: unknown field (did you mean 'models'?)"),
-        ("default_model: qwen\nmodels:\n  qwen-14b: {}\n", "default_model: 'qwen' is not a registered model (did you mean 'qwen-14b'?)"),
+        (
+            "default_model: qwen\nmodels:\n  qwen-14b: {}\n",
+            "default_model: 'qwen' is not a registered model (did you mean 'qwen-14b'?)",
+        ),
         ("models:\n  a: [\n", "invalid YAML at line"),
         ("- just\n- a list\n", "expected a mapping at the top level"),
         ("max_loaded_models: 0\n", "max_loaded_models:"),
@@ -77,7 +86,9 @@ def test_bad_environment_names_the_variable() -> None:
 
 
 def test_merged_overrides_for_one_chain() -> None:
-    cfg = ManagerConfig.from_dict({"models": {"a": {"memory": "1GB"}}, "idle_ttl": "5m", "providers": {"ollama": {"base_url": "x"}}})
+    cfg = ManagerConfig.from_dict(
+        {"models": {"a": {"memory": "1GB"}}, "idle_ttl": "5m", "providers": {"ollama": {"base_url": "x"}}}
+    )
     chain_cfg = cfg.merged({"idle_ttl": 0, "providers": {"ollama": {"timeout": 30}}})
     assert chain_cfg.idle_ttl == 0
     assert chain_cfg.providers["ollama"] == {"base_url": "x", "timeout": 30}

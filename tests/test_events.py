@@ -39,5 +39,11 @@ def test_logging_subscriber_levels(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_events_serialise() -> None:
     data = ev.Evicted(model="a", for_model="b", reason="least recently used", at=1.0).to_dict()
-    assert data == {"event": "Evicted", "model": "a", "at": 1.0, "for_model": "b", "reason": "least recently used"}
+    assert data == {
+        "event": "Evicted",
+        "model": "a",
+        "at": 1.0,
+        "for_model": "b",
+        "reason": "least recently used",
+    }
     assert ev.describe(ev.Waiting(model="b", blockers=("a",))) == "b waits for memory held by a"

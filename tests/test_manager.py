@@ -150,7 +150,9 @@ async def test_too_big_is_refused_with_what_holds_memory(sim: SimulatedProvider)
         with pytest.raises(InsufficientMemory, match="needs 20.0 GB on cuda:0 but the budget is 16.0 GB"):
             await mm.load("huge")
         await mm.load("pin")
-        with pytest.raises(InsufficientMemory, match=r"pinned models hold 10.0 GB.*\(resident: pin 10.0 GB\)"):
+        with pytest.raises(
+            InsufficientMemory, match=r"pinned models hold 10.0 GB.*\(resident: pin 10.0 GB\)"
+        ):
             await mm.load("x")
         assert mm.loaded() == ["pin"]
 
@@ -171,7 +173,9 @@ async def test_exclusive_group_one_heavy_model_at_a_time(heavy_light: ModelManag
 
 async def test_failed_load_wakes_every_waiter_and_cools_down(sim: SimulatedProvider) -> None:
     sim.fail_next("m", times=1)
-    async with make_manager(sim, {"m": {"memory": "1GB", "options": {"load_time": 0.05}}}, failure_cooldown=0.3) as mm:
+    async with make_manager(
+        sim, {"m": {"memory": "1GB", "options": {"load_time": 0.05}}}, failure_cooldown=0.3
+    ) as mm:
         errors: list[BaseException] = []
 
         async def user() -> None:
@@ -397,7 +401,9 @@ async def test_unknown_provider_fails_at_start_with_the_field() -> None:
     from modelmora.memory import StaticProbe
 
     mm = ModelManager({"models": {"m": {"provider": "olama"}}}, probe=StaticProbe({}))
-    with pytest.raises(ConfigError, match=r"models.m.provider: unknown provider type 'olama' \(available: .*ollama"):
+    with pytest.raises(
+        ConfigError, match=r"models.m.provider: unknown provider type 'olama' \(available: .*ollama"
+    ):
         async with mm:
             pass
 

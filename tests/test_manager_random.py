@@ -49,7 +49,12 @@ async def test_randomized_operations_keep_invariants(seed: int) -> None:
     counts = {"ops": 0, "errors": 0, "leases": 0}
 
     async with make_manager(
-        sim, models, budgets={"cuda:0": BUDGET}, wait_timeout=0.02, failure_cooldown=0.001, reconcile_interval=0.05
+        sim,
+        models,
+        budgets={"cuda:0": BUDGET},
+        wait_timeout=0.02,
+        failure_cooldown=0.001,
+        reconcile_interval=0.05,
     ) as mm:
 
         def on_event(e: ev.Event) -> None:

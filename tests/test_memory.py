@@ -16,18 +16,26 @@ GB = 10**9
 
 
 def test_absolute_and_relative_budgets() -> None:
-    readings = [DeviceMemory("cuda:0", 16 * GB, 1 * GB, 15 * GB, "static"), DeviceMemory("cpu", 32 * GB, 0, 32 * GB, "static")]
+    readings = [
+        DeviceMemory("cuda:0", 16 * GB, 1 * GB, 15 * GB, "static"),
+        DeviceMemory("cpu", 32 * GB, 0, 32 * GB, "static"),
+    ]
     budgets = {"cuda:0": Budget.parse("90%"), "cpu": Budget.parse("8GB")}
     assert resolve_budgets(budgets, GB // 2, readings) == {"cuda:0": int(14.4 * GB) - GB // 2, "cpu": 8 * GB}
 
 
 def test_measured_gpu_without_budget_gets_total_minus_reserve() -> None:
-    readings = [DeviceMemory("cuda:0", 24 * GB, 0, 24 * GB, "nvml"), DeviceMemory("cpu", 32 * GB, 0, 32 * GB, "psutil")]
+    readings = [
+        DeviceMemory("cuda:0", 24 * GB, 0, 24 * GB, "nvml"),
+        DeviceMemory("cpu", 32 * GB, 0, 32 * GB, "psutil"),
+    ]
     assert resolve_budgets({}, GB, readings) == {"cuda:0": 23 * GB}  # RAM stays unbudgeted unless asked
 
 
 def test_relative_budget_on_an_unmeasured_device_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"budgets.cuda:0: 90% is relative but cuda:0's memory cannot be measured"):
+    with pytest.raises(
+        ConfigError, match=r"budgets.cuda:0: 90% is relative but cuda:0's memory cannot be measured"
+    ):
         resolve_budgets({"cuda:0": Budget.parse("90%")}, 0, [])
 
 

@@ -80,7 +80,9 @@ def test_pinned_models_are_never_chosen_and_can_make_it_impossible() -> None:
     plan = plan_admission([r("pinned", 10, pinned=True), r("idle", 2)], c("x", 8), BUDGET)
     assert isinstance(plan, Refuse)
     assert plan.holders == {"pinned": 10 * GB}
-    plan = plan_admission([r("pinned", 6, pinned=True, last_used=0), r("idle", 6, last_used=5)], c("x", 8), BUDGET)
+    plan = plan_admission(
+        [r("pinned", 6, pinned=True, last_used=0), r("idle", 6, last_used=5)], c("x", 8), BUDGET
+    )
     assert plan == Admit(evict=("idle",), reasons={"idle": "least recently used"})
 
 
@@ -122,7 +124,9 @@ def test_candidate_already_in_table_is_not_counted_against_itself() -> None:
 
 # -- properties ------------------------------------------------------------------------
 
-states = st.sampled_from([State.READY, State.READY, State.READY, State.LOADING, State.UNLOADING, State.SLEEPING])
+states = st.sampled_from(
+    [State.READY, State.READY, State.READY, State.LOADING, State.UNLOADING, State.SLEEPING]
+)
 
 
 @st.composite
@@ -178,7 +182,9 @@ def test_plans_respect_budget_pins_leases_groups_and_cap(
         for name in plan.evict:
             if plan.reasons[name] == "least recently used":
                 kept = [*after, by_name[name]]
-                fits = within_budget(kept, budgets) and (max_loaded is None or sum(1 for x in kept if x.holds_memory) <= max_loaded)
+                fits = within_budget(kept, budgets) and (
+                    max_loaded is None or sum(1 for x in kept if x.holds_memory) <= max_loaded
+                )
                 assert not fits, f"{name} was evicted needlessly"
     elif isinstance(plan, Wait):
         assert plan.blockers

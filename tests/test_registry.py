@@ -84,7 +84,9 @@ def test_entry_points_are_read_on_first_miss(monkeypatch: pytest.MonkeyPatch) ->
     import modelmora.providers as providers_mod
 
     eps = [EntryPoint(name="thirdparty", value="test_registry:EchoProvider", group="modelmora.providers")]
-    monkeypatch.setattr(providers_mod, "entry_points", lambda group: eps if group == "modelmora.providers" else [])
+    monkeypatch.setattr(
+        providers_mod, "entry_points", lambda group: eps if group == "modelmora.providers" else []
+    )
     reg = ProviderRegistry()
     assert isinstance(reg.create("thirdparty", "tp", {}), EchoProvider)
     assert "thirdparty" in reg.names()

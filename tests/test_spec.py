@@ -83,7 +83,9 @@ def test_names_that_could_reach_a_shell_or_path_are_rejected(name: str) -> None:
         check_name(name)
 
 
-@pytest.mark.parametrize("name", ["qwen-14b", "qwen2.5:14b", "ollama/mistral-small:22b", "org/model@rev", "a.b_c+d"])
+@pytest.mark.parametrize(
+    "name", ["qwen-14b", "qwen2.5:14b", "ollama/mistral-small:22b", "org/model@rev", "a.b_c+d"]
+)
 def test_names_people_use_are_accepted(name: str) -> None:
     assert check_name(name) == name
 

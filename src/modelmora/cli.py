@@ -20,11 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import events as ev
+from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
 from .config import ManagerConfig
-from .errors import ModelMoraError
+from .errors import ModelMoraError, ModelNotFound
 from .manager import ManagerStatus, ModelManager
 from .memory import StaticProbe
 from .providers.simulated import SimulatedProvider
+from .registry import RegistryFile
 from .spec import ModelSpec, format_duration, format_size, parse_duration
 
 T = TypeVar("T")
@@ -182,9 +184,35 @@ def list_loaded(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             out.print(name, highlight=False)
 
 
-@app.command()
-def models(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """The model registry from the config."""
+models_app = typer.Typer(
+    help="The model registry (the config file): list, show, add, remove, set-default.", no_args_is_help=False
+)
+app.add_typer(models_app, name="models")
+
+
+def config_path(path: Path | None) -> Path:
+    """The config file that registry edits write to."""
+    if path is not None:
+        return path
+    env = os.environ.get("MODELMORA_CONFIG")
+    if env:
+        return Path(env)
+    found = next((Path(p) for p in DEFAULT_CONFIGS if Path(p).is_file()), None)
+    if found is None:
+        fail("no config file found; pass --config PATH (it is created if missing)")
+    return found
+
+
+@models_app.callback(invoke_without_command=True)
+def models_default(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The model registry; without a sub-command, lists it."""
+    if ctx.invoked_subcommand is None:
+        models_list(config, as_json)
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List registered models."""
     try:
         cfg = load_config(config)
     except ModelMoraError as exc:
@@ -206,6 +234,162 @@ def models(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             " ".join(f for f, on in (("default", name == cfg.default_model), ("pinned", s.pinned)) if on),
         )
     out.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="Registry name.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Everything the registry says about one model."""
+    try:
+        cfg = load_config(config)
+        spec = cfg.spec(name)
+    except ModelMoraError as exc:
+        fail(str(exc))
+    data = spec.model_dump(mode="json")
+    data["default"] = name == cfg.default_model
+    if as_json:
+        emit_json(data)
+        return
+    table = Table(show_header=False, title=name, title_justify="left")
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+    out.print(table)
+
+
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="Registry name, e.g. qwen-14b.")],
+    provider: Annotated[str, typer.Option("--provider", "-p", help="Provider instance, e.g. ollama.")],
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="What the runtime calls it (default: NAME).")
+    ] = None,
+    memory: Annotated[str | None, typer.Option("--memory", "-m", help="Estimate, e.g. 11.5GB.")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Device the estimate applies to (default cuda:0).")
+    ] = None,
+    group: Annotated[str | None, typer.Option("--group", "-g", help="Exclusive group, e.g. heavy.")] = None,
+    keep_alive: Annotated[str | None, typer.Option("--keep-alive", help="Idle time before unload.")] = None,
+    pinned: Annotated[bool, typer.Option("--pinned", help="Never evict or reap it.")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing entry.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Register a model (validated, then written atomically; comments are kept)."""
+    path = config_path(config)
+    fields: dict[str, Any] = {
+        "provider": provider, "target": target, "memory": memory, "device": device,
+        "group": group, "keep_alive": keep_alive, "pinned": True if pinned else None,
+    }  # fmt: skip
+    try:
+        reg = RegistryFile(path)
+        reg.add(name, fields, replace=replace)
+        cfg = reg.save()
+    except ModelMoraError as exc:
+        fail(str(exc))
+    spec = cfg.models[name]
+    out.print(f"added {name} ({spec.provider}: {spec.target}) to {path}")
+
+
+@models_app.command("remove")
+def models_remove(
+    name: Annotated[str, typer.Argument(help="Registry name.")],
+    new_default: Annotated[
+        str | None, typer.Option("--new-default", help="Required when removing the default model.")
+    ] = None,
+    clear_cache: Annotated[
+        bool, typer.Option("--clear-cache", help="Also delete its files from the runtime's cache.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting files.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove a model from the registry (refuses to remove the default without a new one)."""
+    path = config_path(config)
+    try:
+        reg = RegistryFile(path)
+        before = reg.validate()
+        if clear_cache and name in before.models:
+            _clear_cache(before, name, yes)
+        reg.remove(name, new_default=new_default)
+        reg.save()
+    except ModelMoraError as exc:
+        fail(str(exc))
+    out.print(f"removed {name} from {path}" + (f"; default is now {new_default}" if new_default else ""))
+
+
+@models_app.command("set-default")
+def models_set_default(
+    name: Annotated[str, typer.Argument(help="Registry name.")], config: ConfigOpt = None
+) -> None:
+    """Make NAME the model `use()` takes when none is named."""
+    path = config_path(config)
+    try:
+        reg = RegistryFile(path)
+        reg.set_default(name)
+        reg.save()
+    except ModelMoraError as exc:
+        fail(str(exc))
+    out.print(f"default model is now {name}")
+
+
+@app.command("clear-cache")
+def clear_cache(
+    name: Annotated[str, typer.Argument(help="Registry name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting files.")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a model's downloaded files: the Hugging Face cache, or Ollama's store."""
+    try:
+        cfg = load_config(config)
+        cfg.spec(name)
+        result = _clear_cache(cfg, name, yes)
+    except ModelMoraError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(
+            {
+                "model": name,
+                "target": result.target,
+                "where": result.where,
+                "freed_bytes": result.freed_bytes,
+                "revisions": result.revisions,
+            }
+        )
+        return
+    freed = "" if result.freed_bytes is None else f", freed {format_size(result.freed_bytes)}"
+    out.print(f"cleared {result.target} from {result.where}{freed}")
+
+
+def _clear_cache(cfg: ManagerConfig, name: str, yes: bool) -> Cleared:
+    spec = cfg.spec(name)
+    settings = cfg.providers.get(spec.provider, {})
+    kind = str(settings.get("type", spec.provider))
+    if kind == "ollama":
+        base_url = str(settings.get("base_url", os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")))
+        if not base_url.startswith("http"):
+            base_url = f"http://{base_url}"
+        if not yes and not typer.confirm(
+            f"Delete {spec.target} from the Ollama server at {base_url}?", err=True
+        ):
+            fail("nothing deleted")
+        return clear_ollama_model(base_url, spec.target)
+    repo = str(spec.options.get("hf_repo", spec.target))
+    if kind not in ("torch", "vllm") and "hf_repo" not in spec.options:
+        fail(
+            f"{name}: provider {spec.provider!r} ({kind}) keeps no cache modelmora can clear; set options.hf_repo for a Hugging Face model"
+        )
+    cache_dir = spec.options.get("cache_dir")
+    size, revisions = hf_cached(repo, cache_dir)
+    if not revisions:
+        raise ModelNotFound(f"{repo!r} is not in the Hugging Face cache", model=name)
+    if not yes and not typer.confirm(
+        f"Delete {repo} ({len(revisions)} revision(s), {format_size(size)}) from the Hugging Face cache?",
+        err=True,
+    ):
+        fail("nothing deleted")
+    return clear_hf_cache(repo, cache_dir)
 
 
 # -- acting ----------------------------------------------------------------------------

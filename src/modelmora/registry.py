@@ -1,0 +1,125 @@
+"""Edits to the model registry, which is the YAML config file itself.
+
+Every edit is validated as a whole config before anything is written, then written
+atomically (temporary file in the same directory, fsync, rename), so a crash or bad input
+never leaves a half-written file.  ruamel.yaml's round-trip mode keeps the comments and
+layout people put in their config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+from .config import ManagerConfig
+from .errors import ConfigError, UnknownModel
+
+
+def _yaml() -> YAML:
+    yaml = YAML()  # round-trip: comments, order and quoting survive
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    return yaml
+
+
+class RegistryFile:
+    """Load, edit and atomically save the registry part of a config file."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if self.path.exists():
+            try:
+                data = _yaml().load(self.path.read_text(encoding="utf-8"))
+            except Exception as exc:
+                raise ConfigError(f"{self.path}: cannot parse YAML ({exc})".replace("\n", " ")) from None
+        else:
+            data = None
+        self.data: CommentedMap = data if data is not None else CommentedMap()
+        if not isinstance(self.data, dict):
+            raise ConfigError(f"{self.path}: expected a mapping at the top level")
+
+    @property
+    def models(self) -> CommentedMap:
+        models = self.data.get("models")
+        if not isinstance(models, CommentedMap):
+            if models:
+                raise ConfigError(f"{self.path}: models: expected a mapping of name → model")
+            models = CommentedMap()
+            self.data["models"] = models
+        return models
+
+    def validate(self) -> ManagerConfig:
+        return ManagerConfig.from_dict(_plain(self.data), source=str(self.path))
+
+    def add(self, name: str, fields: dict[str, Any], *, replace: bool = False) -> None:
+        if name in self.models and not replace:
+            raise ConfigError(f"{self.path}: model {name!r} already exists (use --replace to overwrite it)")
+        entry = CommentedMap()
+        for key, value in fields.items():
+            if value is not None:
+                entry[key] = value
+        self.models[name] = entry
+
+    def remove(self, name: str, *, new_default: str | None = None) -> None:
+        if name not in self.models:
+            raise UnknownModel(name, list(self.models))
+        if self.data.get("default_model") == name:
+            if new_default is None:
+                raise ConfigError(
+                    f"{self.path}: {name!r} is the default model; name a new one with --new-default NAME"
+                )
+            if new_default == name:
+                raise ConfigError(f"{self.path}: the new default cannot be the model being removed")
+        del self.models[name]
+        if new_default is not None:
+            self.set_default(new_default)
+
+    def set_default(self, name: str) -> None:
+        if name not in self.models:
+            raise UnknownModel(name, list(self.models))
+        self.data["default_model"] = name
+
+    def save(self) -> ManagerConfig:
+        """Validate the edited config, then replace the file atomically."""
+        config = self.validate()
+        buffer = io.StringIO()
+        _yaml().dump(self.data, buffer)
+        atomic_write(self.path, buffer.getvalue())
+        return config
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _plain(value: Any) -> Any:
+    """ruamel's commented containers → plain dicts/lists for pydantic."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+__all__ = ["RegistryFile", "atomic_write"]
