@@ -16,6 +16,7 @@ from modelmora.providers.simulated import SimulatedProvider
 pytestmark = pytest.mark.anyio
 GB = 10**9
 BUDGET = 24 * GB
+RAM = 32 * GB
 
 
 def build_models(rng: random.Random) -> dict[str, dict[str, object]]:
@@ -26,15 +27,19 @@ def build_models(rng: random.Random) -> dict[str, dict[str, object]]:
             "group": rng.choice([None, None, "heavy", "light"]),
             "pinned": False,
             "keep_alive": rng.choice([0, 0.01, 0.05, 5, -1]),
+            "warm_tier": rng.random() < 0.3,
         }
     return models
 
 
 def check_invariants(mm: ModelManager, sim: SimulatedProvider) -> None:
-    used = mm.usage().get("cuda:0", 0)
-    assert used <= BUDGET, f"manager believes {used} > budget"
-    runtime = sum(r.memory.get("cuda:0", 0) for r in sim.resident.values())
-    assert runtime <= BUDGET, f"runtime holds {runtime} > budget"
+    believed = mm.usage()
+    for device, budget in (("cuda:0", BUDGET), ("cpu", RAM)):
+        assert believed.get(device, 0) <= budget, f"manager believes {believed} > {budget} on {device}"
+        runtime = sum(
+            (r.asleep if r.asleep is not None else r.memory).get(device, 0) for r in sim.resident.values()
+        )
+        assert runtime <= budget, f"runtime holds {runtime} > {budget} on {device}"
     for entry in mm.entries():
         assert entry.leases >= 0, entry
 
@@ -51,7 +56,7 @@ async def test_randomized_operations_keep_invariants(seed: int) -> None:
     async with make_manager(
         sim,
         models,
-        budgets={"cuda:0": BUDGET},
+        budgets={"cuda:0": BUDGET, "cpu": RAM},
         wait_timeout=0.02,
         failure_cooldown=0.001,
         reconcile_interval=0.05,
@@ -118,3 +123,4 @@ async def test_randomized_operations_keep_invariants(seed: int) -> None:
         assert sim.resident == {} and mm.entries() == []
     assert not violations, violations[:5]
     assert counts["ops"] == 5000 and counts["leases"] > 500
+    assert sim.stats.sleeps > 0 and sim.stats.wakes > 0  # the warm tier was exercised too

@@ -141,6 +141,16 @@ def tables(draw: st.DrawFn) -> tuple[list[Resident], Candidate, dict[str, int], 
             pinned=draw(st.booleans()) and draw(st.booleans()),
             group=draw(st.sampled_from([None, None, "heavy", "light"])),
             last_used=draw(st.floats(0, 100)),
+            sleep_memory=draw(
+                st.one_of(
+                    st.none(),
+                    st.builds(
+                        lambda g, c: {"cuda:0": g * GB // 4, "cpu": c * GB},
+                        st.integers(0, 2),
+                        st.integers(0, 8),
+                    ),
+                )
+            ),
         )
         for i in range(n)
     ]
@@ -166,21 +176,27 @@ def test_plans_respect_budget_pins_leases_groups_and_cap(
     by_name = {x.name: x for x in residents}
     if isinstance(plan, Admit):
         assert len(set(plan.evict)) == len(plan.evict)
+        assert not set(plan.evict) & set(plan.sleep)
         for name in plan.evict:
             victim = by_name[name]
             assert victim.is_evictable(), f"{victim} is not evictable"
             assert not victim.pinned and victim.leases == 0
-        after = [x for x in residents if x.name not in plan.evict] + [
+        for name in plan.sleep:
+            assert by_name[name].can_park(), by_name[name]
+        after = [x.parked() if x.name in plan.sleep else x for x in residents if x.name not in plan.evict] + [
             Resident(candidate.name, candidate.memory, State.LOADING)
         ]
         assert within_budget(after, budgets), (usage(after), budgets)
         if candidate.group is not None:
-            assert not any(x.group == candidate.group and x.holds_memory for x in after[:-1])
+            assert not any(
+                x.group == candidate.group and x.holds_memory and x.state is not State.SLEEPING
+                for x in after[:-1]
+            )
         if max_loaded is not None:
             assert sum(1 for x in after if x.holds_memory) <= max_loaded
         # minimal: no LRU victim could have been kept
         for name in plan.evict:
-            if plan.reasons[name] == "least recently used":
+            if plan.reasons[name] == "least recently used" and by_name[name].sleep_memory is None:
                 kept = [*after, by_name[name]]
                 fits = within_budget(kept, budgets) and (
                     max_loaded is None or sum(1 for x in kept if x.holds_memory) <= max_loaded
@@ -202,3 +218,31 @@ def test_plans_respect_budget_pins_leases_groups_and_cap(
         over = not within_budget([*only_pinned, Resident(candidate.name, candidate.memory)], budgets)
         capped = max_loaded is not None and len(only_pinned) + 1 > max_loaded
         assert grouped_pin or over or capped
+
+
+def test_warm_tier_model_is_parked_instead_of_unloaded() -> None:
+    residents = [r("qwen", 10, sleep_memory={"cuda:0": GB // 2, "cpu": 10 * GB}, last_used=1)]
+    plan = plan_admission(residents, c("sdxl", 10), BUDGET)
+    assert plan == Admit(evict=(), sleep=("qwen",), reasons={"qwen": "least recently used"})
+
+
+def test_parking_that_overflows_ram_falls_back_to_unloading() -> None:
+    budgets = {"cuda:0": 16 * GB, "cpu": 8 * GB}
+    residents = [r("qwen", 10, sleep_memory={"cuda:0": 0, "cpu": 10 * GB})]
+    plan = plan_admission(residents, c("sdxl", 10), budgets)
+    assert plan == Admit(evict=("qwen",), reasons={"qwen": "least recently used"})
+
+
+def test_exclusive_group_member_with_warm_tier_is_parked_and_sleepers_do_not_conflict() -> None:
+    residents = [r("qwen", 5, group="heavy", sleep_memory={"cuda:0": 0, "cpu": 5 * GB})]
+    plan = plan_admission(residents, c("sdxl", 5, "heavy"), BUDGET)
+    assert plan == Admit(sleep=("qwen",), reasons={"qwen": "exclusive group 'heavy'"})
+    asleep = [r("qwen", 0, group="heavy", state=State.SLEEPING)]
+    assert plan_admission(asleep, c("sdxl", 5, "heavy"), BUDGET) == Admit()
+
+
+def test_sleeping_models_can_be_evicted_to_free_ram() -> None:
+    budgets = {"cuda:0": 16 * GB, "cpu": 8 * GB}
+    residents = [Resident("parked", {"cpu": 6 * GB}, state=State.SLEEPING)]
+    plan = plan_admission(residents, Candidate("embed", {"cpu": 4 * GB}), budgets)
+    assert plan == Admit(evict=("parked",), reasons={"parked": "least recently used"})

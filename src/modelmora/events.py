@@ -80,6 +80,21 @@ class Evicted(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Slept(Event):
+    """Parked in the warm tier (vLLM sleep, torch offload) instead of unloaded."""
+
+    reason: str
+    duration_s: float
+    memory: dict[str, int] = field(default_factory=dict)  # what it still holds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Woke(Event):
+    duration_s: float
+    memory: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Adopted(Event):
     """Found resident in a runtime at start-up or reconciliation."""
 
@@ -176,6 +191,10 @@ def describe(event: Event) -> str:
             return f"unloaded {event.model} in {event.duration_s:.2f}s, freed {mem(event.freed)}"
         case Evicted():
             return f"evicting {event.model} to make room for {event.for_model} ({event.reason})"
+        case Slept():
+            return f"parked {event.model} in its warm tier ({event.reason}); still holds {mem(event.memory)}"
+        case Woke():
+            return f"woke {event.model} in {event.duration_s:.2f}s ({mem(event.memory)})"
         case Adopted():
             return f"adopted {event.model} from {event.provider} ({mem(event.memory)})"
         case Vanished():
@@ -198,10 +217,12 @@ __all__ = [
     "Loaded",
     "Loading",
     "LoggingSubscriber",
+    "Slept",
     "Subscriber",
     "Unloaded",
     "Unloading",
     "Vanished",
     "Waiting",
+    "Woke",
     "describe",
 ]

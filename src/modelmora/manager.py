@@ -43,10 +43,10 @@ from .errors import (
     UnloadFailed,
 )
 from .memory import DeviceMemory, MemoryMonitor, MemoryProbe, MemorySnapshot, resolve_budgets
-from .planner import Admit, Candidate, Plan, Refuse, Wait, plan_admission, usage
+from .planner import Admit, Candidate, Plan, Refuse, Wait, can_park_within, plan_admission, usage
 from .providers import ProviderRegistry
 from .providers import registry as default_registry
-from .providers.base import Handle, Provider
+from .providers.base import Handle, Provider, Tier
 from .residency import Entry, State
 from .spec import ModelSpec, format_duration, format_size
 
@@ -349,15 +349,25 @@ class ModelManager:
         while True:
             entry = self._table.get(name)
             if entry is None:
-                self.provider(provider_name)  # fail fast when its runtime is unavailable
+                provider = self.provider(provider_name)  # fail fast when its runtime is unavailable
                 self._check_backoff(name, retry)
                 entry = Entry(spec, provider_name)
+                entry.can_sleep = spec.warm_tier and "sleep" in provider.capabilities
                 entry.leases += 1
                 self._table[name] = entry
                 tg.start_soon(self._load_entry, entry, name=f"modelmora-load-{name}")
             elif entry.state is State.UNLOADING:
                 await entry.gone.wait()
                 continue
+            elif entry.state is State.PARKING:
+                await entry.settled.wait()
+                continue
+            elif entry.state is State.SLEEPING:
+                entry.leases += 1
+                entry.ready = anyio.Event()
+                entry.error = None
+                entry.state = State.WAKING  # admitted like a load, then woken
+                tg.start_soon(self._load_entry, entry, name=f"modelmora-wake-{name}")
             else:
                 entry.leases += 1
             break
@@ -445,7 +455,7 @@ class ModelManager:
             return False
         if entry.leases and not force:
             raise ModelInUse(name, entry.leases)
-        if entry.state in (State.WAITING, State.LOADING):
+        if entry.state in (State.WAITING, State.LOADING, State.WAKING):
             await entry.ready.wait()
             if self._table.get(name) is not entry:
                 return False
@@ -463,7 +473,7 @@ class ModelManager:
             if not force and entry.pinned:
                 pinned.append(entry.name)
                 continue
-            if entry.state in (State.WAITING, State.LOADING):
+            if entry.state in (State.WAITING, State.LOADING, State.WAKING):
                 await entry.ready.wait()
                 if self._table.get(entry.name) is not entry:
                     continue
@@ -585,40 +595,71 @@ class ModelManager:
         return cooldown
 
     async def _load_entry(self, entry: Entry) -> None:
+        """Admit and load ``entry`` (or wake it, when it is parked in its warm tier)."""
         spec = entry.spec
+        waking = entry.state is State.WAKING
+        timeout = spec.load_timeout if math.isfinite(spec.load_timeout) else None
+        woke = False
         try:
             provider = self.provider(entry.provider)
             await self._admit(entry)
-            self.events.emit(ev.Loading(model=spec.name, provider=entry.provider, estimate=dict(spec.memory)))
             started = self._clock()
-            try:
-                with anyio.fail_after(spec.load_timeout if math.isfinite(spec.load_timeout) else None):
-                    handle = await provider.load(spec)
-            except TimeoutError:
-                raise LoadFailed(
-                    f"loading {spec.name!r} took longer than its load_timeout of "
-                    f"{format_duration(spec.load_timeout)}",
-                    model=spec.name,
-                    provider=entry.provider,
-                ) from None
-            entry.handle = handle
-            entry.memory = dict(handle.memory) or dict(spec.memory)
-            entry.owned = handle.owned
-            entry.loaded_at = entry.last_used = self._clock()
+            if waking:
+                assert entry.handle is not None
+                woke = True  # from here on, a failure leaves the runtime in an unknown tier
+                try:
+                    with anyio.fail_after(timeout):
+                        measured = await provider.wake(entry.handle)
+                except TimeoutError:
+                    raise LoadFailed(
+                        f"waking {spec.name!r} took longer than its load_timeout",
+                        model=spec.name,
+                        provider=entry.provider,
+                    ) from None
+                entry.memory = dict(measured) or dict(entry.active_memory)
+            else:
+                self.events.emit(
+                    ev.Loading(model=spec.name, provider=entry.provider, estimate=dict(spec.memory))
+                )
+                try:
+                    with anyio.fail_after(timeout):
+                        handle = await provider.load(spec)
+                except TimeoutError:
+                    raise LoadFailed(
+                        f"loading {spec.name!r} took longer than its load_timeout of "
+                        f"{format_duration(spec.load_timeout)}",
+                        model=spec.name,
+                        provider=entry.provider,
+                    ) from None
+                entry.handle = handle
+                entry.memory = dict(handle.memory) or dict(spec.memory)
+                entry.owned = handle.owned
+                entry.loaded_at = self._clock()
+            entry.active_memory = dict(entry.memory)
+            entry.last_used = self._clock()
             entry.state = State.READY
             self._failures.pop(spec.name, None)
             self.monitor.note_usage(self.usage())
-            self.events.emit(
-                ev.Loaded(
-                    model=spec.name,
-                    provider=entry.provider,
-                    duration_s=self._clock() - started,
-                    memory=dict(entry.memory),
+            duration = self._clock() - started
+            if waking:
+                self.events.emit(ev.Woke(model=spec.name, duration_s=duration, memory=dict(entry.memory)))
+            else:
+                self.events.emit(
+                    ev.Loaded(
+                        model=spec.name,
+                        provider=entry.provider,
+                        duration_s=duration,
+                        memory=dict(entry.memory),
+                    )
                 )
-            )
         except BaseException as exc:
             error: BaseException = exc
-            self._remove(entry)
+            if waking and not woke:
+                entry.state = State.SLEEPING  # never left the warm tier
+            else:
+                if woke:
+                    await self._discard(entry)
+                self._remove(entry)
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
             if cancelled:
                 error = ManagerClosed(
@@ -657,9 +698,13 @@ class ModelManager:
             self._notify()
 
     def _plan_for(self, entry: Entry, memory: Mapping[str, int] | None = None) -> Plan:
+        need = dict(entry.active_memory if memory is None else memory)
+        if entry.state is State.WAKING:  # its parked copy stays in RAM until the wake completes
+            for device, held in entry.memory.items():
+                need[device] = max(need.get(device, 0), held)
         return plan_admission(
             [e.resident() for e in self._table.values() if e is not entry],
-            Candidate(entry.name, dict(entry.spec.memory if memory is None else memory), entry.spec.group),
+            Candidate(entry.name, need, entry.spec.group),
             self._budgets,
             max_loaded=self.config.max_loaded_models,
             external=self._external(),
@@ -690,11 +735,20 @@ class ModelManager:
                     await self.reconcile()
                     continue
                 match plan:
-                    case Admit(evict=()):
-                        entry.state = State.LOADING
+                    case Admit(evict=(), sleep=()):
+                        if entry.state is State.WAITING:
+                            entry.state = State.LOADING
                         self.monitor.note_usage(self.usage())
                         return
-                    case Admit(evict=victims, reasons=reasons):
+                    case Admit(evict=victims, reasons=reasons, sleep=sleepers):
+                        for sleeper in sleepers:
+                            target = self._table.get(sleeper)
+                            if target is not None:
+                                await self._park_entry(
+                                    target,
+                                    reason=f"evicted: {reasons.get(sleeper, '')}",
+                                    evicted_for=entry.name,
+                                )
                         for victim in victims:
                             target = self._table.get(victim)
                             if target is None:
@@ -792,6 +846,8 @@ class ModelManager:
     async def _unload_entry(
         self, entry: Entry, *, reason: str, force: bool = False, evicted_for: str | None = None
     ) -> dict[str, int]:
+        if entry.state is State.PARKING:
+            await entry.settled.wait()
         if entry.state is State.UNLOADING:
             await entry.gone.wait()
             return {}
@@ -843,9 +899,56 @@ class ModelManager:
         ):
             return
         try:
-            await self._unload_entry(entry, reason="idle")
+            if entry.can_sleep and can_park_within(
+                entry.resident(),
+                [e.resident() for e in self._table.values()],
+                self._budgets,
+                self._external(),
+            ):
+                await self._park_entry(entry, reason="idle")
+            else:
+                await self._unload_entry(entry, reason="idle")
         except UnloadFailed as exc:
             log.warning("idle unload failed: %s", exc)
+
+    async def _park_entry(self, entry: Entry, *, reason: str, evicted_for: str | None = None) -> None:
+        """Move a ready model to its warm tier; if the runtime cannot, unload it instead."""
+        if entry.state is not State.READY or entry.handle is None:
+            return
+        entry.state = State.PARKING
+        entry.settled = anyio.Event()
+        started = self._clock()
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(self.config.unload_timeout):
+                level = int(entry.spec.options.get("sleep_level", 1))
+                held = await self.provider(entry.provider).sleep(entry.handle, level)
+        except Exception as exc:
+            entry.state = State.READY
+            entry.settled.set()
+            log.warning("parking %s failed (%s); unloading it instead", entry.name, exc)
+            await self._unload_entry(entry, reason=f"{reason}; warm tier failed", evicted_for=evicted_for)
+            return
+        entry.sleep_memory = dict(held) if held else entry.parked_memory()
+        entry.memory = dict(entry.sleep_memory)
+        entry.state = State.SLEEPING
+        entry.settled.set()
+        self.events.emit(
+            ev.Slept(
+                model=entry.name, reason=reason, duration_s=self._clock() - started, memory=dict(entry.memory)
+            )
+        )
+        self._notify()
+
+    async def _discard(self, entry: Entry) -> None:
+        """Best-effort unload of a model whose state is unknown after a failure."""
+        if entry.handle is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.unload_timeout):
+            try:
+                await self.provider(entry.provider).unload(entry.handle)
+            except Exception as exc:
+                log.warning("cleaning up %s after a failure also failed: %s", entry.name, exc)
+        entry.handle.close()
 
     def _remove(self, entry: Entry) -> None:
         if self._table.get(entry.name) is entry:
@@ -905,8 +1008,14 @@ class ModelManager:
                 seen = by_target.get(entry.spec.target)
                 if seen is None:
                     self._vanish(entry)
-                elif seen.memory:
+                    continue
+                if seen.memory:
                     entry.memory = dict(seen.memory)
+                if seen.tier is Tier.SLEEPING and entry.state is State.READY and not entry.leases:
+                    entry.state, entry.sleep_memory = State.SLEEPING, dict(entry.memory)
+                elif seen.tier is Tier.ACTIVE and entry.state is State.SLEEPING:
+                    entry.state = State.READY
+                    entry.active_memory = dict(entry.memory)
             known = {e.spec.target for e in mine}
             for target, seen in by_target.items():
                 if target in known:
@@ -915,9 +1024,15 @@ class ModelManager:
                 if spec.name in self._table:
                     continue
                 handle = await provider.adopt(seen, spec)
-                entry = Entry(spec, name, state=State.READY)
+                asleep = seen.tier is Tier.SLEEPING
+                entry = Entry(spec, name, state=State.SLEEPING if asleep else State.READY)
                 entry.handle = handle
+                entry.can_sleep = "sleep" in provider.capabilities and (spec.warm_tier or asleep)
                 entry.memory = dict(seen.memory) or dict(spec.memory)
+                if asleep:
+                    entry.sleep_memory = dict(entry.memory)
+                else:
+                    entry.active_memory = dict(entry.memory)
                 entry.owned = seen.owned
                 entry.loaded_at = self._clock()
                 self._table[spec.name] = entry

@@ -3,19 +3,21 @@
 ``plan_admission`` answers one question: can ``candidate`` become resident, and if so,
 which idle models must go first?  The answer is one of
 
-* :class:`Admit` — evict these (possibly none) and load;
+* :class:`Admit` — park these in their warm tier, evict those (possibly none), and load;
 * :class:`Wait` — room can only come from models that are leased or in transition;
 * :class:`Refuse` — it can never fit (bigger than the budget, or pinned models hold it).
 
 Policy lives here: LRU among idle models, exclusive groups (loading a ``heavy`` model
 evicts the other ``heavy`` ones), pins (never chosen), a cap on loaded models, and memory
-used by processes other than ours.  Nothing here awaits or touches a runtime.
+used by processes other than ours.  A model with a warm tier (``sleep_memory``) is parked
+rather than unloaded when parking frees what is needed: it then costs host RAM instead of
+VRAM and comes back far faster than a cold load.  Nothing here awaits or touches a runtime.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .residency import State
 from .spec import format_size
@@ -32,9 +34,16 @@ class Resident:
     pinned: bool = False
     group: str | None = None
     last_used: float = 0.0
+    sleep_memory: Mapping[str, int] | None = None  # held in the warm tier; None: no warm tier
 
     def is_evictable(self) -> bool:
         return self.state in (State.READY, State.SLEEPING) and self.leases == 0 and not self.pinned
+
+    def can_park(self) -> bool:
+        return self.state is State.READY and self.sleep_memory is not None and self.is_evictable()
+
+    def parked(self) -> Resident:
+        return replace(self, memory=dict(self.sleep_memory or {}), state=State.SLEEPING)
 
     @property
     def holds_memory(self) -> bool:
@@ -52,6 +61,7 @@ class Candidate:
 class Admit:
     evict: tuple[str, ...] = ()
     reasons: Mapping[str, str] = field(default_factory=dict)
+    sleep: tuple[str, ...] = ()  # park these in their warm tier first
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +165,12 @@ def plan_admission(
             f"{max_loaded} loaded models ({', '.join(r.name for r in pinned)})"
         )
 
-    # 2. Exclusive group: every other member must go.
+    # 2. Exclusive group: every other active member must go (parked, or unloaded).
     reasons: dict[str, str] = {}
-    members = [r for r in others if candidate.group is not None and r.group == candidate.group]
+    members = [
+        r for r in others
+        if candidate.group is not None and r.group == candidate.group and r.state is not State.SLEEPING
+    ]  # fmt: skip
     for r in members:
         if r.pinned:
             return Refuse(
@@ -167,17 +180,43 @@ def plan_admission(
         reasons[r.name] = f"exclusive group {candidate.group!r}"
     blocked = [r for r in members if not r.is_evictable()]
     remaining = [r for r in others if r not in members]
-
-    # 3. LRU among idle models until memory and the count cap are satisfied.
-    mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
+    sleepers: list[Resident] = []  # originals of the models parked by this plan
     victims: list[Resident] = []
-    for r in sorted((r for r in remaining if r.is_evictable()), key=lambda r: r.last_used):
+    for r in members:
+        if r.can_park() and _park_fits(r, remaining, caps, candidate):
+            sleepers.append(r)
+            remaining.append(r.parked())
+        elif r.is_evictable():
+            victims.append(r)
+
+    # 3. LRU among idle models until memory and the count cap are satisfied: park where a
+    #    warm tier frees enough, else unload.  A second pass may unload parked models.
+    mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
+    for second_pass in (False, True):
+        pool = sorted((r for r in remaining if r.is_evictable()), key=lambda r: r.last_used)
+        for r in pool:
+            if not mem_def and not count_def:
+                break
+            if (
+                not second_pass
+                and r.can_park()
+                and not count_def
+                and _park_helps(r, mem_def, remaining, caps, candidate)
+            ):
+                remaining[remaining.index(r)] = r.parked()
+                sleepers.append(r)
+            elif _helps(r, mem_def, count_def) and (second_pass or not r.can_park() or count_def):
+                remaining.remove(r)
+                parked_here = next((x for x in sleepers if x.name == r.name), None)
+                if parked_here is not None:
+                    sleepers.remove(parked_here)
+                    r = parked_here
+                victims.append(r)
+            else:
+                continue
+            mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
         if not mem_def and not count_def:
             break
-        if _helps(r, mem_def, count_def):
-            victims.append(r)
-            remaining.remove(r)
-            mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
 
     if blocked or mem_def or count_def:
         holders = [
@@ -194,16 +233,71 @@ def plan_admission(
             why.append(f"the cap of {max_loaded} loaded models is reached")
         return Wait(blockers=names, reason="; ".join(why))
 
-    # 4. Keep the plan minimal: give back victims that turned out not to be needed.
+    # 4. Keep the plan minimal: give back what turned out not to be needed (LRU choices
+    #    only; exclusive-group members always go).
+    member_names = {r.name for r in members}
     for r in reversed(list(victims)):
+        if r.name in member_names:
+            continue
         trial = [*remaining, r]
         if _deficits(trial, candidate, caps, max_loaded) == ({}, 0):
             victims.remove(r)
             remaining = trial
-    for r in victims:
-        reasons[r.name] = "least recently used"
-    order = [r.name for r in members] + [r.name for r in victims]
-    return Admit(evict=tuple(order), reasons=reasons)
+    for r in reversed(list(sleepers)):
+        if r.name in member_names:
+            continue
+        trial = [x if x.name != r.name else r for x in remaining]
+        if _deficits(trial, candidate, caps, max_loaded) == ({}, 0):
+            sleepers.remove(r)
+            remaining = trial
+    for r in [*victims, *sleepers]:
+        reasons.setdefault(r.name, "least recently used")
+    evict = [r.name for r in members if r in victims] + [
+        r.name for r in victims if r.name not in member_names
+    ]
+    sleep = [r.name for r in members if r in sleepers] + [
+        r.name for r in sleepers if r.name not in member_names
+    ]
+    return Admit(evict=tuple(evict), reasons=reasons, sleep=tuple(sleep))
+
+
+def can_park_within(
+    r: Resident,
+    others: Iterable[Resident],
+    budgets: Mapping[str, int],
+    external: Mapping[str, int] | None = None,
+) -> bool:
+    """Whether parking ``r`` (e.g. when idle) keeps every budget: its RAM must fit."""
+    external = external or {}
+    caps = {d: b - external.get(d, 0) for d, b in budgets.items()}
+    return r.sleep_memory is not None and _park_fits(r, [o for o in others if o.name != r.name], caps)
+
+
+def _park_fits(
+    r: Resident, others: Sequence[Resident], caps: Mapping[str, int], candidate: Candidate | None = None
+) -> bool:
+    """Parking ``r`` must not push a device it moves memory to over its budget, counting
+    what the candidate will hold there."""
+    used = usage(others)
+    need = candidate.memory if candidate is not None else {}
+    parked = r.sleep_memory or {}
+    return all(
+        used.get(d, 0) + need.get(d, 0) + n <= caps[d]
+        for d, n in parked.items()
+        if d in caps and n > r.memory.get(d, 0)
+    )
+
+
+def _park_helps(
+    r: Resident,
+    mem_def: Mapping[str, int],
+    remaining: Sequence[Resident],
+    caps: Mapping[str, int],
+    candidate: Candidate,
+) -> bool:
+    parked = r.sleep_memory or {}
+    frees = any(r.memory.get(d, 0) > parked.get(d, 0) for d in mem_def)
+    return frees and _park_fits(r, [x for x in remaining if x is not r], caps, candidate)
 
 
 __all__ = [
@@ -213,6 +307,7 @@ __all__ = [
     "Refuse",
     "Resident",
     "Wait",
+    "can_park_within",
     "plan_admission",
     "usage",
     "within_budget",

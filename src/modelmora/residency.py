@@ -24,7 +24,9 @@ class State(enum.StrEnum):
     WAITING = "waiting"  # admission pending: holds no memory yet
     LOADING = "loading"  # memory reserved, provider loading
     READY = "ready"
+    PARKING = "parking"  # moving to the warm tier
     SLEEPING = "sleeping"  # warm tier (weights parked, e.g. vLLM sleep / torch offload)
+    WAKING = "waking"  # coming back from the warm tier (admitted like a load)
     UNLOADING = "unloading"  # still holds memory until the provider returns
 
     @property
@@ -36,6 +38,8 @@ class Entry:
     """One model in the table.  ``leases`` counts holders and callers waiting for it."""
 
     __slots__ = (
+        "active_memory",
+        "can_sleep",
         "error",
         "forced",
         "gone",
@@ -49,6 +53,8 @@ class Entry:
         "pinned",
         "provider",
         "ready",
+        "settled",
+        "sleep_memory",
         "spec",
         "state",
         "total_leases",
@@ -63,7 +69,11 @@ class Entry:
         self.last_used = time.monotonic()
         self.loaded_at: float | None = None
         self.handle: Handle | None = None
-        self.memory: dict[str, int] = dict(spec.memory)
+        self.memory: dict[str, int] = dict(spec.memory)  # held now
+        self.active_memory: dict[str, int] = dict(spec.memory)  # held when ready (estimate → measured)
+        self.sleep_memory: dict[str, int] | None = None  # held in the warm tier, once measured
+        self.can_sleep = False  # warm_tier requested and the provider has one
+        self.settled = anyio.Event()  # set when a park (READY → SLEEPING) finishes
         self.pinned = spec.pinned
         self.keep_alive: float | None = spec.keep_alive
         self.owned = True
@@ -102,6 +112,14 @@ class Entry:
         ttl = self.ttl(default_ttl)
         return not math.isinf(ttl) and now - self.last_used >= ttl
 
+    def parked_memory(self) -> dict[str, int]:
+        """What the model holds in the warm tier: measured, else everything moved to RAM."""
+        if self.sleep_memory is not None:
+            return dict(self.sleep_memory)
+        parked = {d: 0 for d in self.active_memory if d != "cpu"}
+        parked["cpu"] = sum(self.active_memory.values())
+        return parked
+
     def resident(self) -> Resident:
         from .planner import Resident
 
@@ -113,6 +131,7 @@ class Entry:
             pinned=self.pinned,
             group=self.spec.group,
             last_used=self.last_used,
+            sleep_memory=self.parked_memory() if self.can_sleep else None,
         )
 
     def __repr__(self) -> str:

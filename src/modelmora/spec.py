@@ -162,6 +162,11 @@ class ModelSpec(BaseModel):
         None, description="Idle time before unload; 0 = right after use, -1 = never."
     )
     pinned: bool = Field(False, description="Never evicted or reaped unless forced.")
+    warm_tier: bool = Field(
+        False,
+        description="When idle or evicted, park in the runtime's warm tier (vLLM sleep, torch "
+        "offload to CPU RAM) instead of unloading, where the provider has one.",
+    )
     load_timeout: Duration = Field(600.0, description="How long one load may take.")
     load_time: Duration | None = Field(
         None, description="Expected load time (planning prior), replaced by measurements."

@@ -14,7 +14,7 @@ import anyio
 
 from ..errors import LoadFailed, ModelMoraError
 from ..spec import Duration, ModelSpec
-from .base import Handle, Health, Observed, Provider, ProviderSettings
+from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
 
 
 class SimulatedSettings(ProviderSettings):
@@ -26,6 +26,7 @@ class SimulatedSettings(ProviderSettings):
 class _Resident:
     memory: dict[str, int]
     owned: bool = True
+    asleep: dict[str, int] | None = None  # memory held while parked in the warm tier
 
 
 @dataclass
@@ -34,6 +35,8 @@ class SimulatedStats:
     unloads: int = 0
     failed: int = 0
     peak_concurrent_loads: int = 0
+    sleeps: int = 0
+    wakes: int = 0
     loading: set[str] = field(default_factory=set)
 
 
@@ -43,6 +46,7 @@ class SimulatedProvider(Provider):
 
     Settings = SimulatedSettings
     settings: SimulatedSettings
+    capabilities = frozenset({"sleep"})
 
     def __init__(self, name: str = "simulated", settings: SimulatedSettings | None = None):
         super().__init__(name, settings)
@@ -110,12 +114,52 @@ class SimulatedProvider(Provider):
         handle.close()
         return dict(gone.memory) if gone else {}
 
+    def _resident(self, handle: Handle) -> _Resident:
+        resident = self.resident.get(handle.target)
+        if resident is None:
+            raise LoadFailed(
+                f"simulated runtime no longer has {handle.target!r}", model=handle.name, provider=self.name
+            )
+        return resident
+
+    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
+        """Weights to host RAM: GPU memory drops to nothing, RAM takes what the GPU held."""
+        resident = self._resident(handle)
+        await self._delay(handle, "sleep_time")
+        gpu = sum(n for d, n in resident.memory.items() if d != "cpu")
+        resident.asleep = {
+            **{d: 0 for d in resident.memory if d != "cpu"},
+            "cpu": resident.memory.get("cpu", 0) + gpu,
+        }
+        self.stats.sleeps += 1
+        return dict(resident.asleep)
+
+    async def wake(self, handle: Handle) -> dict[str, int]:
+        resident = self._resident(handle)
+        await self._delay(handle, "wake_time")
+        resident.asleep = None
+        self.stats.wakes += 1
+        return dict(resident.memory)
+
+    async def _delay(self, handle: Handle, option: str) -> None:
+        delay = float(handle.spec.options.get(option, 0.0))
+        if delay:
+            await anyio.sleep(delay)
+
     async def observe(self) -> list[Observed]:
         if not self.reachable:
             from ..errors import ProviderUnavailable
 
             raise ProviderUnavailable(f"simulated runtime {self.name!r} unreachable", provider=self.name)
-        return [Observed(target=t, memory=dict(r.memory), owned=r.owned) for t, r in self.resident.items()]
+        return [
+            Observed(
+                target=t,
+                memory=dict(r.asleep if r.asleep is not None else r.memory),
+                owned=r.owned,
+                tier=Tier.SLEEPING if r.asleep is not None else Tier.ACTIVE,
+            )
+            for t, r in self.resident.items()
+        ]
 
     async def health(self) -> Health:
         return Health(ok=self.reachable, detail="simulated", version="simulated")
