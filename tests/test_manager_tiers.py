@@ -108,3 +108,14 @@ async def test_restart_adopts_a_parked_model_and_wakes_it(sim: SimulatedProvider
         async with mm2.use("qwen"):
             pass
         assert sim.stats.wakes == 1 and sim.stats.loads == 2
+
+
+async def test_manual_park(sim: SimulatedProvider) -> None:
+    async with make_manager(sim, {"qwen": {"memory": "10GB"}}) as mm:
+        await mm.load("qwen")
+        async with mm.use("qwen"):
+            assert not await mm.park("qwen")  # leased
+        assert await mm.park("qwen")
+        assert mm.entries()[0].state.value == "sleeping"
+        assert not await mm.park("qwen")  # already parked
+        assert not await mm.park("nope")

@@ -544,6 +544,67 @@ def plan(
     )
 
 
+@app.command()
+def bench(
+    models_: Annotated[
+        list[str] | None, typer.Argument(metavar="[MODELS]...", help="Registry names to measure.")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The built-in set: real all-MiniLM-L6-v2 and tiny local models.")
+    ] = False,
+    cycles: Annotated[
+        int, typer.Option("--cycles", min=1, help="Load/unload cycles for leak detection.")
+    ] = 5,
+    strategies: Annotated[
+        str, typer.Option("--strategies", help="Unload strategies to compare: gc,subprocess,offload.")
+    ] = "gc,subprocess,offload",
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG with the figures.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The lifecycle benchmark: load times, footprint, first inference, reclamation, leaks."""
+    from . import bench as bench_mod
+    from .bench_report import plot, render
+
+    chosen = [s.strip() for s in strategies.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in ("gc", "subprocess", "offload")]
+    if bad:
+        raise typer.BadParameter(
+            f"unknown strategy {bad[0]!r} (use gc, subprocess, offload)", param_hint="--strategies"
+        )
+    try:
+        if quick:
+            from .quick import quick_config
+
+            cfg_dict, names = quick_config()
+        else:
+            cfg = load_config(config)
+            names = list(models_ or [])
+            if not names:
+                fail("name the models to measure, or pass --quick for the built-in set")
+            for name in names:
+                cfg.spec(name)
+            cfg_dict = cfg.model_dump(mode="json")
+    except ModelMoraError as exc:
+        fail(str(exc))
+    with err.status("benchmarking …") as spinner:
+        report = bench_mod.run_benchmark(
+            cfg_dict,
+            names,
+            cycles=cycles,
+            strategies=chosen,
+            progress=lambda msg: spinner.update(f"benchmarking: {msg}"),
+        ).to_dict()
+    if plot_path is not None:
+        plot(report, plot_path)
+    if as_json:
+        emit_json(report)
+    else:
+        render(report, out)
+        if plot_path is not None:
+            out.print(f"figure written to {plot_path}")
+
+
 def _duration_opt(flag: str, value: str | None) -> float | None:
     if value is None:
         return None

@@ -484,6 +484,24 @@ class ModelManager:
             unloaded.append(entry.name)
         return UnloadAllResult(unloaded, in_use, pinned)
 
+    async def park(self, name: str) -> bool:
+        """Move a resident, unleased model to its warm tier now; False when it cannot park
+        (no warm tier, leased, or not ready).  The next use wakes it."""
+        self._check_running()
+        entry = self._table.get(name)
+        provider = self._providers.get(entry.provider) if entry is not None else None
+        if entry is None or provider is None or "sleep" not in provider.capabilities:
+            return False
+        if entry.state is not State.READY or entry.leases:
+            return False
+        await self._park_entry(entry, reason="manual")
+        return self.is_parked(name)
+
+    def is_parked(self, name: str) -> bool:
+        """True while ``name`` sits in its warm tier."""
+        entry = self._table.get(name)
+        return entry is not None and entry.state is State.SLEEPING
+
     def pin(self, name: str) -> None:
         entry = self._table.get(name)
         if entry is None:
