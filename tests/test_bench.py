@@ -11,7 +11,16 @@ MB = 1_000_000
 
 @pytest.mark.parametrize(
     ("seconds", "level"),
-    [(0.3, "excellent"), (1.99, "excellent"), (2.0, "good"), (4.9, "good"), (5.0, "moderate"), (9.9, "moderate"), (10.0, "poor"), (60, "poor")],
+    [
+        (0.3, "excellent"),
+        (1.99, "excellent"),
+        (2.0, "good"),
+        (4.9, "good"),
+        (5.0, "moderate"),
+        (9.9, "moderate"),
+        (10.0, "poor"),
+        (60, "poor"),
+    ],
 )
 def test_load_verdict_thresholds(seconds: float, level: str) -> None:
     assert bench.load_verdict(seconds).level == level
@@ -19,7 +28,16 @@ def test_load_verdict_thresholds(seconds: float, level: str) -> None:
 
 @pytest.mark.parametrize(
     ("percent", "level"),
-    [(100, "excellent"), (90.1, "excellent"), (90, "good"), (70, "good"), (69.9, "moderate"), (50, "moderate"), (49.9, "poor"), (0, "poor")],
+    [
+        (100, "excellent"),
+        (90.1, "excellent"),
+        (90, "good"),
+        (70, "good"),
+        (69.9, "moderate"),
+        (50, "moderate"),
+        (49.9, "poor"),
+        (0, "poor"),
+    ],
 )
 def test_reclamation_verdict_thresholds(percent: float, level: str) -> None:
     verdict = bench.reclamation_verdict(percent)
@@ -28,7 +46,15 @@ def test_reclamation_verdict_thresholds(percent: float, level: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("growth", "label"), [(-5 * MB, "PASS"), (0, "PASS"), (9.9 * MB, "PASS"), (10 * MB, "CAUTION"), (50 * MB, "CAUTION"), (50.1 * MB, "FAIL")]
+    ("growth", "label"),
+    [
+        (-5 * MB, "PASS"),
+        (0, "PASS"),
+        (9.9 * MB, "PASS"),
+        (10 * MB, "CAUTION"),
+        (50 * MB, "CAUTION"),
+        (50.1 * MB, "FAIL"),
+    ],
 )
 def test_leak_verdict_thresholds(growth: float, label: str) -> None:
     assert bench.leak_verdict(growth).label == label
@@ -53,15 +79,32 @@ def test_resource_plan_uses_one_and_a_half_times_the_largest() -> None:
 
 def test_summary_shape_and_recommendations() -> None:
     lifecycles = [
-        {"model": "a", "warm_load_s": 1.0, "reclaimed_percent": 95.0, "loaded_rss": 200 * MB, "baseline_rss": 100 * MB, "runtime_memory": {}},
-        {"model": "b", "warm_load_s": 7.0, "reclaimed_percent": 40.0, "loaded_rss": 100 * MB, "baseline_rss": 100 * MB, "runtime_memory": {"cuda:0": 500 * MB}},
+        {
+            "model": "a",
+            "warm_load_s": 1.0,
+            "reclaimed_percent": 95.0,
+            "loaded_rss": 200 * MB,
+            "baseline_rss": 100 * MB,
+            "runtime_memory": {},
+        },
+        {
+            "model": "b",
+            "warm_load_s": 7.0,
+            "reclaimed_percent": 40.0,
+            "loaded_rss": 100 * MB,
+            "baseline_rss": 100 * MB,
+            "runtime_memory": {"cuda:0": 500 * MB},
+        },
         {"model": "c", "error": "boom"},
     ]
     cycles = [{"model": "a", "baseline_rss": 100 * MB, "rss_after_each": [101 * MB, 130 * MB]}]
     summary = bench.summarise(lifecycles, [], cycles)
     assert summary["per_model"]["a"]["load"]["level"] == "excellent"
     assert summary["per_model"]["b"]["reclamation"]["level"] == "poor"
-    assert summary["per_model"]["a"]["leak"]["label"] == "CAUTION" and summary["per_model"]["a"]["leak"]["growth_bytes"] == 30 * MB
+    assert (
+        summary["per_model"]["a"]["leak"]["label"] == "CAUTION"
+        and summary["per_model"]["a"]["leak"]["growth_bytes"] == 30 * MB
+    )
     assert "c" not in summary["per_model"]
     assert summary["loading"]["mean_warm_load_s"] == 4.0 and summary["loading"]["level"] == "good"
     assert summary["memory"]["mean_reclaimed_percent"] == 67.5 and summary["memory"]["level"] == "moderate"
@@ -74,7 +117,9 @@ SIM_CONFIG = {
 
 
 def test_worker_subprocess_runs_a_lifecycle_on_the_simulated_runtime() -> None:
-    result = bench.run_in_subprocess({"kind": "lifecycle", "config": SIM_CONFIG, "model": "tiny"}, timeout=120)
+    result = bench.run_in_subprocess(
+        {"kind": "lifecycle", "config": SIM_CONFIG, "model": "tiny"}, timeout=120
+    )
     assert result.get("error") is None, result
     assert result["model"] == "tiny" and result["provider"] == "simulated"
     assert result["cold_load_s"] > 0 and result["warm_load_s"] > 0
@@ -84,14 +129,20 @@ def test_worker_subprocess_runs_a_lifecycle_on_the_simulated_runtime() -> None:
 
 
 def test_worker_cycles_and_offload_strategy() -> None:
-    cycles = bench.run_in_subprocess({"kind": "cycles", "config": SIM_CONFIG, "model": "tiny", "cycles": 3}, timeout=120)
+    cycles = bench.run_in_subprocess(
+        {"kind": "cycles", "config": SIM_CONFIG, "model": "tiny", "cycles": 3}, timeout=120
+    )
     assert len(cycles["rss_after_each"]) == 3 and len(cycles["timeline"]) == 7
-    offload = bench.run_in_subprocess({"kind": "strategy", "config": SIM_CONFIG, "model": "tiny", "strategy": "offload"}, timeout=120)
+    offload = bench.run_in_subprocess(
+        {"kind": "strategy", "config": SIM_CONFIG, "model": "tiny", "strategy": "offload"}, timeout=120
+    )
     assert offload.get("error") is None and offload["strategy"] == "offload" and offload["restore_s"] > 0
 
 
 def test_worker_reports_errors_as_data() -> None:
-    result = bench.run_in_subprocess({"kind": "lifecycle", "config": SIM_CONFIG, "model": "nope"}, timeout=120)
+    result = bench.run_in_subprocess(
+        {"kind": "lifecycle", "config": SIM_CONFIG, "model": "nope"}, timeout=120
+    )
     assert "unknown model 'nope'" in result["error"]
 
 
@@ -105,7 +156,9 @@ def test_bench_command_json_and_plot(tmp_path) -> None:  # type: ignore[no-untyp
     cfg = tmp_path / "mm.yaml"
     cfg.write_text("models:\n  tiny:\n    memory: 2GB\n    options: {load_time: 0.01}\n")
     png = tmp_path / "out.png"
-    result = CliRunner().invoke(app, ["bench", "tiny", "-c", str(cfg), "--cycles", "2", "--json", "--plot", str(png)])
+    result = CliRunner().invoke(
+        app, ["bench", "tiny", "-c", str(cfg), "--cycles", "2", "--json", "--plot", str(png)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report) == {"machine", "lifecycles", "strategies", "cycles", "summary"}

@@ -73,7 +73,7 @@ def test_environment_overrides() -> None:
     cfg = ManagerConfig.from_dict({"idle_ttl": "1m"}, environ=env)
     assert cfg.idle_ttl == 600
     assert cfg.budgets["cuda:0"] == Budget(bytes=12_000_000_000)
-    assert cfg.budgets["cpu"] == Budget(fraction=0.5)
+    assert cfg.budgets["cpu"] == Budget(percent=50)
     assert cfg.providers["ollama"]["base_url"] == "http://10.0.0.2:11434"
     assert cfg.max_loaded_models == 2
 
@@ -102,3 +102,15 @@ def test_budget_resolution() -> None:
     assert Budget.parse("90%").resolve(None) is None
     assert Budget.parse("1GB").resolve(None) == 10**9
     assert str(Budget.parse("90%")) == "90%"
+
+
+def test_dump_and_reload_is_lossless() -> None:
+    cfg = ManagerConfig.from_dict(
+        {
+            "budgets": {"cuda:0": 1234567, "cpu": "33.3%"},
+            "models": {"a": {"memory": "1.23456GB", "keep_alive": -1}},
+        }
+    )
+    again = ManagerConfig.from_dict(cfg.model_dump(mode="json"))
+    assert again == cfg
+    assert again.budgets["cuda:0"].bytes == 1234567 and again.budgets["cpu"].percent == 33.3

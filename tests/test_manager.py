@@ -16,6 +16,7 @@ from modelmora import (
     ModelInUse,
     ModelManager,
     ModelMoraTimeout,
+    ProviderUnavailable,
     RecentlyFailed,
     UnknownModel,
 )
@@ -412,3 +413,13 @@ async def test_errors_in_the_body_are_not_wrapped_in_exception_groups(sim: Simul
     with pytest.raises(UnknownModel):
         async with make_manager(sim, {"m": {}}) as mm:
             await mm.load("nope")
+
+
+async def test_an_unreachable_runtime_is_not_a_model_failure(sim: SimulatedProvider) -> None:
+    async with make_manager(sim, {"m": {"memory": "1GB"}}, failure_cooldown=60) as mm:
+        sim.reachable = False
+        with pytest.raises(ProviderUnavailable):
+            await mm.load("m")
+        sim.reachable = True
+        await mm.load("m")  # no cool-down: the runtime was down, not the model
+        assert mm.is_loaded("m")

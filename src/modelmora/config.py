@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +42,11 @@ class Budget(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     bytes: int | None = None
-    fraction: float | None = None
+    percent: float | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        return None if self.percent is None else self.percent / 100
 
     @classmethod
     def parse(cls, value: Any) -> Budget:
@@ -56,7 +61,7 @@ class Budget(BaseModel):
                 raise ValueError(f"expected a percentage like '90%', got {value!r}") from None
             if not 0 < percent <= 100:
                 raise ValueError(f"a percentage budget must be in (0, 100], got {value!r}")
-            return cls(fraction=percent / 100)
+            return cls(percent=percent)
         return cls(bytes=parse_size(value))
 
     def resolve(self, total: int | None) -> int | None:
@@ -68,12 +73,16 @@ class Budget(BaseModel):
         return int(total * self.fraction)
 
     def __str__(self) -> str:
-        if self.fraction is not None:
-            return f"{self.fraction * 100:g}%"
+        if self.percent is not None:
+            return f"{self.percent:g}%"
         return format_size(self.bytes or 0)
 
+    def serialise(self) -> str | int:
+        """Lossless: bytes as a number, percentages as written."""
+        return f"{self.percent!r}%" if self.percent is not None else int(self.bytes or 0)
 
-BudgetValue = Annotated[Budget, BeforeValidator(Budget.parse), PlainSerializer(str)]
+
+BudgetValue = Annotated[Budget, BeforeValidator(Budget.parse), PlainSerializer(Budget.serialise)]
 
 
 class ManagerConfig(BaseModel):
@@ -268,6 +277,7 @@ def _parse_budgets_env(raw: str) -> dict[str, str]:
     return budgets
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_:@/+-][A-Za-z0-9_:.@/+-]*")
 _FRIENDLY = {
     "extra_forbidden": "unknown field",
     "missing": "required field missing",
@@ -279,7 +289,7 @@ def describe_validation_error(exc: ValidationError, source: str, model: type[Bas
     errors = exc.errors(include_url=False)
     first = errors[0]
     loc = [str(p) for p in first["loc"]]
-    field = ".".join(loc) or "(top level)"
+    field = ".".join(p if _PLAIN_KEY.fullmatch(p) else repr(p) for p in loc) or "(top level)"
     kind = first["type"]
     message = _FRIENDLY.get(kind) or first["msg"]
     if message.startswith("Value error, "):

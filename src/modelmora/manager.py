@@ -39,6 +39,7 @@ from .errors import (
     ModelMoraTimeout,
     ProviderUnavailable,
     RecentlyFailed,
+    TransientError,
     UnknownModel,
     UnloadFailed,
 )
@@ -687,7 +688,9 @@ class ModelManager:
                 error = ModelMoraError(
                     f"load of {spec.name!r} abandoned: nobody waits for it", model=spec.name
                 )
-            elif not isinstance(exc, InsufficientMemory | ModelMoraTimeout | UnknownModel | ConfigError):
+            elif not isinstance(
+                exc, InsufficientMemory | ModelMoraTimeout | UnknownModel | ConfigError | TransientError
+            ):
                 if not isinstance(exc, ModelMoraError):
                     error = LoadFailed(
                         f"loading {spec.name!r} failed: {type(exc).__name__}: {exc}",

@@ -177,8 +177,10 @@ class ModelSpec(BaseModel):
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("memory"), str | int | float):
-            data = dict(data)
-            data["memory"] = {data.get("device", "cuda:0"): data["memory"]}
+            device = data.get("device", "cuda:0")
+            if isinstance(device, str):  # a bad device is reported by its own field check
+                data = dict(data)
+                data["memory"] = {device: data["memory"]}
         return data
 
     @field_validator("name")
