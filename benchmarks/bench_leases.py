@@ -93,7 +93,9 @@ async def singleflight(n: int) -> tuple[int, float]:
 
 async def main(n: int, repeat: int) -> dict[str, Any]:
     sim = SimulatedProvider()
-    async with ModelManager({"models": {"m": {"memory": "1GB"}}}, providers={"simulated": sim}, probe=StaticProbe({})) as mm:
+    async with ModelManager(
+        {"models": {"m": {"memory": "1GB"}}}, providers={"simulated": sim}, probe=StaticProbe({})
+    ) as mm:
         await mm.load("m")
         baseline = LockDictLeases()
         await per_op(mm.use, 2000)  # warm up both
@@ -107,8 +109,16 @@ async def main(n: int, repeat: int) -> dict[str, Any]:
     loads, sf_wall = await singleflight(1000)
     m_ours, m_base = statistics.median(ours) * 1e6, statistics.median(base) * 1e6
     return {
-        "use_enter_exit_us": {"modelmora": round(m_ours, 2), "lock_dict_baseline": round(m_base, 2), "ratio": round(m_ours / m_base, 2)},
-        "lease_throughput_per_s": {"modelmora": round(tp_ours), "lock_dict_baseline": round(tp_base), "tasks": 100},
+        "use_enter_exit_us": {
+            "modelmora": round(m_ours, 2),
+            "lock_dict_baseline": round(m_base, 2),
+            "ratio": round(m_ours / m_base, 2),
+        },
+        "lease_throughput_per_s": {
+            "modelmora": round(tp_ours),
+            "lock_dict_baseline": round(tp_base),
+            "tasks": 100,
+        },
         "singleflight_1000_first_uses": {"provider_loads": loads, "wall_s": round(sf_wall, 3)},
         "n": n,
         "repeat": repeat,
@@ -126,9 +136,17 @@ if __name__ == "__main__":
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        u, t, s = result["use_enter_exit_us"], result["lease_throughput_per_s"], result["singleflight_1000_first_uses"]
+        u, t, s = (
+            result["use_enter_exit_us"],
+            result["lease_throughput_per_s"],
+            result["singleflight_1000_first_uses"],
+        )
         print(f"use() enter+exit, resident model (median of {args.repeat} x {args.n}):")
         print(f"  modelmora            {u['modelmora']:8.2f} us")
         print(f"  asyncio.Lock + dict  {u['lock_dict_baseline']:8.2f} us   (ratio {u['ratio']}x)")
-        print(f"lease throughput, 100 concurrent tasks: modelmora {t['modelmora']:,}/s, baseline {t['lock_dict_baseline']:,}/s")
-        print(f"singleflight: 1000 concurrent first uses -> {s['provider_loads']} provider load(s), {s['wall_s']}s wall")
+        print(
+            f"lease throughput, 100 concurrent tasks: modelmora {t['modelmora']:,}/s, baseline {t['lock_dict_baseline']:,}/s"
+        )
+        print(
+            f"singleflight: 1000 concurrent first uses -> {s['provider_loads']} provider load(s), {s['wall_s']}s wall"
+        )

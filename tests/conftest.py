@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,6 +10,7 @@ import pytest
 from modelmora import ModelManager
 from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
+from modelmora.testing.ollama import OllamaEmulator
 
 
 @pytest.fixture
@@ -39,3 +40,26 @@ async def heavy_light(sim: SimulatedProvider) -> AsyncIterator[ModelManager]:
     }
     async with make_manager(sim, models, budgets={"cuda:0": "15.5GB"}) as mm:
         yield mm
+
+
+@pytest.fixture
+def make_ollama() -> Iterator[Callable[..., OllamaEmulator]]:
+    """Start emulated Ollama servers on loopback; all are stopped after the test."""
+    started: list[OllamaEmulator] = []
+
+    def start(**kwargs: Any) -> OllamaEmulator:
+        kwargs.setdefault(
+            "models",
+            {
+                "mistral-small:22b": "13GB",
+                "qwen2.5:14b": "9GB",
+                "nomic-embed-text": {"size": "300MB", "embedding": True},
+            },
+        )
+        emu = OllamaEmulator(**kwargs).start()
+        started.append(emu)
+        return emu
+
+    yield start
+    for emu in started:
+        emu.stop()

@@ -621,6 +621,10 @@ class ModelManager:
         woke = False
         try:
             provider = self.provider(entry.provider)
+            if not waking:
+                spec = entry.spec = await provider.prepare(spec)
+                entry.memory = dict(spec.memory)
+                entry.active_memory = dict(spec.memory)
             await self._admit(entry)
             started = self._clock()
             if waking:

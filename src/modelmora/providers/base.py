@@ -137,6 +137,11 @@ class Provider(ABC):
     async def observe(self) -> list[Observed]:
         """Models the runtime reports as resident right now."""
 
+    async def prepare(self, spec: ModelSpec) -> ModelSpec:
+        """Refine a spec before admission (e.g. pick a context length and grow the memory
+        estimate with it), so the planner reserves what the load will really take."""
+        return spec
+
     async def health(self) -> Health:
         return Health(ok=True)
 
