@@ -1,0 +1,176 @@
+"""The torch provider with real models on the CPU: the packaged all-MiniLM-L6-v2, a tiny
+GPT-2 made locally, and a diffusers-shaped factory."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+pytest.importorskip("torch", reason="the torch extra is not installed (pip install 'modelmora[torch]')")
+
+from modelmora import HandleClosed, ModelManager, ModelMoraError, ModelNotFound  # noqa: E402
+from modelmora.memory import StaticProbe  # noqa: E402
+from modelmora.providers.torch import IsolatedHandle, TorchProvider  # noqa: E402
+from modelmora.testing.models import make_tiny_causal_lm, minilm_path  # noqa: E402
+
+pytestmark = [pytest.mark.anyio, pytest.mark.torch]
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = {"provider": "torch", "target": str(minilm_path()), "device": "cpu", "memory": "100MB", "options": {"kind": "sentence-transformers"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm")))
+
+
+def manager(models: dict[str, Any], provider: TorchProvider | None = None, **cfg: Any) -> ModelManager:
+    providers = {"torch": provider} if provider is not None else None
+    return ModelManager({"models": models, **cfg}, providers=providers, probe=StaticProbe({}))
+
+
+async def test_minilm_load_infer_unload_and_reclaim() -> None:
+    provider = TorchProvider()
+    async with manager({"minilm": MINILM}, provider) as mm:
+        async with mm.use("minilm") as handle:
+            vectors = handle.obj.encode(["modelmora keeps models resident", "a second sentence"])
+            assert vectors.shape == (2, 384)
+            # parameters of the real model: 22.7 M floats
+            assert 80_000_000 < handle.memory["cpu"] < 100_000_000
+        freed: list[dict[str, int]] = []
+        mm.events.subscribe(lambda e: freed.append(e.freed) if e.kind == "Unloaded" else None)  # type: ignore[attr-defined]
+        assert await mm.unload("minilm")
+        assert provider.leaks == {}
+        assert freed and "cpu" in freed[0]
+        with pytest.raises(HandleClosed, match="take a new lease"):
+            _ = handle.obj
+
+
+async def test_tiny_causal_lm_generates(tiny_lm: str) -> None:
+    models = {"tiny": {"provider": "torch", "target": tiny_lm, "device": "cpu", "options": {"auto_class": "AutoModelForCausalLM"}}}
+    async with manager(models) as mm, mm.use("tiny") as handle:
+        tokenizer = handle.data["extras"]["tokenizer"]
+        ids = tokenizer("The quick", return_tensors="pt").input_ids
+        out = handle.obj.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert out.shape[1] == ids.shape[1] + 4
+        assert handle.data["kind"] == "transformers"
+
+
+async def test_factory_loader_for_diffusers_shaped_pipelines() -> None:
+    models = {"sdxl": {"provider": "torch", "target": "modelmora.testing.models:tiny_image_pipeline", "device": "cpu", "options": {"kwargs": {"size": 16}}}}
+    async with manager(models) as mm, mm.use("sdxl") as handle:
+        [image] = handle.obj("a lighthouse at dusk")
+        assert tuple(image.shape) == (1, 3, 16, 16)
+        assert handle.memory["cpu"] > 0
+
+
+async def test_a_leaked_reference_is_reported_by_name() -> None:
+    provider = TorchProvider()
+    async with manager({"minilm": MINILM}, provider) as mm:
+        async with mm.use("minilm") as handle:
+            kept = handle.obj  # the user keeps the model beyond its lease
+        await mm.unload("minilm")
+        assert "minilm" in provider.leaks and provider.leaks["minilm"] >= 1
+        del kept
+        gc.collect()
+
+
+async def test_missing_local_model_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    models = {"ghost": {"provider": "torch", "target": "no-such-org/no-such-model", "device": "cpu"}}
+    async with manager(models) as mm:
+        with anyio.fail_after(60), pytest.raises(ModelNotFound, match="cannot find 'no-such-org/no-such-model' locally"):
+            await mm.load("ghost")
+        assert mm.loaded() == []
+
+
+async def test_offload_and_wake_through_the_manager() -> None:
+    async with manager({"minilm": {**MINILM, "warm_tier": True}}) as mm:
+        await mm.load("minilm")
+        assert await mm.park("minilm") and mm.is_parked("minilm")
+        async with mm.use("minilm") as handle:  # wakes it, no reload
+            assert handle.obj.encode(["back"]).shape == (1, 384)
+        assert not mm.is_parked("minilm")
+
+
+async def test_isolated_worker_serves_calls_and_a_killed_worker_is_a_clear_error() -> None:
+    provider = TorchProvider()
+    models = {"minilm": {**MINILM, "options": {"kind": "sentence-transformers", "isolation": "process"}}}
+    async with manager(models, provider) as mm:
+        async with mm.use("minilm") as handle:
+            assert isinstance(handle, IsolatedHandle)
+            vectors = await handle.call("encode", ["isolated"])
+            assert vectors.shape == (1, 384)
+            with pytest.raises(ModelMoraError, match="isolated worker process"):
+                _ = handle.obj
+            assert handle.pid is not None
+            os.kill(handle.pid, signal.SIGKILL)
+            with anyio.fail_after(30), pytest.raises(ModelMoraError, match=r"died \(killed by signal 9\)"):
+                await handle.call("encode", ["after the kill"])
+        await mm.reconcile()
+        assert mm.loaded() == [] and mm.entries() == []
+
+
+async def test_unload_of_an_isolated_model_ends_its_process() -> None:
+    models = {"minilm": {**MINILM, "options": {"kind": "sentence-transformers", "isolation": "process"}}}
+    async with manager(models) as mm:
+        handle = await mm.load("minilm")
+        assert isinstance(handle, IsolatedHandle)
+        pid = handle.pid
+        assert pid is not None and psutil.pid_exists(pid)
+        await mm.unload("minilm")
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        children = psutil.Process().children(recursive=True)
+        assert all("torch_worker" not in " ".join(c.cmdline()) for c in children)
+
+
+def test_core_imports_without_torch() -> None:
+    code = "import sys, modelmora, modelmora.providers.torch, modelmora.cli; assert 'torch' not in sys.modules, 'imported torch'"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+async def test_twenty_cycles_in_process_vs_isolated() -> None:
+    """Isolation must come back within 10 MB of the baseline; in-process growth is reported."""
+    growth: dict[str, int] = {}
+    for mode, options in (("in-process", {"kind": "sentence-transformers"}), ("isolated", {"kind": "sentence-transformers", "isolation": "process"})):
+        async with manager({"minilm": {**MINILM, "options": options}}) as mm:
+            await mm.load("minilm")  # libraries imported once, outside the measurement
+            await mm.unload("minilm")
+            gc.collect()
+            baseline = psutil.Process().memory_info().rss
+            for _ in range(20):
+                handle = await mm.load("minilm")
+                if isinstance(handle, IsolatedHandle):
+                    await handle.call("encode", ["x"])
+                else:
+                    handle.obj.encode(["x"])
+                await mm.unload("minilm")
+            gc.collect()
+            growth[mode] = psutil.Process().memory_info().rss - baseline
+    print(f"\nRSS growth after 20 MiniLM load/unload cycles: {growth}")
+    assert growth["isolated"] < 10_000_000, growth
+
+
+@pytest.mark.gpu
+async def test_cuda_placement_and_release() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    provider = TorchProvider()
+    async with manager({"minilm": {**MINILM, "device": "cuda:0"}}, provider) as mm:
+        handle = await mm.load("minilm")
+        assert handle.memory["cuda:0"] > 0 and torch.cuda.memory_allocated(0) > 0
+        await mm.unload("minilm")
+        assert torch.cuda.memory_allocated(0) < 1_000_000
