@@ -17,10 +17,10 @@ import pytest
 
 pytest.importorskip("torch", reason="the torch extra is not installed (pip install 'modelmora[torch]')")
 
-from modelmora import HandleClosed, ModelManager, ModelMoraError, ModelNotFound  # noqa: E402
-from modelmora.memory import StaticProbe  # noqa: E402
-from modelmora.providers.torch import IsolatedHandle, TorchProvider  # noqa: E402
-from modelmora.testing.models import make_tiny_causal_lm, minilm_path  # noqa: E402
+from modelmora import HandleClosed, ModelManager, ModelMoraError, ModelNotFound
+from modelmora.memory import StaticProbe
+from modelmora.providers.torch import IsolatedHandle, TorchProvider
+from modelmora.testing.models import make_tiny_causal_lm, minilm_path
 
 pytestmark = [pytest.mark.anyio, pytest.mark.torch]
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -172,29 +172,39 @@ async def first_inference(handle: Any) -> float | None:
     import httpx
 
     started = time.perf_counter()
-    obj = None if handle.endpoint else handle.obj
-    if isinstance(obj, str | bytes):  # the simulated runtime's stand-in: nothing to run
-        return None
-    if obj is not None:
-        call: Callable[..., Any] | None = getattr(handle, "call", None)
-        if call is not None and getattr(handle, "isolated", False):
-            await call("encode", ["hello world"]) if hasattr(obj, "encode") else await call(
-                "__call__", "hello"
-            )
+    if getattr(handle, "isolated", False):
+        await handle.call(str(handle.spec.options.get("probe", "encode")), ["hello world"])
+    elif handle.endpoint is None:
+        obj = handle.obj
+        if obj is None or isinstance(obj, str | bytes):  # the simulated runtime's stand-in
+            return None
+        tokenizer = (handle.data.get("extras") or {}).get("tokenizer")
+        if tokenizer is not None:
+
+            def run() -> None:
+                inputs = tokenizer("hello world", return_tensors="pt")
+                if hasattr(obj, "generate"):
+                    obj.generate(
+                        **inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.eos_token_id
+                    )
+                else:
+                    obj(**inputs)
+
+            await anyio.to_thread.run_sync(run)
         elif hasattr(obj, "encode"):
             await anyio.to_thread.run_sync(lambda: obj.encode(["hello world"]))
         elif callable(obj):
             await anyio.to_thread.run_sync(lambda: obj("hello world"))
         else:
             return None
-    elif handle.endpoint and handle.api == "ollama":
+    elif handle.api == "ollama":
         async with httpx.AsyncClient(timeout=120) as client:
             r = await client.post(
                 f"{handle.endpoint}/api/generate",
                 json={"model": handle.target, "prompt": "hi", "stream": False, "options": {"num_predict": 1}},
             )
             r.raise_for_status()
-    elif handle.endpoint and handle.api == "openai":
+    elif handle.api == "openai":
         base = handle.endpoint.rstrip("/")
         base = base if base.endswith("/v1") else f"{base}/v1"
         async with httpx.AsyncClient(timeout=120) as client:
@@ -214,43 +224,47 @@ def _worker_manager(config: dict[str, Any]) -> Any:
 
 
 async def _lifecycle(config: dict[str, Any], model: str) -> Lifecycle:
+    """Cold load (libraries and weights, first time in this process), first inference and
+    unload; then a warm cycle, whose memory delta is the model's and not its libraries'."""
     cfg = ManagerConfig.from_dict(config, source="bench")
     spec = cfg.spec(model)
     result = Lifecycle(model=model, provider=spec.provider, cache_hit=_cache_hit(spec))
-    result.baseline_rss = rss()
     async with _worker_manager(config) as mm:
-        started = time.perf_counter()
-        async with mm.use(model) as handle:
-            result.cold_load_s = time.perf_counter() - started
-            result.loaded_rss = rss()
-            result.runtime_memory = dict(handle.memory)
-            result.first_inference_s = await first_inference(handle)
-            in_process = handle.endpoint is None and not isinstance(handle.obj, str)
         freed: dict[str, int] = {}
 
         def on_event(e: events.Event) -> None:
             if isinstance(e, events.Unloaded) and e.model == model:
                 freed.update(e.freed)
 
-        unsubscribe = mm.events.subscribe(on_event)
+        mm.events.subscribe(on_event)
+        started = time.perf_counter()
+        async with mm.use(model) as handle:
+            result.cold_load_s = time.perf_counter() - started
+            result.first_inference_s = await first_inference(handle)
+            in_process = handle.endpoint is None and not getattr(handle, "isolated", False)
+            if in_process and isinstance(handle.obj, str):
+                in_process = False  # the simulated runtime holds nothing here
         started = time.perf_counter()
         await mm.unload(model)
         result.unload_s = time.perf_counter() - started
-        unsubscribe()
+        # warm cycle: weights in the page cache, libraries imported
+        result.baseline_rss = rss()
+        started = time.perf_counter()
+        async with mm.use(model) as handle:
+            result.warm_load_s = time.perf_counter() - started
+            result.loaded_rss = rss()
+            result.runtime_memory = dict(handle.memory)
+        freed.clear()
+        await mm.unload(model)
         result.after_unload_rss = rss()
-        result.reclaimed_percent = reclamation_percent(
-            result.baseline_rss, result.loaded_rss, result.after_unload_rss
-        )
         held = sum(result.runtime_memory.values())
-        if not in_process:
-            result.reclaimed_percent = None
-        if held and not in_process:
+        if in_process:
+            result.reclaimed_percent = reclamation_percent(
+                result.baseline_rss, result.loaded_rss, result.after_unload_rss
+            )
+        elif held:
             # a runtime in another process: what it reports freeing, of what it reported holding
             result.reclaimed_percent = min(100.0, 100.0 * sum(freed.values()) / held)
-        started = time.perf_counter()
-        await mm.load(model)
-        result.warm_load_s = time.perf_counter() - started
-        await mm.unload(model)
     return result
 
 

@@ -42,8 +42,11 @@ def make_tiny_causal_lm(path: str | Path, *, layers: int = 2, hidden: int = 64, 
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,13 +70,18 @@ def make_tiny_causal_lm(path: str | Path, *, layers: int = 2, hidden: int = 64, 
     return path
 
 
-def tiny_image_pipeline(size: int = 32, channels: int = 16) -> Any:
-    """A diffusers-shaped stand-in: ``pipe.to(device)``, ``pipe(prompt) -> images``."""
+def tiny_image_pipeline(size: int = 32, channels: int = 16, text_vocab: int = 256) -> Any:
+    """A diffusers-shaped stand-in: ``pipe.to(device)``, ``pipe(prompt) -> images``.
+    ``text_vocab`` sizes its prompt encoder (512 floats per entry) to give it real weight."""
+    import hashlib
+
     import torch
 
     class TinyImagePipeline(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            self.text_encoder = torch.nn.Embedding(text_vocab, 512)
+            self.project = torch.nn.Linear(512, 3)
             self.unet = torch.nn.Sequential(
                 torch.nn.Conv2d(3, channels, 3, padding=1),
                 torch.nn.SiLU(),
@@ -83,9 +91,12 @@ def tiny_image_pipeline(size: int = 32, channels: int = 16) -> Any:
 
         @torch.no_grad()
         def forward(self, prompt: str, steps: int = 4) -> list[Any]:
-            gen = torch.Generator().manual_seed(abs(hash(prompt)) % 2**31)
+            seed = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+            gen = torch.Generator().manual_seed(seed)
             device = next(self.parameters()).device
-            x = torch.randn(1, 3, self.size, self.size, generator=gen).to(device)
+            tokens = torch.tensor([seed % text_vocab], device=device)
+            bias = self.project(self.text_encoder(tokens)).view(1, 3, 1, 1)
+            x = torch.randn(1, 3, self.size, self.size, generator=gen).to(device) + bias
             for _ in range(steps):
                 x = x - 0.1 * self.unet(x)
             return [x.clamp(-1, 1).cpu()]
