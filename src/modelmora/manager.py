@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -191,6 +191,7 @@ class ModelManager:
         self._specs: dict[str, ModelSpec] = dict(config.models)
         self._table: dict[str, Entry] = {}
         self._failures: dict[str, _Failure] = {}
+        self._measured: dict[str, tuple[dict[str, int], float]] = {}  # last load: memory, seconds
         self._budgets: dict[str, int] = {}
         self._readings: list[DeviceMemory] = []
         self._tg: anyio.abc.TaskGroup | None = None
@@ -539,16 +540,45 @@ class ModelManager:
         """Bytes per device held by entries, as the manager believes."""
         return usage(e.resident() for e in self._table.values())
 
-    def plan(self, name: str) -> Plan:
-        """What loading ``name`` now would do, without doing it."""
+    def plan(self, name: str, memory: Mapping[str, int] | None = None) -> Plan:
+        """What loading ``name`` now would do, without doing it (``memory``: a better
+        estimate than the registry's, when the caller has one)."""
         spec = self.spec(name)
+        if memory is None:
+            memory = self.footprint(name)[0]
         return plan_admission(
-            [e.resident() for e in self._table.values()],
-            Candidate(spec.name, spec.memory, spec.group),
+            [e.resident() for e in self._table.values() if e.name != name],
+            Candidate(spec.name, memory, spec.group),
             self._budgets,
             max_loaded=self.config.max_loaded_models,
             external=self._external(),
         )
+
+    def footprint(self, name: str) -> tuple[dict[str, int], float | None]:
+        """Memory per device and load seconds for ``name``: measured when it has been loaded
+        by this manager, else the spec's estimates (what planners ahead of time need)."""
+        spec = self.spec(name)
+        entry = self._table.get(name)
+        measured, seconds = self._measured.get(name, (None, spec.load_time))
+        if entry is not None and entry.state is State.READY:
+            return dict(entry.active_memory), seconds
+        return dict(measured or spec.memory), seconds
+
+    def headroom(self, exclude: Iterable[str] = ()) -> dict[str, int]:
+        """Budget per device left once memory that cannot be reclaimed is counted: other
+        processes, and models not in ``exclude`` that are leased, pinned or in transition.
+        Idle models are not counted, since admission may evict them."""
+        skip = set(exclude)
+        held = usage(
+            r
+            for r in (e.resident() for e in self._table.values() if e.name not in skip)
+            if not r.is_evictable()
+        )
+        external = self._external()
+        return {
+            device: max(0, budget - held.get(device, 0) - external.get(device, 0))
+            for device, budget in self._budgets.items()
+        }
 
     def can_fit(self, name: str) -> bool:
         """True when ``name`` fits now without evicting anything."""
@@ -667,6 +697,7 @@ class ModelManager:
             if waking:
                 self.events.emit(ev.Woke(model=spec.name, duration_s=duration, memory=dict(entry.memory)))
             else:
+                self._measured[spec.name] = (dict(entry.memory), duration)
                 self.events.emit(
                     ev.Loaded(
                         model=spec.name,

@@ -199,11 +199,27 @@ class OllamaProvider(Provider):
     # -- provider ------------------------------------------------------------------------
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
-        """Context optimisation (``options.optimize_context``): the largest ``num_ctx`` within
-        the native context, ``max_context`` and ``max_memory``, with the estimate grown by
-        the KV cache that context costs."""
+        """An estimate where the registry has none (the model's size in ``/api/tags``: its
+        weights, a floor for what it will hold), then context optimisation."""
+        if not spec.memory:
+            size = await self._catalogue_size(spec)
+            if size:
+                spec = spec.model_copy(update={"memory": {self.settings.device: size}})
         if not spec.options.get("optimize_context"):
             return spec
+        return await self._optimize_context(spec)
+
+    async def _catalogue_size(self, spec: ModelSpec) -> int | None:
+        response = await self.request("GET", "/api/tags", model=spec.name)
+        wanted = {spec.target, f"{spec.target}:latest"}
+        for item in response.json().get("models") or []:
+            if item.get("name") in wanted or item.get("model") in wanted:
+                return int(item.get("size") or 0) or None
+        return None
+
+    async def _optimize_context(self, spec: ModelSpec) -> ModelSpec:
+        """The largest ``num_ctx`` within the native context, ``max_context`` and
+        ``max_memory``, with the estimate grown by the KV cache that context costs."""
         response = await self.request("POST", "/api/show", model=spec.name, json={"model": spec.target})
         info: Mapping[str, Any] = response.json().get("model_info") or {}
         arch = str(info.get("general.architecture", ""))
@@ -254,7 +270,12 @@ class OllamaProvider(Provider):
             )
         return Handle(
             spec=spec, provider=self.name, endpoint=self.base_url, api="ollama", memory=dict(seen.memory),
-            data={"options": self.runner_options(spec), "path": path},
+            data={
+                "options": self.runner_options(spec), "path": path,
+                # what requests through this handle should send, so they neither reload the
+                # model (options differ) nor disarm the dead man's switch (keep_alive -1)
+                "keep_alive": self.keep_alive_for(spec, self.settings.hold),
+            },
         )  # fmt: skip
 
     async def _send_unload(self, spec: ModelSpec) -> None:

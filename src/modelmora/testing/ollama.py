@@ -161,6 +161,7 @@ class OllamaState:
         self.report_context_length = report_context_length
         self.runners: dict[str, Runner] = {}
         self.stats = EmulatorStats()
+        self.journal: list[tuple[str, dict[str, Any]]] = []  # (path, JSON body) of every request with one
         self.busy = 0  # next N requests answer 503
         self.oom: set[str] = set()  # next load of these answers 500 out of memory
         self.lock = threading.RLock()
@@ -332,6 +333,7 @@ def build_app(state: OllamaState) -> Starlette:
             raise OllamaError(400, f"invalid character in JSON: {exc}") from None
         if not isinstance(data, dict):
             raise OllamaError(400, "json: cannot unmarshal into Go value")
+        state.journal.append((request.url.path, data))
         return data
 
     def gate() -> None:
@@ -699,6 +701,10 @@ class OllamaEmulator:
 
     def loaded(self) -> list[str]:
         return [m["name"] for m in self.state.ps()]
+
+    def requests(self, path: str) -> list[dict[str, Any]]:
+        """The JSON bodies clients sent to ``path`` (e.g. ``/api/chat``), oldest first."""
+        return [data for p, data in self.state.journal if p == path]
 
 
 __all__ = ["CatalogueModel", "OllamaEmulator", "OllamaState", "parse_go_duration", "parse_keep_alive"]

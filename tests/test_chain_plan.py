@@ -1,0 +1,168 @@
+"""The chain's residency plan against a brute-force optimum and the seeds' rules."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Mapping, Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelmora.chain import PlanModel, plan_always_unload, plan_next_use, plan_residency
+from modelmora.chain.plan import ResidencyPlan
+
+GB = 10**9
+
+
+def models_of(sizes: Mapping[str, float], times: Mapping[str, float] | None = None) -> dict[str, PlanModel]:
+    times = times or {}
+    return {n: PlanModel(n, {"cuda:0": int(s * GB)}, times.get(n, 1.0)) for n, s in sizes.items()}
+
+
+def brute_force(sequence: Sequence[str], models: Mapping[str, PlanModel], capacity: int) -> float:
+    """Least total load time over every choice of what stays resident, unminimised."""
+
+    def fits(names: frozenset[str]) -> bool:
+        return sum(models[n].memory["cuda:0"] for n in names) <= capacity
+
+    @functools.cache
+    def best(i: int, resident: frozenset[str]) -> float:
+        if i == len(sequence):
+            return 0.0
+        model = sequence[i]
+        cost = 0.0 if model in resident else models[model].load_time
+        pool = sorted(resident | {model})
+        options = []
+        for r in range(len(pool) + 1):
+            for keep in itertools.combinations(pool, r):
+                kept = frozenset(keep)
+                if model in kept and fits(kept):
+                    options.append(cost + best(i + 1, kept))
+        return min(options)
+
+    return best(0, frozenset())
+
+
+def check_consistent(plan: ResidencyPlan, sequence: Sequence[str | None], capacity: int) -> None:
+    """Replays the plan: loads only when absent, resident sets fit, prefetch included."""
+    carried: set[str] = set()
+    for step, model in zip(plan.steps, sequence, strict=True):
+        assert step.model == model
+        if model is not None:
+            assert step.load == (model not in carried)
+            assert model in step.resident
+        assert carried <= set(step.resident)
+        names = [*step.resident, *([step.prefetch] if step.prefetch else [])]
+        assert sum(plan.models[n].memory.get("cuda:0", 0) for n in names) <= capacity
+        carried = set(step.resident) - set(step.unload_after)
+    assert carried == set(), "everything is released after the last step"
+
+
+def test_room_for_two_keeps_a_between_its_uses() -> None:
+    models = models_of({"A": 10, "B": 10})
+    plan = plan_residency(["A", "B", "A"], models, {"cuda:0": 20 * GB})
+    assert [s.load for s in plan.steps] == [True, True, False]
+    assert plan.loads == 2
+    assert plan.steps[0].unload_after == ()
+    assert plan.steps[1].unload_after == ("B",)
+    assert plan.steps[2].unload_after == ("A",)
+
+
+def test_room_for_one_degenerates_to_the_seed_rule() -> None:
+    models = models_of({"A": 10, "B": 10})
+    plan = plan_residency(["A", "B", "A"], models, {"cuda:0": 15 * GB})
+    assert plan.loads == 3
+    assert plan.steps[0].unload_after == ("A",)
+    assert plan.load_time == plan_next_use(["A", "B", "A"], models).load_time
+
+
+def test_consecutive_uses_load_once() -> None:
+    models = models_of({"A": 10, "B": 10})
+    plan = plan_residency(["A", "A", "B"], models, {"cuda:0": 15 * GB})
+    assert [s.load for s in plan.steps] == [True, False, True]
+    assert plan.steps[1].unload_after == ("A",)
+
+
+def test_costs_not_distance_decide_what_stays() -> None:
+    # room for two of three; Belady would evict 'slow' (used farthest ahead), but reloading
+    # 'slow' costs 10 s while reloading 'fast' twice costs 2 s.
+    models = models_of({"slow": 8, "fast": 8, "mid": 8}, {"slow": 10.0, "fast": 1.0, "mid": 1.0})
+    sequence = ["slow", "fast", "mid", "fast", "slow"]
+    plan = plan_residency(sequence, models, {"cuda:0": 16 * GB})
+    assert plan.load_time == brute_force(sequence, models, 16 * GB) == 13.0
+    assert "slow" in plan.steps[2].resident
+
+
+def test_exclusive_groups_never_coexist() -> None:
+    models = {
+        "llm": PlanModel("llm", {"cuda:0": 5 * GB}, 5.0, "heavy"),
+        "sdxl": PlanModel("sdxl", {"cuda:0": 5 * GB}, 5.0, "heavy"),
+        "tts": PlanModel("tts", {"cuda:0": 2 * GB}, 1.0),
+    }
+    plan = plan_residency(["llm", "sdxl", "tts", "llm"], models, {"cuda:0": 40 * GB})
+    for step in plan.steps:
+        assert not {"llm", "sdxl"} <= set(step.resident) | {step.prefetch}
+    assert plan.loads == 4
+
+
+def test_prefetch_only_when_it_fits_beside_the_running_model() -> None:
+    models = models_of({"A": 6, "B": 6, "C": 12})
+    plan = plan_residency(["A", "B", "C"], models, {"cuda:0": 13 * GB})
+    assert plan.steps[0].prefetch == "B"  # 12 GB beside A's 6 GB
+    assert plan.steps[1].prefetch is None  # C does not fit beside B
+    assert plan.peak() == {"cuda:0": 12 * GB}
+    off = plan_residency(["A", "B", "C"], models, {"cuda:0": 13 * GB}, prefetch=False)
+    assert all(s.prefetch is None for s in off.steps)
+
+
+def test_models_already_resident_are_reused_for_free() -> None:
+    models = models_of({"A": 4, "B": 4})
+    plan = plan_residency(["A", "B"], models, {"cuda:0": 8 * GB}, initial=["A"])
+    assert [s.load for s in plan.steps] == [False, True]
+
+
+def test_steps_without_a_model_keep_the_plan_going() -> None:
+    models = models_of({"A": 4})
+    plan = plan_residency(["A", None, "A"], models, {"cuda:0": 8 * GB})
+    assert plan.loads == 1
+    assert plan.steps[1].resident == ("A",)
+
+
+def test_baselines_count_what_they_promise() -> None:
+    models = models_of({"A": 1, "B": 1})
+    sequence = ["A", "A", "B", "A"]
+    assert plan_next_use(sequence, models).loads == 3
+    assert plan_always_unload(sequence, models).loads == 4
+
+
+names = st.sampled_from(["a", "b", "c", "d", "e"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sequence=st.lists(names, min_size=1, max_size=8),
+    sizes=st.fixed_dictionaries({n: st.integers(1, 10) for n in "abcde"}),
+    times=st.fixed_dictionaries({n: st.sampled_from([0.5, 1.0, 2.0, 7.0]) for n in "abcde"}),
+    capacity=st.integers(10, 30),
+    prefetch=st.booleans(),
+)
+def test_exact_plan_is_optimal_valid_and_never_worse_than_the_seed_rule(
+    sequence: list[str], sizes: dict[str, int], times: dict[str, float], capacity: int, prefetch: bool
+) -> None:
+    models = models_of(sizes, times)
+    plan = plan_residency(sequence, models, {"cuda:0": capacity * GB}, prefetch=prefetch)
+    assert plan.method == "exact"
+    assert abs(plan.load_time - brute_force(sequence, models, capacity * GB)) < 1e-9
+    assert plan.load_time <= plan_next_use(sequence, models).load_time + 1e-9
+    check_consistent(plan, sequence, capacity * GB)
+
+
+def test_heuristic_takes_over_past_the_exact_limit_and_stays_valid() -> None:
+    many = {f"m{i}": 1 + i % 4 for i in range(20)}
+    sequence = [f"m{(i * 7) % 20}" for i in range(40)]
+    models = models_of(many)
+    plan = plan_residency(sequence, models, {"cuda:0": 6 * GB})
+    assert plan.method == "heuristic"
+    check_consistent(plan, sequence, 6 * GB)
+    assert plan.load_time <= plan_next_use(sequence, models).load_time
