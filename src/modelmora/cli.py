@@ -466,14 +466,24 @@ def simulate_config(cfg: ManagerConfig) -> tuple[ManagerConfig, SimulatedProvide
 
 @app.command()
 def plan(
-    sequence: Annotated[list[str], typer.Argument(help="Models in the order they will be used.")],
+    sequence: Annotated[
+        list[str] | None, typer.Argument(metavar="[MODELS]...", help="Models in the order they will be used.")
+    ] = None,
+    chain_file: Annotated[
+        Path | None, typer.Option("--chain", help="Plan a chain YAML instead: its residency plan.")
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Dry-run a sequence of model uses on a simulated runtime: loads, evictions, peak memory.
+    """Dry-run model uses on a simulated runtime: loads, evictions, peak memory.
 
     Example: modelmora plan qwen-14b sdxl-base gpt-sovits qwen-14b -c configs/modelmora.yaml
     """
+    if chain_file is not None:
+        _plan_chain(chain_file, config, as_json)
+        return
+    if not sequence:
+        fail("name the models in the order they will be used, or give --chain chain.yaml")
     try:
         cfg = load_config(config)
         unknown = [m for m in sequence if m not in cfg.models]
@@ -603,6 +613,133 @@ def bench(
         render(report, out)
         if plot_path is not None:
             out.print(f"figure written to {plot_path}")
+
+
+# -- chains and the demo ---------------------------------------------------------------
+
+
+def _chain_config(chain_file: Path, config: Path | None) -> ManagerConfig | Path | None:
+    """--config wins; else the chain file's own ``config:``; else the usual default lookup."""
+    from .chain.files import read_chain_file
+
+    if config is not None:
+        return load_config(config)
+    if read_chain_file(chain_file).config:
+        return None
+    return load_config(None)
+
+
+def _plan_chain(chain_file: Path, config: Path | None, as_json: bool) -> None:
+    from .chain import load_chain
+    from .chain.report import plan_to_dict, render_plan
+
+    try:
+        chain, _ = load_chain(chain_file, config=_chain_config(chain_file, config))
+    except ModelMoraError as exc:
+        fail(str(exc))
+    residency = run(chain.plan)
+    if as_json:
+        emit_json(plan_to_dict(residency))
+    else:
+        render_plan(out, residency)
+
+
+@app.command("run")
+def run_chain(
+    chain_file: Annotated[
+        Path, typer.Argument(metavar="CHAIN.yaml", help="Chain file (see examples/chains).")
+    ],
+    input_: Annotated[str | None, typer.Option("--input", "-i", help="The chain's input text.")] = None,
+    config: ConfigOpt = None,
+    no_prefetch: Annotated[
+        bool, typer.Option("--no-prefetch", help="Load each model only when its step starts.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a chain: each step's model is loaded when needed and unloaded once the plan lets it go.
+
+    Example: modelmora run examples/chains/analysis.yaml --input "the quarterly numbers"
+    """
+    from .chain import load_chain
+    from .chain.report import ConsoleObserver, render_plan, render_result, result_to_dict
+
+    try:
+        chain, spec = load_chain(chain_file, config=_chain_config(chain_file, config))
+    except ModelMoraError as exc:
+        fail(str(exc))
+    if no_prefetch:
+        chain.management = chain.management.model_copy(update={"prefetch": False})
+    text = input_ if input_ is not None else spec.input
+    if text is None:
+        fail(f"{chain_file}: give the chain an input with --input (the file has no 'input:')")
+
+    async def main() -> Any:
+        async with chain:
+            residency = await chain.plan()
+            if not as_json:
+                render_plan(out, residency)
+            observer = None if as_json else ConsoleObserver(out, chain.manager, len(chain.steps))
+            return await chain.run(text, observer=observer)
+
+    result = run(main)
+    if as_json:
+        emit_json(result_to_dict(result))
+    else:
+        render_result(out, result)
+        if result.ok:
+            out.print(str(result.output), highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    ollama: Annotated[
+        str | None,
+        typer.Option(
+            "--ollama", help="Run on this Ollama server's models instead, e.g. http://127.0.0.1:11434."
+        ),
+    ] = None,
+    llm: Annotated[str, typer.Option("--llm", help="With --ollama: the chat model.")] = "llama3.2:3b",
+    embed: Annotated[
+        str, typer.Option("--embed", help="With --ollama: the embedding model.")
+    ] = "nomic-embed-text",
+    budget: Annotated[
+        str | None,
+        typer.Option("--budget", help="Memory budget (default 150MB on the CPU; with --ollama, none)."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="With --ollama: the device its budget applies to.")
+    ] = "cuda:0",
+    text: Annotated[str | None, typer.Option("--text", help="The text the chain works on.")] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Where to write the memory timeline PNG.")
+    ] = Path("modelmora-demo.png"),
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Do not write the PNG.")] = False,
+) -> None:
+    """The main job: a multi-model chain on in-process models under a budget that forces swaps.
+
+    Real all-MiniLM-L6-v2 plus small stand-ins made on first run; prints every load, reuse and
+    eviction with measured memory and writes a PNG of the memory timeline.
+    """
+    from .demo import TEXT, run_demo
+    from .spec import parse_size
+
+    if budget is not None:
+        try:
+            parse_size(budget)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--budget") from None
+
+    async def main() -> Any:
+        return await run_demo(
+            out, text=text or TEXT, budget=budget, plot=None if no_plot else plot_path,
+            ollama=ollama, llm=llm, embed=embed, device=device,
+        )  # fmt: skip
+
+    report = run(main)
+    if not report.result.ok:
+        raise typer.Exit(1)
 
 
 def _duration_opt(flag: str, value: str | None) -> float | None:

@@ -1,11 +1,13 @@
 """Chains of steps over several models, run under a residency plan."""
 
-from .executor import Chain, Chainbreaker, ChainResult, Step, StepCall, StepInfo
+from .executor import Chain, Chainbreaker, ChainObserver, ChainResult, Step, StepCall, StepInfo
+from .files import load_chain
 from .management import Management
 from .plan import PlanModel, PlannedStep, ResidencyPlan, plan_always_unload, plan_next_use, plan_residency
 
 __all__ = [
     "Chain",
+    "ChainObserver",
     "ChainResult",
     "Chainbreaker",
     "Management",
@@ -15,6 +17,7 @@ __all__ = [
     "Step",
     "StepCall",
     "StepInfo",
+    "load_chain",
     "plan_always_unload",
     "plan_next_use",
     "plan_residency",

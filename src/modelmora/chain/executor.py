@@ -34,13 +34,28 @@ from ..planner import Wait
 from ..providers.base import Handle
 from .llm import complete
 from .management import Management
-from .plan import PlanModel, ResidencyPlan, plan_residency
+from .plan import PlanModel, PlannedStep, ResidencyPlan, plan_residency
 
 T = TypeVar("T")
 
 StepCall = Callable[[Any, Any], Any]
 """``(model, input) -> output``, sync or async; ``model`` is the leased object (in-process
-runtimes) or the :class:`Handle` (server runtimes), None for a step without a model."""
+runtimes) or the :class:`Handle` (server runtimes), None for a step without a model.  A
+callable whose first parameter is named ``handle`` gets the :class:`Handle` itself (its
+endpoint, and extras such as a transformers model's tokenizer)."""
+
+
+class ChainObserver:
+    """Hooks for a live display of a run; every method is optional."""
+
+    def plan_ready(self, plan: ResidencyPlan) -> None:
+        pass
+
+    def step_started(self, index: int, step: Step, planned: PlannedStep | None) -> None:
+        pass
+
+    def step_finished(self, info: StepInfo) -> None:
+        pass
 
 
 @dataclass
@@ -237,10 +252,10 @@ class Chain:
 
     # -- running --------------------------------------------------------------------------
 
-    async def run(self, input: Any = "") -> ChainResult:
+    async def run(self, input: Any = "", *, observer: ChainObserver | None = None) -> ChainResult:
         """Run every step in order; the result says which step broke and why, if one did."""
         async with self._session() as mm:
-            return await _Run(self, mm).execute(input)
+            return await _Run(self, mm, observer or ChainObserver()).execute(input)
 
     # -- manual control -------------------------------------------------------------------
 
@@ -343,9 +358,10 @@ class Chain:
 class _Run:
     """One execution of a chain: the leases it holds and the plan it follows."""
 
-    def __init__(self, chain: Chain, mm: ModelManager):
+    def __init__(self, chain: Chain, mm: ModelManager, observer: ChainObserver):
         self.chain = chain
         self.mm = mm
+        self.observer = observer
         self.managed = chain.management.enabled
         self.held: dict[str, tuple[Lease, Handle]] = {}
         self.plan: ResidencyPlan | None = None
@@ -357,6 +373,8 @@ class _Run:
         started = time.perf_counter()
         chain = self.chain
         plan = self.plan = await chain._plan_with(self.mm) if self.managed else None
+        if plan is not None:
+            self.observer.plan_ready(plan)
         sequence = chain.sequence()
         infos: list[StepInfo] = []
         broken_at: int | None = None
@@ -367,6 +385,7 @@ class _Run:
                     planned = plan.steps[i] if plan else None
                     info = StepInfo(i, step.label, sequence[i])
                     infos.append(info)
+                    self.observer.step_started(i, step, planned)
                     try:
                         handle = await self._acquire(sequence[i], info)
                         if planned is not None and planned.prefetch and chain.management.prefetch:
@@ -376,6 +395,7 @@ class _Run:
                         info.run_s = time.perf_counter() - t0
                     except Exception as exc:
                         info.error, info.exception = _describe(exc), exc
+                    self.observer.step_finished(info)
                     if planned is None:  # no lifecycle control: the manager's TTL decides
                         await self._release([n for n in (sequence[i],) if n is not None])
                     elif chain.management.auto_unload:
@@ -465,7 +485,9 @@ class _Run:
 
     async def _call(self, step: Step, handle: Handle | None, value: Any) -> Any:
         if step.call is not None:
-            model = None if handle is None else (handle.obj if handle.obj is not None else handle)
+            model: Any = None
+            if handle is not None:
+                model = handle if _wants_handle(step.call) or handle.obj is None else handle.obj
             if inspect.iscoroutinefunction(step.call):
                 return await step.call(model, value)
             result = await anyio.to_thread.run_sync(step.call, model, value)
@@ -490,9 +512,17 @@ class _Run:
         return False, "", final
 
 
+def _wants_handle(fn: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0] == "handle"
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if isinstance(exc, ModelMoraError) else f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["Chain", "ChainResult", "Chainbreaker", "Step", "StepCall", "StepInfo"]
+__all__ = ["Chain", "ChainObserver", "ChainResult", "Chainbreaker", "Step", "StepCall", "StepInfo"]
