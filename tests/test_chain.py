@@ -55,6 +55,13 @@ async def test_a_b_a_with_room_for_one_loads_a_twice(sim: SimulatedProvider) -> 
     assert result.steps[0].unloaded == ("A",)
 
 
+async def test_the_seed_strategies_are_there_for_comparison(sim: SimulatedProvider) -> None:
+    result, left = await run_chain(sim, ["A", "B", "A"], "16GB", management={"strategy": "next-use"})
+    assert result.ok and sim.stats.loads == 3 and left == []
+    result, left = await run_chain(sim, ["A", "A"], "16GB", management={"strategy": "always-unload"})
+    assert result.ok and sim.stats.loads == 5 and left == []
+
+
 async def test_a_a_b_loads_a_once(sim: SimulatedProvider) -> None:
     result, left = await run_chain(sim, ["A", "A", "B"], "10GB")
     assert result.ok and sim.stats.loads == 2 and left == []

@@ -293,6 +293,7 @@ async def run_demo(
         + f"; {result.loads} loads where the keep-only-if-the-next-step-reuses rule needs {seed.loads}; "
         f"left loaded: {', '.join(left) or 'nothing'}",
         highlight=False,
+        soft_wrap=True,
     )
     written = None
     if plot is not None:

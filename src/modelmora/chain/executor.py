@@ -34,7 +34,7 @@ from ..planner import Wait
 from ..providers.base import Handle
 from .llm import complete
 from .management import Management
-from .plan import PlanModel, PlannedStep, ResidencyPlan, plan_residency
+from .plan import PlanModel, PlannedStep, ResidencyPlan, plan_always_unload, plan_next_use, plan_residency
 
 T = TypeVar("T")
 
@@ -236,6 +236,10 @@ class Chain:
         capacity = mm.headroom(exclude=names)
         for device, limit in self.management.budget_limits().items():
             capacity[device] = min(capacity.get(device, limit), limit)
+        if self.management.strategy == "next-use":
+            return plan_next_use(sequence, models)
+        if self.management.strategy == "always-unload":
+            return plan_always_unload(sequence, models)
         return plan_residency(
             sequence,
             models,

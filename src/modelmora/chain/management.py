@@ -9,7 +9,7 @@ config and applied to this chain only, so a typo gets the same one-line error as
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,6 +28,11 @@ class Management(BaseModel):
     max_retries: int | None = Field(None, ge=1, description="That provider's attempts per request.")
     auto_unload: bool = Field(True, description="Unload a step's model once the plan no longer keeps it.")
     prefetch: bool = Field(True, description="Load the next step's model while a step runs, when it fits.")
+    strategy: Literal["optimal", "next-use", "always-unload"] = Field(
+        "optimal",
+        description="Residency plan: the least total load time, the seeds' keep-only-if-the-next-step-"
+        "reuses rule, or unload after every step.",
+    )
     verbose: bool = False
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Global config fields for this chain."

@@ -113,6 +113,13 @@ def render_plan(console: Console, plan: ResidencyPlan) -> None:
         )  # fmt: skip
     console.print(table)
     models = plan.models
+    unknown = [n for n, m in models.items() if not any(m.memory.values())]
+    if unknown:
+        console.print(
+            f"[yellow]size unknown[/] for {', '.join(unknown)} (no estimate in the registry and the "
+            "runtime did not say): the plan counts them as free; admission still checks measured sizes",
+            highlight=False,
+        )
     sequence = [s.model for s in plan.steps]
     seed, always = plan_next_use(sequence, models), plan_always_unload(sequence, models)
     cap = ", ".join(f"{d} {format_size(v)}" for d, v in plan.capacity.items()) or "unbounded"

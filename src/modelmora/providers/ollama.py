@@ -205,9 +205,18 @@ class OllamaProvider(Provider):
             size = await self._catalogue_size(spec)
             if size:
                 spec = spec.model_copy(update={"memory": {self.settings.device: size}})
+        if "kind" not in spec.options and await self._embedding_only(spec):
+            # an embedding model refuses /api/generate; it loads through /api/embed
+            spec = spec.model_copy(update={"options": {**spec.options, "kind": "embedding"}})
         if not spec.options.get("optimize_context"):
             return spec
         return await self._optimize_context(spec)
+
+    async def _embedding_only(self, spec: ModelSpec) -> bool:
+        """From ``/api/show`` capabilities (servers before 0.6 have none: assume a generator)."""
+        response = await self.request("POST", "/api/show", model=spec.name, json={"model": spec.target})
+        caps = response.json().get("capabilities") or []
+        return "embedding" in caps and "completion" not in caps
 
     async def _catalogue_size(self, spec: ModelSpec) -> int | None:
         response = await self.request("GET", "/api/tags", model=spec.name)
