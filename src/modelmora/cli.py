@@ -7,6 +7,7 @@ they report.  Every error is one line on stderr and a non-zero exit, never a tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from . import events as ev
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
 from .config import ManagerConfig
 from .errors import ModelMoraError, ModelNotFound
-from .manager import ManagerStatus, ModelManager
+from .manager import ModelManager
 from .memory import StaticProbe
 from .providers.simulated import SimulatedProvider
 from .registry import RegistryFile
@@ -52,6 +53,25 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        envvar="MODELMORA_URL",
+        help="Act through a running `modelmora serve` (needed for in-process torch models).",
+    ),
+]
+
+
+def remote(url: str, job: Callable[[Any], T]) -> T:
+    """Run ``job`` against the server at ``url``, turning its errors into one line."""
+    from .remote import RemoteManager
+
+    try:
+        with RemoteManager(url) as client:
+            return job(client)
+    except ModelMoraError as exc:
+        fail(str(exc))
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -104,79 +124,81 @@ def with_manager(
 # -- reading ---------------------------------------------------------------------------
 
 
-def render_status(status: ManagerStatus) -> None:
+def render_status(status: dict[str, Any]) -> None:
+    """Render ``ManagerStatus.to_dict()`` (local) or a server's ``/status`` (remote) alike."""
     mem = Table(title="Memory", title_justify="left")
     for col in ("device", "modelmora", "budget", "peak", "observed (total / used / free)"):
         mem.add_column(col)
-    for device, s in status.memory.devices.items():
+    for device, d in status["devices"].items():
+        used, budget, seen = d["used_by_modelmora"], d["budget"], d["observed"]
         bar = ""
-        if s.budget:
-            filled = min(20, round(20 * s.modelmora / s.budget))
+        if budget:
+            filled = min(20, round(20 * used / budget))
             bar = f" [{'█' * filled}{'·' * (20 - filled)}]"
         observed = (
-            f"{format_size(s.observed.total)} / {format_size(s.observed.used)} / {format_size(s.observed.free)} ({s.observed.source})"
-            if s.observed
+            f"{format_size(seen['total'])} / {format_size(seen['used'])} / {format_size(seen['free'])} ({seen['source']})"
+            if seen
             else "not observed"
         )
         mem.add_row(
             device,
-            format_size(s.modelmora) + bar,
-            format_size(s.budget) if s.budget is not None else "unlimited",
-            format_size(s.peak),
+            format_size(used) + bar,
+            format_size(budget) if budget is not None else "unlimited",
+            format_size(d["peak_by_modelmora"]),
             observed,
         )
     out.print(mem)
-    if not status.memory.gpu_observed:
+    if not status["gpu_observed"]:
         out.print(
             "[dim]GPU memory is not observed on this machine (no NVML): budgets come from the config.[/]"
         )
     models = Table(title="Resident models", title_justify="left")
     for col in ("model", "provider", "state", "leases", "memory", "idle", "expires in", "flags"):
         models.add_column(col)
-    for m in status.models:
-        flags = ", ".join(f for f, on in (("pinned", m.pinned), ("adopted", not m.owned)) if on)
+    for m in status["models"]:
+        flags = ", ".join(f for f, on in (("pinned", m["pinned"]), ("adopted", not m["owned"])) if on)
         models.add_row(
-            m.name,
-            m.provider,
-            m.state,
-            str(m.leases),
-            ", ".join(f"{d} {format_size(b)}" for d, b in m.memory.items()) or "-",
-            format_duration(m.idle_s),
-            "never" if m.expires_in_s is None else format_duration(m.expires_in_s),
+            m["name"],
+            m["provider"],
+            m["state"],
+            str(m["leases"]),
+            ", ".join(f"{d} {format_size(b)}" for d, b in m["memory"].items()) or "-",
+            format_duration(m["idle_s"]),
+            "never" if m["expires_in_s"] is None else format_duration(m["expires_in_s"]),
             flags,
         )
-    if status.models:
+    if status["models"]:
         out.print(models)
     else:
         out.print("No models resident.")
-    for name, f in status.failures.items():
+    for name, f in status["failures"].items():
         out.print(
             f"[yellow]{name}[/]: {f['failures']} failed load(s), retry in {format_duration(f['retry_in_s'])}: {f['error']}"
         )
 
 
 @app.command()
-def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def status(config: ConfigOpt = None, url: UrlOpt = None, as_json: JsonOpt = False) -> None:
     """Memory per device, resident models, leases, idle time and expiry."""
 
-    async def job(mm: ModelManager) -> ManagerStatus:
-        return await mm.status()
+    async def job(mm: ModelManager) -> dict[str, Any]:
+        return (await mm.status()).to_dict()
 
-    result = with_manager(config, job)
+    result = remote(url, lambda c: c.status()) if url else with_manager(config, job)
     if as_json:
-        emit_json(result.to_dict())
+        emit_json(result)
     else:
         render_status(result)
 
 
 @app.command("list-loaded")
-def list_loaded(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def list_loaded(config: ConfigOpt = None, url: UrlOpt = None, as_json: JsonOpt = False) -> None:
     """Names of resident models, one per line."""
 
     async def job(mm: ModelManager) -> list[str]:
         return mm.loaded()
 
-    names = with_manager(config, job)
+    names = remote(url, lambda c: c.loaded()) if url else with_manager(config, job)
     if as_json:
         emit_json(names)
     else:
@@ -407,9 +429,16 @@ def load(
         bool, typer.Option("--retry", help="Ignore the cool-down after a recent failure.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print lifecycle events.")] = False,
+    url: UrlOpt = None,
 ) -> None:
     """Load a model (evicting idle ones if needed)."""
     ttl = _duration_opt("--keep-alive", keep_alive)
+    if url:
+        with err.status(f"loading {name} on {url} …"):
+            result = remote(url, lambda c: c.load(name, pin=pin, keep_alive=ttl))
+        mem = ", ".join(f"{d} {format_size(b)}" for d, b in result["memory"].items()) or "no memory reported"
+        out.print(f"loaded {name} ({mem})")
+        return
 
     async def job(mm: ModelManager) -> None:
         with err.status(f"loading {name} …"):
@@ -426,13 +455,14 @@ def unload(
     name: Annotated[str, typer.Argument(help="Registry name of the model.")],
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Unload even while leased.")] = False,
+    url: UrlOpt = None,
 ) -> None:
     """Unload a model."""
 
     async def job(mm: ModelManager) -> bool:
         return await mm.unload(name, force=force)
 
-    done = with_manager(config, job)
+    done = remote(url, lambda c: c.unload(name, force=force)) if url else with_manager(config, job)
     out.print(f"unloaded {name}" if done else f"{name} was not loaded")
 
 
@@ -440,17 +470,18 @@ def unload(
 def unload_all(
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Also unload leased and pinned models.")] = False,
+    url: UrlOpt = None,
 ) -> None:
     """Unload every resident model (leased and pinned ones stay unless --force)."""
 
-    async def job(mm: ModelManager) -> Any:
-        return await mm.unload_all(force=force)
+    async def job(mm: ModelManager) -> dict[str, list[str]]:
+        return dataclasses.asdict(await mm.unload_all(force=force))
 
-    result = with_manager(config, job)
-    out.print(f"unloaded: {', '.join(result.unloaded) or 'nothing'}")
-    if result.in_use or result.pinned:
+    result = remote(url, lambda c: c.unload_all(force=force)) if url else with_manager(config, job)
+    out.print(f"unloaded: {', '.join(result['unloaded']) or 'nothing'}")
+    if result["in_use"] or result["pinned"]:
         out.print(
-            f"kept (in use: {', '.join(result.in_use) or '-'}; pinned: {', '.join(result.pinned) or '-'}); use --force"
+            f"kept (in use: {', '.join(result['in_use']) or '-'}; pinned: {', '.join(result['pinned']) or '-'}); use --force"
         )
 
 
@@ -740,6 +771,40 @@ def demo(
     report = run(main)
     if not report.result.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Bind address; other than loopback needs MODELMORA_TOKEN.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8765,
+    queue_limit: Annotated[
+        int,
+        typer.Option("--queue-limit", min=0, help="Proxy requests that may wait for a model before 503s."),
+    ] = 16,
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted.")] = "1MiB",
+) -> None:
+    """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/)."""
+    from .server import create_app, is_loopback, token_from_env
+    from .spec import parse_size
+
+    token = token_from_env()
+    if not is_loopback(host) and token is None:
+        fail(f"binding {host} exposes the server beyond this machine: set MODELMORA_TOKEN to a secret first")
+    try:
+        cfg = load_config(config)
+        limit = parse_size(max_body)
+    except (ModelMoraError, ValueError) as exc:
+        fail(str(exc))
+    import uvicorn
+
+    app_ = create_app(cfg, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}")
+    err.print(
+        f"modelmora serving {cfg.describe()} on http://{host}:{port} (OpenAI proxy at /v1)", highlight=False
+    )
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def _duration_opt(flag: str, value: str | None) -> float | None:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import re
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -38,6 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..spec import parse_size
+from .threaded import ThreadedServer, free_port
 
 FOREVER_S = 292 * 365 * 86400.0  # Go's max duration, as Ollama reports an infinite keep_alive
 RUNNER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "low_vram"}
@@ -320,6 +320,11 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _vector(text: Any) -> list[float]:
+    """A deterministic 8-dimensional embedding (same text, same vector)."""
+    return [int(c, 16) / 15.0 for c in hashlib.sha256(str(text).encode()).hexdigest()[:8]]
+
+
 def _reply_words(prompt: str) -> list[str]:
     digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
     return ["Echo", " (", digest, "):", *[" " + w for w in prompt.split()[:12]]]
@@ -447,9 +452,7 @@ def build_app(state: OllamaState) -> Starlette:
         inputs = [raw] if isinstance(raw, str) else list(raw or [])
         inputs = [i for i in inputs if i]
         await run(model, data, not inputs, "embed")
-        vectors = [
-            [int(c, 16) / 15.0 for c in hashlib.sha256(str(i).encode()).hexdigest()[:8]] for i in inputs
-        ]
+        vectors = [_vector(i) for i in inputs]
         return JSONResponse(
             {
                 "model": model.name,
@@ -541,6 +544,38 @@ def build_app(state: OllamaState) -> Starlette:
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
+    async def openai_completions(request: Request) -> Response:
+        gate()
+        data = await body(request)
+        model = find(data.get("model"))
+        if model.embedding:
+            raise OllamaError(400, f'"{model.name}" does not support generate')
+        await state.schedule(model, {}, state.default_keep_alive)
+        prompt = data.get("prompt") or ""
+        text = "".join(_reply_words(str(prompt)))
+        return JSONResponse({
+            "id": "cmpl-emulated", "object": "text_completion", "created": int(time.time()), "model": model.name,
+            "system_fingerprint": "fp_ollama",
+            "choices": [{"text": text, "index": 0, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(str(prompt).split()), "completion_tokens": len(text.split()),
+                      "total_tokens": len(str(prompt).split()) + len(text.split())},
+        })  # fmt: skip
+
+    async def openai_embeddings(request: Request) -> Response:
+        gate()
+        data = await body(request)
+        model = find(data.get("model"))
+        raw = data.get("input")
+        inputs = [raw] if isinstance(raw, str) else list(raw or [])
+        if not inputs:
+            raise OllamaError(400, "invalid input")
+        await state.schedule(model, {}, state.default_keep_alive)
+        return JSONResponse({
+            "object": "list", "model": model.name,
+            "data": [{"object": "embedding", "embedding": _vector(i), "index": n} for n, i in enumerate(inputs)],
+            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+        })  # fmt: skip
+
     def guarded(handler: Any) -> Any:
         async def wrapped(request: Request) -> Response:
             try:
@@ -563,14 +598,10 @@ def build_app(state: OllamaState) -> Starlette:
         Route("/api/delete", guarded(delete), methods=["DELETE"]),
         Route("/v1/models", guarded(openai_models), methods=["GET"]),
         Route("/v1/chat/completions", guarded(openai_chat), methods=["POST"]),
+        Route("/v1/completions", guarded(openai_completions), methods=["POST"]),
+        Route("/v1/embeddings", guarded(openai_embeddings), methods=["POST"]),
     ]
     return Starlette(routes=routes)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _catalogue(models: Mapping[str, Any]) -> dict[str, CatalogueModel]:
@@ -585,19 +616,6 @@ def _catalogue(models: Mapping[str, Any]) -> dict[str, CatalogueModel]:
         else:
             out[name] = CatalogueModel(name=name, size=parse_size(spec))
     return out
-
-
-def quiet_server(config: Any) -> Any:
-    """A uvicorn server that lets closed connections finish closing before its loop ends,
-    so stopping it between tests leaks no sockets."""
-    import uvicorn
-
-    class QuietServer(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            await super().shutdown(sockets)
-            await anyio.sleep(0.05)
-
-    return QuietServer(config)
 
 
 class OllamaEmulator:
@@ -638,9 +656,8 @@ class OllamaEmulator:
             report_context_length=report_context_length,
         )  # fmt: skip
         self.app = build_app(self.state)
-        self.port = _free_port()
+        self.port = free_port()
         self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -651,27 +668,13 @@ class OllamaEmulator:
         return self.state.stats
 
     def start(self) -> OllamaEmulator:
-        import uvicorn
-
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
-        )
-        self._server = quiet_server(config)
-        self._thread = threading.Thread(target=self._server.run, name="ollama-emulator", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the Ollama emulator did not start")
-            time.sleep(0.01)
+        self._server = ThreadedServer(self.app, port=self.port, lifespan="off").start(timeout=10)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
+            self._server.stop()
+        self._server = None
 
     def __enter__(self) -> OllamaEmulator:
         return self.start()

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible swapping proxy.
+
+Tools that speak OpenAI's API point at ``http://box:8765/v1``; the ``model`` field picks a
+registry model.  Each request takes a lease (loading the model, waiting in line when
+leases hold the memory), forwards to the runtime's own OpenAI endpoint with the model
+renamed to what the runtime calls it, passes the answer through untouched (streaming
+included) and releases the lease when the last byte is out.  ``keep_alive`` (a body field
+or the ``X-Keep-Alive`` header, which Ollama's own OpenAI endpoint lacks) says how long the
+model stays afterwards.  In-process embedding models answer ``/v1/embeddings`` here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
+
+from ..errors import ModelMoraError
+from ..manager import Lease, ModelManager
+from ..providers.base import Handle
+from ..spec import parse_duration
+from .errors import api_error, status_for
+from .metrics import Metrics
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    stream: bool = False
+    keep_alive: str | float | None = Field(
+        None, description="modelmora extension: how long the model stays loaded after this request."
+    )
+
+
+class ChatRequest(_Body):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]]
+
+
+class Proxy:
+    def __init__(self, manager: ModelManager, metrics: Metrics, *, queue_limit: int, timeout: float):
+        self.manager = manager
+        self.metrics = metrics
+        self.queue_limit = queue_limit
+        self.waiting = 0
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _check_model(self, name: str) -> None:
+        if name not in self.manager.config.models and name not in self.manager.models:
+            raise api_error(404, f"model {name!r} is not in the registry; known: {', '.join(sorted(self.manager.config.models)) or 'none'}", "model_not_found")  # fmt: skip
+
+    def _keep_alive(self, body: _Body, request: Request) -> float | None:
+        raw = body.keep_alive if body.keep_alive is not None else request.headers.get("x-keep-alive")
+        if raw is None:
+            return None
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise api_error(400, f"keep_alive: {exc}", "invalid_keep_alive") from None
+
+    async def _lease(self, name: str, keep_alive: float | None) -> tuple[Lease, Handle]:
+        """A lease, queueing while the model is not ready; 503 + Retry-After past the limit."""
+        ready = self.manager.is_loaded(name) and not self.manager.is_parked(name)
+        lease = self.manager.use(name, keep_alive=keep_alive)
+        if ready:
+            return lease, await lease.__aenter__()
+        if self.waiting >= self.queue_limit:
+            self.metrics.requests.labels(name, "503").inc()
+            raise api_error(503, f"{self.waiting} requests already wait for models; try again shortly", "queue_full", retry_after=5)  # fmt: skip
+        self.waiting += 1
+        try:
+            return lease, await lease.__aenter__()
+        finally:
+            self.waiting -= 1
+
+    async def handle(self, request: Request, path: str, body: _Body) -> Response:
+        name = body.model
+        self._check_model(name)
+        keep_alive = self._keep_alive(body, request)
+        try:
+            lease, handle = await self._lease(name, keep_alive)
+        except ModelMoraError as exc:
+            self.metrics.requests.labels(name, str(status_for(exc))).inc()
+            raise
+        try:
+            if handle.endpoint is None:
+                response: Response = await self._in_process(handle, path, body)
+                await _release(lease)
+                return response
+            return await self._forward(lease, handle, path, body)
+        except BaseException:
+            await _release(lease)
+            raise
+
+    async def _forward(self, lease: Lease, handle: Handle, path: str, body: _Body) -> Response:
+        assert handle.endpoint is not None
+        base = handle.endpoint.rstrip("/")
+        url = f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
+        payload = body.model_dump(exclude_unset=True, exclude={"keep_alive"})
+        payload["model"] = handle.data.get("served_name", handle.target)
+        upstream = self.client.build_request("POST", url, json=payload)
+        try:
+            reply = await self.client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            self.metrics.requests.labels(body.model, "502").inc()
+            raise api_error(502, f"{handle.provider} did not answer for {body.model!r}: {exc}", "upstream_unreachable") from None  # fmt: skip
+        self.metrics.requests.labels(body.model, str(reply.status_code)).inc()
+        headers = {k: v for k, v in reply.headers.items() if k.lower() in ("content-type", "cache-control")}
+
+        async def close() -> None:
+            await reply.aclose()
+            await _release(lease)
+
+        return _LeasedStream(reply.aiter_raw(), close, status_code=reply.status_code, headers=headers)
+
+    async def _in_process(self, handle: Handle, path: str, body: _Body) -> Response:
+        if path != "embeddings" or not isinstance(body, EmbeddingRequest):
+            raise api_error(400, f"model {body.model!r} runs in-process; it serves /v1/embeddings only", "unsupported_endpoint")  # fmt: skip
+        raw: list[Any] = [body.input] if isinstance(body.input, str) else list(body.input)
+        texts = [t for t in raw if isinstance(t, str)]
+        if len(texts) != len(raw) or not texts:
+            raise api_error(
+                400, "in-process embedding models take text input, not token ids", "invalid_input"
+            )
+        if getattr(handle, "isolated", False):
+            vectors = await handle.call("encode", texts)  # type: ignore[attr-defined]
+        else:
+            model = handle.obj
+            if not hasattr(model, "encode"):
+                raise api_error(400, f"model {body.model!r} has no encode(): not an embedding model", "unsupported_endpoint")  # fmt: skip
+            vectors = await anyio.to_thread.run_sync(lambda: model.encode(texts))
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(x) for x in v]}
+            for i, v in enumerate(vectors)
+        ]
+        self.metrics.requests.labels(body.model, "200").inc()
+        tokens = sum(len(t.split()) for t in texts)
+        return JSONResponse(
+            {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        )  # fmt: skip
+
+
+async def _release(lease: Lease) -> None:
+    """Shielded, and idempotent like ``Lease.__aexit__``: a client that hangs up mid-stream
+    still releases exactly once."""
+    with anyio.CancelScope(shield=True):
+        await lease.__aexit__(None, None, None)
+
+
+class _LeasedStream(StreamingResponse):
+    """Streams the runtime's bytes untouched; closes upstream and releases the lease however
+    the response ends (finished, client gone before the first byte, or mid-stream)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
+def router(proxy: Proxy) -> APIRouter:
+    api = APIRouter(prefix="/v1", tags=["OpenAI-compatible proxy"])
+
+    @api.get("/models")
+    async def list_models() -> dict[str, Any]:
+        now = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": now, "owned_by": spec.provider}
+                for name, spec in sorted(proxy.manager.config.models.items())
+            ],
+        }
+
+    @api.post("/chat/completions")
+    async def chat(request: Request, body: ChatRequest) -> Response:
+        return await proxy.handle(request, "chat/completions", body)
+
+    @api.post("/completions")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await proxy.handle(request, "completions", body)
+
+    @api.post("/embeddings")
+    async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
+        return await proxy.handle(request, "embeddings", body)
+
+    return api
+
+
+__all__ = ["Proxy", "router"]
