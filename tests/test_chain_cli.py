@@ -44,7 +44,9 @@ def test_the_seed_chain_runs_from_the_cli_on_the_emulator(
     assert emu.loaded() == [] and emu.stats.evictions == 0
 
 
-def test_run_prints_steps_loads_and_the_plan(make_ollama: Callable[..., OllamaEmulator], tmp_path: Path) -> None:
+def test_run_prints_steps_loads_and_the_plan(
+    make_ollama: Callable[..., OllamaEmulator], tmp_path: Path
+) -> None:
     emu = make_ollama(models={"mistral-small:22b": "13GB", "deepseek-r1:32b": "20GB"})
     path = seed_chain_for(emu, tmp_path)
     result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "160"})

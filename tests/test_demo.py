@@ -42,7 +42,9 @@ def test_demo_runs_end_to_end_as_a_new_user_would(tmp_path: Path) -> None:
     assert (tmp_path / "home" / "demo-gpt2-6x384" / "config.json").exists()
 
 
-def test_demo_on_ollama_swaps_under_a_budget(make_ollama: Callable[..., OllamaEmulator], tmp_path: Path) -> None:
+def test_demo_on_ollama_swaps_under_a_budget(
+    make_ollama: Callable[..., OllamaEmulator], tmp_path: Path
+) -> None:
     emu = make_ollama()  # qwen2.5:14b 9 GB, nomic-embed-text 300 MB
     plot = tmp_path / "ollama.png"
     args = ["demo", "--ollama", emu.url, "--llm", "qwen2.5:14b", "--embed", "nomic-embed-text",

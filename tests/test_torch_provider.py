@@ -25,7 +25,13 @@ from modelmora.testing.models import make_tiny_causal_lm, minilm_path
 pytestmark = [pytest.mark.anyio, pytest.mark.torch]
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
-MINILM = {"provider": "torch", "target": str(minilm_path()), "device": "cpu", "memory": "100MB", "options": {"kind": "sentence-transformers"}}
+MINILM = {
+    "provider": "torch",
+    "target": str(minilm_path()),
+    "device": "cpu",
+    "memory": "100MB",
+    "options": {"kind": "sentence-transformers"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,14 @@ async def test_minilm_load_infer_unload_and_reclaim() -> None:
 
 
 async def test_tiny_causal_lm_generates(tiny_lm: str) -> None:
-    models = {"tiny": {"provider": "torch", "target": tiny_lm, "device": "cpu", "options": {"auto_class": "AutoModelForCausalLM"}}}
+    models = {
+        "tiny": {
+            "provider": "torch",
+            "target": tiny_lm,
+            "device": "cpu",
+            "options": {"auto_class": "AutoModelForCausalLM"},
+        }
+    }
     async with manager(models) as mm, mm.use("tiny") as handle:
         tokenizer = handle.data["extras"]["tokenizer"]
         ids = tokenizer("The quick", return_tensors="pt").input_ids
@@ -66,7 +79,14 @@ async def test_tiny_causal_lm_generates(tiny_lm: str) -> None:
 
 
 async def test_factory_loader_for_diffusers_shaped_pipelines() -> None:
-    models = {"sdxl": {"provider": "torch", "target": "modelmora.testing.models:tiny_image_pipeline", "device": "cpu", "options": {"kwargs": {"size": 16}}}}
+    models = {
+        "sdxl": {
+            "provider": "torch",
+            "target": "modelmora.testing.models:tiny_image_pipeline",
+            "device": "cpu",
+            "options": {"kwargs": {"size": 16}},
+        }
+    }
     async with manager(models) as mm, mm.use("sdxl") as handle:
         [image] = handle.obj("a lighthouse at dusk")
         assert tuple(image.shape) == (1, 3, 16, 16)
@@ -87,7 +107,10 @@ async def test_a_leaked_reference_is_reported_by_name() -> None:
 async def test_missing_local_model_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     models = {"ghost": {"provider": "torch", "target": "no-such-org/no-such-model", "device": "cpu"}}
     async with manager(models) as mm:
-        with anyio.fail_after(60), pytest.raises(ModelNotFound, match="cannot find 'no-such-org/no-such-model' locally"):
+        with (
+            anyio.fail_after(60),
+            pytest.raises(ModelNotFound, match="cannot find 'no-such-org/no-such-model' locally"),
+        ):
             await mm.load("ghost")
         assert mm.loaded() == []
 
@@ -143,7 +166,10 @@ def test_core_imports_without_torch() -> None:
 async def test_twenty_cycles_in_process_vs_isolated() -> None:
     """Isolation must come back within 10 MB of the baseline; in-process growth is reported."""
     growth: dict[str, int] = {}
-    for mode, options in (("in-process", {"kind": "sentence-transformers"}), ("isolated", {"kind": "sentence-transformers", "isolation": "process"})):
+    for mode, options in (
+        ("in-process", {"kind": "sentence-transformers"}),
+        ("isolated", {"kind": "sentence-transformers", "isolation": "process"}),
+    ):
         async with manager({"minilm": {**MINILM, "options": options}}) as mm:
             await mm.load("minilm")  # libraries imported once, outside the measurement
             await mm.unload("minilm")

@@ -1,0 +1,312 @@
+"""Any OpenAI-compatible server started as a subprocess: ``llama-server``,
+``python -m llama_cpp.server``, ``vllm serve``, SGLang — one process per model.
+
+    models:
+      qwen-small:
+        provider: process
+        target: /models/qwen2.5-0.5b-q4.gguf
+        device: cpu
+        memory: 600MB
+        options:
+          command: ["python", "-m", "llama_cpp.server", "--model", "${MODEL}", "--port", "${PORT}"]
+          health: /v1/models          # polled until 200
+          ready_timeout: 2m
+
+* **Load** substitutes ``${PORT}`` (a free loopback port unless ``options.port``),
+  ``${MODEL}`` (the target) and ``${HOST}``, starts the command in its own process group
+  with its output going to a log file, and polls the health URL until it answers 200.  A
+  process that exits first fails the load at once, with the last lines of its log.
+* **Unload** is SIGTERM to the process group (or ``options.stop_command`` with ``${PID}``),
+  then SIGKILL after ``stop_grace``; the memory freed is the process tree's RSS.
+* **Observe** lists the processes it started, and, after a restart, those recorded in
+  its state file whose PID is still alive with the same command line, so a new manager
+  adopts them instead of losing track of their memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import psutil
+from pydantic import Field
+
+from ..errors import ConfigError, LoadFailed, UnloadFailed
+from ..spec import Duration, ModelSpec, parse_duration
+from ..testing.threaded import free_port
+from .base import Handle, Health, Observed, Provider, ProviderSettings
+
+
+def _home() -> Path:
+    return Path(os.environ.get("MODELMORA_HOME", Path.home() / ".cache" / "modelmora"))
+
+
+class ProcessSettings(ProviderSettings):
+    host: str = Field("127.0.0.1", description="Address the servers bind and are polled on.")
+    state_dir: str | None = Field(None, description="PID records and logs (default $MODELMORA_HOME/process).")
+    ready_timeout: Duration = Field(120.0, description="Default wait for the health URL to answer 200.")
+    stop_grace: Duration = Field(10.0, description="SIGTERM to SIGKILL.")
+    poll_interval: Duration = Field(0.1, description="Health polling period while starting.")
+
+
+@dataclass
+class _Running:
+    pid: int
+    port: int
+    command: list[str]
+    log: Path
+    process: anyio.abc.Process | None = None  # None for an adopted process (not our child)
+
+
+class ProcessProvider(Provider):
+    Settings = ProcessSettings
+    settings: ProcessSettings
+
+    def __init__(self, name: str = "process", settings: ProcessSettings | None = None):
+        super().__init__(name, settings)
+        self.state_dir = Path(self.settings.state_dir) if self.settings.state_dir else _home() / "process"
+        self.running: dict[str, _Running] = {}
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+
+    # -- the state file ------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / f"{self.name}.json"
+
+    def _read_state(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_state(self) -> None:
+        records = {
+            target: {"pid": r.pid, "port": r.port, "command": r.command, "log": str(r.log)}
+            for target, r in self.running.items()
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(self.state_file)
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _command(self, spec: ModelSpec, port: int) -> list[str]:
+        raw = spec.options.get("command")
+        if not raw:
+            raise ConfigError(
+                f"{spec.name}: options.command is required for the process provider", model=spec.name
+            )
+        parts = shlex.split(raw) if isinstance(raw, str) else [str(p) for p in raw]
+        values = {"${PORT}": str(port), "${MODEL}": spec.target, "${HOST}": self.settings.host}
+        out = []
+        for part in parts:
+            for key, value in values.items():
+                part = part.replace(key, value)
+            out.append(part)
+        return out
+
+    def _env(self, spec: ModelSpec) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in (spec.options.get("env") or {}).items()})
+        return env
+
+    def _url(self, port: int) -> str:
+        return f"http://{self.settings.host}:{port}"
+
+    # -- provider ------------------------------------------------------------------------
+
+    async def load(self, spec: ModelSpec) -> Handle:
+        if spec.target in self.running:
+            raise LoadFailed(
+                f"{spec.name}: a process for {spec.target!r} is already running", model=spec.name
+            )
+        port = int(spec.options.get("port") or free_port(self.settings.host))
+        command = self._command(spec, port)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = self.state_dir / f"{spec.name.replace('/', '_')}-{port}.log"
+        timeout = parse_duration(spec.options.get("ready_timeout", self.settings.ready_timeout))
+        with log.open("wb") as sink:
+            try:
+                process = await anyio.open_process(
+                    command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                    env=self._env(spec), cwd=spec.options.get("cwd"), start_new_session=True,
+                )  # fmt: skip
+            except OSError as exc:
+                raise LoadFailed(
+                    f"{spec.name}: cannot start {command[0]!r}: {exc}", model=spec.name
+                ) from None
+        running = _Running(process.pid, port, command, log, process)
+        self.running[spec.target] = running
+        self._write_state()
+        try:
+            await self._wait_ready(spec, running, timeout)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stop(spec, running)
+            raise
+        return Handle(
+            spec=spec, provider=self.name, endpoint=self._url(port), api="openai",
+            memory=self._memory(spec, running.pid),
+            data={"pid": running.pid, "port": port, "log": str(log),
+                  "served_name": spec.options.get("served_name", spec.target)},
+        )  # fmt: skip
+
+    async def _wait_ready(self, spec: ModelSpec, running: _Running, timeout: float) -> None:
+        health = self._url(running.port) + str(spec.options.get("health", "/health"))
+        deadline = time.monotonic() + timeout
+        while True:
+            assert running.process is not None
+            if running.process.returncode is not None:
+                raise LoadFailed(
+                    f"{spec.name}: the server exited with code {running.process.returncode} before it was "
+                    f"ready; last output: {_tail(running.log)}",
+                    model=spec.name, provider=self.name,
+                )  # fmt: skip
+            with contextlib.suppress(httpx.HTTPError):
+                if (await self._client.get(health)).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise LoadFailed(
+                    f"{spec.name}: {health} did not answer 200 within {timeout:.0f}s; last output: {_tail(running.log)}",
+                    model=spec.name, provider=self.name,
+                )  # fmt: skip
+            await anyio.sleep(self.settings.poll_interval)
+
+    def _memory(self, spec: ModelSpec, pid: int) -> dict[str, int]:
+        """RSS of the process tree on the CPU; the registry's estimate for other devices."""
+        memory = dict(spec.memory)
+        if spec.device == "cpu" or not memory:
+            memory["cpu"] = _tree_rss(pid)
+        return memory
+
+    async def unload(self, handle: Handle) -> dict[str, int]:
+        running = self.running.get(handle.target)
+        if running is None:
+            handle.close()
+            return {}
+        freed = self._memory(handle.spec, running.pid)
+        await self._stop(handle.spec, running)
+        handle.close()
+        return freed
+
+    async def _stop(self, spec: ModelSpec, running: _Running) -> None:
+        try:
+            stop_command = spec.options.get("stop_command")
+            if stop_command:
+                parts = shlex.split(stop_command) if isinstance(stop_command, str) else list(stop_command)
+                parts = [str(p).replace("${PID}", str(running.pid)) for p in parts]
+                await anyio.run_process(parts, check=False)
+            else:
+                _signal_group(running.pid, signal.SIGTERM)
+            if not await self._exited(running, self.settings.stop_grace):
+                _signal_group(running.pid, signal.SIGKILL)
+                if not await self._exited(running, 10.0):
+                    raise UnloadFailed(
+                        f"{spec.name}: process {running.pid} survived SIGKILL", model=spec.name
+                    )
+        finally:
+            if not _alive(running.pid):
+                self.running.pop(spec.target, None)
+                self._write_state()
+
+    async def _exited(self, running: _Running, timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            if running.process is not None:
+                await running.process.wait()  # reaps our child, so no zombie is left
+                return True
+            # not our child (adopted after a restart): nothing to wait on but the PID itself
+            while _alive(running.pid):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+            return True
+        return False
+
+    async def observe(self) -> list[Observed]:
+        for target, record in self._read_state().items():
+            if target in self.running:
+                continue
+            pid = int(record.get("pid", 0))
+            if _same_process(pid, record.get("command") or []):
+                self.running[target] = _Running(
+                    pid, int(record["port"]), list(record["command"]), Path(record["log"])
+                )
+        out = []
+        for target, running in list(self.running.items()):
+            if not _alive(running.pid):
+                self.running.pop(target)
+                continue
+            out.append(
+                Observed(
+                    target=target, memory={"cpu": _tree_rss(running.pid)}, owned=True,
+                    details={"pid": running.pid, "port": running.port},
+                )
+            )  # fmt: skip
+        self._write_state()
+        return out
+
+    async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
+        running = self.running[observed.target]
+        return Handle(
+            spec=spec, provider=self.name, endpoint=self._url(running.port), api="openai",
+            memory=self._memory(spec, running.pid), owned=True,
+            data={"pid": running.pid, "port": running.port, "log": str(running.log),
+                  "served_name": spec.options.get("served_name", spec.target)},
+        )  # fmt: skip
+
+    async def health(self) -> Health:
+        return Health(ok=True, detail=f"{len(self.running)} server process(es)")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    try:
+        text = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _same_process(pid: int, command: list[str]) -> bool:
+    """A recorded PID still alive and still running the recorded command (PIDs get reused)."""
+    try:
+        return pid > 0 and _alive(pid) and psutil.Process(pid).cmdline() == command
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(os.getpgid(pid), sig)
+
+
+def _tree_rss(pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+__all__ = ["ProcessProvider", "ProcessSettings"]

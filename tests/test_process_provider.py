@@ -1,0 +1,126 @@
+"""The process provider with the real llama.cpp server (llama-cpp-python) as a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+if importlib.util.find_spec("llama_cpp") is None:  # not imported here: the server runs it
+    pytest.skip("bash .ci/setup-llama.sh builds llama-cpp-python[server]", allow_module_level=True)
+
+from modelmora import LoadFailed, ModelManager
+from modelmora.chain import Chain, Step
+from modelmora.memory import StaticProbe
+from modelmora.testing.gguf import make_tiny_gguf
+
+pytestmark = [pytest.mark.anyio, pytest.mark.llama]
+
+SERVER = [
+    sys.executable,
+    "-m",
+    "llama_cpp.server",
+    "--model",
+    "${MODEL}",
+    "--host",
+    "${HOST}",
+    "--port",
+    "${PORT}",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+def config(tmp_path: Path, target: str, **options: Any) -> dict[str, Any]:
+    opts = {"command": SERVER, "health": "/v1/models", "ready_timeout": "60s", **options}
+    return {
+        "budgets": {"cpu": "4GB"},
+        "providers": {"process": {"state_dir": str(tmp_path / "state"), "stop_grace": "5s"}},
+        "models": {
+            "tiny": {
+                "provider": "process",
+                "target": target,
+                "device": "cpu",
+                "memory": "200MB",
+                "options": opts,
+            }
+        },
+    }
+
+
+def servers_for(target: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if target in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+async def test_start_serve_and_stop_a_real_llama_cpp_server(gguf_model: Path, tmp_path: Path) -> None:
+    async with ModelManager(config(tmp_path, str(gguf_model)), probe=StaticProbe({})) as mm:
+        async with mm.use("tiny") as handle:
+            assert handle.api == "openai" and handle.endpoint is not None
+            assert handle.memory["cpu"] > 10_000_000  # the server process's RSS, measured
+            (server,) = servers_for(str(gguf_model))
+            assert server.pid == handle.data["pid"]
+            async with httpx.AsyncClient(timeout=60) as client:
+                reply = await client.post(
+                    f"{handle.endpoint}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}
+                )
+            assert reply.status_code == 200 and reply.json()["choices"][0]["text"] is not None
+        # an LLM step through litellm, at the endpoint the lease hands out
+        result = await Chain([Step("tiny", "Say: {input}", params={"max_tokens": 4})], manager=mm).run("hi")
+        assert result.ok, result.reason and isinstance(result.output, str)
+        assert await mm.unload("tiny") or not mm.is_loaded("tiny")
+    assert servers_for(str(gguf_model)) == [], "an orphan llama.cpp server was left behind"
+
+
+async def test_early_exit_fails_fast_with_its_output(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-model.gguf")
+    async with ModelManager(config(tmp_path, missing), probe=StaticProbe({})) as mm:
+        with pytest.raises(LoadFailed, match="exited with code .* before it was ready; last output: .*"):
+            await mm.load("tiny")
+        assert mm.loaded() == []
+    assert servers_for(missing) == []
+    assert (tmp_path / "state" / "process.json").read_text().strip() == "{}"
+
+
+async def test_a_server_that_never_gets_ready_is_killed(tmp_path: Path) -> None:
+    sleeper = [
+        sys.executable,
+        "-c",
+        "import time; print('warming up', flush=True); time.sleep(120)",
+        "${PORT}",
+    ]
+    cfg = config(tmp_path, "sleepy", command=sleeper, ready_timeout="1.5s")
+    async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+        with pytest.raises(LoadFailed, match=r"did not answer 200 within 2s; last output: warming up"):
+            await mm.load("tiny")
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if "time.sleep(120)" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+async def test_a_restarted_manager_adopts_the_running_server(gguf_model: Path, tmp_path: Path) -> None:
+    cfg = config(tmp_path, str(gguf_model))
+    async with ModelManager(cfg, probe=StaticProbe({})) as first:
+        handle = await first.load("tiny", keep_alive=float("inf"))
+        pid = handle.data["pid"]
+    assert psutil.pid_exists(pid), "the manager must not stop servers when it exits"
+    async with ModelManager(cfg, probe=StaticProbe({})) as second:
+        (status,) = (await second.status()).models
+        assert status.name == "tiny" and status.state == "ready"
+        async with second.use("tiny") as adopted:
+            assert adopted.data["pid"] == pid
+            async with httpx.AsyncClient(timeout=10) as client:
+                assert (await client.get(f"{adopted.endpoint}/v1/models")).status_code == 200
+        assert await second.unload("tiny")
+    assert servers_for(str(gguf_model)) == []
