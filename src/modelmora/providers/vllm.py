@@ -1,0 +1,427 @@
+"""vLLM in Docker: one container per model, created and stopped with the docker SDK (in
+worker threads, since it blocks), with vLLM's sleep mode as the warm tier.
+
+    providers:
+      vllm: {image: "vllm/vllm-openai:v0.11.0", hf_cache: ~/.cache/huggingface}
+    models:
+      qwen-14b:
+        provider: vllm
+        target: Qwen/Qwen2.5-14B-Instruct-AWQ
+        memory: 14GB
+        group: heavy
+        warm_tier: true                     # sleep instead of stopping (adds --enable-sleep-mode)
+        options: {gpu_memory_utilization: 0.9, max_model_len: 8192, port: 8001}
+
+* **Load** creates (never ``run()``, which pulls silently) and starts the container, or
+  starts a stopped one left by ``keep_stopped``, then waits until ``/health`` answers 200
+  and ``/v1/models`` lists the served name.  vLLM refuses connections while it loads, so
+  refusals are waited out; a container that exits fails the load with its last log lines.
+* **Unload** stops it with a grace period and removes it (or keeps it stopped), and waits
+  until it is gone, so the name is free for the next load.
+* **Sleep** is ``POST /sleep?level=1`` (weights to host RAM) or level 2 (discarded);
+  **wake** is ``POST /wake_up``.  A sleeping model costs host RAM, not VRAM.
+* **Observe** lists containers labelled ``modelmora.provider=<this instance>``; anything
+  without the label is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from pydantic import Field
+
+from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
+from ..spec import Duration, ModelSpec, parse_duration
+from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
+
+LABEL = "modelmora.provider"
+
+
+class VLLMSettings(ProviderSettings):
+    image: str = Field(
+        "vllm/vllm-openai:v0.11.0", description="Pinned image tag; never pulled unless `pull`."
+    )
+    pull: bool = Field(False, description="Pull a missing image instead of failing.")
+    docker_url: str | None = Field(
+        None, description="Docker engine (default: $DOCKER_HOST or the local socket)."
+    )
+    host: str = Field("127.0.0.1", description="Where the servers are reached.")
+    network_mode: str = Field(
+        "host", description="'host' (the server binds the port) or 'bridge' (-p 127.0.0.1:port)."
+    )
+    hf_cache: str | None = Field("~/.cache/huggingface", description="Mounted at /root/.cache/huggingface.")
+    ready_timeout: Duration = Field(
+        900.0, description="Create+start to ready (vLLM cold starts take minutes)."
+    )
+    stop_grace: Duration = Field(30.0, description="docker stop timeout before SIGKILL.")
+    keep_stopped: bool = Field(False, description="Keep stopped containers for a faster restart.")
+    gpus: str | list[str] | None = Field("all", description="'all', device ids, or None for no GPU request.")
+    gpu_total: int | None = Field(None, description="GPU bytes, for footprints without NVML.")
+    sleep_level: int = Field(1, ge=1, le=2, description="1: weights to host RAM; 2: weights discarded.")
+    poll_interval: Duration = Field(0.5, description="Readiness polling period.")
+
+
+class VLLMProvider(Provider):
+    Settings = VLLMSettings
+    settings: VLLMSettings
+    capabilities = frozenset({"sleep"})
+
+    def __init__(self, name: str = "vllm", settings: VLLMSettings | None = None):
+        super().__init__(name, settings)
+        self._docker: Any = None
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+
+    # -- docker ------------------------------------------------------------------------
+
+    async def _client(self) -> Any:
+        if self._docker is None:
+
+            def connect() -> Any:
+                try:
+                    import docker
+                except ImportError:
+                    raise ProviderUnavailable(
+                        "the vllm provider needs the docker SDK: pip install 'modelmora[docker]'",
+                        provider=self.name,
+                    ) from None
+                try:
+                    client = (
+                        docker.DockerClient(base_url=self.settings.docker_url)
+                        if self.settings.docker_url
+                        else docker.from_env()
+                    )
+                    client.ping()
+                except docker.errors.DockerException as exc:
+                    raise ProviderUnavailable(
+                        f"cannot reach the Docker engine: {exc}", provider=self.name
+                    ) from None
+                return client
+
+            self._docker = await anyio.to_thread.run_sync(connect)
+        return self._docker
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    def container_name(self, spec: ModelSpec) -> str:
+        safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in spec.name)
+        return f"modelmora-{self.name}-{safe}"
+
+    # -- what a container runs ------------------------------------------------------------
+
+    def sleep_mode(self, spec: ModelSpec) -> bool:
+        return bool(spec.options.get("sleep_mode", spec.warm_tier))
+
+    def port(self, spec: ModelSpec) -> int:
+        port = spec.options.get("port")
+        if port is None:
+            raise ConfigError(
+                f"{spec.name}: options.port is required (one port per vLLM container)", model=spec.name
+            )
+        return int(port)
+
+    def served_name(self, spec: ModelSpec) -> str:
+        return str(spec.options.get("served_name", spec.name))
+
+    def command(self, spec: ModelSpec) -> list[str]:
+        port = self.port(spec)
+        custom = spec.options.get("command")
+        if custom:  # another server in the container (tests: llama.cpp), with substitution
+            values = {"${PORT}": str(port), "${MODEL}": spec.target, "${HOST}": "0.0.0.0"}
+            out = []
+            for part in custom:
+                for key, value in values.items():
+                    part = str(part).replace(key, value)
+                out.append(part)
+            return out
+        args = ["--model", spec.target, "--host", "0.0.0.0", "--port", str(port),
+                "--served-model-name", self.served_name(spec),
+                "--gpu-memory-utilization", str(spec.options.get("gpu_memory_utilization", 0.9))]  # fmt: skip
+        if spec.options.get("max_model_len"):
+            args += ["--max-model-len", str(spec.options["max_model_len"])]
+        if self.sleep_mode(spec):
+            args.append("--enable-sleep-mode")
+        return args + [str(a) for a in spec.options.get("extra_args", [])]
+
+    def environment(self, spec: ModelSpec) -> dict[str, str]:
+        env = {str(k): str(v) for k, v in (spec.options.get("env") or {}).items()}
+        if os.environ.get("HF_TOKEN") and "HF_TOKEN" not in env:
+            env["HF_TOKEN"] = os.environ["HF_TOKEN"]  # passed through, never logged
+        if self.sleep_mode(spec):
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        return env
+
+    def _create_kwargs(self, spec: ModelSpec) -> dict[str, Any]:
+        from docker.types import DeviceRequest
+
+        volumes: dict[str, dict[str, str]] = {}
+        if self.settings.hf_cache:
+            volumes[str(Path(self.settings.hf_cache).expanduser())] = {
+                "bind": "/root/.cache/huggingface",
+                "mode": "rw",
+            }
+        for host, inside in (spec.options.get("volumes") or {}).items():
+            bind, _, mode = str(inside).partition(":")
+            volumes[str(host)] = {"bind": bind, "mode": mode or "rw"}
+        gpus = spec.options.get("gpus", self.settings.gpus)
+        devices = []
+        if gpus == "all":
+            devices = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        elif gpus:
+            devices = [DeviceRequest(device_ids=[str(g) for g in gpus], capabilities=[["gpu"]])]
+        kwargs: dict[str, Any] = {
+            "image": spec.options.get("image", self.settings.image),
+            "command": self.command(spec),
+            "name": self.container_name(spec),
+            "labels": {
+                LABEL: self.name,
+                "modelmora.model": spec.name,
+                "modelmora.target": spec.target,
+                "modelmora.port": str(self.port(spec)),
+                "modelmora.memory": json.dumps(dict(spec.memory)),
+            },
+            "environment": self.environment(spec),
+            "volumes": volumes,
+            "ipc_mode": "host",
+            "device_requests": devices,
+            "detach": True,
+        }
+        if spec.options.get("entrypoint"):
+            kwargs["entrypoint"] = list(spec.options["entrypoint"])
+        if self.settings.network_mode == "host":
+            kwargs["network_mode"] = "host"
+        else:
+            kwargs["ports"] = {f"{self.port(spec)}/tcp": ("127.0.0.1", self.port(spec))}
+        return kwargs
+
+    # -- provider ------------------------------------------------------------------------
+
+    async def load(self, spec: ModelSpec) -> Handle:
+        client = await self._client()
+        container = await self._run(self._create_or_restart, client, spec)
+        timeout = parse_duration(spec.options.get("ready_timeout", self.settings.ready_timeout))
+        try:
+            await self._wait_ready(spec, container, timeout)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._run(self._stop_remove, client, container.name, True)
+            raise
+        return self._handle(spec, container.id)
+
+    def _handle(self, spec: ModelSpec, container_id: str, *, owned: bool = True) -> Handle:
+        return Handle(
+            spec=spec, provider=self.name, endpoint=f"http://{self.settings.host}:{self.port(spec)}", api="openai",
+            memory=self.footprint(spec), owned=owned,
+            data={"container": container_id, "served_name": self.served_name(spec)},
+        )  # fmt: skip
+
+    def _create_or_restart(self, client: Any, spec: ModelSpec) -> Any:
+        import docker
+
+        name = self.container_name(spec)
+        kwargs = self._create_kwargs(spec)
+        try:
+            existing = client.containers.get(name)
+        except docker.errors.NotFound:
+            existing = None
+        if existing is not None:
+            if existing.labels.get(LABEL) != self.name:
+                raise LoadFailed(f"{spec.name}: container name {name!r} is taken by a container modelmora does not manage", model=spec.name)  # fmt: skip
+            if (
+                existing.status in ("exited", "created")
+                and self.settings.keep_stopped
+                and existing.labels.get("modelmora.target") == spec.target
+            ):
+                existing.start()  # restart from a stopped container: no create, warm page cache
+                return existing
+            self._stop_remove(client, name, True)
+        image = kwargs["image"]
+        try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
+            if not self.settings.pull:
+                raise ModelNotFound(
+                    f"{spec.name}: image {image!r} is not present; run `docker pull {image}` or set pull: true under providers.{self.name}",
+                    model=spec.name, provider=self.name,
+                ) from None  # fmt: skip
+            client.images.pull(image)
+        container = client.containers.create(**kwargs)
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            container.remove(force=True)
+            raise LoadFailed(f"{spec.name}: docker could not start the container: {exc.explanation or exc}", model=spec.name) from None  # fmt: skip
+        return container
+
+    async def _wait_ready(self, spec: ModelSpec, container: Any, timeout: float) -> None:
+        base = f"http://{self.settings.host}:{self.port(spec)}"
+        served = self.served_name(spec)
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self._run(_status, container)
+            if status in ("exited", "dead", "removing", None):
+                logs = await self._run(_logs, container)
+                raise LoadFailed(f"{spec.name}: the container {status or 'vanished'} before it was ready; last log lines: {logs}", model=spec.name, provider=self.name)  # fmt: skip
+            with contextlib.suppress(httpx.HTTPError):
+                if (
+                    await self._http.get(base + str(spec.options.get("health", "/health")))
+                ).status_code == 200:
+                    listed = (await self._http.get(f"{base}/v1/models")).json().get("data") or []
+                    if any(m.get("id") == served for m in listed):
+                        return
+            if time.monotonic() > deadline:
+                logs = await self._run(_logs, container)
+                raise LoadFailed(f"{spec.name}: not ready within {timeout:.0f}s; last log lines: {logs}", model=spec.name, provider=self.name)  # fmt: skip
+            await anyio.sleep(self.settings.poll_interval)
+
+    def _stop_remove(self, client: Any, name: str, remove: bool) -> None:
+        import docker
+
+        try:
+            container = client.containers.get(name)
+        except docker.errors.NotFound:
+            return
+        with contextlib.suppress(docker.errors.NotFound):
+            container.stop(timeout=int(self.settings.stop_grace))
+            if remove:
+                container.remove(force=True)
+        deadline = time.monotonic() + 60
+        while remove:  # the name must be free before the next load of this model
+            try:
+                client.containers.get(name)
+            except docker.errors.NotFound:
+                return
+            if time.monotonic() > deadline:
+                raise UnloadFailed(f"container {name!r} is still there a minute after removal")
+            time.sleep(0.1)
+
+    async def unload(self, handle: Handle) -> dict[str, int]:
+        client = await self._client()
+        await self._run(
+            self._stop_remove, client, self.container_name(handle.spec), not self.settings.keep_stopped
+        )
+        handle.close()
+        return dict(handle.memory)
+
+    def footprint(self, spec: ModelSpec) -> dict[str, int]:
+        """The registry's estimate, else ``gpu_memory_utilization`` x the GPU's total."""
+        if spec.memory:
+            return dict(spec.memory)
+        total = self.settings.gpu_total or _nvml_total()
+        if total:
+            return {spec.device: int(float(spec.options.get("gpu_memory_utilization", 0.9)) * total)}
+        return {}
+
+    # -- sleep ---------------------------------------------------------------------------
+
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
+        level = level or int(handle.spec.options.get("sleep_level", self.settings.sleep_level))
+        reply = await self._http.post(f"{handle.endpoint}/sleep", params={"level": level})
+        if reply.status_code != 200:
+            raise LoadFailed(f"{handle.name}: vLLM refused to sleep (HTTP {reply.status_code}: {reply.text[:200]}); is sleep_mode on?", model=handle.name)  # fmt: skip
+        gpu = sum(n for d, n in handle.memory.items() if d != "cpu")
+        return {**{d: 0 for d in handle.memory if d != "cpu"}, "cpu": gpu if level == 1 else 0}
+
+    async def wake(self, handle: Handle) -> dict[str, int]:
+        reply = await self._http.post(
+            f"{handle.endpoint}/wake_up", timeout=parse_duration(self.settings.ready_timeout)
+        )
+        if reply.status_code != 200:
+            raise LoadFailed(
+                f"{handle.name}: vLLM did not wake (HTTP {reply.status_code})", model=handle.name
+            )
+        return dict(handle.memory)
+
+    async def _is_sleeping(self, port: int) -> bool:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            reply = await self._http.get(f"http://{self.settings.host}:{port}/is_sleeping", timeout=2)
+            return reply.status_code == 200 and bool(reply.json().get("is_sleeping"))
+        return False
+
+    # -- truth ---------------------------------------------------------------------------
+
+    async def observe(self) -> list[Observed]:
+        client = await self._client()
+        containers = await self._run(
+            lambda: client.containers.list(filters={"label": f"{LABEL}={self.name}", "status": "running"})
+        )
+        out = []
+        for c in containers:
+            labels = c.labels
+            port = int(labels.get("modelmora.port", 0))
+            try:
+                memory = {k: int(v) for k, v in json.loads(labels.get("modelmora.memory", "{}")).items()}
+            except ValueError:
+                memory = {}
+            asleep = await self._is_sleeping(port) if port else False
+            if asleep:
+                gpu = sum(n for d, n in memory.items() if d != "cpu")
+                memory = {**{d: 0 for d in memory if d != "cpu"}, "cpu": gpu}
+            out.append(
+                Observed(
+                    target=labels.get("modelmora.target", ""), memory=memory, owned=True,
+                    tier=Tier.SLEEPING if asleep else Tier.ACTIVE,
+                    details={"container": c.id, "model": labels.get("modelmora.model"), "port": port},
+                )
+            )  # fmt: skip
+        return out
+
+    async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
+        return self._handle(spec, str(observed.details.get("container", "")))
+
+    async def health(self) -> Health:
+        try:
+            client = await self._client()
+            version = await self._run(lambda: client.version().get("Version"))
+        except ProviderUnavailable as exc:
+            return Health(ok=False, detail=str(exc))
+        return Health(ok=True, detail="docker engine reachable", version=version)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        if self._docker is not None:
+            await self._run(self._docker.close)
+            self._docker = None
+
+
+def _status(container: Any) -> str | None:
+    import docker
+
+    try:
+        container.reload()
+    except docker.errors.NotFound:
+        return None
+    return str(container.status)
+
+
+def _logs(container: Any) -> str:
+    import docker
+
+    try:
+        text = container.logs(tail=12).decode(errors="replace").strip().splitlines()
+    except docker.errors.DockerException:
+        return "(no logs)"
+    return " | ".join(text) or "(no output)"
+
+
+def _nvml_total() -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+__all__ = ["LABEL", "VLLMProvider", "VLLMSettings"]
