@@ -28,8 +28,8 @@ import httpx
 
 from modelmora import ModelManager
 from modelmora.memory import StaticProbe
+from modelmora.net import free_port
 from modelmora.testing.gguf import make_tiny_gguf
-from modelmora.testing.threaded import free_port
 
 
 def command(model: Path, port: int) -> list[str]:

@@ -31,9 +31,9 @@ import httpx
 
 from modelmora import ModelManager
 from modelmora.memory import StaticProbe
+from modelmora.net import free_port
 from modelmora.testing.docker import PrivateDockerd, host_image, host_mounts
 from modelmora.testing.gguf import make_tiny_gguf
-from modelmora.testing.threaded import free_port
 
 
 def wait_ready(url: str) -> None:
@@ -131,7 +131,10 @@ def main() -> None:
         engine = PrivateDockerd().start()
         url = engine.url
     try:
-        with contextlib.closing(docker.DockerClient(base_url=url)) as client, tempfile.TemporaryDirectory() as tmp:
+        with (
+            contextlib.closing(docker.DockerClient(base_url=url)) as client,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
             image = host_image(client)
             model = make_tiny_gguf(Path(tmp) / "tiny.gguf")
             hand, mine = [], []

@@ -19,10 +19,10 @@ docker = pytest.importorskip("docker", reason="pip install 'modelmora[docker]'")
 from modelmora import LoadFailed, ModelManager, ModelNotFound  # noqa: E402
 from modelmora import events as ev  # noqa: E402
 from modelmora.memory import StaticProbe  # noqa: E402
+from modelmora.net import free_port  # noqa: E402
 from modelmora.providers.vllm import LABEL  # noqa: E402
 from modelmora.testing.docker import PrivateDockerd, host_image, host_mounts  # noqa: E402
 from modelmora.testing.gguf import make_tiny_gguf  # noqa: E402
-from modelmora.testing.threaded import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 

@@ -43,8 +43,8 @@ import psutil
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, UnloadFailed
+from ..net import expand, free_port
 from ..spec import Duration, ModelSpec, parse_duration
-from ..testing.threaded import free_port
 from .base import Handle, Health, Observed, Provider, ProviderSettings
 
 
@@ -110,14 +110,8 @@ class ProcessProvider(Provider):
             raise ConfigError(
                 f"{spec.name}: options.command is required for the process provider", model=spec.name
             )
-        parts = shlex.split(raw) if isinstance(raw, str) else [str(p) for p in raw]
-        values = {"${PORT}": str(port), "${MODEL}": spec.target, "${HOST}": self.settings.host}
-        out = []
-        for part in parts:
-            for key, value in values.items():
-                part = part.replace(key, value)
-            out.append(part)
-        return out
+        parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
+        return expand(parts, {"PORT": str(port), "MODEL": spec.target, "HOST": self.settings.host})
 
     def _env(self, spec: ModelSpec) -> dict[str, str]:
         env = dict(os.environ)
@@ -208,7 +202,7 @@ class ProcessProvider(Provider):
             stop_command = spec.options.get("stop_command")
             if stop_command:
                 parts = shlex.split(stop_command) if isinstance(stop_command, str) else list(stop_command)
-                parts = [str(p).replace("${PID}", str(running.pid)) for p in parts]
+                parts = expand(parts, {"PID": str(running.pid)})
                 await anyio.run_process(parts, check=False)
             else:
                 _signal_group(running.pid, signal.SIGTERM)

@@ -38,6 +38,7 @@ import httpx
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
+from ..net import expand
 from ..spec import Duration, ModelSpec, parse_duration
 from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
 
@@ -134,13 +135,7 @@ class VLLMProvider(Provider):
         port = self.port(spec)
         custom = spec.options.get("command")
         if custom:  # another server in the container (tests: llama.cpp), with substitution
-            values = {"${PORT}": str(port), "${MODEL}": spec.target, "${HOST}": "0.0.0.0"}
-            out = []
-            for part in custom:
-                for key, value in values.items():
-                    part = str(part).replace(key, value)
-                out.append(part)
-            return out
+            return expand(custom, {"PORT": str(port), "MODEL": spec.target, "HOST": "0.0.0.0"})
         args = ["--model", spec.target, "--host", "0.0.0.0", "--port", str(port),
                 "--served-model-name", self.served_name(spec),
                 "--gpu-memory-utilization", str(spec.options.get("gpu_memory_utilization", 0.9))]  # fmt: skip

@@ -320,6 +320,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _inputs(data: Mapping[str, Any]) -> list[Any]:
+    """``input`` as a list: one string, or a list of them (both endpoints take both)."""
+    raw = data.get("input")
+    return [raw] if isinstance(raw, str) else list(raw or [])
+
+
 def _vector(text: Any) -> list[float]:
     """A deterministic 8-dimensional embedding (same text, same vector)."""
     return [int(c, 16) / 15.0 for c in hashlib.sha256(str(text).encode()).hexdigest()[:8]]
@@ -448,9 +454,7 @@ def build_app(state: OllamaState) -> Starlette:
         gate()
         data = await body(request)
         model = find(data.get("model"))
-        raw = data.get("input")
-        inputs = [raw] if isinstance(raw, str) else list(raw or [])
-        inputs = [i for i in inputs if i]
+        inputs = [i for i in _inputs(data) if i]
         await run(model, data, not inputs, "embed")
         vectors = [_vector(i) for i in inputs]
         return JSONResponse(
@@ -565,8 +569,7 @@ def build_app(state: OllamaState) -> Starlette:
         gate()
         data = await body(request)
         model = find(data.get("model"))
-        raw = data.get("input")
-        inputs = [raw] if isinstance(raw, str) else list(raw or [])
+        inputs = _inputs(data)
         if not inputs:
             raise OllamaError(400, "invalid input")
         await state.schedule(model, {}, state.default_keep_alive)

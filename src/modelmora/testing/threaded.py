@@ -3,18 +3,13 @@ tests, emulators, and anyone embedding modelmora's server in a test suite."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any, Literal
 
 import anyio
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from ..net import free_port
 
 
 def quiet_server(config: Any) -> Any:
