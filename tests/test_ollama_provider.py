@@ -290,3 +290,29 @@ def test_dead_mans_switch_frees_vram_when_the_manager_dies(make_ollama: Start) -
             time.sleep(0.1)
         assert emu.loaded() == []  # Ollama's own timer, not the dead manager, freed it
         assert -1 not in emu.stats.keep_alives and "-1" not in emu.stats.keep_alives
+
+
+async def test_a_load_given_up_on_is_unloaded_when_ollama_finishes_it(make_ollama: Start) -> None:
+    # Found by the long soak on the emulator: a load is given up on (timeout, cancellation),
+    # the keep_alive: 0 sent on the way out is lost (here: Ollama answers it 503), and Ollama
+    # finishes the load anyway.  The next observe() must let go of that model rather than
+    # offer it for adoption as somebody else's.
+    emu = make_ollama(load_delay=0.6)
+    async with provider(emu, retries=1) as p:
+        async with anyio.create_task_group() as tg:
+
+            async def busy_soon() -> None:
+                await anyio.sleep(0.1)
+                emu.busy(1)  # the next request, the clean-up unload, is refused
+
+            tg.start_soon(busy_soon)
+            with pytest.raises(TimeoutError):
+                with anyio.fail_after(0.25):
+                    await p.load(spec("qwen2.5:14b"))
+        with anyio.fail_after(5):
+            while "qwen2.5:14b" not in emu.loaded():  # Ollama finishes the load anyway
+                await anyio.sleep(0.05)
+        assert await p.observe() == []  # not offered for adoption: this provider gave up on it
+        with anyio.fail_after(5):
+            while emu.loaded():
+                await anyio.sleep(0.05)

@@ -33,7 +33,7 @@ class Faults:
     """What a runtime can do wrong, and what it truly holds (bytes per device)."""
 
     fail_next: Callable[[str], None]
-    hang_next: Callable[[str], None]
+    hang_next: Callable[[str], None] | None  # None: the runtime cannot be made to hang a load
     unhang: Callable[[str], None]
     evict: Callable[[str], None]
     set_reachable: Callable[[bool], None]
@@ -138,7 +138,7 @@ class Soak:
                     elif roll < 0.81:
                         faults.fail_next(name)
                         self.result.faults["failing load"] += 1
-                    elif roll < 0.82:
+                    elif roll < 0.82 and faults.hang_next is not None:
                         faults.hang_next(name)
                         self.result.faults["hanging load"] += 1
                         tg.start_soon(self._unhang_later, name)

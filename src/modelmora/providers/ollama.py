@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -125,6 +126,8 @@ class OllamaProvider(Provider):
         super().__init__(name, settings)
         self.base_url = self.settings.base_url.rstrip("/")
         self._client: httpx.AsyncClient | None = None
+        # targets of failed loads that Ollama may still finish: unloaded when next seen
+        self._abandoned: dict[str, tuple[ModelSpec, float]] = {}
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -259,11 +262,15 @@ class OllamaProvider(Provider):
 
     async def load(self, spec: ModelSpec) -> Handle:
         path, body = self._load_body(spec, self.keep_alive_for(spec, spec.keep_alive))
+        self._abandoned.pop(spec.target, None)
         try:
             await self.request("POST", path, model=spec.name, json=body, timeout=None)
             seen = await self._find(spec.target)
         except BaseException:
-            # a load Ollama may still finish must not stay behind: ask it to let go
+            # a load Ollama may still finish must not stay behind: ask it to let go now, and
+            # again whenever observe() still sees it (the request may have been lost, or
+            # Ollama may finish loading after this unload)
+            self._abandoned[spec.target] = (spec, time.monotonic() + max(60.0, self.settings.hold))
             with (
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(self.settings.timeout),
@@ -314,7 +321,10 @@ class OllamaProvider(Provider):
     async def observe(self) -> list[Observed]:
         response = await self.request("GET", "/api/ps")
         out = []
-        for item in response.json().get("models") or []:
+        listed = response.json().get("models") or []
+        if self._abandoned:
+            listed = await self._let_go_of_abandoned(listed)
+        for item in listed:
             size, vram = int(item.get("size") or 0), int(item.get("size_vram") or 0)
             memory = {self.settings.device: vram}
             if size > vram:
@@ -329,6 +339,24 @@ class OllamaProvider(Provider):
                 )
             )
         return out
+
+    async def _let_go_of_abandoned(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Unload models whose load this provider gave up on; they are nobody's to adopt."""
+        now = time.monotonic()
+        keep = []
+        for item in listed:
+            name = str(item.get("name") or item.get("model"))
+            target = next((t for t in self._abandoned if name in (t, f"{t}:latest")), None)
+            if target is None:
+                keep.append(item)
+                continue
+            spec, _ = self._abandoned[target]
+            with contextlib.suppress(ModelMoraError):
+                await self._send_unload(spec)
+        for target, (_, until) in list(self._abandoned.items()):
+            if until < now:
+                del self._abandoned[target]
+        return keep
 
     async def _find(self, target: str) -> Observed | None:
         for seen in await self.observe():

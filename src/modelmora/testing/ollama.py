@@ -671,6 +671,8 @@ class OllamaEmulator:
         return self.state.stats
 
     def start(self) -> OllamaEmulator:
+        if self._server is not None:  # idempotent, like stop()
+            return self
         self._server = ThreadedServer(self.app, port=self.port, lifespan="off").start(timeout=10)
         return self
 
@@ -678,6 +680,10 @@ class OllamaEmulator:
         if self._server is not None:
             self._server.stop()
         self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
 
     def __enter__(self) -> OllamaEmulator:
         return self.start()

@@ -3,6 +3,7 @@ tests, emulators, and anyone embedding modelmora's server in a test suite."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any, Literal
@@ -45,11 +46,31 @@ class ThreadedServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def _wait_port_free(self, timeout: float) -> None:
+        """A restart on the same port must wait until the old listener is really gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((self.host, self.port))
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"port {self.port} is still in use") from None
+            time.sleep(0.05)
+
     def start(self, timeout: float = 30.0) -> ThreadedServer:
         import uvicorn
 
+        self._wait_port_free(timeout)
         config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, log_level="warning", lifespan=self.lifespan
+            self.app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            lifespan=self.lifespan,
+            timeout_graceful_shutdown=2,  # a request stuck in the app must not keep the port forever
         )
         self._server = quiet_server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn:{self.port}", daemon=True)
@@ -66,7 +87,10 @@ class ThreadedServer:
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=15)
+            self._thread.join(timeout=10)
+            if self._thread.is_alive() and self._server is not None:
+                self._server.force_exit = True
+                self._thread.join(timeout=10)
         self._server = self._thread = None
 
     def __enter__(self) -> ThreadedServer:
