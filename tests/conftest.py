@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -63,3 +64,35 @@ def make_ollama() -> Iterator[Callable[..., OllamaEmulator]]:
     yield start
     for emu in started:
         emu.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_url() -> Iterator[str]:
+    """$DOCKER_HOST, or a private dockerd started for this test session (root)."""
+    existing = os.environ.get("DOCKER_HOST")
+    if existing:
+        yield existing
+        return
+    from modelmora.testing.docker import PrivateDockerd
+
+    why = PrivateDockerd.available()
+    if why:
+        pytest.skip(why)
+    engine = PrivateDockerd().start()
+    try:
+        yield engine.url
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def image(docker_url: str) -> str:
+    """The local image that runs the host's Python (no registry needed)."""
+    docker = pytest.importorskip("docker", reason="pip install 'modelmora[docker]'")
+    from modelmora.testing.docker import host_image
+
+    client = docker.DockerClient(base_url=docker_url)
+    try:
+        return host_image(client)
+    finally:
+        client.close()

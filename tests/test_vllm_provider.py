@@ -5,7 +5,6 @@ that llama.cpp lacks."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,35 +20,10 @@ from modelmora import events as ev  # noqa: E402
 from modelmora.memory import StaticProbe  # noqa: E402
 from modelmora.net import free_port  # noqa: E402
 from modelmora.providers.vllm import LABEL  # noqa: E402
-from modelmora.testing.docker import PrivateDockerd, host_image, host_mounts  # noqa: E402
+from modelmora.testing.docker import host_mounts  # noqa: E402
 from modelmora.testing.gguf import make_tiny_gguf  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
-
-
-@pytest.fixture(scope="session")
-def docker_url() -> Iterator[str]:
-    existing = os.environ.get("DOCKER_HOST")
-    if existing:
-        yield existing
-        return
-    why = PrivateDockerd.available()
-    if why:
-        pytest.skip(why)
-    engine = PrivateDockerd().start()
-    try:
-        yield engine.url
-    finally:
-        engine.stop()
-
-
-@pytest.fixture(scope="session")
-def image(docker_url: str) -> str:
-    client = docker.DockerClient(base_url=docker_url)
-    try:
-        return host_image(client)
-    finally:
-        client.close()
 
 
 @pytest.fixture
