@@ -118,3 +118,19 @@ def test_yaml_round_trip_of_fuzzed_dicts(tmp_path_factory: object, data: dict[st
         return
     b = ManagerConfig.from_dict(a.model_dump(mode="json"), source="round-trip")
     assert a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.sampled_from(["../../etc/passwd", "a;rm -rf /", "$(reboot)", "a`id`", "qwen\n14b", "ｑｗｅｎ", "a/../b", "/abs", "a b", "-rf"])))
+def test_model_names_are_plain_or_refused(name: str) -> None:
+    from modelmora.spec import check_name
+
+    try:
+        ok = check_name(name)
+    except ValueError as exc:
+        assert repr(name) in str(exc)
+        return
+    # what passes can reach a URL, a container label or a file name without escaping
+    assert ok == name and ".." not in name and not name.startswith(("/", "-", "."))
+    assert not set(name) & set(" ;$`|&<>()\\\n\t'\"*?!{}[]~#%")
+    assert name.isascii()

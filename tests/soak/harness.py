@@ -36,7 +36,7 @@ class Faults:
     hang_next: Callable[[str], None] | None  # None: the runtime cannot be made to hang a load
     unhang: Callable[[str], None]
     evict: Callable[[str], None]
-    set_reachable: Callable[[bool], None]
+    set_reachable: Callable[[bool], None] | None  # None: the runtime has no server to take down
     held: Callable[[], dict[str, int]]
     orphans: Callable[[], list[str]] = lambda: []
 
@@ -145,7 +145,7 @@ class Soak:
                     elif roll < 0.86:
                         faults.evict(name)
                         self.result.faults["evicted behind our back"] += 1
-                    elif roll < 0.87:
+                    elif roll < 0.87 and faults.set_reachable is not None:
                         faults.set_reachable(False)
                         self.result.faults["runtime unreachable"] += 1
                         tg.start_soon(self._reachable_later)
@@ -166,4 +166,5 @@ class Soak:
 
     async def _reachable_later(self) -> None:
         await anyio.sleep(self.rng.uniform(0.01, 0.1))
-        self.faults.set_reachable(True)
+        if self.faults.set_reachable is not None:
+            self.faults.set_reachable(True)
