@@ -423,3 +423,32 @@ async def test_an_unreachable_runtime_is_not_a_model_failure(sim: SimulatedProvi
         sim.reachable = True
         await mm.load("m")  # no cool-down: the runtime was down, not the model
         assert mm.is_loaded("m")
+
+
+async def test_a_victim_leased_while_another_is_evicted_is_not_unloaded(sim: SimulatedProvider) -> None:
+    # Found by the long Ollama soak: evictions run one after another, and a victim chosen
+    # while idle may be leased by the time its turn comes.
+    models = {
+        "a": {"memory": "6GB", "options": {"unload_time": 0.2}},
+        "b": {"memory": "6GB"},
+        "c": {"memory": "12GB"},
+    }
+    unloaded_while_leased: list[str] = []
+    async with make_manager(sim, models, budgets={"cuda:0": "16GB"}, idle_ttl=60) as mm:
+        mm.events.subscribe(
+            lambda e: unloaded_while_leased.append(e.model)
+            if isinstance(e, ev.Unloading) and not e.forced and mm.leases(e.model)
+            else None
+        )
+        await mm.load("a")
+        await mm.load("b")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mm.load, "c")
+            with anyio.fail_after(5):
+                while mm.is_loaded("a"):  # until a's eviction is under way
+                    await anyio.sleep(0.01)
+            async with mm.use("b"):  # b was chosen as a victim while idle; now it is leased
+                await anyio.sleep(0.4)
+                assert mm.is_loaded("b") and not mm.is_loaded("c")
+        assert mm.is_loaded("c") and not mm.is_loaded("b")  # b went once its lease ended
+    assert unloaded_while_leased == []

@@ -797,8 +797,12 @@ class ModelManager:
                         self.monitor.note_usage(self.usage())
                         return
                     case Admit(evict=victims, reasons=reasons, sleep=sleepers):
+                        # each eviction awaits: a victim leased meanwhile is no victim any more,
+                        # so stop and plan again rather than unload it from under its holder
                         for sleeper in sleepers:
                             target = self._table.get(sleeper)
+                            if target is not None and not target.resident().can_park():
+                                break
                             if target is not None:
                                 await self._park_entry(
                                     target,
@@ -809,6 +813,8 @@ class ModelManager:
                             target = self._table.get(victim)
                             if target is None:
                                 continue
+                            if not target.resident().is_evictable():
+                                break
                             try:
                                 await self._unload_entry(
                                     target,

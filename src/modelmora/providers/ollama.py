@@ -126,7 +126,8 @@ class OllamaProvider(Provider):
         super().__init__(name, settings)
         self.base_url = self.settings.base_url.rstrip("/")
         self._client: httpx.AsyncClient | None = None
-        # targets of failed loads that Ollama may still finish: unloaded when next seen
+        # targets of failed loads Ollama may still finish, and of unloads a late refresh may
+        # undo: unloaded when observe() next sees them, until their deadline
         self._abandoned: dict[str, tuple[ModelSpec, float]] = {}
 
     @property
@@ -312,6 +313,9 @@ class OllamaProvider(Provider):
             while await self._find(handle.target) is not None:  # noqa: ASYNC110 - HTTP has no event to wait on
                 await anyio.sleep(self.settings.poll_interval)
             handle.close()
+            # a keep-alive refresh already in flight would load it again (an empty generate
+            # is a load): for a while, whatever of this name shows up is ours to let go of
+            self._abandoned[handle.target] = (handle.spec, time.monotonic() + self.settings.timeout + 5.0)
             return dict(handle.memory)
         raise UnloadFailed(
             f"Ollama at {self.base_url} still lists {handle.target!r} {self.settings.unload_timeout:g}s after unloading it",
@@ -341,7 +345,7 @@ class OllamaProvider(Provider):
         return out
 
     async def _let_go_of_abandoned(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Unload models whose load this provider gave up on; they are nobody's to adopt."""
+        """Unload models this provider gave up on or just unloaded; nobody's to adopt."""
         now = time.monotonic()
         keep = []
         for item in listed:
