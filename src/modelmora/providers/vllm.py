@@ -208,12 +208,16 @@ class VLLMProvider(Provider):
             with anyio.CancelScope(shield=True):
                 await self._run(self._stop_remove, client, container.name, True)
             raise
-        return self._handle(spec, container.id)
+        measured = await self._run(_nvml_container_usage, container)
+        return self._handle(spec, container.id, measured=measured)
 
-    def _handle(self, spec: ModelSpec, container_id: str, *, owned: bool = True) -> Handle:
+    def _handle(
+        self, spec: ModelSpec, container_id: str, *, owned: bool = True, measured: int | None = None
+    ) -> Handle:
+        memory = {spec.device: measured} if measured else self.footprint(spec)
         return Handle(
             spec=spec, provider=self.name, endpoint=f"http://{self.settings.host}:{self.port(spec)}", api="openai",
-            memory=self.footprint(spec), owned=owned,
+            memory=memory, owned=owned,
             data={"container": container_id, "served_name": self.served_name(spec)},
         )  # fmt: skip
 
@@ -306,7 +310,8 @@ class VLLMProvider(Provider):
         return dict(handle.memory)
 
     def footprint(self, spec: ModelSpec) -> dict[str, int]:
-        """The registry's estimate, else ``gpu_memory_utilization`` x the GPU's total."""
+        """Without NVML's per-process figure: the registry's estimate, else
+        ``gpu_memory_utilization`` x the GPU's total (what vLLM pre-allocates)."""
         if spec.memory:
             return dict(spec.memory)
         total = self.settings.gpu_total or _nvml_total()
@@ -404,6 +409,34 @@ def _logs(container: Any) -> str:
     except docker.errors.DockerException:
         return "(no logs)"
     return " | ".join(text) or "(no output)"
+
+
+def _nvml_container_usage(container: Any) -> int | None:
+    """GPU bytes used by the container's processes, from NVML's per-process accounting
+    (None where there is no NVML or no process of the container on a GPU)."""
+    try:
+        import psutil
+        import pynvml
+
+        container.reload()
+        root = int(container.attrs["State"]["Pid"])
+        pids = {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        used = 0
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            device = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(device):
+                if proc.pid in pids and proc.usedGpuMemory:
+                    used += int(proc.usedGpuMemory)
+        return used or None
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
 
 
 def _nvml_total() -> int | None:
