@@ -81,7 +81,20 @@ class PrivateDockerd:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+        unmount_below(self.root)  # dockerd leaves its netns mount behind
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def unmount_below(root: Path) -> None:
+    """Lazily unmount whatever is still mounted under ``root`` (deepest first)."""
+    try:
+        with open("/proc/mounts") as f:
+            points = [line.split()[1] for line in f]
+    except OSError:
+        return
+    prefix = str(root.resolve()) + "/"
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def host_image(client: Any, tag: str = HOST_IMAGE) -> str:
