@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import anyio
@@ -32,6 +33,16 @@ class State(enum.StrEnum):
     @property
     def holds_memory(self) -> bool:
         return self is not State.WAITING
+
+
+def parked(memory: Mapping[str, int], *, keep_weights: bool = True) -> dict[str, int]:
+    """Memory once a model is parked in its warm tier: nothing left on accelerators, and its
+    accelerator weights added to host RAM (or dropped, ``keep_weights=False``: vLLM level 2)."""
+    accelerators = sum(n for d, n in memory.items() if d != "cpu")
+    return {
+        **{d: 0 for d in memory if d != "cpu"},
+        "cpu": memory.get("cpu", 0) + (accelerators if keep_weights else 0),
+    }
 
 
 class Entry:
@@ -116,9 +127,7 @@ class Entry:
         """What the model holds in the warm tier: measured, else everything moved to RAM."""
         if self.sleep_memory is not None:
             return dict(self.sleep_memory)
-        parked = {d: 0 for d in self.active_memory if d != "cpu"}
-        parked["cpu"] = sum(self.active_memory.values())
-        return parked
+        return parked(self.active_memory)
 
     def resident(self) -> Resident:
         from .planner import Resident

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from ..errors import LoadFailed, ModelMoraError
+from ..residency import parked
 from ..spec import Duration, ModelSpec
 from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
 
@@ -126,11 +127,7 @@ class SimulatedProvider(Provider):
         """Weights to host RAM: GPU memory drops to nothing, RAM takes what the GPU held."""
         resident = self._resident(handle)
         await self._delay(handle, "sleep_time")
-        gpu = sum(n for d, n in resident.memory.items() if d != "cpu")
-        resident.asleep = {
-            **{d: 0 for d in resident.memory if d != "cpu"},
-            "cpu": resident.memory.get("cpu", 0) + gpu,
-        }
+        resident.asleep = parked(resident.memory)
         self.stats.sleeps += 1
         return dict(resident.asleep)
 

@@ -39,6 +39,7 @@ from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
 from ..net import expand
+from ..residency import parked
 from ..spec import Duration, ModelSpec, parse_duration
 from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
 
@@ -326,8 +327,7 @@ class VLLMProvider(Provider):
         reply = await self._http.post(f"{handle.endpoint}/sleep", params={"level": level})
         if reply.status_code != 200:
             raise LoadFailed(f"{handle.name}: vLLM refused to sleep (HTTP {reply.status_code}: {reply.text[:200]}); is sleep_mode on?", model=handle.name)  # fmt: skip
-        gpu = sum(n for d, n in handle.memory.items() if d != "cpu")
-        return {**{d: 0 for d in handle.memory if d != "cpu"}, "cpu": gpu if level == 1 else 0}
+        return parked(handle.memory, keep_weights=level == 1)
 
     async def wake(self, handle: Handle) -> dict[str, int]:
         reply = await self._http.post(
@@ -362,8 +362,7 @@ class VLLMProvider(Provider):
                 memory = {}
             asleep = await self._is_sleeping(port) if port else False
             if asleep:
-                gpu = sum(n for d, n in memory.items() if d != "cpu")
-                memory = {**{d: 0 for d in memory if d != "cpu"}, "cpu": gpu}
+                memory = parked(memory)
             out.append(
                 Observed(
                     target=labels.get("modelmora.target", ""), memory=memory, owned=True,
