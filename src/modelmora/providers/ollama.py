@@ -129,6 +129,7 @@ class OllamaProvider(Provider):
         # targets of failed loads Ollama may still finish, and of unloads a late refresh may
         # undo: unloaded when observe() next sees them, until their deadline
         self._abandoned: dict[str, tuple[ModelSpec, float]] = {}
+        self._shown: dict[str, Mapping[str, Any]] = {}
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -216,10 +217,17 @@ class OllamaProvider(Provider):
             return spec
         return await self._optimize_context(spec)
 
+    async def _show(self, spec: ModelSpec) -> Mapping[str, Any]:
+        """``/api/show`` for a target, asked once: a model's metadata changes only when it is
+        pulled again, and prepare() runs before every load."""
+        if spec.target not in self._shown:
+            response = await self.request("POST", "/api/show", model=spec.name, json={"model": spec.target})
+            self._shown[spec.target] = response.json()
+        return self._shown[spec.target]
+
     async def _embedding_only(self, spec: ModelSpec) -> bool:
         """From ``/api/show`` capabilities (servers before 0.6 have none: assume a generator)."""
-        response = await self.request("POST", "/api/show", model=spec.name, json={"model": spec.target})
-        caps = response.json().get("capabilities") or []
+        caps = (await self._show(spec)).get("capabilities") or []
         return "embedding" in caps and "completion" not in caps
 
     async def _catalogue_size(self, spec: ModelSpec) -> int | None:
@@ -233,8 +241,7 @@ class OllamaProvider(Provider):
     async def _optimize_context(self, spec: ModelSpec) -> ModelSpec:
         """The largest ``num_ctx`` within the native context, ``max_context`` and
         ``max_memory``, with the estimate grown by the KV cache that context costs."""
-        response = await self.request("POST", "/api/show", model=spec.name, json={"model": spec.target})
-        info: Mapping[str, Any] = response.json().get("model_info") or {}
+        info: Mapping[str, Any] = (await self._show(spec)).get("model_info") or {}
         arch = str(info.get("general.architecture", ""))
         native = int(info.get(f"{arch}.context_length", 0) or 2048)
         layers = int(info.get(f"{arch}.block_count", 0) or 0)
