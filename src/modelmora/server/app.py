@@ -22,7 +22,7 @@ from ..config import ManagerConfig
 from ..errors import ModelMoraError
 from ..manager import ModelManager
 from ..spec import parse_duration
-from .errors import APIError, api_error, handle_api_error, handle_modelmora_error
+from .errors import APIError, api_error, handle_api_error, handle_modelmora_error, registered
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
@@ -84,13 +84,6 @@ def create_app(
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(ModelMoraError, handle_modelmora_error)
 
-    def registered(name: str) -> str:
-        if name not in mm.config.models:
-            if "/" not in name:
-                mm.spec(name)  # raises UnknownModel with a did-you-mean for near misses
-            raise api_error(404, f"unknown model {name!r}; known: {', '.join(sorted(mm.config.models)) or 'none'}", "model_not_found")  # fmt: skip
-        return name
-
     @app.get("/health", tags=["server"])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": len(mm.config.models), "loaded": mm.loaded()}
@@ -123,13 +116,13 @@ def create_app(
             keep_alive = None if body.keep_alive is None else parse_duration(body.keep_alive)
         except ValueError as exc:
             raise api_error(422, f"keep_alive: {exc}", "invalid_keep_alive") from None
-        handle = await mm.load(registered(name), pin=body.pin, keep_alive=keep_alive)
+        handle = await mm.load(registered(mm, name), pin=body.pin, keep_alive=keep_alive)
         return {"model": name, "loaded": True, "memory": dict(handle.memory), "pinned": body.pin}
 
     @app.post("/models/{name}/unload", tags=["models"])
     async def unload(name: str, body: UnloadRequest | None = None) -> dict[str, Any]:
         body = body or UnloadRequest()
-        return {"model": name, "unloaded": await mm.unload(registered(name), force=body.force)}
+        return {"model": name, "unloaded": await mm.unload(registered(mm, name), force=body.force)}
 
     @app.post("/unload-all", tags=["models"])
     async def unload_all(body: UnloadRequest | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from ..errors import (
     RecentlyFailed,
     UnknownModel,
 )
+from ..manager import ModelManager
 
 
 class APIError(Exception):
@@ -29,6 +30,14 @@ class APIError(Exception):
 
 def api_error(status: int, message: str, code: str, *, retry_after: int | None = None) -> APIError:
     return APIError(status, message, code, retry_after)
+
+
+def registered(manager: ModelManager, name: str) -> str:
+    """``name`` if the registry has it; else a 404 with a did-you-mean or the known names.
+    Inline ``provider/target`` names never reach a runtime through the server."""
+    if name not in manager.config.models:
+        raise api_error(404, str(UnknownModel(name, manager.config.models)), "model_not_found")
+    return name
 
 
 def status_for(exc: ModelMoraError) -> int:
@@ -69,4 +78,4 @@ async def handle_modelmora_error(request: Request, exc: Exception) -> JSONRespon
     return JSONResponse(_body(status, str(exc), type(exc).__name__), status_code=status, headers=headers)
 
 
-__all__ = ["APIError", "api_error", "handle_api_error", "handle_modelmora_error", "status_for"]
+__all__ = ["APIError", "api_error", "handle_api_error", "handle_modelmora_error", "registered", "status_for"]

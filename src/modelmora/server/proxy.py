@@ -26,7 +26,7 @@ from ..errors import ModelMoraError
 from ..manager import Lease, ModelManager
 from ..providers.base import Handle
 from ..spec import parse_duration
-from .errors import api_error, status_for
+from .errors import api_error, registered, status_for
 from .metrics import Metrics
 
 
@@ -63,10 +63,6 @@ class Proxy:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    def _check_model(self, name: str) -> None:
-        if name not in self.manager.config.models and name not in self.manager.models:
-            raise api_error(404, f"model {name!r} is not in the registry; known: {', '.join(sorted(self.manager.config.models)) or 'none'}", "model_not_found")  # fmt: skip
-
     def _keep_alive(self, body: _Body, request: Request) -> float | None:
         raw = body.keep_alive if body.keep_alive is not None else request.headers.get("x-keep-alive")
         if raw is None:
@@ -93,7 +89,7 @@ class Proxy:
 
     async def handle(self, request: Request, path: str, body: _Body) -> Response:
         name = body.model
-        self._check_model(name)
+        registered(self.manager, name)
         keep_alive = self._keep_alive(body, request)
         try:
             lease, handle = await self._lease(name, keep_alive)
