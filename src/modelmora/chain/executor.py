@@ -300,15 +300,18 @@ class Chain:
         """Unload what this chain loaded and nobody else leases; returns what went."""
         if self._manager is None:
             return []
-        mm, gone = self._manager, []
-        for name in sorted(self.loaded_by_chain):
-            if mm.leases(name) == 0:
-                with contextlib.suppress(ModelMoraError):
-                    if await mm.unload(name):
-                        gone.append(name)
-            if mm.leases(name) == 0:
-                self.loaded_by_chain.discard(name)
-        return gone
+        return [name for name in sorted(self.loaded_by_chain) if await self._let_go(name)]
+
+    async def _let_go(self, name: str) -> bool:
+        """Unload ``name`` if this chain loaded it and nobody leases it; True when it went.
+        A model someone else leases stays on the chain's list for a later clean-up."""
+        mm = self.manager
+        if name not in self.loaded_by_chain or mm.leases(name):
+            return False
+        self.loaded_by_chain.discard(name)
+        with contextlib.suppress(ModelMoraError):
+            return await mm.unload(name)
+        return False
 
     # -- sync variants --------------------------------------------------------------------
 
@@ -473,11 +476,8 @@ class _Run:
             held = self.held.pop(name, None)
             if held is not None:
                 await held[0].__aexit__(None, None, None)
-            if name in self.chain.loaded_by_chain and self.mm.leases(name) == 0:
-                with contextlib.suppress(ModelMoraError):
-                    if await self.mm.unload(name):
-                        gone.append(name)
-                self.chain.loaded_by_chain.discard(name)
+            if await self.chain._let_go(name):
+                gone.append(name)
         return tuple(gone)
 
     async def _finish(self) -> None:
