@@ -31,7 +31,6 @@ import os
 import shlex
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from ..errors import ConfigError, LoadFailed, UnloadFailed
 from ..net import expand, free_port
 from ..spec import Duration, ModelSpec, parse_duration
 from .base import Handle, Health, Observed, Provider, ProviderSettings
+from .readiness import wait_until_ready
 
 
 def _home() -> Path:
@@ -161,24 +161,23 @@ class ProcessProvider(Provider):
 
     async def _wait_ready(self, spec: ModelSpec, running: _Running, timeout: float) -> None:
         health = self._url(running.port) + str(spec.options.get("health", "/health"))
-        deadline = time.monotonic() + timeout
-        while True:
-            assert running.process is not None
-            if running.process.returncode is not None:
-                raise LoadFailed(
-                    f"{spec.name}: the server exited with code {running.process.returncode} before it was "
-                    f"ready; last output: {_tail(running.log)}",
-                    model=spec.name, provider=self.name,
-                )  # fmt: skip
-            with contextlib.suppress(httpx.HTTPError):
-                if (await self._client.get(health)).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise LoadFailed(
-                    f"{spec.name}: {health} did not answer 200 within {timeout:.0f}s; last output: {_tail(running.log)}",
-                    model=spec.name, provider=self.name,
-                )  # fmt: skip
-            await anyio.sleep(self.settings.poll_interval)
+        process = running.process
+        assert process is not None
+
+        async def ready() -> bool:
+            return (await self._client.get(health)).status_code == 200
+
+        async def died() -> str | None:
+            code = process.returncode
+            return None if code is None else f"the server exited with code {code}"
+
+        async def output() -> str:
+            return _tail(running.log)
+
+        await wait_until_ready(
+            ready, died, output, model=spec.name, provider=self.name, not_ready=f"{health} did not answer 200",
+            timeout=timeout, interval=self.settings.poll_interval,
+        )  # fmt: skip
 
     def _memory(self, spec: ModelSpec, pid: int) -> dict[str, int]:
         """RSS of the process tree on the CPU; the registry's estimate for other devices."""

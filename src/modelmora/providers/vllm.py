@@ -42,6 +42,7 @@ from ..net import expand
 from ..residency import parked
 from ..spec import Duration, ModelSpec, parse_duration
 from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
+from .readiness import wait_until_ready
 
 LABEL = "modelmora.provider"
 
@@ -262,24 +263,30 @@ class VLLMProvider(Provider):
 
     async def _wait_ready(self, spec: ModelSpec, container: Any, timeout: float) -> None:
         base = f"http://{self.settings.host}:{self.port(spec)}"
+        health = base + str(spec.options.get("health", "/health"))
         served = self.served_name(spec)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def ready() -> bool:
+            if (await self._http.get(health)).status_code != 200:
+                return False
+            listed = (await self._http.get(f"{base}/v1/models")).json().get("data") or []
+            return any(m.get("id") == served for m in listed)
+
+        async def died() -> str | None:
             status = await self._run(_status, container)
-            if status in ("exited", "dead", "removing", None):
-                logs = await self._run(_logs, container)
-                raise LoadFailed(f"{spec.name}: the container {status or 'vanished'} before it was ready; last log lines: {logs}", model=spec.name, provider=self.name)  # fmt: skip
-            with contextlib.suppress(httpx.HTTPError):
-                if (
-                    await self._http.get(base + str(spec.options.get("health", "/health")))
-                ).status_code == 200:
-                    listed = (await self._http.get(f"{base}/v1/models")).json().get("data") or []
-                    if any(m.get("id") == served for m in listed):
-                        return
-            if time.monotonic() > deadline:
-                logs = await self._run(_logs, container)
-                raise LoadFailed(f"{spec.name}: not ready within {timeout:.0f}s; last log lines: {logs}", model=spec.name, provider=self.name)  # fmt: skip
-            await anyio.sleep(self.settings.poll_interval)
+            return (
+                f"the container {status or 'vanished'}"
+                if status in ("exited", "dead", "removing", None)
+                else None
+            )
+
+        async def output() -> str:
+            return str(await self._run(_logs, container))
+
+        await wait_until_ready(
+            ready, died, output, model=spec.name, provider=self.name, not_ready="not ready",
+            timeout=timeout, interval=self.settings.poll_interval, output_label="last log lines",
+        )  # fmt: skip
 
     def _stop_remove(self, client: Any, name: str, remove: bool) -> None:
         import docker

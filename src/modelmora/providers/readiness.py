@@ -1,0 +1,49 @@
+"""Waiting for a server a provider started (a process, a container) to become ready."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import httpx
+
+from ..errors import LoadFailed
+
+
+async def wait_until_ready(
+    ready: Callable[[], Awaitable[bool]],
+    died: Callable[[], Awaitable[str | None]],
+    output: Callable[[], Awaitable[str]],
+    *,
+    model: str,
+    provider: str,
+    not_ready: str,
+    timeout: float,
+    interval: float,
+    output_label: str = "last output",
+) -> None:
+    """Poll ``ready`` (HTTP errors mean "not yet": servers refuse connections while loading)
+    until it holds.  Fail at once when ``died`` says how the server ended, or at the
+    deadline, quoting its last output either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended = await died()
+        if ended is not None:
+            raise LoadFailed(
+                f"{model}: {ended} before it was ready; {output_label}: {await output()}",
+                model=model, provider=provider,
+            )  # fmt: skip
+        with contextlib.suppress(httpx.HTTPError):
+            if await ready():
+                return
+        if time.monotonic() > deadline:
+            raise LoadFailed(
+                f"{model}: {not_ready} within {timeout:.0f}s; {output_label}: {await output()}",
+                model=model, provider=provider,
+            )  # fmt: skip
+        await anyio.sleep(interval)
+
+
+__all__ = ["wait_until_ready"]
