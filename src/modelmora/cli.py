@@ -28,7 +28,7 @@ from .manager import ModelManager
 from .memory import StaticProbe
 from .providers.simulated import SimulatedProvider
 from .registry import RegistryFile
-from .spec import ModelSpec, format_duration, format_size, parse_duration
+from .spec import ModelSpec, format_duration, format_memory, format_size, parse_duration
 
 T = TypeVar("T")
 
@@ -162,7 +162,7 @@ def render_status(status: dict[str, Any]) -> None:
             m["provider"],
             m["state"],
             str(m["leases"]),
-            ", ".join(f"{d} {format_size(b)}" for d, b in m["memory"].items()) or "-",
+            format_memory(m["memory"]),
             format_duration(m["idle_s"]),
             "never" if m["expires_in_s"] is None else format_duration(m["expires_in_s"]),
             flags,
@@ -250,7 +250,7 @@ def models_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             name,
             s.provider,
             s.target,
-            ", ".join(f"{d} {format_size(b)}" for d, b in s.memory.items()) or "-",
+            format_memory(s.memory),
             s.group or "-",
             format_duration(s.keep_alive if s.keep_alive is not None else cfg.idle_ttl),
             " ".join(f for f, on in (("default", name == cfg.default_model), ("pinned", s.pinned)) if on),
@@ -436,16 +436,14 @@ def load(
     if url:
         with err.status(f"loading {name} on {url} …"):
             result = remote(url, lambda c: c.load(name, pin=pin, keep_alive=ttl))
-        mem = ", ".join(f"{d} {format_size(b)}" for d, b in result["memory"].items()) or "no memory reported"
+        mem = format_memory(result["memory"], "no memory reported")
         out.print(f"loaded {name} ({mem})")
         return
 
     async def job(mm: ModelManager) -> None:
         with err.status(f"loading {name} …"):
             handle = await mm.load(name, pin=pin, keep_alive=ttl, retry=retry)
-        out.print(
-            f"loaded {handle.name} ({', '.join(f'{d} {format_size(b)}' for d, b in handle.memory.items()) or 'no memory reported'})"
-        )
+        out.print(f"loaded {handle.name} ({format_memory(handle.memory, 'no memory reported')})")
 
     with_manager(config, job, verbose=verbose)
 
@@ -571,7 +569,7 @@ def plan(
             s["action"] + (f" (~{format_duration(s['modelled_load_s'])})" if s["modelled_load_s"] else ""),
             ", ".join(s["evicted"]) or "-",
             ", ".join(s["resident"]),
-            ", ".join(f"{d} {format_size(b)}" for d, b in s["memory"].items()) or "-",
+            format_memory(s["memory"]),
         )
     out.print(table)
     total_load = sum(s["modelled_load_s"] for s in steps)

@@ -173,10 +173,10 @@ class LoggingSubscriber:
 
 def describe(event: Event) -> str:
     """A one-line human description, shared by logs and the CLI."""
-    from .spec import format_size
+    from .spec import format_memory
 
     def mem(m: dict[str, int]) -> str:
-        return ", ".join(f"{d} {format_size(b)}" for d, b in m.items()) or "no memory measured"
+        return format_memory(m, "no memory measured")
 
     match event:
         case Loading():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import (
@@ -100,6 +101,11 @@ def format_size(n: int | float) -> str:
         if abs(n) >= factor:
             return f"{n / factor:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def format_memory(memory: Mapping[str, int], empty: str = "-") -> str:
+    """``cuda:0 9.0 GB, cpu 1.2 GB`` (``empty`` when nothing is held or known)."""
+    return ", ".join(f"{device} {format_size(n)}" for device, n in memory.items()) or empty
 
 
 def format_duration(seconds: float | None) -> str:
