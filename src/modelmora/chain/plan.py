@@ -68,6 +68,10 @@ class ResidencyPlan:
     def load_time(self) -> float:
         return sum(self.models[s.model].load_time for s in self.steps if s.load and s.model)
 
+    @property
+    def capacity_text(self) -> str:
+        return ", ".join(f"{d} {format_size(v)}" for d, v in sorted(self.capacity.items())) or "unbounded"
+
     def peak(self) -> dict[str, int]:
         """Highest planned use per device, counting prefetched models beside the running one."""
         peak: dict[str, int] = {}
@@ -89,8 +93,9 @@ class ResidencyPlan:
                 extra.append(f"then unload {', '.join(step.unload_after)}")
             tail = f" ({'; '.join(extra)})" if extra else ""
             lines.append(f"{step.index + 1}. {what}: {action}{tail}")
-        cap = ", ".join(f"{d} {format_size(v)}" for d, v in sorted(self.capacity.items())) or "unbounded"
-        lines.append(f"{self.loads} loads, {self.load_time:.1f}s of loading, {self.method} plan within {cap}")
+        lines.append(
+            f"{self.loads} loads, {self.load_time:.1f}s of loading, {self.method} plan within {self.capacity_text}"
+        )
         return lines
 
 

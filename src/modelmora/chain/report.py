@@ -122,9 +122,8 @@ def render_plan(console: Console, plan: ResidencyPlan) -> None:
         )
     sequence = [s.model for s in plan.steps]
     seed, always = plan_next_use(sequence, models), plan_always_unload(sequence, models)
-    cap = ", ".join(f"{d} {format_size(v)}" for d, v in plan.capacity.items()) or "unbounded"
     console.print(
-        f"{plan.loads} loads ({plan.load_time:.1f}s expected) within {cap}; the keep-only-if-the-next-"
+        f"{plan.loads} loads ({plan.load_time:.1f}s expected) within {plan.capacity_text}; the keep-only-if-the-next-"
         f"step-reuses rule: {seed.loads} loads ({seed.load_time:.1f}s); always unload: {always.loads} "
         f"loads ({always.load_time:.1f}s)",
         highlight=False,
