@@ -116,7 +116,9 @@ def test_dns_rebinding_is_refused_by_host(serve: Callable[..., ThreadedServer], 
             assert c.get("/status", headers={"Host": f"{host}:{server.port}"}).status_code == 200
 
 
-def test_allowed_origins_and_hosts_are_opt_in(serve: Callable[..., ThreadedServer], emu: OllamaEmulator) -> None:
+def test_allowed_origins_and_hosts_are_opt_in(
+    serve: Callable[..., ThreadedServer], emu: OllamaEmulator
+) -> None:
     server = serve(config_for(emu), allow_origins=["http://app.example"], allow_hosts=["box.lan"])
     with httpx.Client(base_url=server.url, timeout=30) as c:
         preflight = c.options(
@@ -162,7 +164,9 @@ def test_non_ascii_tokens_compare_as_bytes(serve: Callable[..., ThreadedServer],
         assert remote.loaded() == []
 
 
-def test_token_scheme_health_and_query_scope(serve: Callable[..., ThreadedServer], emu: OllamaEmulator) -> None:
+def test_token_scheme_health_and_query_scope(
+    serve: Callable[..., ThreadedServer], emu: OllamaEmulator
+) -> None:
     server = serve(config_for(emu), token="s3cret")
     with httpx.Client(base_url=server.url, timeout=30) as c:
         assert c.post("/models/qwen/load", headers={"Authorization": "bearer s3cret"}).status_code == 200
@@ -175,7 +179,12 @@ def test_token_scheme_health_and_query_scope(serve: Callable[..., ThreadedServer
         assert c.get("/?token=s3cret").status_code == 200
         with c.stream("GET", "/events?token=s3cret") as events:
             assert events.status_code == 200
-        for method, path in (("GET", "/status"), ("GET", "/metrics"), ("POST", "/unload-all"), ("GET", "/models")):
+        for method, path in (
+            ("GET", "/status"),
+            ("GET", "/metrics"),
+            ("POST", "/unload-all"),
+            ("GET", "/models"),
+        ):
             assert c.request(method, f"{path}?token=s3cret").status_code == 401, path
 
 
@@ -288,7 +297,11 @@ def _gzip_app() -> Starlette:
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "zipped " * 50}}]}  # fmt: skip
         return Response(
             gzip.compress(json.dumps(answer).encode()),
-            headers={"Content-Type": "application/json", "Content-Encoding": "gzip", "Content-Language": "en"},
+            headers={
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "Content-Language": "en",
+            },
         )
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])

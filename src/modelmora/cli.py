@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -783,14 +784,36 @@ def serve(
         typer.Option("--queue-limit", min=0, help="Proxy requests that may wait for a model before 503s."),
     ] = 16,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted.")] = "1MiB",
+    read_timeout: Annotated[
+        str, typer.Option("--read-timeout", help="Time a client has to send its headers, and its body.")
+    ] = "30s",
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-origin",
+            metavar="ORIGIN",
+            help="A web app allowed to call the server, e.g. http://localhost:3000 (repeatable).",
+        ),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="Another host name the token-less server answers to, e.g. gpu-box.local (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/)."""
-    from .server import create_app, is_loopback, token_from_env
+    from .server import create_app, is_loopback, server_options, token_from_env
     from .spec import parse_size
 
     token = token_from_env()
     if not is_loopback(host) and token is None:
         fail(f"binding {host} exposes the server beyond this machine: set MODELMORA_TOKEN to a secret first")
+    timeout = _duration_opt("--read-timeout", read_timeout)
+    if timeout is None or not 0 < timeout < math.inf:
+        raise typer.BadParameter("must be a positive, finite duration", param_hint="--read-timeout")
     try:
         cfg = load_config(config)
         limit = parse_size(max_body)
@@ -798,11 +821,14 @@ def serve(
         fail(str(exc))
     import uvicorn
 
-    app_ = create_app(cfg, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}")
+    app_ = create_app(
+        cfg, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}",
+        read_timeout=timeout, allow_hosts=[host, *(allow_host or [])], allow_origins=allow_origin or [],
+    )  # fmt: skip
     err.print(
         f"modelmora serving {cfg.describe()} on http://{host}:{port} (OpenAI proxy at /v1)", highlight=False
     )
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    uvicorn.run(app_, host=host, port=port, log_level="warning", **server_options(read_timeout=timeout))
 
 
 def _duration_opt(flag: str, value: str | None) -> float | None:

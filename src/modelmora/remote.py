@@ -15,7 +15,8 @@ class RemoteManager:
     def __init__(self, url: str, *, token: str | None = None, timeout: float = 600.0):
         self.url = url.rstrip("/")
         token = token if token is not None else os.environ.get("MODELMORA_TOKEN")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # the server compares the token as UTF-8 bytes; httpx would encode a str as ASCII
+        headers = {b"Authorization": f"Bearer {token}".encode()} if token else {}
         self.client = httpx.Client(
             base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=5.0)
         )

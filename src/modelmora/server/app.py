@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,6 +16,8 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import events as ev
 from ..config import ManagerConfig
@@ -26,7 +28,7 @@ from .errors import APIError, api_error, handle_api_error, handle_modelmora_erro
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
-from .security import Guard
+from .security import AUTHORISED, Guard, allowed_hosts
 
 _QUIET = (ev.LeaseAcquired, ev.LeaseReleased)
 
@@ -61,8 +63,16 @@ def create_app(
     max_body: int = 1 << 20,
     proxy_timeout: float = 600.0,
     title: str = "modelmora",
+    read_timeout: float = 30.0,
+    allow_hosts: Sequence[str] = (),
+    allow_origins: Sequence[str] = (),
 ) -> FastAPI:
-    """The ASGI app; it enters the manager for its lifespan (uvicorn runs that)."""
+    """The ASGI app; it enters the manager for its lifespan (uvicorn runs that).
+
+    Without a ``token`` it answers only to loopback host names and ``allow_hosts``; web
+    pages from ``allow_origins`` may call it (CORS), others cannot change its state (see
+    :mod:`modelmora.server.security`).  Run it with :func:`server_options` so slow headers
+    are cut off too."""
     mm = manager if isinstance(manager, ModelManager) else ModelManager(manager)
     metrics = Metrics(mm)
     proxy = Proxy(mm, metrics, queue_limit=queue_limit, timeout=proxy_timeout)
@@ -80,12 +90,25 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.manager = mm
-    app.add_middleware(Guard, token=token, max_body=max_body)
+    # the last added runs first: host check, then CORS preflights, then the guard
+    app.add_middleware(
+        Guard, token=token, max_body=max_body, read_timeout=read_timeout, allow_origins=allow_origins
+    )
+    if allow_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(
+        TrustedHostMiddleware, allowed_hosts=allowed_hosts(token, allow_hosts), www_redirect=False
+    )
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(ModelMoraError, handle_modelmora_error)
 
     @app.get("/health", tags=["server"])
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness; never needs the token, and without it names no models."""
+        if not request.scope.get(AUTHORISED, True):
+            return {"status": "ok"}
         return {"status": "ok", "models": len(mm.config.models), "loaded": mm.loaded()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

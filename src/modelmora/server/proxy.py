@@ -52,6 +52,12 @@ class EmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
 
 
+# the headers that describe the body, which is passed through as the runtime sent it
+_ENTITY_HEADERS = frozenset(
+    {"content-type", "content-encoding", "content-language", "content-disposition", "cache-control", "vary"}
+)
+
+
 class Proxy:
     def __init__(self, manager: ModelManager, metrics: Metrics, *, queue_limit: int, timeout: float):
         self.manager = manager
@@ -101,25 +107,29 @@ class Proxy:
                 response: Response = await self._in_process(handle, path, body)
                 await _release(lease)
                 return response
-            return await self._forward(lease, handle, path, body)
+            return await self._forward(lease, handle, path, body, request)
         except BaseException:
             await _release(lease)
             raise
 
-    async def _forward(self, lease: Lease, handle: Handle, path: str, body: _Body) -> Response:
+    async def _forward(
+        self, lease: Lease, handle: Handle, path: str, body: _Body, request: Request
+    ) -> Response:
         assert handle.endpoint is not None
         base = handle.endpoint.rstrip("/")
         url = f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
         payload = body.model_dump(exclude_unset=True, exclude={"keep_alive"})
         payload["model"] = handle.data.get("served_name", handle.target)
-        upstream = self.client.build_request("POST", url, json=payload)
+        # the bytes pass through untouched, so the runtime may compress only as the client can decode
+        accept = request.headers.get("accept-encoding", "identity")
+        upstream = self.client.build_request("POST", url, json=payload, headers={"accept-encoding": accept})
         try:
             reply = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             self.metrics.requests.labels(body.model, "502").inc()
             raise api_error(502, f"{handle.provider} did not answer for {body.model!r}: {exc}", "upstream_unreachable") from None  # fmt: skip
         self.metrics.requests.labels(body.model, str(reply.status_code)).inc()
-        headers = {k: v for k, v in reply.headers.items() if k.lower() in ("content-type", "cache-control")}
+        headers = {k: v for k, v in reply.headers.items() if k.lower() in _ENTITY_HEADERS}
 
         async def close() -> None:
             await reply.aclose()

@@ -1,14 +1,52 @@
-"""Bearer-token check and a request-body limit, as plain ASGI middleware (they must run
-before FastAPI reads a body, so a huge upload is refused without being buffered)."""
+"""What stands between the network and the manager, as plain ASGI middleware that runs before
+FastAPI reads a body:
+
+* **Host allow-list** (starlette's ``TrustedHostMiddleware``, see :func:`allowed_hosts`): a
+  server without a token answers only to loopback host names, so a DNS-rebinding page
+  (``attacker.example`` resolved to 127.0.0.1) gets 400.
+* **Token** (:class:`Guard`): with one set, every route but ``/health`` needs
+  ``Authorization: Bearer …`` (scheme in any case; compared as UTF-8 bytes in constant
+  time); the status page and its event stream, which a browser opens by URL, also take
+  ``?token=``.  Unauthenticated ``/health`` says only that the server is up.
+* **Cross-origin writes** (:class:`Guard`): state-changing requests (any method but
+  GET/HEAD/OPTIONS) that carry a foreign ``Origin`` (or ``Sec-Fetch-Site: cross-site``)
+  get 403, and bodies must be JSON (415), so an HTML form or a "simple" ``fetch`` from
+  another site can neither send one nor skip the CORS preflight.  Same-origin requests
+  and clients that send no ``Origin`` (curl, SDKs) pass; ``allow_origins`` opts web apps
+  in (with CORS headers, ``CORSMiddleware``).
+* **Bodies** (:class:`Guard`): read in full before the app sees them, within
+  ``max_body`` bytes (413, chunked or not) and ``read_timeout`` seconds (408).  Slow
+  *headers* are bounded in the HTTP protocol itself (:mod:`.serving`).
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Iterable, Sequence
+from urllib.parse import unquote_to_bytes
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/health"})
+QUERY_TOKEN_PATHS = frozenset({"/", "/events"})  # the status page and its EventSource
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+AUTHORISED = "modelmora.authorised"  # scope key: the request carried the token (or none is set)
+
+
+def allowed_hosts(token: str | None, extra: Iterable[str] = ()) -> list[str]:
+    """Host names the server answers to: any with a token (a rebinding page cannot know
+    it), else loopback names plus ``extra`` (the bind address, ``--allow-host``)."""
+    if token is not None:
+        return ["*"]
+    hosts = [*LOOPBACK_HOSTS]
+    for host in extra:
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        if host not in hosts and host not in ("0.0.0.0", "[::]"):
+            hosts.append(host)
+    return hosts
 
 
 async def _reply(
@@ -28,56 +66,130 @@ async def _reply(
     await send({"type": "http.response.body", "body": body})
 
 
-class Guard:
-    """Refuses requests without the token (all routes but ``/health``; the status page also
-    takes ``?token=``) and bodies over ``max_body`` bytes (413)."""
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or []:
+        if key == name:
+            return bytes(value)
+    return None
 
-    def __init__(self, app: ASGIApp, *, token: str | None, max_body: int):
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class Guard:
+    """The token, cross-origin, content-type and body checks (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: str | None,
+        max_body: int,
+        read_timeout: float = 30.0,
+        allow_origins: Sequence[str] = (),
+    ):
         self.app = app
-        self.token = token
+        self.token = token.encode("utf-8") if token is not None else None
         self.max_body = max_body
+        self.read_timeout = read_timeout
+        self.allow_origins = frozenset(o.rstrip("/").encode("latin-1") for o in allow_origins)
 
     def _authorised(self, scope: Scope) -> bool:
-        if self.token is None or scope["path"] in OPEN_PATHS:
+        if self.token is None:
             return True
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), self.token):
+        scheme, _, given = (_header(scope, b"authorization") or b"").strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
             return True
-        query = scope.get("query_string", b"").decode("latin-1")
-        for part in query.split("&"):
-            key, _, value = part.partition("=")
-            if key == "token" and hmac.compare_digest(value, self.token):
-                return True
+        if scope["method"] == "GET" and scope["path"] in QUERY_TOKEN_PATHS:
+            for part in bytes(scope.get("query_string", b"")).split(b"&"):
+                key, _, value = part.partition(b"=")
+                if key == b"token" and hmac.compare_digest(
+                    unquote_to_bytes(value.replace(b"+", b" ")), self.token
+                ):
+                    return True
         return False
+
+    def _cross_origin(self, scope: Scope) -> str | None:
+        """Why a state-changing request from a web page of another site is refused, or None."""
+        if scope["method"] in SAFE_METHODS:
+            return None
+        origin = _header(scope, b"origin")
+        if origin is not None:
+            origin = origin.rstrip(b"/")
+            host = _header(scope, b"host") or b""
+            if origin in self.allow_origins or origin in (b"http://" + host, b"https://" + host):
+                return None
+            shown = origin.decode("latin-1")[:100]
+            return f"cross-origin request from {shown!r} refused; start the server with --allow-origin {shown} to allow it"
+        if (_header(scope, b"sec-fetch-site") or b"").lower() in (b"cross-site", b"same-site"):
+            return "cross-origin request refused (Sec-Fetch-Site); start the server with --allow-origin to allow a web app"
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._authorised(scope):
+        authorised = self._authorised(scope)
+        scope[AUTHORISED] = authorised
+        if not authorised and scope["path"] not in OPEN_PATHS:
             await _reply(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
             return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _reply(send, 413, f"request body over {self.max_body} bytes")
+        refused = self._cross_origin(scope)
+        if refused is not None:
+            await _reply(send, 403, refused)
             return
-        seen = 0
+        length = _header(scope, b"content-length")
+        has_body = _header(scope, b"transfer-encoding") is not None or (
+            length is not None and length.strip() not in (b"", b"0")
+        )
+        if not has_body:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] not in SAFE_METHODS and not _is_json(_header(scope, b"content-type") or b""):
+            await _reply(send, 415, "request bodies must be JSON (Content-Type: application/json)")
+            return
+        if length is not None and length.strip().isdigit() and int(length) > self.max_body:
+            await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
+            return
+        try:
+            body = await self._read_body(receive)
+        except _TooLarge:
+            await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
+            return
+        except TimeoutError:
+            await _reply(send, 408, f"request body not received within {self.read_timeout:g} s", [(b"connection", b"close")])  # fmt: skip
+            return
+        if body is None:
+            return  # the client went away while sending it
+        replayed = False
 
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later: http.disconnect, which streaming answers watch for
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, within the size and time limits; None when the client hangs up."""
+        chunks: list[bytes] = []
+        seen = 0
+        with anyio.fail_after(self.read_timeout):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None
+                chunk = bytes(message.get("body", b""))
+                seen += len(chunk)
                 if seen > self.max_body:
                     raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _reply(send, 413, f"request body over {self.max_body} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
 
 
 class _TooLarge(Exception):
@@ -88,4 +200,4 @@ def is_loopback(host: str) -> bool:
     return host in {"127.0.0.1", "::1", "localhost"} or host.startswith("127.")
 
 
-__all__ = ["Guard", "is_loopback"]
+__all__ = ["AUTHORISED", "LOOPBACK_HOSTS", "Guard", "allowed_hosts", "is_loopback"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import anyio
@@ -34,8 +35,12 @@ class ThreadedServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         lifespan: Literal["auto", "on", "off"] = "on",
+        options: Mapping[str, Any] | None = None,
     ):
+        """``options``: more ``uvicorn.Config`` arguments, e.g. ``modelmora.server.server_options()``
+        to run the app as ``modelmora serve`` does."""
         self.app = app
+        self.options = dict(options or {})
         self.host = host
         self.port = port or free_port(host)
         self.lifespan = lifespan
@@ -71,6 +76,7 @@ class ThreadedServer:
             log_level="warning",
             lifespan=self.lifespan,
             timeout_graceful_shutdown=2,  # a request stuck in the app must not keep the port forever
+            **self.options,
         )
         self._server = quiet_server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn:{self.port}", daemon=True)
