@@ -176,7 +176,7 @@ def test_keep_alive_header_and_queue_full(
     while "queue_depth 1.0" not in httpx.get(f"{url}/metrics").text:
         assert time.monotonic() < deadline, "the first request never queued"
         time.sleep(0.02)
-    second = httpx.post(f"{url}/v1/chat/completions", json={"model": "embed", **body}, timeout=30)
+    second = httpx.post(f"{url}/v1/chat/completions", json={"model": "mistral", **body}, timeout=30)
     assert second.status_code == 503 and second.headers["retry-after"] == "5"
     assert second.json()["error"]["code"] == "queue_full"
     waiting.join()

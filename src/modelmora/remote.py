@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -53,10 +54,16 @@ class RemoteManager:
         return [m["name"] for m in self.status()["models"]]
 
     def load(self, name: str, *, pin: bool = False, keep_alive: float | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", f"/models/{name}/load", {"pin": pin, "keep_alive": keep_alive}))
+        return dict(
+            self._call(
+                "POST", f"/models/{quote(name, safe='/:@+')}/load", {"pin": pin, "keep_alive": keep_alive}
+            )
+        )
 
     def unload(self, name: str, *, force: bool = False) -> bool:
-        return bool(self._call("POST", f"/models/{name}/unload", {"force": force})["unloaded"])
+        return bool(
+            self._call("POST", f"/models/{quote(name, safe='/:@+')}/unload", {"force": force})["unloaded"]
+        )
 
     def unload_all(self, *, force: bool = False) -> dict[str, list[str]]:
         return dict(self._call("POST", "/unload-all", {"force": force}))

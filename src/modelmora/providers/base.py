@@ -145,6 +145,12 @@ class Provider(ABC):
     async def health(self) -> Health:
         return Health(ok=True)
 
+    async def serves(self, spec: ModelSpec) -> frozenset[str] | None:
+        """The OpenAI routes (``chat/completions``, ``completions``, ``embeddings``) the model
+        answers, so the proxy refuses others before taking a lease; None when the runtime
+        decides (the default).  An empty set: it answers none (a simulated runtime)."""
+        return None
+
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
         """A handle for a model found resident (not loaded through this process)."""
         return Handle(spec=spec, provider=self.name, memory=dict(observed.memory), owned=observed.owned)

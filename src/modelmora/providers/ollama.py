@@ -225,6 +225,13 @@ class OllamaProvider(Provider):
             self._shown[spec.target] = response.json()
         return self._shown[spec.target]
 
+    async def serves(self, spec: ModelSpec) -> frozenset[str] | None:
+        """Embedding models answer ``/v1/embeddings`` only (told by ``options.kind`` or found
+        in ``/api/show``); others: whatever Ollama answers."""
+        kind = spec.options.get("kind")
+        embedding = kind == "embedding" if kind is not None else await self._embedding_only(spec)
+        return frozenset({"embeddings"}) if embedding else None
+
     async def _embedding_only(self, spec: ModelSpec) -> bool:
         """From ``/api/show`` capabilities (servers before 0.6 have none: assume a generator)."""
         caps = (await self._show(spec)).get("capabilities") or []

@@ -161,5 +161,8 @@ class SimulatedProvider(Provider):
     async def health(self) -> Health:
         return Health(ok=self.reachable, detail="simulated", version="simulated")
 
+    async def serves(self, spec: ModelSpec) -> frozenset[str]:
+        return frozenset()  # it loads and unloads, but there is no model to answer
+
 
 __all__ = ["SimulatedProvider", "SimulatedSettings", "SimulatedStats"]

@@ -140,6 +140,10 @@ class TorchProvider(Provider):
 
     # -- loading ------------------------------------------------------------------------
 
+    async def serves(self, spec: ModelSpec) -> frozenset[str]:
+        """In this process there is no OpenAI server: the proxy itself answers embeddings."""
+        return frozenset({"embeddings"})
+
     async def load(self, spec: ModelSpec) -> Handle:
         options = dict(spec.options)
         loaders.kind_of(spec.target, options)  # bad kind: a ConfigError before any work

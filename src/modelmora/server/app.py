@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -24,7 +24,15 @@ from ..config import ManagerConfig
 from ..errors import ModelMoraError
 from ..manager import ModelManager
 from ..spec import parse_duration
-from .errors import APIError, api_error, handle_api_error, handle_modelmora_error, registered
+from .errors import (
+    APIError,
+    api_error,
+    handle_api_error,
+    handle_internal_error,
+    handle_modelmora_error,
+    registered,
+    resident_or_registered,
+)
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
@@ -36,8 +44,8 @@ _QUIET = (ev.LeaseAcquired, ev.LeaseReleased)
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    keep_alive: str | float | None = Field(
-        None, description="Idle time before unload, e.g. '10m'; -1 = never."
+    keep_alive: StrictStr | StrictFloat | None = Field(
+        None, description="Idle time before unload: '10m' or seconds; -1 = never."
     )
     pin: bool = Field(False, description="Keep it until unpinned or force-unloaded.")
 
@@ -103,6 +111,7 @@ def create_app(
     )
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(ModelMoraError, handle_modelmora_error)
+    app.add_exception_handler(Exception, handle_internal_error)
 
     @app.get("/health", tags=["server"])
     async def health(request: Request) -> dict[str, Any]:
@@ -132,7 +141,8 @@ def create_app(
     async def status() -> dict[str, Any]:
         return (await mm.status()).to_dict()
 
-    @app.post("/models/{name}/load", tags=["models"])
+    # {name:path}: registry names may contain "/" (team/llm, adopted ollama/qwen2.5:14b)
+    @app.post("/models/{name:path}/load", tags=["models"])
     async def load(name: str, body: LoadRequest | None = None) -> dict[str, Any]:
         body = body or LoadRequest()
         try:
@@ -142,10 +152,11 @@ def create_app(
         handle = await mm.load(registered(mm, name), pin=body.pin, keep_alive=keep_alive)
         return {"model": name, "loaded": True, "memory": dict(handle.memory), "pinned": body.pin}
 
-    @app.post("/models/{name}/unload", tags=["models"])
+    @app.post("/models/{name:path}/unload", tags=["models"])
     async def unload(name: str, body: UnloadRequest | None = None) -> dict[str, Any]:
         body = body or UnloadRequest()
-        return {"model": name, "unloaded": await mm.unload(registered(mm, name), force=body.force)}
+        name = resident_or_registered(mm, name)
+        return {"model": name, "unloaded": await mm.unload(name, force=body.force)}
 
     @app.post("/unload-all", tags=["models"])
     async def unload_all(body: UnloadRequest | None = None) -> dict[str, Any]:

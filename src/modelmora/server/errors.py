@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -40,6 +42,14 @@ def registered(manager: ModelManager, name: str) -> str:
     return name
 
 
+def resident_or_registered(manager: ModelManager, name: str) -> str:
+    """Like :func:`registered`, but also a resident model the registry lacks (one adopted
+    from the runtime, ``ollama/qwen2.5:14b``), so it can be unloaded."""
+    if any(entry.name == name for entry in manager.entries()):
+        return name
+    return registered(manager, name)
+
+
 def status_for(exc: ModelMoraError) -> int:
     match exc:
         case UnknownModel() | ModelNotFound():
@@ -73,9 +83,26 @@ async def handle_modelmora_error(request: Request, exc: Exception) -> JSONRespon
     assert isinstance(exc, ModelMoraError)
     status = status_for(exc)
     headers = None
-    if isinstance(exc, RecentlyFailed | InsufficientMemory):
-        headers = {"Retry-After": "5"}
+    if isinstance(exc, RecentlyFailed):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    elif isinstance(exc, InsufficientMemory):
+        headers = {"Retry-After": "5"}  # until a lease ends, which nothing predicts
     return JSONResponse(_body(status, str(exc), type(exc).__name__), status_code=status, headers=headers)
 
 
-__all__ = ["APIError", "api_error", "handle_api_error", "handle_modelmora_error", "registered", "status_for"]
+async def handle_internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else is a bug; it is still answered in the API's shape, in one line."""
+    message = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0][:500]
+    return JSONResponse(_body(500, message, "internal_error"), status_code=500)
+
+
+__all__ = [
+    "APIError",
+    "api_error",
+    "handle_api_error",
+    "handle_internal_error",
+    "handle_modelmora_error",
+    "registered",
+    "resident_or_registered",
+    "status_for",
+]

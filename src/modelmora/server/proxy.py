@@ -19,7 +19,7 @@ import anyio
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 from starlette.types import Receive, Scope, Send
 
 from ..errors import ModelMoraError
@@ -35,7 +35,7 @@ class _Body(BaseModel):
 
     model: str = Field(min_length=1, max_length=200)
     stream: bool = False
-    keep_alive: str | float | None = Field(
+    keep_alive: StrictStr | StrictFloat | None = Field(
         None, description="modelmora extension: how long the model stays loaded after this request."
     )
 
@@ -93,10 +93,28 @@ class Proxy:
         finally:
             self.waiting -= 1
 
+    async def _check_route(self, name: str, path: str) -> None:
+        """Refuse, before any lease (a lease may evict others), a route the model cannot serve."""
+        spec = self.manager.spec(name)
+        provider = self.manager.provider(spec.provider)
+        try:
+            routes = await provider.serves(spec)
+        except ModelMoraError:
+            return  # the runtime cannot say now; the lease will report why
+        if routes is None or path in routes:
+            return
+        if not routes:
+            message = f"model {name!r} runs on the {spec.provider!r} provider, a simulated runtime that answers no requests"  # fmt: skip
+        else:
+            message = f"model {name!r} serves {', '.join(f'/v1/{r}' for r in sorted(routes))} only"
+        self.metrics.requests.labels(name, "400").inc()
+        raise api_error(400, message, "unsupported_endpoint")
+
     async def handle(self, request: Request, path: str, body: _Body) -> Response:
         name = body.model
         registered(self.manager, name)
         keep_alive = self._keep_alive(body, request)
+        await self._check_route(name, path)
         try:
             lease, handle = await self._lease(name, keep_alive)
         except ModelMoraError as exc:
