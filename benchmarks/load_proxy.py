@@ -1,6 +1,7 @@
 """Load test of `modelmora serve`'s OpenAI proxy from a second process on loopback.
 
     python benchmarks/load_proxy.py [--requests 200] [--levels 1,10,100] [--load-delay 0.05] [--json]
+    python benchmarks/load_proxy.py --retrying 100 [--queue-limit 16] [--load-delay 0.5] [--json]
 
 The server runs as its own process (``modelmora serve``) in front of the Ollama emulator
 (another thread of this process, loads taking ``--load-delay`` seconds) with two models in
@@ -8,6 +9,11 @@ one exclusive group, so every change of model is a swap.  At each concurrency le
 clients send ``--requests`` chat completions alternating between the two models, and the
 report gives requests/s, latency percentiles, swaps, and the requests lost or answered by
 the wrong model (which must both be 0).
+
+``--retrying N`` measures the queue limit instead: N requests at once, alternating between
+the two models, each retried every 0.5 s while the server answers 503 (as clients honouring
+``Retry-After`` loosely do), against a server started with ``--queue-limit``; the report
+gives the swaps, the wall time and the 503s.
 """
 
 from __future__ import annotations
@@ -35,9 +41,9 @@ from modelmora.testing.ollama import OllamaEmulator
 MODELS = {"qwen": "qwen2.5:14b", "mistral": "mistral-small:22b"}
 
 
-def start_server(config: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(config: Path, port: int, queue_limit: int = 1000) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelmora.cli", "serve", "-c", str(config), "--port", str(port), "--queue-limit", "1000"],
+        [sys.executable, "-m", "modelmora.cli", "serve", "-c", str(config), "--port", str(port), "--queue-limit", str(queue_limit)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -93,6 +99,62 @@ async def level(url: str, concurrency: int, total: int) -> dict[str, Any]:
             "wall_s": wall}  # fmt: skip
 
 
+async def retrying(url: str, total: int, pause: float = 0.5) -> dict[str, Any]:
+    """``total`` requests at once, each retried every ``pause`` s while answered 503."""
+    refused = lost = wrong = 0
+
+    async def client(http: httpx.AsyncClient, i: int) -> None:
+        nonlocal refused, lost, wrong
+        name = list(MODELS)[i % 2]
+        body = {"model": name, "messages": [{"role": "user", "content": f"request {i}"}]}
+        while True:
+            try:
+                reply = await http.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError:
+                lost += 1
+                return
+            if reply.status_code != 503:
+                break
+            refused += 1
+            await anyio.sleep(pause)
+        if reply.status_code != 200:
+            lost += 1
+        elif reply.json().get("model") != MODELS[name]:
+            wrong += 1
+
+    started = time.perf_counter()
+    limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http, anyio.create_task_group() as tg:
+        for i in range(total):
+            tg.start_soon(client, http, i)
+    return {"requests": total, "refused_503": refused, "lost": lost, "wrong_model": wrong,
+            "wall_s": time.perf_counter() - started}  # fmt: skip
+
+
+def run_retrying(total: int, queue_limit: int, load_delay: float) -> dict[str, Any]:
+    emu = OllamaEmulator(
+        models={t: "10GB" for t in MODELS.values()}, vram="48GB", load_delay=load_delay
+    ).start()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "serve.yaml"
+        config.write_text(yaml.safe_dump({
+            "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
+            "providers": {"ollama": {"base_url": emu.url}},
+            "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
+        }))  # fmt: skip
+        server = start_server(config, port, queue_limit)
+        try:
+            before = emu.stats.loads
+            row = anyio.run(retrying, f"http://127.0.0.1:{port}", total)
+            row["swaps"] = emu.stats.loads - before
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            emu.stop()
+    return {**row, "queue_limit": queue_limit, "load_delay_s": load_delay}
+
+
 def run(requests: int, levels: list[int], load_delay: float) -> dict[str, Any]:
     emu = OllamaEmulator(
         models={t: "10GB" for t in MODELS.values()}, vram="48GB", load_delay=load_delay
@@ -135,7 +197,18 @@ def main() -> None:
     parser.add_argument("--levels", default="1,10,100")
     parser.add_argument("--load-delay", type=float, default=0.05)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--retrying", type=int, default=0, help="N requests at once, retrying 503s")
+    parser.add_argument("--queue-limit", type=int, default=16, help="with --retrying: the server's limit")
     args = parser.parse_args()
+    if args.retrying:
+        result = run_retrying(args.retrying, args.queue_limit, args.load_delay)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{result['requests']} requests at once, 503s retried every 0.5 s, --queue-limit {result['queue_limit']}, "
+                  f"loads {args.load_delay * 1000:.0f} ms: {result['swaps']} swaps in {result['wall_s']:.1f} s, "
+                  f"{result['refused_503']} 503s, {result['lost']} lost, {result['wrong_model']} wrong")  # fmt: skip
+        return
     report = run(args.requests, [int(x) for x in args.levels.split(",")], args.load_delay)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -27,3 +27,17 @@ def test_no_request_is_lost_or_answered_by_the_wrong_model() -> None:
         assert row["ok"] == 40
     assert report["levels"][0]["swaps"] == 40  # one client alternating: every request swaps
     assert report["levels"][2]["swaps"] < 40  # many clients: requests for a resident model share it
+
+
+@pytest.mark.slow
+def test_retrying_clients_do_not_make_a_small_queue_thrash() -> None:
+    """Issue 16 item 10: 503s retried every 0.5 s against --queue-limit 8 must not swap the
+    exclusive group back and forth more than a queue big enough for everyone does (2)."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/load_proxy.py", "--json", "--retrying", "60", "--queue-limit", "8", "--load-delay", "0.5"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["lost"] == 0 and report["wrong_model"] == 0, report
+    assert report["swaps"] <= 3, report
