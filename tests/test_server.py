@@ -161,27 +161,49 @@ async def test_litellm_through_the_proxy(serve: Callable[..., str], emu: OllamaE
 def test_keep_alive_header_and_queue_full(
     serve: Callable[..., str], make_ollama: Callable[..., OllamaEmulator]
 ) -> None:
+    """The queue limit counts, per model, requests waiting for a load that has not started;
+    requests joining a load under way pass, within the bytes all waiting bodies may hold."""
     slow = make_ollama(load_delay=1.5)
-    url = serve(config_for(slow), queue_limit=1)
+    config = config_for(slow)
+    for name in ("qwen", "mistral"):
+        config["models"][name]["group"] = "heavy"
+    url = serve(config, queue_limit=1, max_body=4096)
     body = {"messages": [{"role": "user", "content": "x"}]}
     results: dict[str, httpx.Response] = {}
 
-    def first() -> None:
-        results["first"] = httpx.post(f"{url}/v1/chat/completions", json={"model": "qwen", **body},
-                                      headers={"X-Keep-Alive": "0"}, timeout=30)  # fmt: skip
+    def send(key: str, model: str, **kwargs: Any) -> threading.Thread:
+        def post() -> None:
+            results[key] = httpx.post(f"{url}/v1/chat/completions", json={"model": model, **body}, timeout=30, **kwargs)  # fmt: skip
 
-    waiting = threading.Thread(target=first)
-    waiting.start()
-    deadline = time.monotonic() + 5
-    while "queue_depth 1.0" not in httpx.get(f"{url}/metrics").text:
-        assert time.monotonic() < deadline, "the first request never queued"
-        time.sleep(0.02)
-    second = httpx.post(f"{url}/v1/chat/completions", json={"model": "mistral", **body}, timeout=30)
-    assert second.status_code == 503 and second.headers["retry-after"] == "5"
-    assert second.json()["error"]["code"] == "queue_full"
-    waiting.join()
-    assert results["first"].status_code == 200
-    assert httpx.get(f"{url}/status").json()["models"] == []  # X-Keep-Alive: 0
+        thread = threading.Thread(target=post)
+        thread.start()
+        return thread
+
+    def wait_for_depth(depth: int) -> None:
+        deadline = time.monotonic() + 5
+        while f"queue_depth {depth}.0" not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, f"the queue never reached {depth}"
+            time.sleep(0.02)
+
+    waiting = [send("first", "qwen", headers={"X-Keep-Alive": "0"})]
+    wait_for_depth(1)
+    waiting.append(send("joins", "qwen"))  # qwen's load is under way: no swap, no limit
+    wait_for_depth(2)
+    waiting.append(send("next", "mistral"))  # waits for the group: the one mistral slot
+    wait_for_depth(3)
+    full = httpx.post(f"{url}/v1/chat/completions", json={"model": "mistral", **body}, timeout=30)
+    assert full.status_code == 503 and full.headers["retry-after"] == "5"
+    assert (
+        full.json()["error"]["code"] == "queue_full"
+        and "wait for 'mistral'" in full.json()["error"]["message"]
+    )
+    big = {"model": "qwen", "messages": [{"role": "user", "content": "x" * 3950}]}
+    heavy = httpx.post(f"{url}/v1/chat/completions", json=big, timeout=30)
+    assert heavy.status_code == 503 and "bytes" in heavy.json()["error"]["message"]
+    for thread in waiting:
+        thread.join()
+    assert [results[k].status_code for k in ("first", "joins", "next")] == [200, 200, 200]
+    assert "qwen" not in {m["name"] for m in httpx.get(f"{url}/status").json()["models"]}  # X-Keep-Alive: 0
 
 
 def test_token_required_off_loopback(serve: Callable[..., str], emu: OllamaEmulator) -> None:

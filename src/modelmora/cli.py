@@ -781,7 +781,11 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8765,
     queue_limit: Annotated[
         int,
-        typer.Option("--queue-limit", min=0, help="Proxy requests that may wait for a model before 503s."),
+        typer.Option(
+            "--queue-limit",
+            min=0,
+            help="Proxy requests that may wait for each model not yet loading before 503s.",
+        ),
     ] = 16,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted.")] = "1MiB",
     read_timeout: Annotated[

@@ -83,7 +83,7 @@ def create_app(
     are cut off too."""
     mm = manager if isinstance(manager, ModelManager) else ModelManager(manager)
     metrics = Metrics(mm)
-    proxy = Proxy(mm, metrics, queue_limit=queue_limit, timeout=proxy_timeout)
+    proxy = Proxy(mm, metrics, queue_limit=queue_limit, timeout=proxy_timeout, max_body=max_body)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ model stays afterwards.  In-process embedding models answer ``/v1/embeddings`` h
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import ModelMoraError
 from ..manager import Lease, ModelManager
 from ..providers.base import Handle
+from ..residency import State
 from ..spec import parse_duration
 from .errors import api_error, registered, status_for
 from .metrics import Metrics
@@ -52,6 +54,8 @@ class EmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
 
 
+_UNDER_WAY = (State.LOADING, State.WAKING)
+
 # the headers that describe the body, which is passed through as the runtime sent it
 _ENTITY_HEADERS = frozenset(
     {"content-type", "content-encoding", "content-language", "content-disposition", "cache-control", "vary"}
@@ -59,12 +63,35 @@ _ENTITY_HEADERS = frozenset(
 
 
 class Proxy:
-    def __init__(self, manager: ModelManager, metrics: Metrics, *, queue_limit: int, timeout: float):
+    """Requests that find their model not ready wait for it, within two bounds:
+
+    * at most ``queue_limit`` per model whose load has not started: those are the requests
+      that decide the next swap.  Requests for a model whose load is already under way join
+      it: they cause no swap and wait only for that load, so refusing them would only make
+      clients retry and the group swap back and forth (issue 16, item 10);
+    * the memory they hold: waiting bodies total at most ``queue_limit × max_body`` bytes.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: Metrics,
+        *,
+        queue_limit: int,
+        timeout: float,
+        max_body: int = 1 << 20,
+    ):
         self.manager = manager
         self.metrics = metrics
         self.queue_limit = queue_limit
-        self.waiting = 0
+        self.queue_bytes = queue_limit * max_body
+        self.queued: collections.Counter[str] = collections.Counter()  # waiting requests per model
+        self.queued_bytes = 0
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.queued.values())
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -78,20 +105,32 @@ class Proxy:
         except ValueError as exc:
             raise api_error(400, f"keep_alive: {exc}", "invalid_keep_alive") from None
 
-    async def _lease(self, name: str, keep_alive: float | None) -> tuple[Lease, Handle]:
-        """A lease, queueing while the model is not ready; 503 + Retry-After past the limit."""
+    def _load_under_way(self, name: str) -> bool:
+        """Admitted and loading (or waking): it will be ready without another swap."""
+        return any(e.name == name and e.state in _UNDER_WAY for e in self.manager.entries())
+
+    async def _lease(self, name: str, keep_alive: float | None, size: int) -> tuple[Lease, Handle]:
+        """A lease, queueing while the model is not ready; 503 + Retry-After past the limits."""
         ready = self.manager.is_loaded(name) and not self.manager.is_parked(name)
         lease = self.manager.use(name, keep_alive=keep_alive)
         if ready:
             return lease, await lease.__aenter__()
-        if self.waiting >= self.queue_limit:
+        if self.queued[name] >= self.queue_limit and not self._load_under_way(name):
+            why = f"{self.queued[name]} requests already wait for {name!r}"
+        elif self.queued_bytes + size > self.queue_bytes:
+            why = f"waiting requests already hold {self.queued_bytes} bytes"
+        else:
+            why = ""
+        if why:
             self.metrics.requests.labels(name, "503").inc()
-            raise api_error(503, f"{self.waiting} requests already wait for models; try again shortly", "queue_full", retry_after=5)  # fmt: skip
-        self.waiting += 1
+            raise api_error(503, f"{why}; try again shortly", "queue_full", retry_after=5)
+        self.queued[name] += 1
+        self.queued_bytes += size
         try:
             return lease, await lease.__aenter__()
         finally:
-            self.waiting -= 1
+            self.queued[name] -= 1
+            self.queued_bytes -= size
 
     async def _check_route(self, name: str, path: str) -> None:
         """Refuse, before any lease (a lease may evict others), a route the model cannot serve."""
@@ -116,7 +155,7 @@ class Proxy:
         keep_alive = self._keep_alive(body, request)
         await self._check_route(name, path)
         try:
-            lease, handle = await self._lease(name, keep_alive)
+            lease, handle = await self._lease(name, keep_alive, len(await request.body()))
         except ModelMoraError as exc:
             self.metrics.requests.labels(name, str(status_for(exc))).inc()
             raise
