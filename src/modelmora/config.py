@@ -31,18 +31,51 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .spec import Duration, ModelSpec, Size, check_name, format_size, parse_size
+from .spec import Duration, Interval, ModelSpec, Size, check_name, format_size, parse_size
 
 ENV_PREFIX = "MODELMORA_"
+NOT_CONFIG = frozenset(
+    {
+        "MODELMORA_CONFIG",  # which file (the CLI's)
+        "MODELMORA_URL",  # a server to act through (the CLI's)
+        "MODELMORA_TOKEN",  # the server's token
+        "MODELMORA_HOME",  # state and caches (process provider, `bench --quick`, the demo)
+        "MODELMORA_STANDIN_LOAD_DELAY",  # the vLLM stand-in's timings (modelmora.testing)
+        "MODELMORA_STANDIN_WAKE_DELAY",
+        "MODELMORA_SCREENSHOT",  # test and benchmark knobs
+        "MODELMORA_LOAD_STRICT",
+        "MODELMORA_SOAK_OPS",
+    }
+)
+"""``MODELMORA_*`` variables that are not config overrides."""
 
 
 class Budget(BaseModel):
-    """A device budget: absolute bytes, or a fraction of what the device has."""
+    """A device budget: absolute bytes, or a fraction of what the device has.  Written as
+    ``"15.5GB"``, ``"90%"`` or a mapping ``{bytes: 15.5GB}`` / ``{percent: 90}``, with the
+    same range checks either way."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bytes: int | None = None
+    bytes: Size | None = None
     percent: float | None = None
+
+    @field_validator("percent", mode="before")
+    @classmethod
+    def _percent_in_range(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 100:
+            raise ValueError(f"a percentage budget must be in (0, 100], got {value!r}")
+        return float(value)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Budget:
+        if self.bytes is None and self.percent is None:
+            raise ValueError("give bytes or percent, e.g. {bytes: 15.5GB} or {percent: 90}")
+        if self.bytes is not None and self.percent is not None:
+            raise ValueError("give bytes or percent, not both")
+        return self
 
     @property
     def fraction(self) -> float | None:
@@ -52,8 +85,14 @@ class Budget(BaseModel):
     def parse(cls, value: Any) -> Budget:
         if isinstance(value, Budget):
             return value
-        if isinstance(value, dict):
-            return cls.model_validate(value)
+        if isinstance(value, Mapping):
+            try:
+                return cls.model_validate(dict(value))
+            except ValidationError as exc:  # one line, as a value error of the budgets field
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"])
+                message = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{where}: {message}" if where else message) from None
         if isinstance(value, str) and value.strip().endswith("%"):
             try:
                 percent = float(value.strip()[:-1])
@@ -102,12 +141,12 @@ class ManagerConfig(BaseModel):
     default_model: str | None = None
     idle_ttl: Duration = Field(300.0, description="Default keep-alive for idle models.")
     max_loaded_models: int | None = Field(None, ge=1)
-    reaper_interval: Duration = Field(1.0, gt=0)
-    reconcile_interval: Duration = Field(30.0, gt=0)
+    reaper_interval: Interval = Field(1.0, description="How often idle models are looked for.")
+    reconcile_interval: Interval = Field(30.0, description="How often runtimes are asked what they hold.")
     wait_timeout: Duration = Field(300.0, description="How long a load may wait for memory.")
     unload_timeout: Duration = Field(120.0, gt=0)
-    failure_cooldown: Duration = Field(5.0, description="First back-off after a failed load.")
-    failure_cooldown_max: Duration = Field(300.0)
+    failure_cooldown: Interval = Field(5.0, description="First back-off after a failed load.")
+    failure_cooldown_max: Interval = Field(300.0, description="Longest back-off after failed loads.")
     verbose: bool = False
 
     @model_validator(mode="before")
@@ -159,12 +198,19 @@ class ManagerConfig(BaseModel):
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         merged = dict(data)
+        sources: dict[tuple[str, ...], str] = {}
         if environ is not None:
             merged = deep_merge(merged, env_overrides(environ))
+            sources = env_sources(environ)
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, source)) from None
+            # a value that came from the environment is the environment's mistake, not the file's
+            loc = tuple(str(p) for p in exc.errors(include_url=False)[0]["loc"])
+            blamed = next((var for path, var in sources.items() if loc[: len(path)] == path), None)
+            raise ConfigError(
+                describe_validation_error(exc, f"environment {blamed}" if blamed else source)
+            ) from None
 
     @classmethod
     def from_yaml(
@@ -179,13 +225,14 @@ class ManagerConfig(BaseModel):
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{source}: cannot read config file ({exc})") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
-        return cls.from_dict(data or {}, source=source, environ=environ)
+        # an empty file (or one of comments) is an empty config; `[]`, `0` or `false` is not
+        return cls.from_dict({} if data is None else data, source=source, environ=environ)
 
     def merged(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> ManagerConfig:
         """A copy with ``overrides`` deep-merged in (how per-chain config is applied)."""
@@ -215,6 +262,28 @@ class ManagerConfig(BaseModel):
         )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping (it would keep
+    the last silently: two models of one name, two ``idle_ttl`` lines)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden: that is what merging is for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: the base class says so
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
@@ -228,16 +297,10 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``MODELMORA_IDLE_TTL=10m`` → ``{"idle_ttl": "10m"}``; ``__`` nests
     (``MODELMORA_PROVIDERS__OLLAMA__BASE_URL``); ``MODELMORA_BUDGETS`` takes
-    ``"cuda:0=15.5GB,cpu=80%"`` or JSON.  ``MODELMORA_CONFIG``/``MODELMORA_URL`` are the CLI's."""
+    ``"cuda:0=15.5GB,cpu=80%"`` or JSON.  Variables in :data:`NOT_CONFIG` are left alone."""
     out: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key in (
-            "MODELMORA_CONFIG",
-            "MODELMORA_URL",
-            "MODELMORA_TOKEN",
-        ):
-            continue
-        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        path = _env_path(key)
         if not path:
             continue
         value: Any = raw
@@ -255,6 +318,18 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"environment {key}: conflicts with another MODELMORA_ variable")
         node[path[-1]] = value
     return out
+
+
+def _env_path(key: str) -> list[str]:
+    """The config path a ``MODELMORA_*`` variable overrides; empty when it overrides none."""
+    if not key.startswith(ENV_PREFIX) or key in NOT_CONFIG:
+        return []
+    return [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+
+
+def env_sources(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Config path → the variable that sets it, to name the variable in errors."""
+    return {tuple(path): key for key in environ if (path := _env_path(key))}
 
 
 def _parse_budgets_env(raw: str) -> dict[str, str]:
@@ -303,7 +378,8 @@ def describe_validation_error(exc: ValidationError, source: str, model: type[Bas
             message += f" (expected one of: {', '.join(sorted(allowed))})"
     elif kind != "missing" and not isinstance(first.get("input"), dict | list):
         got = repr(first.get("input"))
-        if got not in message:
+        got = got if len(got) <= 60 else f"{got[:40]}…({len(got)} characters)"
+        if got not in message and "got " not in message:
             message += f", got {got}"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{source}: {field}: {message}{more}"
@@ -336,4 +412,12 @@ def _unknown(name: str, known: Mapping[str, Any]) -> str:
     return f"{name!r} is not a registered model{hint}"
 
 
-__all__ = ["Budget", "ManagerConfig", "deep_merge", "describe_validation_error", "env_overrides"]
+__all__ = [
+    "NOT_CONFIG",
+    "Budget",
+    "ManagerConfig",
+    "deep_merge",
+    "describe_validation_error",
+    "env_overrides",
+    "env_sources",
+]

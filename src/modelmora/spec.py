@@ -24,6 +24,8 @@ from pydantic import (
 )
 
 FOREVER = math.inf
+MAX_SIZE = 2**63 - 1  # bytes; what memory counters (and Prometheus, JSON consumers) can hold
+MAX_SECONDS = 10**12  # ~31,700 years; longer is a mistake, not a duration (-1 means never)
 
 _SIZE_UNITS = {
     "": 1,
@@ -44,8 +46,14 @@ def parse_size(value: str | int | float) -> int:
     """Parse ``"11.5GB"``, ``"512MiB"``, ``1024`` or ``"1e9"`` into a non-negative byte count."""
     if isinstance(value, bool):
         raise ValueError(f"expected a size like '11.5GB' or '512MiB', got {value!r}")
-    if isinstance(value, int | float):
-        number = float(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size must be a finite, non-negative amount, got {_short(value)}")
+        if value > MAX_SIZE:
+            raise ValueError(f"a size must be below 2^63 bytes (9.2 EB), got {_short(value)}")
+        return value
+    if isinstance(value, float):
+        number = value
     elif isinstance(value, str):
         match = _SIZE_RE.match(value)
         if not match:
@@ -64,16 +72,25 @@ def parse_size(value: str | int | float) -> int:
     else:
         raise ValueError(f"expected a size like '11.5GB' or '512MiB', got {value!r}")
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"a size must be a finite, non-negative amount, got {value!r}")
+        raise ValueError(f"a size must be a finite, non-negative amount, got {_short(value)}")
+    if number > MAX_SIZE:
+        raise ValueError(f"a size must be below 2^63 bytes (9.2 EB), got {_short(value)}")
     return round(number)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
 
 
 def parse_duration(value: str | int | float) -> float:
     """Parse seconds or a Go-style duration; negative means forever (``math.inf``)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '5m' or seconds, got {value!r}")
+    if isinstance(value, int) and value > MAX_SECONDS:
+        raise ValueError(f"a duration must be below {MAX_SECONDS} seconds (-1 means never), got {_short(value)}")  # fmt: skip
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if value > -MAX_SECONDS else -1.0
     elif isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
@@ -92,6 +109,18 @@ def parse_duration(value: str | int | float) -> float:
     if math.isnan(seconds):
         raise ValueError(f"a duration must be a number, got {value!r}")
     return FOREVER if seconds < 0 else seconds
+
+
+def parse_interval(value: str | int | float) -> float:
+    """A period or back-off: a positive, finite duration.  Unlike keep-alives and timeouts,
+    a negative value does not mean "never" here (a reaper that never runs is a mistake)."""
+    negative = (isinstance(value, int | float) and not isinstance(value, bool) and value < 0) or (
+        isinstance(value, str) and value.strip().startswith("-")
+    )
+    seconds = parse_duration(value)
+    if negative or not 0 < seconds < math.inf:
+        raise ValueError(f"expected a positive, finite duration like '1s' or '500ms', got {_short(value)}")
+    return seconds
 
 
 def format_size(n: int | float) -> str:
@@ -131,6 +160,9 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_ser_duration)]
 """Seconds, written as ``"5m"`` or a number; negative means forever."""
+
+Interval = Annotated[float, BeforeValidator(parse_interval)]
+"""Seconds of a period or back-off, written as ``"5m"`` or a number; positive and finite."""
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,199}$")
 
@@ -213,11 +245,13 @@ class ModelSpec(BaseModel):
 __all__ = [
     "FOREVER",
     "Duration",
+    "Interval",
     "ModelSpec",
     "Size",
     "check_name",
     "format_duration",
     "format_size",
     "parse_duration",
+    "parse_interval",
     "parse_size",
 ]
