@@ -104,6 +104,23 @@ def test_intervals_must_be_positive_and_finite(tmp_path: Path, field: str, value
     assert f"{field}:" in message and "positive" in message, message
 
 
+@pytest.mark.parametrize(
+    ("provider", "setting"),
+    [
+        ("ollama", "poll_interval"),
+        ("ollama", "retry_initial"),
+        ("ollama", "retry_max"),
+        ("process", "poll_interval"),
+        ("vllm", "poll_interval"),
+    ],
+)
+def test_provider_periods_must_be_positive(provider: str, setting: str) -> None:
+    from modelmora.providers import create_provider
+
+    with pytest.raises(ConfigError, match=f"providers.{provider}: {setting}: expected a positive"):
+        create_provider(provider, **{setting: -1})
+
+
 # -- 14. duplicate keys and non-mapping files -------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from ..errors import (
     TransientError,
     UnloadFailed,
 )
-from ..spec import Duration, ModelSpec
+from ..spec import Duration, Interval, ModelSpec
 from .base import Handle, Health, Observed, Provider, ProviderSettings
 
 OOM_MARKERS = (
@@ -66,15 +66,15 @@ class OllamaSettings(ProviderSettings):
     device: str = Field("cuda:0", description="Device name for the VRAM share (use distinct names per host).")
     timeout: Duration = Field(30.0, description="Timeout of ordinary requests.")
     retries: int = Field(4, ge=1, description="Attempts for transient failures.")
-    retry_initial: Duration = Field(0.25, description="First back-off between attempts.")
-    retry_max: Duration = Field(8.0, description="Longest back-off between attempts.")
+    retry_initial: Interval = Field(0.25, description="First back-off between attempts.")
+    retry_max: Interval = Field(8.0, description="Longest back-off between attempts.")
     hold: Duration = Field(
         300.0, description="Keep-alive given while leased/pinned; refreshed by the manager."
     )
     margin: Duration = Field(60.0, description="Added to the remaining TTL in the keep-alive Ollama gets.")
     pin_forever: bool = Field(False, description="Give pinned models keep_alive -1 (no dead man's switch).")
     unload_timeout: Duration = Field(60.0, description="How long to wait for /api/ps to drop a model.")
-    poll_interval: Duration = Field(0.1, description="Polling period of /api/ps while unloading.")
+    poll_interval: Interval = Field(0.1, description="Polling period of /api/ps while unloading.")
     max_context: int | None = Field(None, ge=256, description="Cap for context optimisation.")
 
 

@@ -43,7 +43,7 @@ from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, UnloadFailed
 from ..net import expand, free_port
-from ..spec import Duration, ModelSpec, parse_duration
+from ..spec import Duration, Interval, ModelSpec, parse_duration
 from .base import Handle, Health, Observed, Provider, ProviderSettings
 from .readiness import wait_until_ready
 
@@ -57,7 +57,7 @@ class ProcessSettings(ProviderSettings):
     state_dir: str | None = Field(None, description="PID records and logs (default $MODELMORA_HOME/process).")
     ready_timeout: Duration = Field(120.0, description="Default wait for the health URL to answer 200.")
     stop_grace: Duration = Field(10.0, description="SIGTERM to SIGKILL.")
-    poll_interval: Duration = Field(0.1, description="Health polling period while starting.")
+    poll_interval: Interval = Field(0.1, description="Health polling period while starting.")
 
 
 @dataclass

@@ -40,7 +40,7 @@ from pydantic import Field
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
 from ..net import expand
 from ..residency import parked
-from ..spec import Duration, ModelSpec, parse_duration
+from ..spec import Duration, Interval, ModelSpec, parse_duration
 from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
 from .readiness import wait_until_ready
 
@@ -68,7 +68,7 @@ class VLLMSettings(ProviderSettings):
     gpus: str | list[str] | None = Field("all", description="'all', device ids, or None for no GPU request.")
     gpu_total: int | None = Field(None, description="GPU bytes, for footprints without NVML.")
     sleep_level: int = Field(1, ge=1, le=2, description="1: weights to host RAM; 2: weights discarded.")
-    poll_interval: Duration = Field(0.5, description="Readiness polling period.")
+    poll_interval: Interval = Field(0.5, description="Readiness polling period.")
 
 
 class VLLMProvider(Provider):
