@@ -176,8 +176,8 @@ def test_serve_refuses_bad_input_before_it_says_serving(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors_are_one_line(args: list[str], expected: str) -> None:
-    line = one_line(cli(*args, "-c", str(ROOT / "configs" / "modelmora.yaml")))
-    assert line.startswith("error: ") and expected in line and "--help" in line, line
+    line = one_line(cli(args[0], "-c", str(ROOT / "configs" / "modelmora.yaml"), *args[1:]))
+    assert line.startswith("error: ") and expected in line and f"modelmora {args[0]} --help" in line, line
 
 
 # -- 16. environment variables that are not config fields, and defaults from the environment --

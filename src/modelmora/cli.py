@@ -19,7 +19,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import anyio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import events as ev
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
@@ -33,7 +35,47 @@ from .spec import ModelSpec, format_duration, format_memory, format_size, parse_
 
 T = TypeVar("T")
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad flag, value or missing argument) as one line on stderr, like every
+    other error, instead of click's usage box."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as exc:
+            # click's exceptions, which recent typer releases vendor: matched by shape
+            if type(exc).__name__ == "Abort":
+                err.print("[bold red]error:[/] aborted", highlight=False)
+                sys.exit(1)
+            code = getattr(exc, "exit_code", None)
+            if not (hasattr(exc, "format_message") and isinstance(code, int)):
+                raise
+            message = str(exc.format_message())
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None:
+                command = ctx.command_path
+            else:  # raised while parsing, before a context: name the sub-command from argv
+                words = list(sys.argv[1:] if args is None else args)[:1]
+                command = " ".join([prog_name or "modelmora", *(w for w in words if not w.startswith("-"))])
+            if getattr(exc, "exit_code", 1) == 2:  # usage errors: say where the usage is
+                message = f"{message.rstrip('.')} (see '{command} --help')"
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="modelmora",
     help="Keep the right models resident in GPU/CPU memory: load, unload, plan and inspect.",
     no_args_is_help=True,
@@ -261,7 +303,7 @@ def models_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 @models_app.command("show")
 def models_show(
-    name: Annotated[str, typer.Argument(help="Registry name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registry name.")],
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -284,7 +326,7 @@ def models_show(
 
 @models_app.command("add")
 def models_add(
-    name: Annotated[str, typer.Argument(help="Registry name, e.g. qwen-14b.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registry name, e.g. qwen-14b.")],
     provider: Annotated[str, typer.Option("--provider", "-p", help="Provider instance, e.g. ollama.")],
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="What the runtime calls it (default: NAME).")
@@ -306,7 +348,7 @@ def models_add(
         "group": group, "keep_alive": keep_alive, "pinned": True if pinned else None,
     }  # fmt: skip
     try:
-        reg = RegistryFile(path)
+        reg = RegistryFile(path, environ=os.environ)
         reg.add(name, fields, replace=replace)
         cfg = reg.save()
     except ModelMoraError as exc:
@@ -317,7 +359,7 @@ def models_add(
 
 @models_app.command("remove")
 def models_remove(
-    name: Annotated[str, typer.Argument(help="Registry name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registry name.")],
     new_default: Annotated[
         str | None, typer.Option("--new-default", help="Required when removing the default model.")
     ] = None,
@@ -330,7 +372,7 @@ def models_remove(
     """Remove a model from the registry (refuses to remove the default without a new one)."""
     path = config_path(config)
     try:
-        reg = RegistryFile(path)
+        reg = RegistryFile(path, environ=os.environ)
         before = reg.validate()
         if clear_cache and name in before.models:
             _clear_cache(before, name, yes)
@@ -343,12 +385,12 @@ def models_remove(
 
 @models_app.command("set-default")
 def models_set_default(
-    name: Annotated[str, typer.Argument(help="Registry name.")], config: ConfigOpt = None
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registry name.")], config: ConfigOpt = None
 ) -> None:
     """Make NAME the model `use()` takes when none is named."""
     path = config_path(config)
     try:
-        reg = RegistryFile(path)
+        reg = RegistryFile(path, environ=os.environ)
         reg.set_default(name)
         reg.save()
     except ModelMoraError as exc:
@@ -358,7 +400,7 @@ def models_set_default(
 
 @app.command("clear-cache")
 def clear_cache(
-    name: Annotated[str, typer.Argument(help="Registry name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registry name.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting files.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -420,7 +462,7 @@ def _clear_cache(cfg: ManagerConfig, name: str, yes: bool) -> Cleared:
 
 @app.command()
 def load(
-    name: Annotated[str, typer.Argument(help="Registry name of the model.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registry name of the model.")],
     config: ConfigOpt = None,
     pin: Annotated[bool, typer.Option("--pin", help="Keep it until unpinned or force-unloaded.")] = False,
     keep_alive: Annotated[
@@ -451,7 +493,7 @@ def load(
 
 @app.command()
 def unload(
-    name: Annotated[str, typer.Argument(help="Registry name of the model.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registry name of the model.")],
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Unload even while leased.")] = False,
     url: UrlOpt = None,
@@ -778,7 +820,7 @@ def serve(
     host: Annotated[
         str, typer.Option("--host", help="Bind address; other than loopback needs MODELMORA_TOKEN.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8765,
+    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="TCP port.")] = 8765,
     queue_limit: Annotated[
         int,
         typer.Option(
@@ -825,14 +867,27 @@ def serve(
         fail(str(exc))
     import uvicorn
 
-    app_ = create_app(
-        cfg, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}",
-        read_timeout=timeout, allow_hosts=[host, *(allow_host or [])], allow_origins=allow_origin or [],
-    )  # fmt: skip
-    err.print(
-        f"modelmora serving {cfg.describe()} on http://{host}:{port} (OpenAI proxy at /v1)", highlight=False
-    )
-    uvicorn.run(app_, host=host, port=port, log_level="warning", **server_options(read_timeout=timeout))
+    async def main() -> None:
+        # the manager starts here, not in uvicorn's lifespan, so a runtime or budget problem is
+        # one line like everywhere else instead of a lifespan traceback after "serving"
+        async with ModelManager(cfg) as mm:
+            app_ = create_app(
+                mm, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}",
+                read_timeout=timeout, allow_hosts=[host, *(allow_host or [])],
+                allow_origins=allow_origin or [], enter_manager=False,
+            )  # fmt: skip
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    app_, host=host, port=port, log_level="warning", **server_options(read_timeout=timeout)
+                )
+            )
+            err.print(
+                f"modelmora serving {cfg.describe()} on http://{host}:{port} (OpenAI proxy at /v1)",
+                highlight=False,
+            )
+            await server.serve()
+
+    run(main)
 
 
 def _duration_opt(flag: str, value: str | None) -> float | None:
@@ -845,7 +900,7 @@ def _duration_opt(flag: str, value: str | None) -> float | None:
 
 
 def main() -> None:
-    app()
+    app(prog_name="modelmora")
 
 
 if __name__ == "__main__":

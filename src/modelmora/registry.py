@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,11 @@ def _yaml() -> YAML:
 class RegistryFile:
     """Load, edit and atomically save the registry part of a config file."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None):
+        """``environ``: the ``MODELMORA_*`` overrides every command will apply on top of the
+        file; an edit that would break the config under them is refused too."""
         self.path = Path(path)
+        self.environ = environ
         if self.path.exists():
             try:
                 data = _yaml().load(self.path.read_text(encoding="utf-8"))
@@ -44,6 +48,7 @@ class RegistryFile:
         self.data: CommentedMap = data if data is not None else CommentedMap()
         if not isinstance(self.data, dict):
             raise ConfigError(f"{self.path}: expected a mapping at the top level")
+        self._fine_with_environment = self._environment_problem() is None
 
     @property
     def models(self) -> CommentedMap:
@@ -58,6 +63,15 @@ class RegistryFile:
     def validate(self) -> ManagerConfig:
         return ManagerConfig.from_dict(_plain(self.data), source=str(self.path))
 
+    def _environment_problem(self) -> str | None:
+        if self.environ is None:
+            return None
+        try:
+            ManagerConfig.from_dict(_plain(self.data), source=str(self.path), environ=self.environ)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
     def add(self, name: str, fields: dict[str, Any], *, replace: bool = False) -> None:
         if name in self.models and not replace:
             raise ConfigError(f"{self.path}: model {name!r} already exists (use --replace to overwrite it)")
@@ -70,6 +84,12 @@ class RegistryFile:
     def remove(self, name: str, *, new_default: str | None = None) -> None:
         if name not in self.models:
             raise UnknownModel(name, list(self.models))
+        from_env = (self.environ or {}).get("MODELMORA_DEFAULT_MODEL")
+        if from_env == name:
+            raise ConfigError(
+                f"{self.path}: {name!r} is the default model through MODELMORA_DEFAULT_MODEL in the "
+                "environment; change or unset that first"
+            )
         if self.data.get("default_model") == name:
             if new_default is None:
                 raise ConfigError(
@@ -88,7 +108,16 @@ class RegistryFile:
 
     def save(self) -> ManagerConfig:
         """Validate the edited config, then replace the file atomically."""
+        from .providers import check_provider_types
+
         config = self.validate()
+        try:
+            check_provider_types(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+        problem = self._environment_problem()
+        if problem is not None and self._fine_with_environment:
+            raise ConfigError(f"{problem} (after this edit of {self.path}; nothing was written)")
         buffer = io.StringIO()
         _yaml().dump(self.data, buffer)
         atomic_write(self.path, buffer.getvalue())

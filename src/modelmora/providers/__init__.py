@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..config import describe_validation_error
+from ..config import ManagerConfig, describe_validation_error
 from ..errors import ConfigError, ProviderUnavailable
 from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
 
@@ -128,6 +128,21 @@ def available_providers() -> list[str]:
     return registry.names()
 
 
+def check_provider_types(config: ManagerConfig, known: ProviderRegistry | None = None) -> None:
+    """Every model's provider is an instance under ``providers:`` or a provider type that
+    exists (one that is merely not installed passes), so a registry edit cannot save a model
+    that every later command would refuse."""
+    known = known or registry
+    for name, spec in config.models.items():
+        settings = config.providers.get(spec.provider) or {}
+        try:
+            known.get(str(settings.get("type", spec.provider)))
+        except ProviderUnavailable:
+            continue
+        except ConfigError as exc:
+            raise ConfigError(f"models.{name}.provider: {exc}") from None
+
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "KNOWN_PROVIDERS",
@@ -140,6 +155,7 @@ __all__ = [
     "ProviderSettings",
     "Tier",
     "available_providers",
+    "check_provider_types",
     "create_provider",
     "register_provider",
     "registry",

@@ -74,22 +74,29 @@ def create_app(
     read_timeout: float = 30.0,
     allow_hosts: Sequence[str] = (),
     allow_origins: Sequence[str] = (),
+    enter_manager: bool = True,
 ) -> FastAPI:
     """The ASGI app; it enters the manager for its lifespan (uvicorn runs that).
 
     Without a ``token`` it answers only to loopback host names and ``allow_hosts``; web
     pages from ``allow_origins`` may call it (CORS), others cannot change its state (see
     :mod:`modelmora.server.security`).  Run it with :func:`server_options` so slow headers
-    are cut off too."""
+    are cut off too.  ``enter_manager=False``: the caller runs the manager (``modelmora
+    serve`` starts it before uvicorn, so startup errors are its own one line)."""
     mm = manager if isinstance(manager, ModelManager) else ModelManager(manager)
     metrics = Metrics(mm)
     proxy = Proxy(mm, metrics, queue_limit=queue_limit, timeout=proxy_timeout, max_body=max_body)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with mm:
-            yield
-        await proxy.aclose()
+        try:
+            if enter_manager:
+                async with mm:
+                    yield
+            else:
+                yield
+        finally:
+            await proxy.aclose()
 
     app = FastAPI(
         title="modelmora",
