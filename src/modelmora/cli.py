@@ -348,9 +348,9 @@ def models_add(
         "group": group, "keep_alive": keep_alive, "pinned": True if pinned else None,
     }  # fmt: skip
     try:
-        reg = RegistryFile(path, environ=os.environ)
-        reg.add(name, fields, replace=replace)
-        cfg = reg.save()
+        with RegistryFile.edit(path, environ=os.environ) as reg:
+            reg.add(name, fields, replace=replace)
+            cfg = reg.save()
     except ModelMoraError as exc:
         fail(str(exc))
     spec = cfg.models[name]
@@ -372,12 +372,13 @@ def models_remove(
     """Remove a model from the registry (refuses to remove the default without a new one)."""
     path = config_path(config)
     try:
-        reg = RegistryFile(path, environ=os.environ)
-        before = reg.validate()
-        if clear_cache and name in before.models:
-            _clear_cache(before, name, yes)
-        reg.remove(name, new_default=new_default)
-        reg.save()
+        if clear_cache:  # asks first, so outside the edit lock
+            before = RegistryFile(path).validate()
+            if name in before.models:
+                _clear_cache(before, name, yes)
+        with RegistryFile.edit(path, environ=os.environ) as reg:
+            reg.remove(name, new_default=new_default)
+            reg.save()
     except ModelMoraError as exc:
         fail(str(exc))
     out.print(f"removed {name} from {path}" + (f"; default is now {new_default}" if new_default else ""))
@@ -390,9 +391,9 @@ def models_set_default(
     """Make NAME the model `use()` takes when none is named."""
     path = config_path(config)
     try:
-        reg = RegistryFile(path, environ=os.environ)
-        reg.set_default(name)
-        reg.save()
+        with RegistryFile.edit(path, environ=os.environ) as reg:
+            reg.set_default(name)
+            reg.save()
     except ModelMoraError as exc:
         fail(str(exc))
     out.print(f"default model is now {name}")

@@ -3,7 +3,10 @@
 Every edit is validated as a whole config before anything is written, then written
 atomically (temporary file in the same directory, fsync, rename), so a crash or bad input
 never leaves a half-written file.  ruamel.yaml's round-trip mode keeps the comments and
-layout people put in their config.
+layout people put in their config.  :meth:`RegistryFile.edit` holds a file lock
+(``filelock``, next to the file) from the read to the write, so two processes editing at
+once each see the other's edit; a symlinked config is edited where the link points; a
+read-only file, or one in a directory that cannot be written, is refused in one line.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import filelock
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
@@ -30,8 +35,40 @@ def _yaml() -> YAML:
     return yaml
 
 
+LOCK_TIMEOUT = 30.0
+
+
 class RegistryFile:
-    """Load, edit and atomically save the registry part of a config file."""
+    """Load, edit and atomically save the registry part of a config file.  Use
+    :meth:`edit` for a read-modify-write that other processes cannot interleave with."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def edit(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        environ: Mapping[str, str] | None = None,
+        timeout: float = LOCK_TIMEOUT,
+    ) -> Iterator[RegistryFile]:
+        """The registry at ``path``, read under a lock held until the block ends (call
+        :meth:`save` inside it)."""
+        target = writable_target(Path(path))
+        lock = filelock.FileLock(target.with_name(f".{target.name}.lock"), timeout=timeout)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise ConfigError(
+                f"{path}: another process has been editing it for {timeout:g} s; try again"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"{path}: cannot lock it for editing in {target.parent} ({exc.strerror})"
+            ) from None
+        try:
+            yield cls(path, environ=environ)
+        finally:
+            lock.release()
 
     def __init__(self, path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None):
         """``environ``: the ``MODELMORA_*`` overrides every command will apply on top of the
@@ -111,6 +148,7 @@ class RegistryFile:
         from .providers import check_provider_types
 
         config = self.validate()
+        writable_target(self.path)
         try:
             check_provider_types(config)
         except ConfigError as exc:
@@ -120,8 +158,29 @@ class RegistryFile:
             raise ConfigError(f"{problem} (after this edit of {self.path}; nothing was written)")
         buffer = io.StringIO()
         _yaml().dump(self.data, buffer)
-        atomic_write(self.path, buffer.getvalue())
+        try:
+            atomic_write(self.path.resolve(), buffer.getvalue())  # a symlink stays a symlink
+        except OSError as exc:
+            where = self.path.resolve().parent
+            raise ConfigError(
+                f"{self.path}: cannot write it in {where} ({exc.strerror or exc}); nothing was changed"
+            ) from None
         return config
+
+
+def writable_target(path: Path) -> Path:
+    """The file an edit of ``path`` writes (a symlink's target), refusing one whose mode
+    says read-only: root could write it anyway, but someone made it read-only on purpose."""
+    target = path.resolve()
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path}: the file is read-only (mode {stat.S_IMODE(mode):04o}); not changing it")
+    return target
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -151,4 +210,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["RegistryFile", "atomic_write"]
+__all__ = ["RegistryFile", "atomic_write", "writable_target"]
