@@ -35,6 +35,8 @@ TOP = [
     "wait_timeout",
     "verbose",
     "reaper_interval",
+    "reconcile_interval",
+    "failure_cooldown",
     "nonsense",
 ]
 
@@ -42,6 +44,8 @@ scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(10**12), 10**12),
+    st.integers(),
+    st.sampled_from([10**400, -(10**400), 2**63, 2**64]),  # past what a float or a counter holds
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
     st.sampled_from(
@@ -68,7 +72,17 @@ configs = st.fixed_dictionaries(
             ),
         ),
         "budgets": st.one_of(
-            values, st.dictionaries(st.sampled_from(["cuda:0", "cpu", "x"]), scalars, max_size=2)
+            values,
+            st.dictionaries(
+                st.sampled_from(["cuda:0", "cpu", "x"]),
+                st.one_of(
+                    scalars,
+                    st.fixed_dictionaries(
+                        {}, optional={"bytes": scalars, "percent": scalars, "other": scalars}
+                    ),
+                ),
+                max_size=2,
+            ),
         ),
         **{k: values for k in TOP if k not in ("models", "budgets")},
     },
@@ -121,7 +135,25 @@ def test_yaml_round_trip_of_fuzzed_dicts(tmp_path_factory: object, data: dict[st
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=60), st.sampled_from(["../../etc/passwd", "a;rm -rf /", "$(reboot)", "a`id`", "qwen\n14b", "ｑｗｅｎ", "a/../b", "/abs", "a b", "-rf"])))
+@given(
+    st.one_of(
+        st.text(max_size=60),
+        st.sampled_from(
+            [
+                "../../etc/passwd",
+                "a;rm -rf /",
+                "$(reboot)",
+                "a`id`",
+                "qwen\n14b",
+                "ｑｗｅｎ",
+                "a/../b",
+                "/abs",
+                "a b",
+                "-rf",
+            ]
+        ),
+    )
+)
 def test_model_names_are_plain_or_refused(name: str) -> None:
     from modelmora.spec import check_name
 
@@ -134,3 +166,30 @@ def test_model_names_are_plain_or_refused(name: str) -> None:
     assert ok == name and ".." not in name and not name.startswith(("/", "-", "."))
     assert not set(name) & set(" ;$`|&<>()\\\n\t'\"*?!{}[]~#%")
     assert name.isascii()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs, st.sampled_from(["", "idle_ttl: 5m\n", "models:\n  a: {}\n"]), st.booleans())
+def test_fuzzed_config_files_through_the_cli(
+    tmp_path_factory: object, data: dict[str, object], prefix: str, doubled: bool
+) -> None:
+    """Whatever the file holds (duplicate keys included), a command reads it and succeeds,
+    or says what is wrong in one line: never a traceback."""
+    from typer.testing import CliRunner
+
+    from modelmora.cli import app
+
+    try:
+        text = yaml.safe_dump(data, allow_unicode=True)
+    except yaml.YAMLError:
+        return
+    text = prefix + text + (prefix if doubled else "")  # the same key twice when doubled
+    path = Path(str(tmp_path_factory.mktemp("f"))) / "c.yaml"  # type: ignore[attr-defined]
+    path.write_text(text, encoding="utf-8")
+    for args in (["models", "list", "--json"], ["plan", "a"]):
+        result = CliRunner().invoke(app, [*args, "-c", str(path)], env={"COLUMNS": "200"})
+        assert result.exit_code in (0, 1), (args, result.output, result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        if result.exit_code == 1:
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.output

@@ -56,6 +56,20 @@ class UnloadRequest(BaseModel):
     force: bool = Field(False, description="Unload even while leased (closes the holders' handles).")
 
 
+def _links(pointer: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI links from an answer naming a model to loading and unloading it (clients and
+    schemathesis' stateful tests follow them)."""
+    name = {"name": f"$response.body#{pointer}"}
+    return {
+        200: {
+            "links": {
+                "LoadIt": {"operationId": "load_model", "parameters": name},
+                "UnloadIt": {"operationId": "unload_model", "parameters": name},
+            }
+        }
+    }
+
+
 def event_to_dict(event: ev.Event) -> dict[str, Any]:
     data = dataclasses.asdict(event)
     data["kind"] = type(event).__name__
@@ -131,7 +145,7 @@ def create_app(
     async def page() -> str:
         return render_page(title)
 
-    @app.get("/models", tags=["models"])
+    @app.get("/models", tags=["models"], operation_id="list_models", responses=_links("/0/name"))
     async def models() -> list[dict[str, Any]]:
         out = []
         for name, spec in sorted(mm.config.models.items()):
@@ -144,12 +158,14 @@ def create_app(
             )  # fmt: skip
         return out
 
-    @app.get("/status", tags=["models"])
+    @app.get("/status", tags=["models"], operation_id="status", responses=_links("/models/0/name"))
     async def status() -> dict[str, Any]:
         return (await mm.status()).to_dict()
 
     # {name:path}: registry names may contain "/" (team/llm, adopted ollama/qwen2.5:14b)
-    @app.post("/models/{name:path}/load", tags=["models"])
+    @app.post(
+        "/models/{name:path}/load", tags=["models"], operation_id="load_model", responses=_links("/model")
+    )
     async def load(name: str, body: LoadRequest | None = None) -> dict[str, Any]:
         body = body or LoadRequest()
         try:
@@ -159,7 +175,9 @@ def create_app(
         handle = await mm.load(registered(mm, name), pin=body.pin, keep_alive=keep_alive)
         return {"model": name, "loaded": True, "memory": dict(handle.memory), "pinned": body.pin}
 
-    @app.post("/models/{name:path}/unload", tags=["models"])
+    @app.post(
+        "/models/{name:path}/unload", tags=["models"], operation_id="unload_model", responses=_links("/model")
+    )
     async def unload(name: str, body: UnloadRequest | None = None) -> dict[str, Any]:
         body = body or UnloadRequest()
         name = resident_or_registered(mm, name)
