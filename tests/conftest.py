@@ -19,6 +19,12 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _own_modelmora_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own MODELMORA_HOME: the CLI keeps the simulated runtime's state there."""
+    monkeypatch.setenv("MODELMORA_HOME", str(tmp_path_factory.mktemp("modelmora-home")))
+
+
 @pytest.fixture
 def sim() -> SimulatedProvider:
     return SimulatedProvider()

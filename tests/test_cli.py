@@ -71,8 +71,10 @@ def test_status_load_unload_in_direct_mode(tmp_path: Path) -> None:
     assert data["gpu_observed"] is False
     load = runner.invoke(app, ["load", "gpt-sovits", "-c", CONFIG, "--keep-alive", "10m"])
     assert load.exit_code == 0 and "loaded gpt-sovits (cuda:0 3.5 GB)" in load.stdout
+    # the simulated runtime keeps its state in a file (under MODELMORA_HOME), as a real one would
+    assert json.loads(runner.invoke(app, ["list-loaded", "-c", CONFIG, "--json"]).stdout) == ["gpt-sovits"]
     unload = runner.invoke(app, ["unload", "gpt-sovits", "-c", CONFIG])
-    assert unload.exit_code == 0 and "was not loaded" in unload.stdout  # simulated runtime: a fresh process
+    assert unload.exit_code == 0 and "unloaded gpt-sovits" in unload.stdout
     assert runner.invoke(app, ["unload-all", "-c", CONFIG]).exit_code == 0
     listed = runner.invoke(app, ["list-loaded", "-c", CONFIG, "--json"])
     assert json.loads(listed.stdout) == []

@@ -145,7 +145,8 @@ def test_a_failed_run_says_why_once(make_ollama: Callable[..., OllamaEmulator], 
     both = ran.stdout + ran.stderr
     assert both.count("'not-pulled:1b' not found") == 1, both
     assert "chain broken at step 2" in ran.stdout
-    row = next(line for line in ran.stdout.splitlines() if line.startswith("│ 2 "))
+    steps = ran.stdout[ran.stdout.index("\nSteps") :]  # the result table, after the plan's
+    row = next(line for line in steps.splitlines() if line.startswith("│ 2 "))
     assert "reuse" not in row and "failed" in row, row
     report = json.loads(cli("run", str(chain), "--json", home=tmp_path).stdout)
     assert report["steps"][1]["load_failed"] is True and "not found" in report["reason"]

@@ -57,3 +57,25 @@ def test_status_page_shows_models_memory_and_events(
     assert len(colours) > 50, "the screenshot is blank"
     # the chart drew cuda:0 (the second device, #d0774a); that colour appears nowhere else
     assert any(abs(r - 0xD0) < 30 and abs(g - 0x77) < 30 and abs(b - 0x4A) < 30 for _, (r, g, b) in colours)
+
+
+def test_the_page_shows_events_from_before_it_was_opened(make_ollama: Callable[..., OllamaEmulator]) -> None:
+    """Issue 16 item 22: the event stream starts with the recent history."""
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (in the dev extra)"
+    )
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium: bash .ci/setup-browser.sh installs Debian's")
+    emu = make_ollama()
+    config = {
+        "budgets": {"cuda:0": "24GB"},
+        "providers": {"ollama": {"base_url": emu.url}},
+        "models": {"qwen": {"provider": "ollama", "target": "qwen2.5:14b", "memory": "9GB"}},
+    }
+    with ThreadedServer(create_app(config)) as server, playwright.sync_playwright() as p:
+        assert httpx.post(f"{server.url}/models/qwen/load", timeout=30).status_code == 200
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_selector("#events li:has-text('loaded qwen')", timeout=10_000)
+        browser.close()

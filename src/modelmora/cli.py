@@ -7,12 +7,15 @@ they report.  Every error is one line on stderr and a non-zero exit, never a tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -21,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from . import events as ev
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
@@ -29,6 +32,7 @@ from .config import ManagerConfig
 from .errors import ModelMoraError, ModelNotFound
 from .manager import ModelManager
 from .memory import StaticProbe
+from .providers import Factory, ProviderRegistry
 from .providers.simulated import SimulatedProvider
 from .registry import RegistryFile
 from .spec import ModelSpec, format_duration, format_memory, format_size, parse_duration
@@ -36,9 +40,69 @@ from .spec import ModelSpec, format_duration, format_memory, format_size, parse_
 T = TypeVar("T")
 
 
+class _UntypedArgument(TyperArgument):
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None  # the metavar (NAME, MODELS) says it; "<list[str]>" says nothing more
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name if self.nargs == 1 else f"{name}..."
+
+
+def _untyped_help_option(option: Any) -> Any:
+    if option is not None and getattr(option, "metavar", "") is None:
+        option.metavar = ""  # "--help <bool>" otherwise
+    return option
+
+
+class _PlainCommand(TyperCommand):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _untyped_help_option(super().get_help_option(ctx))
+
+
+class _PlainGroup(TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _untyped_help_option(super().get_help_option(ctx))
+
+
+def _value_name(param: Any) -> str:
+    """click's name for an option's value (PATH, TEXT, INTEGER), across typer versions."""
+    click_type = getattr(param, "type", None)
+    if click_type is not None and getattr(click_type, "name", None):
+        return str(click_type.name).upper()
+    if getattr(getattr(param, "type_descriptor", None), "is_path", False):
+        return "PATH"
+    bare = str(param.bare_type()) if hasattr(param, "bare_type") else "str"
+    bare = bare.removeprefix("list[").removesuffix("]")
+    return {"str": "TEXT", "int": "INTEGER", "float": "NUMBER"}.get(bare, bare.upper())
+
+
+def plain_help(command: Any) -> None:
+    """Help without Python type placeholders: no ``<bool>`` after flags, click's ``PATH`` /
+    ``TEXT`` / ``INTEGER`` for values, and arguments named by their metavar alone."""
+    for param in getattr(command, "params", None) or []:
+        if isinstance(param, TyperArgument):
+            param.__class__ = _UntypedArgument
+        elif isinstance(param, TyperOption) and param.metavar is None:
+            param.metavar = "" if param.is_flag or param.count else _value_name(param)
+    if type(command) is TyperCommand:
+        command.__class__ = _PlainCommand
+    elif type(command) is TyperGroup:
+        command.__class__ = _PlainGroup
+    for sub in (getattr(command, "commands", None) or {}).values():
+        plain_help(sub)
+
+
 class OneLineErrors(TyperGroup):
     """Usage errors (a bad flag, value or missing argument) as one line on stderr, like every
-    other error, instead of click's usage box."""
+    other error, instead of click's usage box; help without type placeholders."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        plain_help(self)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _untyped_help_option(super().get_help_option(ctx))
 
     def main(  # type: ignore[override]
         self,
@@ -82,8 +146,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich console; when the output is not a terminal (a log, a pipe) and $COLUMNS does not
+    say how wide it is, wide enough that tables keep every name whole instead of cutting them
+    at rich's 80-column default."""
+    made = Console(stderr=stderr)
+    if made.is_terminal or os.environ.get("COLUMNS"):
+        return made
+    return Console(stderr=stderr, width=2000)
+
+
+out = console()
+err = console(stderr=True)
 
 DEFAULT_CONFIGS = ("modelmora.yaml", "configs/modelmora.yaml")
 
@@ -117,18 +193,60 @@ def remote(url: str, job: Callable[[Any], T]) -> T:
         fail(str(exc))
 
 
+@contextlib.contextmanager
+def progress(message: str) -> Iterator[Callable[[str], None]]:
+    """Progress of a long command: a rich spinner on a terminal; in logs and CI (stderr not a
+    terminal, where a spinner shows nothing) the message and then one line per step.  Yields
+    ``say(step)``."""
+    if err.is_terminal:
+        with err.status(f"{message} …") as spinner:
+            yield lambda step: spinner.update(f"{message}: {step}")
+        return
+    err.print(f"{message} …", highlight=False, soft_wrap=True)
+    yield lambda step: err.print(f"  {message}: {step}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def load_config(path: Path | None) -> ManagerConfig:
+def config_file(path: Path | None) -> Path | None:
+    """The config file a command reads: --config, $MODELMORA_CONFIG or a default location."""
     if path is None:
         env = os.environ.get("MODELMORA_CONFIG")
         path = Path(env) if env else next((Path(p) for p in DEFAULT_CONFIGS if Path(p).is_file()), None)
+    return path
+
+
+def load_config(path: Path | None) -> ManagerConfig:
+    path = config_file(path)
     if path is None:
         return ManagerConfig.from_dict({}, source="defaults", environ=os.environ)
     return ManagerConfig.from_yaml(path, environ=os.environ)
+
+
+def modelmora_home() -> Path:
+    return Path(os.environ.get("MODELMORA_HOME") or Path.home() / ".cache" / "modelmora")
+
+
+def with_simulated_state(cfg: ManagerConfig, source: Path | None) -> tuple[ManagerConfig, list[Path]]:
+    """Give each simulated runtime of a config a state file (unless it names one), so commands
+    run one after another see one runtime: `load` then `list-loaded` shows the model, as it
+    would with Ollama.  One file per config file and provider instance."""
+    key = hashlib.sha1(str(source.resolve() if source else "defaults").encode()).hexdigest()[:12]
+    providers = {name: dict(settings) for name, settings in cfg.providers.items()}
+    files = []
+    for name in sorted(set(providers) | {spec.provider for spec in cfg.models.values()}):
+        settings = providers.setdefault(name, {})
+        if settings.get("type", name) != "simulated":
+            continue
+        if "state_file" not in settings:
+            settings["state_file"] = str(modelmora_home() / "simulated" / f"{key}-{name}.json")
+        files.append(Path(str(settings["state_file"])))
+    if not files:
+        return cfg, []
+    return cfg.model_copy(update={"providers": providers}), files
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
@@ -149,7 +267,7 @@ def with_manager(
     config: Path | None, job: Callable[[ModelManager], Awaitable[T]], *, verbose: bool = False
 ) -> T:
     try:
-        cfg = load_config(config)
+        cfg, _ = with_simulated_state(load_config(config), config_file(config))
     except ModelMoraError as exc:
         fail(str(exc))
     if verbose:
@@ -478,16 +596,23 @@ def load(
     """Load a model (evicting idle ones if needed)."""
     ttl = _duration_opt("--keep-alive", keep_alive)
     if url:
-        with err.status(f"loading {name} on {url} …"):
+        with progress(f"loading {name} on {url}"):
             result = remote(url, lambda c: c.load(name, pin=pin, keep_alive=ttl))
         mem = format_memory(result["memory"], "no memory reported")
         out.print(f"loaded {name} ({mem})")
         return
 
     async def job(mm: ModelManager) -> None:
-        with err.status(f"loading {name} …"):
+        with progress(f"loading {name}"):
             handle = await mm.load(name, pin=pin, keep_alive=ttl, retry=retry)
         out.print(f"loaded {handle.name} ({format_memory(handle.memory, 'no memory reported')})")
+        provider = mm.provider(handle.provider)
+        if isinstance(provider, SimulatedProvider) and provider.state_file is not None:
+            err.print(
+                f"[dim]{handle.provider} is the simulated runtime: nothing was really loaded; it keeps "
+                f"what is resident in {provider.state_file} for the next commands[/]",
+                highlight=False,
+            )
 
     with_manager(config, job, verbose=verbose)
 
@@ -540,7 +665,7 @@ def simulate_config(cfg: ManagerConfig) -> tuple[ManagerConfig, SimulatedProvide
 @app.command()
 def plan(
     sequence: Annotated[
-        list[str] | None, typer.Argument(metavar="[MODELS]...", help="Models in the order they will be used.")
+        list[str] | None, typer.Argument(metavar="MODELS", help="Models in the order they will be used.")
     ] = None,
     chain_file: Annotated[
         Path | None, typer.Option("--chain", help="Plan a chain YAML instead: its residency plan.")
@@ -630,7 +755,7 @@ def plan(
 @app.command()
 def bench(
     models_: Annotated[
-        list[str] | None, typer.Argument(metavar="[MODELS]...", help="Registry names to measure.")
+        list[str] | None, typer.Argument(metavar="MODELS", help="Registry names to measure.")
     ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="The built-in set: real all-MiniLM-L6-v2 and tiny local models.")
@@ -659,7 +784,8 @@ def bench(
         if quick:
             from .quick import quick_config
 
-            cfg_dict, names = quick_config()
+            with progress("preparing the built-in models (the first run makes the small ones)"):
+                cfg_dict, names = quick_config()
         else:
             cfg = load_config(config)
             names = list(models_ or [])
@@ -670,13 +796,9 @@ def bench(
             cfg_dict = cfg.model_dump(mode="json")
     except ModelMoraError as exc:
         fail(str(exc))
-    with err.status("benchmarking …") as spinner:
+    with progress(f"benchmarking {', '.join(names)}") as say:
         report = bench_mod.run_benchmark(
-            cfg_dict,
-            names,
-            cycles=cycles,
-            strategies=chosen,
-            progress=lambda msg: spinner.update(f"benchmarking: {msg}"),
+            cfg_dict, names, cycles=cycles, strategies=chosen, progress=say
         ).to_dict()
     if plot_path is not None:
         plot(report, plot_path)
@@ -702,12 +824,24 @@ def _chain_config(chain_file: Path, config: Path | None) -> ManagerConfig | Path
     return load_config(None)
 
 
+class _DryRunRegistry(ProviderRegistry):
+    """Every provider type builds a simulated runtime: a plan asks no real one (no Ollama, no
+    Docker), so it is quick and works offline.  Sizes come from the registry alone."""
+
+    def get(self, name: str) -> Factory:
+        return lambda instance, settings: SimulatedProvider(instance)
+
+
 def _plan_chain(chain_file: Path, config: Path | None, as_json: bool) -> None:
     from .chain import load_chain
     from .chain.report import plan_to_dict, render_plan
 
     try:
-        chain, _ = load_chain(chain_file, config=_chain_config(chain_file, config))
+        chain, _ = load_chain(
+            chain_file,
+            config=_chain_config(chain_file, config),
+            manager_options={"registry": _DryRunRegistry()},
+        )
     except ModelMoraError as exc:
         fail(str(exc))
     residency = run(chain.plan)
@@ -715,6 +849,23 @@ def _plan_chain(chain_file: Path, config: Path | None, as_json: bool) -> None:
         emit_json(plan_to_dict(residency))
     else:
         render_plan(out, residency)
+
+
+@contextlib.contextmanager
+def _quiet_load_failures(*, enabled: bool) -> Iterator[None]:
+    """Keep the manager's "failed to load" log warning off stderr while an observer prints
+    the same failure in its place."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not isinstance(getattr(record, "modelmora_event", None), ev.LoadFailed)
+
+    logger = logging.getLogger("modelmora")
+    if enabled:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 @app.command("run")
@@ -746,19 +897,23 @@ def run_chain(
     if text is None:
         fail(f"{chain_file}: give the chain an input with --input (the file has no 'input:')")
 
+    observer: ConsoleObserver | None = None
+
     async def main() -> Any:
+        nonlocal observer
         async with chain:
             residency = await chain.plan()
             if not as_json:
                 render_plan(out, residency)
-            observer = None if as_json else ConsoleObserver(out, chain.manager, len(chain.steps))
+                observer = ConsoleObserver(out, chain.manager, len(chain.steps))
             return await chain.run(text, observer=observer)
 
-    result = run(main)
+    with _quiet_load_failures(enabled=not as_json):  # the observer prints them
+        result = run(main)
     if as_json:
         emit_json(result_to_dict(result))
     else:
-        render_result(out, result)
+        render_result(out, result, shown=observer.shown if observer else ())
         if result.ok:
             out.print(str(result.output), highlight=False, soft_wrap=True)
     if not result.ok:

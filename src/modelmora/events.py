@@ -168,7 +168,8 @@ class LoggingSubscriber:
         if isinstance(event, LoadFailed):
             level = logging.WARNING
         if self.logger.isEnabledFor(level):
-            self.logger.log(level, "%s", describe(event))
+            # the event rides along, so a handler or filter can tell what it is about
+            self.logger.log(level, "%s", describe(event), extra={"modelmora_event": event})
 
 
 def describe(event: Event) -> str:

@@ -92,6 +92,7 @@ class StepInfo:
     exception: BaseException | None = field(default=None, repr=False)
     loaded: bool = False  # this step had to load its model (or take a prefetched one)
     prefetched: bool = False
+    load_failed: bool = False  # the step broke getting its model, before it ran
     unloaded: tuple[str, ...] = ()
     load_s: float = 0.0
     run_s: float = 0.0
@@ -394,7 +395,11 @@ class _Run:
                     infos.append(info)
                     self.observer.step_started(i, step, planned)
                     try:
-                        handle = await self._acquire(sequence[i], info)
+                        try:
+                            handle = await self._acquire(sequence[i], info)
+                        except Exception:
+                            info.load_failed = True
+                            raise
                         if planned is not None and planned.prefetch and chain.management.prefetch:
                             self._start_prefetch(tg, planned.prefetch)
                         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -44,6 +44,7 @@ class ConsoleObserver(ChainObserver):
         self.timeline = timeline
         self.planned: PlannedStep | None = None
         self.plan: ResidencyPlan | None = None
+        self.shown: set[str] = set()  # errors printed already: said once, then referred to
         manager.events.subscribe(self._on_event)
 
     def _say(self, text: str) -> None:
@@ -73,6 +74,7 @@ class ConsoleObserver(ChainObserver):
             )
         elif isinstance(e, ev.LoadFailed):
             self._say(f"    [red]failed[/]  {e.model}: {e.error}")
+            self.shown.add(str(e.error))
 
     def _last_use(self, model: str) -> bool:
         return self.planned is not None and all(
@@ -95,8 +97,11 @@ class ConsoleObserver(ChainObserver):
             self.timeline.mark(f"{index + 1}. {step.label}")
 
     def step_finished(self, info: StepInfo) -> None:
-        if info.error is not None:
+        if info.error is not None and info.error in self.shown:
+            self._say(f"    [red]error[/]   the step stopped: {info.model} did not load (above)")
+        elif info.error is not None:
             self._say(f"    [red]error[/]   {info.error}")
+            self.shown.add(info.error)
         else:
             self._say(f"    [cyan]output[/]  {_excerpt(info.output)}  [dim]({info.run_s:.2f}s)[/]")
 
@@ -130,13 +135,25 @@ def render_plan(console: Console, plan: ResidencyPlan) -> None:
     )
 
 
-def render_result(console: Console, result: ChainResult, *, kinds: Mapping[str, str] | None = None) -> None:
+def render_result(
+    console: Console,
+    result: ChainResult,
+    *,
+    kinds: Mapping[str, str] | None = None,
+    shown: Collection[str] = (),
+) -> None:
+    """The steps table and the verdict; an error in ``shown`` (printed already, e.g. by a
+    :class:`ConsoleObserver`) is referred to rather than repeated."""
     kinds = kinds or {}
     table = Table(title="Steps", title_justify="left")
     for col in ("#", "step", "model", "came from", "load s", "run s", "unloaded after"):
         table.add_column(col)
     for s in result.steps:
-        came = "-" if s.model is None else ("prefetch" if s.prefetched else "load" if s.loaded else "reuse")
+        came = (
+            "-" if s.model is None
+            else "[red]failed to load[/]" if s.load_failed
+            else "prefetch" if s.prefetched else "load" if s.loaded else "reuse"
+        )  # fmt: skip
         kind = kinds.get(s.model or "")
         model = (s.model or "-") + (f" ({kind})" if kind else "")
         table.add_row(
@@ -144,7 +161,8 @@ def render_result(console: Console, result: ChainResult, *, kinds: Mapping[str, 
             ", ".join(s.unloaded) or ("[red]failed[/]" if s.error else "-"),
         )  # fmt: skip
     console.print(table)
-    state = "completed" if result.ok else f"broken at step {(result.broken_at or 0) + 1}: {result.reason}"
+    why = " (the error is above)" if result.reason in shown else f": {result.reason}"
+    state = "completed" if result.ok else f"broken at step {(result.broken_at or 0) + 1}{why}"
     console.print(f"chain {state} in {result.duration_s:.2f}s with {result.loads} loads", highlight=False)
 
 
@@ -165,6 +183,7 @@ def result_to_dict(result: ChainResult) -> dict[str, Any]:
                 "model": s.model,
                 "loaded": s.loaded,
                 "prefetched": s.prefetched,
+                "load_failed": s.load_failed,
                 "load_s": round(s.load_s, 4),
                 "run_s": round(s.run_s, 4),
                 "unloaded": list(s.unloaded),

@@ -8,9 +8,15 @@ behind the manager's back, models that someone else loaded.
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
+import filelock
+from pydantic import Field
 
 from ..errors import LoadFailed, ModelMoraError
 from ..residency import parked
@@ -21,6 +27,11 @@ from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
 class SimulatedSettings(ProviderSettings):
     load_time: Duration = 0.0
     unload_time: Duration = 0.0
+    state_file: str | None = Field(
+        None,
+        description="Keep what is resident in this JSON file, so separate processes (CLI commands) "
+        "see one simulated runtime, as they would a real one.",
+    )
 
 
 @dataclass
@@ -52,10 +63,56 @@ class SimulatedProvider(Provider):
     def __init__(self, name: str = "simulated", settings: SimulatedSettings | None = None):
         super().__init__(name, settings)
         self.resident: dict[str, _Resident] = {}
+        self.state_file = Path(self.settings.state_file).expanduser() if self.settings.state_file else None
         self.stats = SimulatedStats()
         self._fail_next: dict[str, list[BaseException]] = {}
         self._hang: set[str] = set()
         self.reachable = True
+
+    # -- state shared through a file -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _state(self) -> Iterator[dict[str, _Resident]]:
+        """``resident``, re-read from the state file and written back after the block, under
+        a file lock (without a state file: just ``resident``)."""
+        if self.state_file is None:
+            yield self.resident
+            return
+        from ..registry import atomic_write
+
+        lock = filelock.FileLock(self.state_file.with_name(f".{self.state_file.name}.lock"), timeout=30)
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            with lock:
+                self.resident = self._read_state()
+                yield self.resident
+                models = {
+                    t: {"memory": r.memory, "owned": r.owned, "asleep": r.asleep}
+                    for t, r in self.resident.items()
+                }
+                atomic_write(self.state_file, json.dumps({"version": 1, "models": models}, indent=1) + "\n")
+        except (OSError, filelock.Timeout) as exc:
+            raise ModelMoraError(
+                f"simulated runtime {self.name!r}: cannot use its state file {self.state_file} ({exc})",
+                provider=self.name,
+            ) from None
+
+    def _read_state(self) -> dict[str, _Resident]:
+        assert self.state_file is not None
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            return {
+                str(t): _Resident(
+                    {str(d): int(n) for d, n in r["memory"].items()},
+                    bool(r.get("owned", True)),
+                    None if r.get("asleep") is None else {str(d): int(n) for d, n in r["asleep"].items()},
+                )
+                for t, r in data["models"].items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return {}  # a damaged file is an empty runtime, as after a reboot
 
     # -- test hooks ---------------------------------------------------------------------
 
@@ -70,11 +127,13 @@ class SimulatedProvider(Provider):
 
     def evict_behind_back(self, target: str) -> None:
         """The runtime drops a model on its own (like Ollama's scheduler or an OOM kill)."""
-        self.resident.pop(target, None)
+        with self._state() as resident:
+            resident.pop(target, None)
 
     def preload(self, target: str, memory: dict[str, int], *, owned: bool = False) -> None:
         """Something else loaded this model before the manager started."""
-        self.resident[target] = _Resident(dict(memory), owned)
+        with self._state() as resident:
+            resident[target] = _Resident(dict(memory), owned)
 
     # -- provider -----------------------------------------------------------------------
 
@@ -101,7 +160,8 @@ class SimulatedProvider(Provider):
                     exc.model = spec.name
                 raise exc
             memory = {k: int(v) for k, v in spec.options.get("actual_memory", spec.memory).items()}
-            self.resident[target] = _Resident(memory)
+            with self._state() as resident:
+                resident[target] = _Resident(memory)
             return Handle(spec=spec, provider=self.name, memory=dict(memory), _obj=f"<simulated {target}>")
         finally:
             self.stats.loading.discard(target)
@@ -110,13 +170,15 @@ class SimulatedProvider(Provider):
         delay = float(handle.spec.options.get("unload_time", self.settings.unload_time))
         if delay:
             await anyio.sleep(delay)
-        gone = self.resident.pop(handle.target, None)
+        with self._state() as resident:
+            gone = resident.pop(handle.target, None)
         self.stats.unloads += 1
         handle.close()
         return dict(gone.memory) if gone else {}
 
     def _resident(self, handle: Handle) -> _Resident:
-        resident = self.resident.get(handle.target)
+        with self._state() as models:
+            resident = models.get(handle.target)
         if resident is None:
             raise LoadFailed(
                 f"simulated runtime no longer has {handle.target!r}", model=handle.name, provider=self.name
@@ -125,16 +187,22 @@ class SimulatedProvider(Provider):
 
     async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
         """Weights to host RAM: GPU memory drops to nothing, RAM takes what the GPU held."""
-        resident = self._resident(handle)
+        self._resident(handle)
         await self._delay(handle, "sleep_time")
-        resident.asleep = parked(resident.memory)
+        with self._state() as models:
+            resident = models.get(handle.target) or _Resident(dict(handle.memory))
+            resident.asleep = parked(resident.memory)
+            models[handle.target] = resident
         self.stats.sleeps += 1
         return dict(resident.asleep)
 
     async def wake(self, handle: Handle) -> dict[str, int]:
-        resident = self._resident(handle)
+        self._resident(handle)
         await self._delay(handle, "wake_time")
-        resident.asleep = None
+        with self._state() as models:
+            resident = models.get(handle.target) or _Resident(dict(handle.memory))
+            resident.asleep = None
+            models[handle.target] = resident
         self.stats.wakes += 1
         return dict(resident.memory)
 
@@ -148,6 +216,8 @@ class SimulatedProvider(Provider):
             from ..errors import ProviderUnavailable
 
             raise ProviderUnavailable(f"simulated runtime {self.name!r} unreachable", provider=self.name)
+        with self._state():
+            pass  # re-read what other processes did
         return [
             Observed(
                 target=t,

@@ -4,6 +4,7 @@ so it is also how the CLI manages them remotely (``--url``)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -39,6 +40,7 @@ from .proxy import Proxy, router
 from .security import AUTHORISED, Guard, allowed_hosts
 
 _QUIET = (ev.LeaseAcquired, ev.LeaseReleased)
+HISTORY = 50
 
 
 class LoadRequest(BaseModel):
@@ -119,6 +121,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.manager = mm
+    # the recent lifecycle events, sent first to each new /events client (the status page
+    # opened after a load still shows it)
+    history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
+    mm.events.subscribe(lambda e: None if isinstance(e, _QUIET) else history.append(event_to_dict(e)))
     # the last added runs first: host check, then CORS preflights, then the guard
     app.add_middleware(
         Guard, token=token, max_body=max_body, read_timeout=read_timeout, allow_origins=allow_origins
@@ -190,8 +196,11 @@ def create_app(
 
     @app.get("/events", tags=["server"], response_class=StreamingResponse)
     async def events(request: Request, leases: bool = False) -> StreamingResponse:
-        """Server-sent events, one JSON object per lifecycle transition."""
-        send, receive = anyio.create_memory_object_stream[dict[str, Any]](256)
+        """Server-sent events, one JSON object per lifecycle transition; the recent ones
+        (up to 50, marked ``"history": true``) come first."""
+        send, receive = anyio.create_memory_object_stream[dict[str, Any]](256 + HISTORY)
+        for past in list(history):  # no await before subscribing: nothing falls in between
+            send.send_nowait({**past, "history": True})
 
         def on_event(event: ev.Event) -> None:
             if leases or not isinstance(event, _QUIET):
