@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelmora import bench
+from modelmora.cli import bench
 
 MB = 1_000_000
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from modelmora import ManagerConfig
 from modelmora.cli import app
-from modelmora.registry import atomic_write
+from modelmora.cli.registry import atomic_write
 
 runner = CliRunner()
 

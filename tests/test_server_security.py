@@ -20,9 +20,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from modelmora import ModelManager
+from modelmora.cli.remote import RemoteManager
 from modelmora.memory import StaticProbe
 from modelmora.providers.base import Handle, Observed, Provider
-from modelmora.remote import RemoteManager
 from modelmora.server import create_app, server_options
 from modelmora.spec import ModelSpec
 from modelmora.testing.ollama import OllamaEmulator

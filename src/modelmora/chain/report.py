@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -11,9 +11,11 @@ from rich.table import Table
 from .. import events as ev
 from ..manager import ModelManager
 from ..spec import format_size
-from ..timeline import MemoryTimeline
 from .executor import ChainObserver, ChainResult, Step, StepInfo
 from .plan import PlannedStep, ResidencyPlan, plan_always_unload, plan_next_use
+
+if TYPE_CHECKING:
+    from ..cli.timeline import MemoryTimeline  # the demo's; only ever passed in
 
 
 def _memory(memory: Mapping[str, int]) -> str:

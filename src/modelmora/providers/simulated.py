@@ -78,7 +78,7 @@ class SimulatedProvider(Provider):
         if self.state_file is None:
             yield self.resident
             return
-        from ..registry import atomic_write
+        from ..cli.registry import atomic_write
 
         lock = filelock.FileLock(self.state_file.with_name(f".{self.state_file.name}.lock"), timeout=30)
         try:

@@ -1,4 +1,4 @@
-"""Presenting a benchmark :class:`~modelmora.bench.Report`: rich tables and a matplotlib figure."""
+"""Presenting a benchmark :class:`~modelmora.cli.bench.Report`: rich tables and a matplotlib figure."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .spec import format_duration, format_size
+from ..spec import format_duration, format_size
 
 _MARK = {
     "excellent": "✅",

@@ -24,8 +24,8 @@ import filelock
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from .config import ManagerConfig
-from .errors import ConfigError, UnknownModel
+from ..config import ManagerConfig
+from ..errors import ConfigError, UnknownModel
 
 
 def _yaml() -> YAML:
@@ -145,7 +145,7 @@ class RegistryFile:
 
     def save(self) -> ManagerConfig:
         """Validate the edited config, then replace the file atomically."""
-        from .providers import check_provider_types
+        from ..providers import check_provider_types
 
         config = self.validate()
         writable_target(self.path)

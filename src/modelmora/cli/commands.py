@@ -26,16 +26,16 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from . import events as ev
+from .. import events as ev
+from ..config import ManagerConfig
+from ..errors import ModelMoraError, ModelNotFound
+from ..manager import ModelManager
+from ..memory import StaticProbe
+from ..providers import Factory, ProviderRegistry
+from ..providers.simulated import SimulatedProvider
+from ..spec import ModelSpec, format_duration, format_memory, format_size, parse_duration
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
-from .config import ManagerConfig
-from .errors import ModelMoraError, ModelNotFound
-from .manager import ModelManager
-from .memory import StaticProbe
-from .providers import Factory, ProviderRegistry
-from .providers.simulated import SimulatedProvider
 from .registry import RegistryFile
-from .spec import ModelSpec, format_duration, format_memory, format_size, parse_duration
 
 T = TypeVar("T")
 
@@ -815,7 +815,7 @@ def bench(
 
 def _chain_config(chain_file: Path, config: Path | None) -> ManagerConfig | Path | None:
     """--config wins; else the chain file's own ``config:``; else the usual default lookup."""
-    from .chain.files import read_chain_file
+    from ..chain.files import read_chain_file
 
     if config is not None:
         return load_config(config)
@@ -833,8 +833,8 @@ class _DryRunRegistry(ProviderRegistry):
 
 
 def _plan_chain(chain_file: Path, config: Path | None, as_json: bool) -> None:
-    from .chain import load_chain
-    from .chain.report import plan_to_dict, render_plan
+    from ..chain import load_chain
+    from ..chain.report import plan_to_dict, render_plan
 
     try:
         chain, _ = load_chain(
@@ -884,8 +884,8 @@ def run_chain(
 
     Example: modelmora run examples/chains/analysis.yaml --input "the quarterly numbers"
     """
-    from .chain import load_chain
-    from .chain.report import ConsoleObserver, render_plan, render_result, result_to_dict
+    from ..chain import load_chain
+    from ..chain.report import ConsoleObserver, render_plan, render_result, result_to_dict
 
     try:
         chain, spec = load_chain(chain_file, config=_chain_config(chain_file, config))
@@ -950,8 +950,8 @@ def demo(
     Real all-MiniLM-L6-v2 plus small stand-ins made on first run; prints every load, reuse and
     eviction with measured memory and writes a PNG of the memory timeline.
     """
+    from ..spec import parse_size
     from .demo import TEXT, run_demo
-    from .spec import parse_size
 
     if budget is not None:
         try:
@@ -1007,8 +1007,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/)."""
-    from .server import create_app, is_loopback, server_options, token_from_env
-    from .spec import parse_size
+    from ..server import create_app, is_loopback, server_options, token_from_env
+    from ..spec import parse_size
 
     token = token_from_env()
     if not is_loopback(host) and token is None:

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import ModelMoraError, ProviderUnavailable
+from ..errors import ModelMoraError, ProviderUnavailable
 
 
 class RemoteManager:

@@ -16,8 +16,8 @@ import anyio
 import anyio.abc
 import psutil
 
-from . import events as ev
-from .manager import ModelManager
+from .. import events as ev
+from ..manager import ModelManager
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,14 @@ import anyio
 import httpx
 from rich.console import Console
 
-from . import events as ev
-from .chain import Chain, ChainResult, Step, plan_next_use
-from .chain.llm import complete
-from .chain.report import ConsoleObserver, render_plan, render_result
-from .config import ManagerConfig
-from .manager import ModelManager
-from .providers.base import Handle
-from .spec import format_size
+from .. import events as ev
+from ..chain import Chain, ChainResult, Step, plan_next_use
+from ..chain.llm import complete
+from ..chain.report import ConsoleObserver, render_plan, render_result
+from ..config import ManagerConfig
+from ..manager import ModelManager
+from ..providers.base import Handle
+from ..spec import format_size
 from .timeline import MemoryTimeline
 
 TEXT = (
@@ -123,7 +123,7 @@ def local_models() -> dict[str, dict[str, Any]]:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .testing.models import make_tiny_causal_lm, minilm_path
+    from ..testing.models import make_tiny_causal_lm, minilm_path
 
     writer = make_tiny_causal_lm(home() / "demo-gpt2-6x384", layers=6, hidden=384)
     return {

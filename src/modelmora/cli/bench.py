@@ -4,7 +4,7 @@ What engineers planning a serving architecture need from one box: how long a mod
 to load cold and warm, what it really costs in memory, how fast the first inference is,
 how much of that memory comes back on unload (in-process GC vs subprocess isolation vs a
 warm offload), and whether load/unload cycles leak.  Each measurement that must be "cold"
-runs in a fresh subprocess (``python -m modelmora.bench worker``), so imports, allocator
+runs in a fresh subprocess (``python -m modelmora.cli.bench worker``), so imports, allocator
 state and caches of one measurement never flatter the next.
 
 Verdicts and recommendations follow the seed benchmark's thresholds; they are pure
@@ -28,10 +28,10 @@ from typing import Any
 import anyio
 import psutil
 
-from . import events
-from .config import ManagerConfig
-from .errors import ModelMoraError
-from .spec import format_size
+from .. import events
+from ..config import ManagerConfig
+from ..errors import ModelMoraError
+from ..spec import format_size
 
 MB = 1_000_000
 
@@ -218,7 +218,7 @@ async def first_inference(handle: Any) -> float | None:
 
 
 def _worker_manager(config: dict[str, Any]) -> Any:
-    from .manager import ModelManager
+    from ..manager import ModelManager
 
     return ModelManager(ManagerConfig.from_dict(config, source="bench"))
 
@@ -350,7 +350,7 @@ def run_in_subprocess(task: dict[str, Any], *, timeout: float = 600) -> dict[str
     """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run(
-        [sys.executable, "-m", "modelmora.bench", "worker"],
+        [sys.executable, "-m", "modelmora.cli.bench", "worker"],
         input=json.dumps(task), capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -422,7 +422,7 @@ def summarise(
 def machine_info() -> dict[str, Any]:
     import platform
 
-    from . import __version__
+    from .. import __version__
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -474,7 +474,7 @@ def main() -> None:
         result = anyio.run(run_worker, task)
         sys.stdout.write("\n" + json.dumps(result) + "\n")
         return
-    raise SystemExit("usage: python -m modelmora.bench worker  (use `modelmora bench` instead)")
+    raise SystemExit("usage: python -m modelmora.cli.bench worker  (use `modelmora bench` instead)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ProviderUnavailable
+from ..errors import ProviderUnavailable
 
 
 def home() -> Path:
@@ -30,7 +30,7 @@ def quick_models(*, lm_hidden: int = 64, lm_layers: int = 2) -> dict[str, dict[s
     """Registry entries (provider ``torch``, device ``cpu``) for the built-in models."""
     require_torch()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .testing.models import make_tiny_causal_lm, minilm_path
+    from ..testing.models import make_tiny_causal_lm, minilm_path
 
     lm = make_tiny_causal_lm(
         home() / f"tiny-gpt2-{lm_layers}x{lm_hidden}", layers=lm_layers, hidden=lm_hidden

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from .errors import ModelMoraError, ModelNotFound, ProviderUnavailable
+from ..errors import ModelMoraError, ModelNotFound, ProviderUnavailable
 
 
 @dataclass(frozen=True)

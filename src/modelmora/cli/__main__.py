@@ -1,0 +1,5 @@
+"""``python -m modelmora.cli …``, the same as the ``modelmora`` command."""
+
+from .commands import main
+
+main()
