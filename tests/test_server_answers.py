@@ -157,3 +157,15 @@ def test_a_boolean_is_not_a_duration(
         assert emu.stats.loads == 0
         assert c.post("/models/llm/load", json={"keep_alive": 90}).status_code == 200
         assert c.get("/status").json()["models"][0]["expires_in_s"] > 60
+
+
+def test_memory_that_waiting_cannot_free_is_a_conflict_not_a_server_error(serve: Callable[..., str]) -> None:
+    """Found by schemathesis: a load refused because pinned models hold the budget (or one
+    bigger than the budget) answered 503 + Retry-After, but retrying cannot help: 409."""
+    url = serve({"budgets": {"cuda:0": "16GB"}, "models": {"a": {"memory": "10GB"}, "b": {"memory": "9GB"}, "big": {"memory": "20GB"}}})  # fmt: skip
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/models/a/load", json={"pin": True}).status_code == 200
+        for name, said in (("b", "pinned models hold"), ("big", "but the budget is 16.0 GB")):
+            reply = c.post(f"/models/{name}/load")
+            assert reply.status_code == 409, reply.text
+            assert said in reply.json()["error"]["message"] and "retry-after" not in reply.headers
