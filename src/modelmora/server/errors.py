@@ -79,14 +79,30 @@ async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_body(exc.status, exc.message, exc.code), status_code=exc.status, headers=headers)
 
 
+def waiting_cannot_help(manager: ModelManager, exc: InsufficientMemory) -> bool:
+    """A refusal no retry can turn around: nothing else holds the memory (the model is bigger
+    than the budget) or only pinned models do, until someone unpins or force-unloads."""
+    if exc.would_evict:  # an eviction failed: the runtime may do better next time
+        return False
+    pinned = {e.name for e in manager.entries() if e.pinned}
+    return set(exc.holders) <= pinned
+
+
+def http_status(manager: ModelManager, exc: ModelMoraError) -> int:
+    """:func:`status_for`, and 409 for a memory refusal that retrying cannot help."""
+    if isinstance(exc, InsufficientMemory) and waiting_cannot_help(manager, exc):
+        return 409
+    return status_for(exc)
+
+
 async def handle_modelmora_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ModelMoraError)
-    status = status_for(exc)
+    status = http_status(request.app.state.manager, exc)
     headers = None
     if isinstance(exc, RecentlyFailed):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    elif isinstance(exc, InsufficientMemory):
-        headers = {"Retry-After": "5"}  # until a lease ends, which nothing predicts
+    elif status == 503:
+        headers = {"Retry-After": "5"}  # until something else lets go, which nothing predicts
     return JSONResponse(_body(status, str(exc), type(exc).__name__), status_code=status, headers=headers)
 
 
@@ -102,7 +118,9 @@ __all__ = [
     "handle_api_error",
     "handle_internal_error",
     "handle_modelmora_error",
+    "http_status",
     "registered",
     "resident_or_registered",
     "status_for",
+    "waiting_cannot_help",
 ]

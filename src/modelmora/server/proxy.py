@@ -28,7 +28,7 @@ from ..manager import Lease, ModelManager
 from ..providers.base import Handle
 from ..residency import State
 from ..spec import parse_duration
-from .errors import api_error, registered, status_for
+from .errors import api_error, http_status, registered
 from .metrics import Metrics
 
 
@@ -157,7 +157,7 @@ class Proxy:
         try:
             lease, handle = await self._lease(name, keep_alive, len(await request.body()))
         except ModelMoraError as exc:
-            self.metrics.requests.labels(name, str(status_for(exc))).inc()
+            self.metrics.requests.labels(name, str(http_status(self.manager, exc))).inc()
             raise
         try:
             if handle.endpoint is None:
