@@ -215,3 +215,8 @@ def test_removing_the_model_the_environment_makes_default_is_refused(tmp_path: P
     assert path.read_text() == text
     assert cli("models", "remove", "a", "-c", str(path), env=env).returncode == 0
     assert cli("list-loaded", "-c", str(path), env={"MODELMORA_HOME": str(tmp_path)}).returncode == 0
+
+
+def test_no_arguments_prints_the_help_and_no_error_line() -> None:
+    shown = cli()
+    assert "Usage: modelmora" in shown.stdout and shown.stderr == "", shown.stderr

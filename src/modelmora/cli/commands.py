@@ -125,6 +125,8 @@ class OneLineErrors(TyperGroup):
             if not (hasattr(exc, "format_message") and isinstance(code, int)):
                 raise
             message = str(exc.format_message())
+            if not message.strip():  # no arguments: the help was printed instead
+                sys.exit(code)
             ctx = getattr(exc, "ctx", None)
             if ctx is not None:
                 command = ctx.command_path
