@@ -72,10 +72,14 @@ class SimulatedProvider(Provider):
     # -- state shared through a file -----------------------------------------------------
 
     @contextlib.contextmanager
-    def _state(self) -> Iterator[dict[str, _Resident]]:
+    def _state(self, *, write: bool = True) -> Iterator[dict[str, _Resident]]:
         """``resident``, re-read from the state file and written back after the block, under
         a file lock (without a state file: just ``resident``)."""
         if self.state_file is None:
+            yield self.resident
+            return
+        if not write:  # the writes are atomic: a plain read sees a whole file
+            self.resident = self._read_state()
             yield self.resident
             return
         from ..cli.registry import atomic_write
@@ -177,7 +181,7 @@ class SimulatedProvider(Provider):
         return dict(gone.memory) if gone else {}
 
     def _resident(self, handle: Handle) -> _Resident:
-        with self._state() as models:
+        with self._state(write=False) as models:
             resident = models.get(handle.target)
         if resident is None:
             raise LoadFailed(
@@ -216,7 +220,7 @@ class SimulatedProvider(Provider):
             from ..errors import ProviderUnavailable
 
             raise ProviderUnavailable(f"simulated runtime {self.name!r} unreachable", provider=self.name)
-        with self._state():
+        with self._state(write=False):
             pass  # re-read what other processes did
         return [
             Observed(
