@@ -26,7 +26,6 @@ from starlette.types import Receive, Scope, Send
 from ..errors import ModelMoraError
 from ..manager import Lease, ModelManager
 from ..providers.base import Handle
-from ..residency import State
 from ..spec import parse_duration
 from .errors import api_error, http_status, registered
 from .metrics import Metrics
@@ -54,7 +53,7 @@ class EmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
 
 
-_UNDER_WAY = (State.LOADING, State.WAKING)
+_UNDER_WAY = ("loading", "waking")  # row states (a StrEnum), by value: no core import
 
 # the headers that describe the body, which is passed through as the runtime sent it
 _ENTITY_HEADERS = frozenset(
