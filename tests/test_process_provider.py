@@ -70,7 +70,7 @@ async def test_start_serve_and_stop_a_real_llama_cpp_server(gguf_model: Path, tm
             assert handle.api == "openai" and handle.endpoint is not None
             assert handle.memory["cpu"] > 10_000_000  # the server process's RSS, measured
             (server,) = servers_for(str(gguf_model))
-            assert server.pid == handle.data["pid"]
+            assert server.pid == handle.pid
             async with httpx.AsyncClient(timeout=60) as client:
                 reply = await client.post(
                     f"{handle.endpoint}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}
@@ -113,13 +113,13 @@ async def test_a_restarted_manager_adopts_the_running_server(gguf_model: Path, t
     cfg = config(tmp_path, str(gguf_model))
     async with ModelManager(cfg, probe=StaticProbe({})) as first:
         handle = await first.load("tiny", keep_alive=float("inf"))
-        pid = handle.data["pid"]
+        pid = handle.pid
     assert psutil.pid_exists(pid), "the manager must not stop servers when it exits"
     async with ModelManager(cfg, probe=StaticProbe({})) as second:
         (status,) = (await second.status()).models
         assert status.name == "tiny" and status.state == "ready"
         async with second.use("tiny") as adopted:
-            assert adopted.data["pid"] == pid
+            assert adopted.pid == pid
             async with httpx.AsyncClient(timeout=10) as client:
                 assert (await client.get(f"{adopted.endpoint}/v1/models")).status_code == 200
         assert await second.unload("tiny")

@@ -23,7 +23,6 @@ from .manager import Lease, ManagerStatus, ModelManager, ModelStatus, UnloadAllR
 from .planner import Admit, Refuse, Wait
 from .providers import (
     Handle,
-    Health,
     Observed,
     Provider,
     ProviderSettings,
@@ -43,7 +42,6 @@ __all__ = [
     "EventBus",
     "Handle",
     "HandleClosed",
-    "Health",
     "InsufficientMemory",
     "Lease",
     "LoadFailed",

@@ -178,7 +178,7 @@ async def first_inference(handle: Any) -> float | None:
         obj = handle.obj
         if obj is None or isinstance(obj, str | bytes):  # the simulated runtime's stand-in
             return None
-        tokenizer = (handle.data.get("extras") or {}).get("tokenizer")
+        tokenizer = handle.extras.get("tokenizer")
         if tokenizer is not None:
 
             def run() -> None:

@@ -77,7 +77,7 @@ def find_key_sentence(model: Any, note: Note) -> Note:
 def _generate(handle: Handle, prompt: str, tokens: int) -> str:
     import torch
 
-    tokenizer = handle.data["extras"]["tokenizer"]
+    tokenizer = handle.extras["tokenizer"]
     model = handle.obj
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
@@ -171,8 +171,8 @@ def local_chain(budget: str) -> tuple[Chain, dict[str, str], str]:
 async def _embed(handle: Handle, texts: list[str]) -> list[list[float]]:
     assert handle.endpoint is not None
     body: dict[str, Any] = {"model": handle.target, "input": texts}
-    if "keep_alive" in handle.data:
-        body["keep_alive"] = handle.data["keep_alive"]
+    if handle.keep_alive is not None:
+        body["keep_alive"] = handle.keep_alive
     async with httpx.AsyncClient(base_url=handle.endpoint, timeout=60) as client:
         response = await client.post("/api/embed", json=body)
         response.raise_for_status()

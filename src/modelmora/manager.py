@@ -354,7 +354,7 @@ class ModelManager:
                 provider = self.provider(provider_name)  # fail fast when its runtime is unavailable
                 self._check_backoff(name, retry)
                 entry = Entry(spec, provider_name)
-                entry.can_sleep = spec.warm_tier and "sleep" in provider.capabilities
+                entry.can_sleep = spec.warm_tier and provider.capabilities.warm_tier
                 entry.leases += 1
                 self._table[name] = entry
                 tg.start_soon(self._load_entry, entry, name=f"modelmora-load-{name}")
@@ -492,7 +492,7 @@ class ModelManager:
         self._check_running()
         entry = self._table.get(name)
         provider = self._providers.get(entry.provider) if entry is not None else None
-        if entry is None or provider is None or "sleep" not in provider.capabilities:
+        if entry is None or provider is None or not provider.capabilities.warm_tier:
             return False
         if entry.state is not State.READY or entry.leases:
             return False
@@ -1040,7 +1040,7 @@ class ModelManager:
             provider = self._providers.get(entry.provider)
             if (
                 provider is None
-                or "refresh" not in provider.capabilities
+                or not provider.capabilities.refresh
                 or entry.handle is None
                 or not entry.owned
                 or entry.state is not State.READY
@@ -1089,7 +1089,7 @@ class ModelManager:
                 asleep = seen.tier is Tier.SLEEPING
                 entry = Entry(spec, name, state=State.SLEEPING if asleep else State.READY)
                 entry.handle = handle
-                entry.can_sleep = "sleep" in provider.capabilities and (spec.warm_tier or asleep)
+                entry.can_sleep = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
                 entry.memory = dict(seen.memory) or dict(spec.memory)
                 if asleep:
                     entry.sleep_memory = dict(entry.memory)

@@ -44,7 +44,7 @@ from pydantic import Field
 from ..errors import ConfigError, LoadFailed, UnloadFailed
 from ..net import expand, free_port
 from ..spec import Duration, ModelSpec, parse_duration
-from .base import Handle, Health, Observed, Provider, ProviderSettings
+from .base import Handle, Observed, Provider, ProviderSettings
 from .readiness import wait_until_ready
 
 
@@ -155,8 +155,8 @@ class ProcessProvider(Provider):
         return Handle(
             spec=spec, provider=self.name, endpoint=self._url(port), api="openai",
             memory=self._memory(spec, running.pid),
-            data={"pid": running.pid, "port": port, "log": str(log),
-                  "served_name": spec.options.get("served_name", spec.target)},
+            pid=running.pid, runtime=running,
+            served_name=str(spec.options.get("served_name", spec.target)),
         )  # fmt: skip
 
     async def _wait_ready(self, spec: ModelSpec, running: _Running, timeout: float) -> None:
@@ -255,12 +255,9 @@ class ProcessProvider(Provider):
         return Handle(
             spec=spec, provider=self.name, endpoint=self._url(running.port), api="openai",
             memory=self._memory(spec, running.pid), owned=True,
-            data={"pid": running.pid, "port": running.port, "log": str(running.log),
-                  "served_name": spec.options.get("served_name", spec.target)},
+            pid=running.pid, runtime=running,
+            served_name=str(spec.options.get("served_name", spec.target)),
         )  # fmt: skip
-
-    async def health(self) -> Health:
-        return Health(ok=True, detail=f"{len(self.running)} server process(es)")
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -15,7 +15,7 @@ import anyio
 from ..errors import LoadFailed, ModelMoraError
 from ..residency import parked
 from ..spec import Duration, ModelSpec
-from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 
 
 class SimulatedSettings(ProviderSettings):
@@ -47,7 +47,7 @@ class SimulatedProvider(Provider):
 
     Settings = SimulatedSettings
     settings: SimulatedSettings
-    capabilities = frozenset({"sleep"})
+    capabilities = Capabilities(warm_tier=True)
 
     def __init__(self, name: str = "simulated", settings: SimulatedSettings | None = None):
         super().__init__(name, settings)
@@ -157,9 +157,6 @@ class SimulatedProvider(Provider):
             )
             for t, r in self.resident.items()
         ]
-
-    async def health(self) -> Health:
-        return Health(ok=self.reachable, detail="simulated", version="simulated")
 
 
 __all__ = ["SimulatedProvider", "SimulatedSettings", "SimulatedStats"]

@@ -37,7 +37,7 @@ from pydantic import Field
 from ..errors import HandleClosed, LoadFailed, ModelMoraError, ModelNotFound, ProviderError, UnloadFailed
 from ..spec import Duration, ModelSpec
 from . import torch_loaders as loaders
-from .base import Handle, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from .torch_worker import HEADER
 
 log = logging.getLogger("modelmora.torch")
@@ -65,10 +65,6 @@ class IsolatedHandle(Handle):
             f"{self.name!r} lives in an isolated worker process; use `await handle.call(method, *args)`",
             model=self.name, provider=self.provider,
         )  # fmt: skip
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the model in the worker (``"__call__"`` calls the object)."""
@@ -130,7 +126,7 @@ class TorchProvider(Provider):
 
     Settings = TorchSettings
     settings: TorchSettings
-    capabilities = frozenset({"sleep"})
+    capabilities = Capabilities(warm_tier=True)
 
     def __init__(self, name: str = "torch", settings: TorchSettings | None = None):
         super().__init__(name, settings)
@@ -162,7 +158,7 @@ class TorchProvider(Provider):
         memory = {device if device.startswith("cuda") else "cpu": nbytes}
         return Handle(
             spec=spec, provider=self.name, memory=memory, _obj=obj,
-            data={"device": device, "extras": extras, "kind": loaders.kind_of(spec.target, options)},
+            device=device, extras=extras, kind=loaders.kind_of(spec.target, options),
         )  # fmt: skip
 
     async def _load_isolated(self, spec: ModelSpec, device: str, options: dict[str, Any]) -> IsolatedHandle:
@@ -178,7 +174,7 @@ class TorchProvider(Provider):
         handle = IsolatedHandle(
             spec=spec, provider=self.name, _process=process, _reader=BufferedByteReceiveStream(process.stdout)
         )
-        handle.data["device"] = device
+        handle.device = device
         try:
             with anyio.fail_after(self.settings.worker_start_timeout):
                 reply = await handle.exchange(("load", spec.name, spec.target, device, worker_opts))
@@ -197,7 +193,7 @@ class TorchProvider(Provider):
         handle.memory = (
             {"cpu": int(info["rss"])} if gpu is None else {gpu: int(info["cuda"]), "cpu": int(info["rss"])}
         )
-        handle.data["pid"] = process.pid
+        handle.pid = process.pid
         return handle
 
     # -- unloading ----------------------------------------------------------------------
@@ -212,7 +208,7 @@ class TorchProvider(Provider):
         return await anyio.to_thread.run_sync(self._drop_in_process, handle, limiter=self._limiter)
 
     def _drop_in_process(self, handle: Handle) -> dict[str, int]:
-        device = str(handle.data.get("device", "cpu"))
+        device = handle.device or "cpu"
         obj = handle._obj
         try:
             ref: weakref.ref[Any] | None = weakref.ref(obj)
@@ -220,7 +216,7 @@ class TorchProvider(Provider):
             ref = None  # objects without weak references cannot be checked for leaks
         rss_before, cuda_before = _rss(), loaders.cuda_allocated(device)
         handle.close()
-        handle.data.clear()
+        handle.extras.clear()
         del obj
         loaders.release_memory()
         leaked = ref() if ref is not None else None
@@ -280,7 +276,7 @@ class TorchProvider(Provider):
         return {"cpu": loaders.footprint(obj) or sum(handle.memory.values())}
 
     async def wake(self, handle: Handle) -> dict[str, int]:
-        device = str(handle.data.get("device", "cpu"))
+        device = handle.device or "cpu"
         if isinstance(handle, IsolatedHandle):
             rss = await handle.request(("wake", device))
             return {"cpu": int(rss)} if device == "cpu" else dict(handle.memory)

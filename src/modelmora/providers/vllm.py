@@ -41,7 +41,7 @@ from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable
 from ..net import expand
 from ..residency import parked
 from ..spec import Duration, ModelSpec, parse_duration
-from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from .readiness import wait_until_ready
 
 LABEL = "modelmora.provider"
@@ -74,7 +74,7 @@ class VLLMSettings(ProviderSettings):
 class VLLMProvider(Provider):
     Settings = VLLMSettings
     settings: VLLMSettings
-    capabilities = frozenset({"sleep"})
+    capabilities = Capabilities(warm_tier=True)
 
     def __init__(self, name: str = "vllm", settings: VLLMSettings | None = None):
         super().__init__(name, settings)
@@ -220,7 +220,7 @@ class VLLMProvider(Provider):
         return Handle(
             spec=spec, provider=self.name, endpoint=f"http://{self.settings.host}:{self.port(spec)}", api="openai",
             memory=memory, owned=owned,
-            data={"container": container_id, "served_name": self.served_name(spec)},
+            runtime=container_id, served_name=self.served_name(spec),
         )  # fmt: skip
 
     def _create_or_restart(self, client: Any, spec: ModelSpec) -> Any:
@@ -381,14 +381,6 @@ class VLLMProvider(Provider):
 
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
         return self._handle(spec, str(observed.details.get("container", "")))
-
-    async def health(self) -> Health:
-        try:
-            client = await self._client()
-            version = await self._run(lambda: client.version().get("Version"))
-        except ProviderUnavailable as exc:
-            return Health(ok=False, detail=str(exc))
-        return Health(ok=True, detail="docker engine reachable", version=version)
 
     async def aclose(self) -> None:
         await self._http.aclose()

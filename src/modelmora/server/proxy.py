@@ -111,7 +111,7 @@ class Proxy:
         base = handle.endpoint.rstrip("/")
         url = f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
         payload = body.model_dump(exclude_unset=True, exclude={"keep_alive"})
-        payload["model"] = handle.data.get("served_name", handle.target)
+        payload["model"] = handle.model_name
         upstream = self.client.build_request("POST", url, json=payload)
         try:
             reply = await self.client.send(upstream, stream=True)
