@@ -218,7 +218,7 @@ async def first_inference(handle: Any) -> float | None:
 
 
 def _worker_manager(config: dict[str, Any]) -> Any:
-    from .manager import ModelManager
+    from .core import ModelManager
 
     return ModelManager(ManagerConfig.from_dict(config, source="bench"))
 

@@ -23,8 +23,8 @@ from rich.table import Table
 from . import events as ev
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
 from .config import ManagerConfig
+from .core import ModelManager
 from .errors import ModelMoraError, ModelNotFound
-from .manager import ModelManager
 from .memory import StaticProbe
 from .providers.simulated import SimulatedProvider
 from .registry import RegistryFile

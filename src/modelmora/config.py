@@ -105,6 +105,12 @@ class ManagerConfig(BaseModel):
     reaper_interval: Duration = Field(1.0, gt=0)
     reconcile_interval: Duration = Field(30.0, gt=0)
     wait_timeout: Duration = Field(300.0, description="How long a load may wait for memory.")
+    lease_bypass_limit: int = Field(
+        4,
+        ge=0,
+        description="While a load waits for memory held by busy models, how many new leases each of "
+        "them may still grant before new leases queue behind the waiting load.",
+    )
     unload_timeout: Duration = Field(120.0, gt=0)
     failure_cooldown: Duration = Field(5.0, description="First back-off after a failed load.")
     failure_cooldown_max: Duration = Field(300.0)

@@ -26,7 +26,7 @@ from .chain import Chain, ChainResult, Step, plan_next_use
 from .chain.llm import complete
 from .chain.report import ConsoleObserver, render_plan, render_result
 from .config import ManagerConfig
-from .manager import ModelManager
+from .core import ModelManager
 from .providers.base import Handle
 from .spec import format_size
 from .timeline import MemoryTimeline

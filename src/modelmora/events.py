@@ -112,6 +112,15 @@ class Vanished(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Problem(Event):
+    """Background work (reconcile, reaper, keep-alive refresh) failed; it carries on and
+    retries.  ``model`` is empty unless one model's work failed."""
+
+    component: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseAcquired(Event):
     leases: int
 
@@ -165,7 +174,7 @@ class LoggingSubscriber:
 
     def __call__(self, event: Event) -> None:
         level = logging.DEBUG if isinstance(event, _QUIET) else self.level
-        if isinstance(event, LoadFailed):
+        if isinstance(event, LoadFailed | Problem):
             level = logging.WARNING
         if self.logger.isEnabledFor(level):
             self.logger.log(level, "%s", describe(event))
@@ -199,6 +208,8 @@ def describe(event: Event) -> str:
             return f"adopted {event.model} from {event.provider} ({mem(event.memory)})"
         case Vanished():
             return f"{event.model} is no longer resident in {event.provider}"
+        case Problem():
+            return f"{event.component} failed: {event.error}"
         case Waiting():
             return f"{event.model} waits for memory held by {', '.join(event.blockers) or '?'}"
         case LeaseAcquired() | LeaseReleased():
@@ -217,6 +228,7 @@ __all__ = [
     "Loaded",
     "Loading",
     "LoggingSubscriber",
+    "Problem",
     "Slept",
     "Subscriber",
     "Unloaded",

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import events as ev
-from ..manager import ModelManager
+from ..core import ModelManager
 from ..spec import format_size
 from ..timeline import MemoryTimeline
 from .executor import ChainObserver, ChainResult, Step, StepInfo

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+import anyio
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import HandleClosed
@@ -118,10 +119,13 @@ class Capabilities:
     ``warm_tier``: ``sleep``/``wake`` keep a model at a lower cost (vLLM sleep mode, torch
     weights offloaded to host RAM).  ``refresh``: the runtime expires models on its own
     unless ``refresh`` is called while the manager keeps them (Ollama's keep_alive).
+    ``watch``: ``watch`` returns when a model's runtime dies (a server process exits), so
+    the manager notices a crash at once instead of at the next reconcile.
     """
 
     warm_tier: bool = False
     refresh: bool = False
+    watch: bool = False
 
 
 LostListener = Callable[["Handle", str], None]
@@ -187,8 +191,23 @@ class Provider(ABC):
     async def refresh(self, handle: Handle, keep_alive: float) -> None:
         """Extend the runtime's own expiry for a model the manager keeps (``refresh``)."""
 
-    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
-        """Move to the warm tier; returns the memory still held per device (``warm_tier``)."""
+    async def watch(self, handle: Handle) -> str:
+        """Return, with the reason, when the runtime behind ``handle`` dies on its own
+        (``watch``).  The manager runs it in a task while the model is resident and cancels
+        it when the model is unloaded."""
+        await anyio.sleep_forever()
+        return ""
+
+    def leaked(self) -> dict[str, int]:
+        """Bytes per device the runtime still holds for models already unloaded (an
+        in-process model object somebody still references).  Admission counts them as
+        memory used by others until they are really gone."""
+        return {}
+
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
+        """Move to the warm tier; returns the memory still held per device (``warm_tier``).
+        ``level`` None: the provider's configured level (vLLM: 1 keeps weights in RAM, 2
+        discards them)."""
         raise NotImplementedError(f"provider {self.name!r} has no sleep tier")
 
     async def wake(self, handle: Handle) -> dict[str, int]:

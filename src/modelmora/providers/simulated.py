@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from ..core.footprint import Footprint
 from ..errors import LoadFailed, ModelMoraError
-from ..residency import parked
 from ..spec import Duration, ModelSpec
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 
@@ -123,11 +123,11 @@ class SimulatedProvider(Provider):
             )
         return resident
 
-    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         """Weights to host RAM: GPU memory drops to nothing, RAM takes what the GPU held."""
         resident = self._resident(handle)
         await self._delay(handle, "sleep_time")
-        resident.asleep = parked(resident.memory)
+        resident.asleep = Footprint(resident.memory).parked().as_dict()
         self.stats.sleeps += 1
         return dict(resident.asleep)
 

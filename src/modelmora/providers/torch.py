@@ -265,7 +265,7 @@ class TorchProvider(Provider):
 
     # -- warm tier ----------------------------------------------------------------------
 
-    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         """Weights to CPU RAM (a no-op move on a CPU-only model, which stays ready to wake)."""
         if isinstance(handle, IsolatedHandle):
             rss = await handle.request(("sleep", "cpu"))

@@ -37,9 +37,9 @@ import anyio
 import httpx
 from pydantic import Field
 
+from ..core.footprint import Footprint
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
 from ..net import expand
-from ..residency import parked
 from ..spec import Duration, ModelSpec, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from .readiness import wait_until_ready
@@ -334,7 +334,7 @@ class VLLMProvider(Provider):
         reply = await self._http.post(f"{handle.endpoint}/sleep", params={"level": level})
         if reply.status_code != 200:
             raise LoadFailed(f"{handle.name}: vLLM refused to sleep (HTTP {reply.status_code}: {reply.text[:200]}); is sleep_mode on?", model=handle.name)  # fmt: skip
-        return parked(handle.memory, keep_weights=level == 1)
+        return Footprint(handle.memory).parked(keep_weights=level == 1).as_dict()
 
     async def wake(self, handle: Handle) -> dict[str, int]:
         reply = await self._http.post(
@@ -369,7 +369,7 @@ class VLLMProvider(Provider):
                 memory = {}
             asleep = await self._is_sleeping(port) if port else False
             if asleep:
-                memory = parked(memory)
+                memory = Footprint(memory).parked().as_dict()
             out.append(
                 Observed(
                     target=labels.get("modelmora.target", ""), memory=memory, owned=True,

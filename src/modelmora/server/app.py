@@ -14,13 +14,13 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import events as ev
 from ..config import ManagerConfig
+from ..core import ModelManager
 from ..errors import ModelMoraError
-from ..manager import ModelManager
 from ..spec import parse_duration
 from .errors import APIError, api_error, handle_api_error, handle_modelmora_error, registered
 from .metrics import Metrics
@@ -85,8 +85,18 @@ def create_app(
     app.add_exception_handler(ModelMoraError, handle_modelmora_error)
 
     @app.get("/health", tags=["server"])
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": len(mm.config.models), "loaded": mm.loaded()}
+    async def health() -> JSONResponse:
+        """200 ``ok``; 503 ``degraded`` while background work (reconcile, the reaper, a
+        runtime's observe) keeps failing — the problems are listed."""
+        problems = mm.problems()
+        body = {
+            "status": "degraded" if problems else "ok",
+            "models": len(mm.config.models),
+            "loaded": mm.loaded(),
+        }
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503 if problems else 200)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:

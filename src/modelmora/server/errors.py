@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..core import ModelManager
 from ..errors import (
     ConfigError,
     InsufficientMemory,
@@ -16,7 +17,6 @@ from ..errors import (
     RecentlyFailed,
     UnknownModel,
 )
-from ..manager import ModelManager
 
 
 class APIError(Exception):

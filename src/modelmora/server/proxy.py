@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
+from ..core import Lease, ModelManager
 from ..errors import ModelMoraError
-from ..manager import Lease, ModelManager
 from ..providers.base import Handle
 from ..spec import parse_duration
 from .errors import api_error, registered, status_for
