@@ -1,9 +1,9 @@
 """The planner is pure: every policy is checked here without I/O."""
 
+from collections.abc import Iterable, Mapping
+
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-from collections.abc import Iterable, Mapping
 
 from modelmora.core.planner import Admit, Candidate, Refuse, Resident, Wait, plan_admission, usage
 
@@ -255,9 +255,9 @@ def test_sleeping_models_can_be_evicted_to_free_ram() -> None:
 def test_two_names_for_one_runner_replace_each_other() -> None:
     # Ollama holds one runner per model: a second registry name for the same target, with
     # other runner options, is a reload that replaces the first (never both counted)
-    residents = [Resident("qwen-8k", {"cuda:0": 9 * GB}, key="ollama\0qwen2.5:14b")]
-    both = Candidate("qwen-32k", {"cuda:0": 13 * GB}, key="ollama\0qwen2.5:14b")
+    residents = [Resident("qwen-8k", {"cuda:0": 9 * GB}, key="ollama/qwen2.5:14b")]
+    both = Candidate("qwen-32k", {"cuda:0": 13 * GB}, key="ollama/qwen2.5:14b")
     plan = plan_admission(residents, both, {"cuda:0": 24 * GB})
-    assert plan == Admit(evict=("qwen-8k",), reasons={"qwen-8k": "same runtime model 'ollama\\x00qwen2.5:14b'"})
-    leased = [Resident("qwen-8k", {"cuda:0": 9 * GB}, leases=1, key="ollama\0qwen2.5:14b")]
+    assert plan == Admit(evict=("qwen-8k",), reasons={"qwen-8k": "same runtime model 'ollama/qwen2.5:14b'"})
+    leased = [Resident("qwen-8k", {"cuda:0": 9 * GB}, leases=1, key="ollama/qwen2.5:14b")]
     assert isinstance(plan_admission(leased, both, {"cuda:0": 24 * GB}), Wait)
