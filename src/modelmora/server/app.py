@@ -89,7 +89,7 @@ def create_app(
         """200 ``ok``; 503 ``degraded`` while background work (reconcile, the reaper, a
         runtime's observe) keeps failing — the problems are listed."""
         problems = mm.problems()
-        body = {
+        body: dict[str, Any] = {
             "status": "degraded" if problems else "ok",
             "models": len(mm.config.models),
             "loaded": mm.loaded(),
