@@ -135,24 +135,41 @@ class Subscriber(Protocol):
 
 
 class EventBus:
-    """Synchronous fan-out; cheap when nobody listens (the lease hot path emits)."""
+    """Synchronous fan-out.  Lease events are the hot path's: they are built only when a
+    subscriber wants them (``subscribe(fn, leases=False)`` opts out), so a manager whose
+    subscribers ignore them pays nothing for them."""
 
-    __slots__ = ("_subscribers",)
+    __slots__ = ("_quiet", "_subscribers")
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._quiet: list[Subscriber] = []  # subscribers that skip lease events
 
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+    def subscribe(self, subscriber: Subscriber, *, leases: bool = True) -> Callable[[], None]:
+        """Deliver every event to ``subscriber``; ``leases=False``: all but LeaseAcquired /
+        LeaseReleased.  Returns the function that unsubscribes it."""
         self._subscribers.append(subscriber)
+        if not leases:
+            self._quiet.append(subscriber)
 
         def unsubscribe() -> None:
             if subscriber in self._subscribers:
                 self._subscribers.remove(subscriber)
+            if subscriber in self._quiet:
+                self._quiet.remove(subscriber)
 
         return unsubscribe
 
+    @property
+    def wants_leases(self) -> bool:
+        """Whether anyone listens to lease events (the hot path skips building them)."""
+        return len(self._subscribers) > len(self._quiet)
+
     def emit(self, event: Event) -> None:
+        quiet = isinstance(event, _QUIET)
         for subscriber in self._subscribers:
+            if quiet and subscriber in self._quiet:
+                continue
             try:
                 subscriber(event)
             except Exception:

@@ -63,6 +63,7 @@ class Core:
         self.problems: dict[str, str] = {}
         self.tg: anyio.abc.TaskGroup | None = None
         self._changed = anyio.Event()
+        self._waiting = 0
 
     # -- providers and specs --------------------------------------------------------------
 
@@ -130,14 +131,20 @@ class Core:
     # -- signals ----------------------------------------------------------------------------
 
     def notify(self) -> None:
-        """Wake every admission waiting for memory or for the table to change."""
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        """Wake every admission waiting for memory or for the table to change (free when
+        nobody waits: the lease hot path calls it)."""
+        if self._waiting:
+            changed, self._changed = self._changed, anyio.Event()
+            changed.set()
 
     async def changed(self, timeout: float) -> None:
         """Return at the next change, or after ``timeout`` seconds."""
-        with anyio.move_on_after(timeout):
-            await self._changed.wait()
+        self._waiting += 1
+        try:
+            with anyio.move_on_after(timeout):
+                await self._changed.wait()
+        finally:
+            self._waiting -= 1
 
     def problem(self, component: str, exc: BaseException, model: str = "") -> None:
         """Background work failed: remember it (``status().problems``), tell subscribers."""

@@ -42,9 +42,11 @@ class Lease:
     async def __aenter__(self) -> Handle:
         if self._entry is not None:
             raise RuntimeError("a Lease cannot be entered twice")
-        entry, self.loaded_here = await self._leases.acquire(
-            self._name, timeout=self._timeout, keep_alive=self._keep_alive
-        )
+        entry = self._leases.try_hot(self._name, self._keep_alive)
+        if entry is None:
+            entry, self.loaded_here = await self._leases.acquire(
+                self._name, timeout=self._timeout, keep_alive=self._keep_alive
+            )
         self._entry = entry
         assert entry.handle is not None
         return entry.handle
@@ -62,6 +64,22 @@ class Leases:
         self.core = core
         self.transitions = transitions
         self.on_idle: Callable[[Entry], None] = lambda entry: None  # set by the manager
+
+    def try_hot(self, name: str, keep_alive: float | None) -> Entry | None:
+        """The hot path: a lease on a ready model that blocks nobody, with no ``await``;
+        None when the slow path is needed."""
+        core = self.core
+        entry = core.table.get(name)
+        if entry is None or entry.state is not State.READY or entry.blocking or core.tg is None:
+            return None
+        entry.holders += 1
+        entry.total_leases += 1
+        entry.last_used = core.clock()
+        if keep_alive is not None:
+            entry.keep_alive = keep_alive
+        if core.bus.wants_leases:
+            core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
+        return entry
 
     async def acquire(
         self,
@@ -95,7 +113,8 @@ class Leases:
             entry.keep_alive = keep_alive
         if pin:
             entry.pinned = True
-        core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
+        if core.bus.wants_leases:
+            core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
         return entry, loaded_here
 
     async def _slow(self, name: str, retry: bool) -> tuple[Entry, bool]:
@@ -144,7 +163,8 @@ class Leases:
             raise RuntimeError(f"lease count of {entry.name!r} would go negative")
         entry.holders -= 1
         entry.last_used = core.clock()
-        core.bus.emit(ev.LeaseReleased(model=entry.name, leases=entry.holders))
+        if core.bus.wants_leases:
+            core.bus.emit(ev.LeaseReleased(model=entry.name, leases=entry.holders))
         if entry.leases == 0:
             core.notify()
             if entry.state is State.READY and entry.ttl(core.config.idle_ttl) == 0:

@@ -13,6 +13,7 @@ leased model is never unloaded unless forced** (every unload re-checks leases wi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -68,7 +69,8 @@ class ModelManager:
             config = ManagerConfig.from_dict(config)
         self.config: ManagerConfig = config
         self.events = ev.EventBus()
-        self.events.subscribe(ev.LoggingSubscriber(verbose=config.verbose))
+        logger = ev.LoggingSubscriber(verbose=config.verbose)  # lease events only at DEBUG
+        self.events.subscribe(logger, leases=logger.logger.isEnabledFor(logging.DEBUG))
         self.monitor = MemoryMonitor(probe)
         self.unload_on_exit = unload_on_exit
         self._clock = clock
