@@ -3,7 +3,7 @@
 One module per concept (see DESIGN.md); :class:`ModelManager` composes them.
 """
 
-from .footprint import Footprint
+from ..footprint import Footprint
 from .leases import Lease
 from .lifecycle import State
 from .manager import ModelManager

@@ -15,11 +15,12 @@ import anyio.abc
 
 from .. import events as ev
 from ..config import ManagerConfig
-from ..errors import ConfigError, ManagerClosed, ModelMoraError, UnknownModel
+from ..errors import ConfigError, ManagerClosed, ModelMoraError, ProviderUnavailable, UnknownModel
+from ..footprint import EMPTY, Footprint, total
 from ..memory import DeviceMemory, MemoryMonitor
+from ..providers import ProviderRegistry
 from ..providers.base import Provider
 from ..spec import ModelSpec
-from .footprint import EMPTY, Footprint, total
 from .lifecycle import Lifecycle
 from .table import Table
 
@@ -66,6 +67,24 @@ class Core:
         self._waiting = 0
 
     # -- providers and specs --------------------------------------------------------------
+
+    def build_providers(self, registry: ProviderRegistry, injected: Mapping[str, Provider]) -> None:
+        """Fresh provider instances for every run (a closed client is never reused);
+        ``injected`` ones are used as given.  A provider whose runtime is unavailable is
+        remembered and raised when one of its models is used."""
+        self.providers.update(injected)
+        wanted = set(self.config.providers) | {s.provider for s in self.specs.values()}
+        for name in sorted(wanted - set(self.providers)):
+            settings = dict(self.config.providers.get(name, {}))
+            type_name = str(settings.pop("type", name))
+            try:
+                self.providers[name] = registry.create(type_name, name, settings)
+            except ProviderUnavailable as exc:
+                self.provider_errors[name] = exc
+            except ConfigError as exc:
+                users = sorted(s.name for s in self.specs.values() if s.provider == name)
+                where = f"models.{users[0]}.provider" if users else f"providers.{name}"
+                raise ConfigError(f"{where}: {exc}") from None
 
     def provider(self, name: str) -> Provider:
         if name in self.providers:

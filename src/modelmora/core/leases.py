@@ -22,7 +22,7 @@ from ..spec import format_duration
 from .admission import Admission
 from .context import Core
 from .lifecycle import Entry, State
-from .transitions import Transitions
+from .loading import Loader
 
 
 class Lease:
@@ -60,9 +60,9 @@ class Lease:
 
 
 class Leases:
-    def __init__(self, core: Core, transitions: Transitions):
+    def __init__(self, core: Core, loader: Loader):
         self.core = core
-        self.transitions = transitions
+        self.loader = loader
         self.on_idle: Callable[[Entry], None] = lambda entry: None  # set by the manager
 
     def try_hot(self, name: str, keep_alive: float | None) -> Entry | None:
@@ -126,11 +126,11 @@ class Leases:
             entry = core.table.get(name)
             if entry is None:
                 provider = core.provider(spec.provider)  # fail fast when its runtime is unavailable
-                self.transitions.check_backoff(name, retry)
+                self.loader.check_backoff(name, retry)
                 entry = Entry(spec, spec.provider, core.key(spec), now=core.clock())
                 entry.can_park = spec.warm_tier and provider.capabilities.warm_tier
                 core.table.add(entry)
-                self.transitions.start_load(entry)
+                self.loader.start_load(entry)
                 loaded_here = True
             elif entry.state is State.READY:
                 if Admission.may_bypass(entry):
@@ -139,7 +139,7 @@ class Leases:
                 await entry.unblocked.wait()  # queue behind the admission that waits for it
                 continue
             elif entry.state is State.SLEEPING and entry.attempt.is_set():
-                self.transitions.start_load(entry)  # wake it through admission
+                self.loader.start_load(entry)  # wake it through admission
             elif entry.state in (State.UNLOADING, State.PARKING):
                 await entry.changed()
                 continue

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import events as ev
+from ..footprint import EMPTY, Footprint
 from ..spec import ModelSpec
-from .footprint import EMPTY, Footprint
 
 if TYPE_CHECKING:
     from ..providers.base import Handle

@@ -24,7 +24,8 @@ import anyio
 
 from .. import events as ev
 from ..config import ManagerConfig
-from ..errors import ConfigError, ModelInUse, ProviderUnavailable, UnloadFailed
+from ..errors import ModelInUse, UnloadFailed
+from ..footprint import Footprint, total
 from ..memory import MemoryMonitor, MemoryProbe, resolve_budgets
 from ..providers import ProviderRegistry
 from ..providers import registry as default_registry
@@ -32,9 +33,9 @@ from ..providers.base import Handle, Provider
 from ..spec import ModelSpec, format_size
 from .admission import Admission
 from .context import Core
-from .footprint import Footprint, total
 from .leases import Lease, Leases
 from .lifecycle import STABLE, Entry, State
+from .loading import Loader
 from .planner import Admit, Plan
 from .reaper import Reaper
 from .reconcile import Reconciler
@@ -85,13 +86,13 @@ class ModelManager:
         if self._stack is not None:
             raise RuntimeError("this ModelManager is already running")
         core = self._core = Core(self.config, self.events, self.monitor, self._clock)
-        self._build_providers()
+        core.build_providers(self._registry, self._injected)
         admission = Admission(core)
-        transitions = Transitions(core, admission)
-        self._transitions = transitions
+        transitions = self._transitions = Transitions(core)
+        loader = Loader(core, admission, transitions)
         self._reconciler = Reconciler(core, transitions)
-        transitions.reconcile = self._reconciler.run
-        self._leases = Leases(core, transitions)
+        loader.reconcile = self._reconciler.run
+        self._leases = Leases(core, loader)
         self._reaper = Reaper(core, transitions, self._reconciler)
         self._leases.on_idle = self._reaper.schedule_idle
         self._admission = admission
@@ -133,23 +134,6 @@ class ModelManager:
                         with contextlib.suppress(Exception):
                             await provider.aclose()
             self.monitor.close()
-
-    def _build_providers(self) -> None:
-        """Fresh provider instances for every run (a closed client is never reused)."""
-        core = self._core
-        core.providers.update(self._injected)
-        wanted = set(self.config.providers) | {s.provider for s in core.specs.values()}
-        for name in sorted(wanted - set(core.providers)):
-            settings = dict(self.config.providers.get(name, {}))
-            type_name = str(settings.pop("type", name))
-            try:
-                core.providers[name] = self._registry.create(type_name, name, settings)
-            except ProviderUnavailable as exc:
-                core.provider_errors[name] = exc  # raised when a model of it is used
-            except ConfigError as exc:
-                users = sorted(s.name for s in core.specs.values() if s.provider == name)
-                where = f"models.{users[0]}.provider" if users else f"providers.{name}"
-                raise ConfigError(f"{where}: {exc}") from None
 
     def provider(self, name: str) -> Provider:
         """The provider instance called ``name``."""

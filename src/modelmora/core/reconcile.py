@@ -20,10 +20,10 @@ import logging
 import anyio
 
 from .. import events as ev
+from ..footprint import Footprint
 from ..providers.base import Observed, Provider, Tier
 from ..spec import ModelSpec
 from .context import Core
-from .footprint import Footprint
 from .lifecycle import STABLE, Action, Entry, State
 from .transitions import Transitions
 

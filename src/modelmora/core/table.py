@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .footprint import Footprint, total
+from ..footprint import Footprint, total
 from .lifecycle import STABLE, Entry, State
 from .planner import Resident
 

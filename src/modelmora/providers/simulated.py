@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from ..core.footprint import Footprint
 from ..errors import LoadFailed, ModelMoraError
+from ..footprint import Footprint
 from ..spec import Duration, ModelSpec
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 

@@ -37,8 +37,8 @@ import anyio
 import httpx
 from pydantic import Field
 
-from ..core.footprint import Footprint
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
+from ..footprint import Footprint
 from ..net import expand
 from ..spec import Duration, ModelSpec, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier

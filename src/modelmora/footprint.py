@@ -38,7 +38,7 @@ class Footprint(Mapping[str, int]):
         return self._hash
 
     def __repr__(self) -> str:
-        from ..spec import format_memory
+        from .spec import format_memory
 
         return f"Footprint({format_memory(self._bytes, 'nothing')})"
 
