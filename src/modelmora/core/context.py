@@ -21,7 +21,7 @@ from ..memory import DeviceMemory, MemoryMonitor
 from ..providers import ProviderRegistry
 from ..providers.base import Provider
 from ..spec import ModelSpec
-from .lifecycle import Lifecycle
+from .lifecycle import STABLE, Entry, Lifecycle, State
 from .table import Table
 
 log = logging.getLogger("modelmora")
@@ -110,6 +110,16 @@ class Core:
             return spec
         raise UnknownModel(name, self.config.models)
 
+    def new_entry(self, spec: ModelSpec, state: State = State.QUEUED) -> Entry:
+        """A row for ``spec``, not yet in the table, that remembers the last measurement
+        (a reload reserves what the model really took, not only its estimate)."""
+        entry = Entry(spec, spec.provider, self.key(spec), now=self.clock(), state=state)
+        if spec.name in self.history:
+            entry.measured = self.history[spec.name][0]
+        provider = self.providers.get(spec.provider)
+        entry.can_park = spec.warm_tier and provider is not None and provider.capabilities.warm_tier
+        return entry
+
     def key(self, spec: ModelSpec) -> str:
         """The runtime's identity of ``spec``'s target (see ``Provider.target_key``)."""
         provider = self.providers.get(spec.provider)
@@ -125,11 +135,15 @@ class Core:
     # -- memory -----------------------------------------------------------------------------
 
     async def refresh_readings(self) -> None:
-        """Read the devices now (in a worker thread), remembering what our rows held at that
-        moment, so that memory we free afterwards is never taken for someone else's."""
+        """Read the devices now (in a worker thread), remembering what our settled rows
+        held at that moment, so that memory we free afterwards is never taken for someone
+        else's.  Rows in transition (loading, waking, parking, unloading) are not
+        subtracted: what they physically hold at that instant is unknown, so it counts as
+        others' as well as theirs — twice rather than never."""
         readings = await self.monitor.read()
-        self.readings, self.ours_at_reading = readings, self.table.usage()
-        self.monitor.note_usage(self.ours_at_reading)
+        self.readings = readings
+        self.ours_at_reading = total(e.held() for e in self.table if e.state in STABLE)
+        self.monitor.note_usage(self.table.usage())
 
     def external(self) -> Footprint:
         """Bytes per device held by others: on measured GPUs, what the last reading saw beyond

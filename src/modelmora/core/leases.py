@@ -125,10 +125,9 @@ class Leases:
         while True:
             entry = core.table.get(name)
             if entry is None:
-                provider = core.provider(spec.provider)  # fail fast when its runtime is unavailable
+                core.provider(spec.provider)  # fail fast when its runtime is unavailable
                 self.loader.check_backoff(name, retry)
-                entry = Entry(spec, spec.provider, core.key(spec), now=core.clock())
-                entry.can_park = spec.warm_tier and provider.capabilities.warm_tier
+                entry = core.new_entry(spec)
                 core.table.add(entry)
                 self.loader.start_load(entry)
                 loaded_here = True

@@ -295,11 +295,7 @@ class ModelManager:
         current = core.table.get(name)
         if current is not None:
             return current
-        spec = core.spec(name)
-        entry = Entry(spec, spec.provider, core.key(spec), now=core.clock())
-        if name in core.history:
-            entry.measured = core.history[name][0]
-        return entry
+        return core.new_entry(core.spec(name))
 
     def footprint(self, name: str) -> tuple[dict[str, int], float | None]:
         """Bytes per device and load seconds for ``name``: measured when this manager has

@@ -58,14 +58,14 @@ class Reconciler:
         for entry, generation in stamps.items():
             if entry.generation != generation or entry.state not in STABLE:
                 continue  # it moved while we asked: the answer may predate the move
-            seen = by_key.get(entry.key)
+            seen = by_key.get(provider.target_key(entry.spec.target))  # asked now: names may move
             if seen is None:
                 self.transitions.vanish(entry, "the runtime no longer reports it")
             else:
                 self._apply(entry, seen)
         if core.lifecycle.moves.get(name, 0) != moves:
             return []  # adopt from a fresh answer next time
-        known = {e.key for e in core.table.of_provider(name)}
+        known = {provider.target_key(e.spec.target) for e in core.table.of_provider(name)}
         adopted = []
         for key, seen in by_key.items():
             if key in known:
@@ -102,8 +102,8 @@ class Reconciler:
         """A model found resident: in the table at once (LOADING, counted for what the
         runtime reports), ready once the provider's ``adopt`` says it can serve."""
         core = self.core
-        entry = Entry(spec, provider.name, key, now=core.clock(), state=State.LOADING)
-        entry.measured = Footprint(seen.memory) if seen.memory else None
+        entry = core.new_entry(spec, State.LOADING)
+        entry.measured = Footprint(seen.memory) if seen.memory else entry.measured
         entry.owned = seen.owned
         asleep = seen.tier is Tier.SLEEPING
         entry.can_park = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
