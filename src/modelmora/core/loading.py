@@ -201,7 +201,11 @@ class Loader:
     # -- admission ------------------------------------------------------------------------------
 
     async def _admit(self, entry: Entry) -> None:
-        """Wait for memory, evict or park what the planner chose, reserve ours."""
+        """Wait for memory, evict or park what the planner chose, reserve ours.
+
+        Returns with ``entry`` reserved (LOADING or WAKING) by a decision taken on a fresh
+        reading with nothing left to evict: after evictions the plan is made again, so
+        memory someone took while they ran is seen before the runtime is called."""
         core = self.core
         deadline = core.clock() + core.config.wait_timeout
         reconciled = False
@@ -217,11 +221,14 @@ class Loader:
                     await core.refresh_readings()
                     if entry.leases == 0:
                         raise Abandoned
-                    plan = self.admission.decide(entry)
-                    trivial = isinstance(plan, Admit) and not plan.evict and not plan.sleep
-                    if not trivial and not reconciled:
-                        pass  # runtime truth first (below), then decide again
-                    elif isinstance(plan, Admit):
+                    plan = self.admission.decide(entry)  # our own reservation is not counted
+                    if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
+                        if entry.state in (State.QUEUED, State.SLEEPING):
+                            self._reserve(entry)
+                        return
+                    if entry.state in (State.LOADING, State.WAKING):
+                        core.lifecycle.apply(entry, Action.REQUEUE)  # the world moved: start over
+                    if reconciled and isinstance(plan, Admit):
                         # reserve ours and claim the victims' memory in one step: no await
                         victims = [v for v in (core.table.get(n) for n in plan.evict) if v is not None]
                         sleepers = [s for s in (core.table.get(n) for n in plan.sleep) if s is not None]
@@ -231,9 +238,7 @@ class Loader:
                             self.transitions.begin_unload(v, reason=reason, evicted_for=entry)
                         for s in sleepers:
                             self.transitions.begin_park(s, evicted_for=entry)
-                        if trivial:
-                            return
-                if not trivial and not reconciled:
+                if not reconciled:
                     reconciled = True  # runtime truth before evicting, waiting or refusing
                     await self.reconcile()
                     continue
@@ -247,7 +252,7 @@ class Loader:
                             model=entry.name,
                             would_evict=plan.evict,
                         )
-                    return
+                    continue  # decide again on a fresh reading before calling the runtime
                 if isinstance(plan, Refuse):
                     raise self._refusal(entry, plan)
                 if plan.blockers != last:

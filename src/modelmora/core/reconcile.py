@@ -54,6 +54,7 @@ class Reconciler:
             core.problem(f"observe:{name}", exc)
             return []
         core.recovered(f"observe:{name}")
+        moved = core.lifecycle.moves.get(name, 0) != moves  # while we waited for the answer
         by_key = {provider.target_key(o.target): o for o in observed}
         for entry, generation in stamps.items():
             if entry.generation != generation or entry.state not in STABLE:
@@ -63,7 +64,7 @@ class Reconciler:
                 self.transitions.vanish(entry, "the runtime no longer reports it")
             else:
                 self._apply(entry, seen)
-        if core.lifecycle.moves.get(name, 0) != moves:
+        if moved:
             return []  # adopt from a fresh answer next time
         known = {provider.target_key(e.spec.target) for e in core.table.of_provider(name)}
         adopted = []
