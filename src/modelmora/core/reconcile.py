@@ -36,12 +36,13 @@ class Reconciler:
         self.transitions = transitions
 
     async def run(self, *, wait_for_adoptions: bool = False) -> None:
-        adopted: list[Entry] = []
+        """Reconcile every provider; ``wait_for_adoptions``: return once the models found
+        are adopted, except where adopting may take long (``Capabilities.slow_adopt``)."""
         for name, provider in list(self.core.providers.items()):
-            adopted += await self.provider(name, provider)
-        if wait_for_adoptions:
-            for entry in adopted:
-                await entry.attempt.wait()
+            adopted = await self.provider(name, provider)
+            if wait_for_adoptions and not provider.capabilities.slow_adopt:
+                for entry in adopted:
+                    await entry.attempt.wait()
         self.core.monitor.note_usage(self.core.usage())
 
     async def provider(self, name: str, provider: Provider) -> list[Entry]:

@@ -121,11 +121,14 @@ class Capabilities:
     unless ``refresh`` is called while the manager keeps them (Ollama's keep_alive).
     ``watch``: ``watch`` returns when a model's runtime dies (a server process exits), so
     the manager notices a crash at once instead of at the next reconcile.
+    ``slow_adopt``: ``adopt`` may take a while (a server found running may still be
+    starting), so a manager does not hold up its start-up for it; leases wait instead.
     """
 
     warm_tier: bool = False
     refresh: bool = False
     watch: bool = False
+    slow_adopt: bool = False
 
 
 LostListener = Callable[["Handle", str], None]

@@ -72,7 +72,7 @@ class _Running:
 class ProcessProvider(Provider):
     Settings = ProcessSettings
     settings: ProcessSettings
-    capabilities = Capabilities(watch=True)
+    capabilities = Capabilities(watch=True, slow_adopt=True)
 
     def __init__(self, name: str = "process", settings: ProcessSettings | None = None):
         super().__init__(name, settings)
