@@ -107,7 +107,7 @@ class Entry:
         "blocking",
         "bypass_left",
         "can_park",
-        "claimed_for",
+        "claims",
         "error",
         "estimate",
         "forced",
@@ -153,7 +153,7 @@ class Entry:
         self.handle: Handle | None = None
         self.error: BaseException | None = None
         self.forced = False
-        self.claimed_for: str | None = None  # evicted to make room for this model
+        self.claims: tuple[Entry, ...] = ()  # models being evicted or parked to make room for it
         self.blocking = 0  # admissions waiting for memory this entry holds
         self.bypass_left = 0  # leases still granted while it blocks someone
         self.unblocked = anyio.Event()
@@ -209,13 +209,15 @@ class Entry:
                 return self._held(self.prior)
 
     def planned(self) -> Footprint:
-        """What admission must still count: memory being freed for another model is that
-        model's already (its reservation counts it)."""
-        if self.claimed_for is not None:
-            if self.state is S.UNLOADING:
-                return EMPTY
-            if self.state is S.PARKING:
-                return self.warm
+        """What admission must count for this entry.  While the models it evicts or parks
+        to make room are still going, their bytes are counted as theirs and only the rest
+        of its reservation as its own: per device the larger of the two, which is what the
+        device will hold at worst (the load starts only once they are gone)."""
+        if self.claims and self.state in (S.LOADING, S.WAKING):
+            freeing = EMPTY
+            for victim in self.claims:
+                freeing = freeing + victim.held()
+            return self.held() - freeing
         return self.held()
 
     # -- questions --------------------------------------------------------------------------
@@ -268,7 +270,7 @@ class Lifecycle:
     def apply(self, entry: Entry, action: Action, event: ev.Event | None = None, **facts: Any) -> None:
         """Move ``entry`` by ``action``; ``facts`` update its memory and handle:
         ``measured``, ``parked``, ``estimate`` (Footprints), ``handle``, and
-        ``claimed_for`` (the model whose admission this eviction makes room for)."""
+        ``claims`` (the entries evicted or parked to make room for this one)."""
         if action is A.UNLOAD_FAILED:
             if entry.state is not S.UNLOADING:
                 raise IllegalTransition(f"{entry.name}: {action} from {entry.state}")
@@ -279,11 +281,11 @@ class Lifecycle:
                 raise IllegalTransition(f"{entry.name}: {action} is not allowed from {entry.state}")
             to = TRANSITIONS[key]
         for name, value in facts.items():
-            if name not in ("measured", "parked", "estimate", "handle", "claimed_for"):
+            if name not in ("measured", "parked", "estimate", "handle", "claims"):
                 raise TypeError(f"unknown fact {name!r}")
             setattr(entry, name, value)
-        if to in STABLE or to is S.GONE:
-            entry.claimed_for = None
+        if to not in (S.LOADING, S.WAKING):
+            entry.claims = ()
         entry.prior, entry.state = entry.state, to
         entry.generation += 1
         self.moves[entry.provider] = self.moves.get(entry.provider, 0) + 1
@@ -293,10 +295,11 @@ class Lifecycle:
             self._bus.emit(event)
         self._on_change()
 
-    def update(self, entry: Entry, **facts: Footprint) -> None:
-        """New measurements for an entry that stays where it is (reconcile, rebalance)."""
+    def update(self, entry: Entry, **facts: Any) -> None:
+        """New measurements for an entry that stays where it is (reconcile, rebalance), or
+        its ``claims`` settled."""
         for name, value in facts.items():
-            if name not in ("measured", "parked", "estimate"):
+            if name not in ("measured", "parked", "estimate", "claims"):
                 raise TypeError(f"unknown fact {name!r}")
             setattr(entry, name, value)
         entry.generation += 1

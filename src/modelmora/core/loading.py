@@ -51,6 +51,11 @@ class Abandoned(Exception):
     """Every caller waiting for a load has gone away: stop waiting for memory."""
 
 
+class Superseded(Exception):
+    """A parked model whose wake was waiting for memory left the table meanwhile (a forced
+    unload, the runtime dropped it): its waiters start over with a fresh load."""
+
+
 async def _nothing() -> None:
     return None
 
@@ -146,6 +151,9 @@ class Loader:
             self.transitions.leave(entry, Action.FAIL)
         elif entry.state is State.WAKING:
             core.lifecycle.apply(entry, Action.REQUEUE)  # never left the warm tier
+        if isinstance(exc, Superseded):
+            entry.error = None  # nothing failed: the waiters take the model afresh
+            return
         error = self._load_error(entry, exc)
         entry.error = error
         if isinstance(
@@ -213,14 +221,12 @@ class Loader:
         last: tuple[str, ...] | None = None
         try:
             while True:
-                if entry.leases == 0:
-                    raise Abandoned
+                self._check_wanted(entry)
                 victims: list[Entry] = []
                 sleepers: list[Entry] = []
                 async with self.admission.turn:  # first come, first served; never held to wait
                     await core.refresh_readings()
-                    if entry.leases == 0:
-                        raise Abandoned
+                    self._check_wanted(entry)
                     plan = self.admission.decide(entry)  # our own reservation is not counted
                     if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
                         if entry.state in (State.QUEUED, State.SLEEPING):
@@ -232,7 +238,7 @@ class Loader:
                         # reserve ours and claim the victims' memory in one step: no await
                         victims = [v for v in (core.table.get(n) for n in plan.evict) if v is not None]
                         sleepers = [s for s in (core.table.get(n) for n in plan.sleep) if s is not None]
-                        self._reserve(entry)
+                        self._reserve(entry, claims=(*victims, *sleepers))
                         for v in victims:
                             reason = f"evicted: {plan.reasons.get(v.name, '')}"
                             self.transitions.begin_unload(v, reason=reason, evicted_for=entry)
@@ -244,6 +250,7 @@ class Loader:
                     continue
                 if isinstance(plan, Admit):
                     failures = await self._finish_all(victims, sleepers, reason=plan.reasons)
+                    core.lifecycle.update(entry, claims=())
                     if failures:
                         core.lifecycle.apply(entry, Action.REQUEUE)
                         name, exc = failures[0]
@@ -271,8 +278,19 @@ class Loader:
         finally:
             self.admission.unblock(blocked)
 
-    def _reserve(self, entry: Entry) -> None:
-        self.core.lifecycle.apply(entry, Action.WAKE if entry.state is State.SLEEPING else Action.ADMIT)
+    def _check_wanted(self, entry: Entry) -> None:
+        """Still ours to load or wake: in the table, not being unloaded, and wanted."""
+        if (
+            entry.state not in (State.QUEUED, State.LOADING, State.SLEEPING, State.WAKING)
+            or self.core.table.get(entry.name) is not entry
+        ):
+            raise Superseded
+        if entry.leases == 0:
+            raise Abandoned
+
+    def _reserve(self, entry: Entry, claims: tuple[Entry, ...] = ()) -> None:
+        action = Action.WAKE if entry.state is State.SLEEPING else Action.ADMIT
+        self.core.lifecycle.apply(entry, action, claims=claims)
 
     async def _finish_all(
         self, victims: list[Entry], sleepers: list[Entry], reason: Mapping[str, str]
@@ -323,7 +341,7 @@ class Loader:
             ]
             for v in victims:
                 self.transitions.begin_unload(
-                    v, reason="evicted: measured size over estimate", evicted_for=entry, claim=False
+                    v, reason="evicted: measured size over estimate", evicted_for=entry
                 )
             await self._finish_all(victims, [], reason={})
         else:

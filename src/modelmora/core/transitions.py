@@ -49,19 +49,14 @@ class Transitions:
         reason: str,
         force: bool = False,
         evicted_for: Entry | None = None,
-        claim: bool = True,
     ) -> None:
         """READY/SLEEPING → UNLOADING; ``finish_unload`` completes it."""
         entry.forced = force and entry.leases > 0
         if evicted_for is not None:
             self.core.bus.emit(ev.Evicted(model=entry.name, for_model=evicted_for.name, reason=reason))
-        claimed = evicted_for.name if evicted_for is not None and claim else None
         self.unwatch(entry)
         self.core.lifecycle.apply(
-            entry,
-            Action.UNLOAD,
-            ev.Unloading(model=entry.name, reason=reason, forced=entry.forced),
-            claimed_for=claimed,
+            entry, Action.UNLOAD, ev.Unloading(model=entry.name, reason=reason, forced=entry.forced)
         )
         entry.error = None
         self._unload_reason[entry] = reason
@@ -108,13 +103,11 @@ class Transitions:
     async def unload(
         self, entry: Entry, *, reason: str, force: bool = False, evicted_for: Entry | None = None
     ) -> Footprint:
-        self.begin_unload(entry, reason=reason, force=force, evicted_for=evicted_for, claim=False)
+        self.begin_unload(entry, reason=reason, force=force, evicted_for=evicted_for)
         return await self.finish_unload(entry)
 
     def begin_park(self, entry: Entry, *, evicted_for: Entry | None = None) -> None:
-        self.core.lifecycle.apply(
-            entry, Action.PARK, claimed_for=evicted_for.name if evicted_for is not None else None
-        )
+        self.core.lifecycle.apply(entry, Action.PARK)
         self._evicted_for[entry] = evicted_for
 
     async def finish_park(self, entry: Entry, *, reason: str) -> None:
