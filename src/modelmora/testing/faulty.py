@@ -151,6 +151,7 @@ class FaultyProvider(Provider):
         self._aliases: dict[str, str] = {}  # target → the name observe() lists it under
         self._holds: dict[tuple[Op, str], int | None] = {}  # → calls left to hold (None: all)
         self._fail_next: dict[tuple[Op, str], list[BaseException]] = {}
+        self._fail_always: dict[tuple[Op, str], BaseException] = {}
         self._measured: dict[str, dict[str, int]] = {}
         self._gates: dict[int, _Gate] = {}
         self._of_handle: dict[Handle, int] = {}  # handle → instance id
@@ -192,6 +193,19 @@ class FaultyProvider(Provider):
         """Make the next ``times`` calls of ``op`` on ``target`` raise ``error`` at once."""
         exc = error or LoadFailed(f"faulty runtime: {op} of {target!r} failed", provider=self.name)
         self._fail_next.setdefault((op, target), []).extend([exc] * times)
+
+    def fail_always(self, op: Op, target: str = ANY, error: BaseException | None = None) -> None:
+        """Make every call of ``op`` on ``target`` raise ``error`` until :meth:`heal`."""
+        self._fail_always[(op, target)] = error or LoadFailed(
+            f"faulty runtime: {op} of {target!r} failed", provider=self.name
+        )
+
+    def heal(self, op: Op | None = None, target: str = ANY) -> None:
+        """Forget the failures set up for ``op`` on ``target`` (``op`` None: all of them)."""
+        for table in (self._fail_always, self._fail_next):
+            for key in list(table):
+                if op is None or key == (op, target):
+                    del table[key]
 
     def measure(self, target: str, memory: Mapping[str, int]) -> None:
         """What the next loads of ``target`` really take, whatever the spec says."""
@@ -375,10 +389,10 @@ class FaultyProvider(Provider):
         self.calls.append(call)
         for key in ((op, target), (op, ANY)):
             errors = self._fail_next.get(key)
-            if errors:
-                exc = errors.pop(0)
-                if not errors:
-                    del self._fail_next[key]
+            exc = errors.pop(0) if errors else self._fail_always.get(key)
+            if errors == []:
+                del self._fail_next[key]
+            if exc is not None:
                 call.outcome = f"failed: {type(exc).__name__}: {exc}"
                 self._notify(call)
                 raise exc
