@@ -27,7 +27,9 @@ async def _unload_all(mm: ModelManager) -> Any:
 
 
 @pytest.mark.parametrize("unload", [_unload, _unload_all], ids=["unload", "unload_all"])
-async def test_06_unload_without_force_leaves_a_model_leased_while_its_load_was_in_flight(unload: Any) -> None:
+async def test_06_unload_without_force_leaves_a_model_leased_while_its_load_was_in_flight(
+    unload: Any,
+) -> None:
     faulty = FaultyProvider()
     faulty.hold("load", "a", times=1)
     async with faulty_manager(faulty, {"a": model(4)}) as mm:
