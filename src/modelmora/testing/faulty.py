@@ -65,6 +65,8 @@ class Instance:
     memory: dict[str, int]  # bytes per device while active
     owned: bool = True
     parked_memory: dict[str, int] | None = None  # bytes while in the warm tier; None: active
+    loaded: bool = False  # by a load() call (else someone else put it there)
+    lent: int = 0  # handles lent for it (load or adopt)
 
     @property
     def tier(self) -> Tier:
@@ -316,7 +318,7 @@ class FaultyProvider(Provider):
             instance = self.instances.get(self._canonical(spec.target))
             if instance is None:  # a resident target is reused, as Ollama does
                 memory = self._measured.get(spec.target) or self._memory_of(spec)
-                instance = Instance(next(self._ids), spec.target, memory)
+                instance = Instance(next(self._ids), spec.target, memory, loaded=True)
                 self._put(instance)
             return self._lend(instance, spec, owned=True)
 
@@ -475,6 +477,7 @@ class FaultyProvider(Provider):
             spec=spec, provider=self.name, memory=instance.held, owned=owned, _obj=f"<faulty {spec.target}>"
         )
         self._of_handle[handle] = instance.id
+        instance.lent += 1
         self._handles.setdefault(instance.id, []).append(handle)
         return handle
 
