@@ -261,7 +261,7 @@ class FaultyProvider(Provider):
         """What it holds plus what pending loads and wakes will hold once they finish."""
         out = self.held()
         for call in self.pending:
-            if call.op == "load":
+            if call.op == "load" and self._canonical(call.target) not in self.instances:  # else reused
                 _add(out, self._measured.get(call.target) or self._spec_memory(call))
             elif call.op == "wake" and call.instance is not None:
                 instance = self._by_id(call.instance)
