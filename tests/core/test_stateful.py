@@ -567,9 +567,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
         async def action(world: World) -> None:
             error = None if how == "ok" else injected_error(how, f"injected: {op} of {target} failed")
-            call = next((c for c in world.faulty.pending if c.seq == seq), None)
-            if call is not None:
-                world.faulty.release(call.op, call.target, error=error)
+            world.faulty.release(seq=seq, error=error)
 
         self.step(f"finish_pending_call({op} {target}, {how})", action)
 

@@ -176,12 +176,18 @@ class FaultyProvider(Provider):
                 del self._holds[key]
 
     def release(
-        self, op: Op | None = None, target: str = ANY, *, error: BaseException | None = None
+        self,
+        op: Op | None = None,
+        target: str = ANY,
+        *,
+        error: BaseException | None = None,
+        seq: int | None = None,
     ) -> list[Call]:
-        """Let pending calls matching ``op``/``target`` finish, or raise ``error``."""
+        """Let pending calls matching ``op``/``target`` (or the one numbered ``seq``)
+        finish, or raise ``error``."""
         released = []
         for call in list(self.pending):
-            if (op is None or call.op == op) and target in (ANY, call.target):
+            if (op is None or call.op == op) and target in (ANY, call.target) and seq in (None, call.seq):
                 gate = self._gates.get(call.seq)
                 if gate is not None:
                     gate.error = error
