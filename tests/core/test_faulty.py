@@ -64,7 +64,7 @@ async def test_sleep_wake_and_the_probe_follow_the_truth() -> None:
     handle = await faulty.load(spec("a", 8))
     faulty.external["cuda:0"] = gb(2)
     assert [(r.used, r.free) for r in faulty.probe.read()] == [(gb(10), gb(14))]
-    assert await faulty.sleep(handle) == {"cuda:0": 0, "cpu": gb(8)}
+    assert await faulty.sleep(handle) == {"cpu": gb(8)}  # nothing left on the GPU
     assert faulty.instances["a"].tier is Tier.SLEEPING
     assert faulty.probe.read()[0].used == gb(2)
     faulty.hold("wake", "a")
@@ -100,7 +100,7 @@ async def test_aliases_foreign_models_and_crashes() -> None:
     assert [o.target for o in await faulty.observe()] == ["x:latest"]
     assert faulty.target_key("x") == faulty.target_key("x:latest") == "x:latest"
     faulty.add_foreign("f", {"cuda:0": gb(3)}, tier=Tier.SLEEPING)
-    assert truth_table(faulty)["f"] == (Tier.SLEEPING, {"cuda:0": 0, "cpu": gb(3)})
+    assert truth_table(faulty)["f"] == (Tier.SLEEPING, {"cpu": gb(3)})
     adopted = await faulty.adopt((await faulty.observe())[1], spec("f"))
     assert not adopted.owned and faulty.instance_of(adopted) is faulty.instances["f"]
     lost: list[tuple[Handle, str]] = []

@@ -40,9 +40,9 @@ from typing import Any, Literal
 import anyio
 
 from ..errors import LoadFailed
+from ..footprint import Footprint
 from ..memory import DeviceMemory, MemoryProbe
-from ..providers.base import Handle, Observed, Provider, ProviderSettings, Tier
-from ..residency import parked
+from ..providers.base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from ..spec import ModelSpec
 
 Op = Literal["load", "unload", "sleep", "wake", "observe", "refresh", "adopt"]
@@ -133,7 +133,7 @@ class FaultyProvider(Provider):
     """
 
     Settings = FaultySettings
-    capabilities = frozenset({"sleep", "refresh"})
+    capabilities = Capabilities(warm_tier=True, refresh=True)
 
     def __init__(
         self,
@@ -232,7 +232,7 @@ class FaultyProvider(Provider):
         """A model someone else loaded into this runtime."""
         instance = Instance(next(self._ids), target, dict(memory), owned)
         if tier is Tier.SLEEPING:
-            instance.parked_memory = parked(instance.memory)
+            instance.parked_memory = Footprint(instance.memory).parked().as_dict()
         self._put(instance)
         return instance
 
@@ -339,12 +339,12 @@ class FaultyProvider(Provider):
             self._touch()
             return dict(instance.held)
 
-    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         instance_id = self._of_handle.get(handle)
         async with self._call("sleep", handle.target, instance=instance_id, handle=handle):
             instance = self._alive(handle, instance_id)
             if instance.parked_memory is None:
-                instance.parked_memory = parked(instance.memory)
+                instance.parked_memory = Footprint(instance.memory).parked().as_dict()
                 self._touch()
             return dict(instance.parked_memory)
 
