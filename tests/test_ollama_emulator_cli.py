@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,7 +55,8 @@ def test_it_serves_the_models_it_was_given_until_stopped() -> None:
     finally:
         server.terminate()
         output = server.communicate(timeout=15)[0].decode()
-    assert server.returncode == 0, output
+    assert server.returncode in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal it stopped on
+    assert "Traceback" not in output
     assert f"http://127.0.0.1:{port}" in output and "qwen2.5:14b" in output
 
 
