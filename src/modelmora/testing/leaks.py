@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import psutil
 
-MARKER = "MODELMORA_TEST_SESSION"
+MARKER = "LEAK_CHECK_MARKER"  # not MODELMORA_*: the config reads those as overrides
 
 
 def mark_session() -> str:
