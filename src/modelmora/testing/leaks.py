@@ -40,23 +40,27 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _marked(marker: str) -> list[psutil.Process]:
+def _marked(marker: str, variable: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.environ().get(MARKER) == marker:
+            if proc.environ().get(variable) == marker:
                 found.append(proc)
         except psutil.Error:  # gone, or not ours to read
             continue
     return found
 
 
-def leftovers(marker: str, *, grace: float = 5.0, descendants: bool = True) -> list[psutil.Process]:
-    """Live processes started from this one (carrying ``marker``, or still its descendants),
-    after giving those that are shutting down ``grace`` seconds to finish."""
+def leftovers(
+    marker: str, *, grace: float = 5.0, descendants: bool = True, variable: str = MARKER
+) -> list[psutil.Process]:
+    """Live processes started from this one (carrying ``marker`` in ``variable``, or still
+    its descendants), after giving those that are shutting down ``grace`` seconds to finish.
+    This process and its ancestors, which may carry the marker too, are not counted."""
     me = psutil.Process()
-    found = [*_marked(marker), *(me.children(recursive=True) if descendants else [])]
-    candidates = {p.pid: p for p in found if p.pid != me.pid}
+    found = [*_marked(marker, variable), *(me.children(recursive=True) if descendants else [])]
+    skip = {me.pid, *(p.pid for p in me.parents())}
+    candidates = {p.pid: p for p in found if p.pid not in skip}
     _, alive = psutil.wait_procs([p for p in candidates.values() if _alive(p)], timeout=grace)
     return sorted((p for p in alive if _alive(p)), key=lambda p: p.pid)
 
