@@ -16,7 +16,7 @@ step() {
     while kill -0 "$pid" 2>/dev/null; do
         sleep 1
         if ((SECONDS - start >= next)); then
-            echo "   ... still at it: $what ($(elapsed "$start"))"
+            echo "   ... still running ($(elapsed "$start"))"
             next=$((next + 30))
         fi
     done
