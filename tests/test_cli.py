@@ -166,6 +166,7 @@ def without(tmp_path: Path, *modules: str) -> dict[str, str]:
     ("args", "missing", "extra"),
     [
         (["demo", "--no-plot"], "torch", "demo"),
+        (["demo", "--ollama", "http://127.0.0.1:9"], "litellm", "chain"),
         (["serve", "--port", "1"], "fastapi", "server"),
         (["bench", "--quick"], "torch", "torch"),
     ],

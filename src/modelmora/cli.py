@@ -25,7 +25,7 @@ from . import events as ev
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
 from .config import ManagerConfig
 from .errors import ModelMoraError, ModelNotFound
-from .extras import EXTRAS, require_extra
+from .extras import require_extra
 from .manager import ModelManager
 from .memory import StaticProbe
 from .providers.simulated import SimulatedProvider
@@ -81,10 +81,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def need(extra: str, needed_by: str, modules: tuple[str, ...] | None = None) -> None:
+def need(extra: str, needed_by: str) -> None:
     """One line with the install command when an optional extra is missing."""
     try:
-        require_extra(extra, needed_by=needed_by, modules=modules)
+        require_extra(extra, needed_by=needed_by)
     except ModelMoraError as exc:
         fail(str(exc))
 
@@ -783,7 +783,10 @@ def demo(
     Real all-MiniLM-L6-v2 plus small stand-ins made on first run; prints every load, reuse and
     eviction with measured memory and writes a PNG of the memory timeline.
     """
-    need("demo", "modelmora demo" + (" --ollama" if ollama else ""), EXTRAS["chain"] if ollama else None)
+    if ollama:
+        need("chain", "modelmora demo --ollama")  # its LLM steps go through litellm
+    else:
+        need("demo", "modelmora demo")
     from .demo import TEXT, run_demo
     from .spec import parse_size
 
