@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 if importlib.util.find_spec("llama_cpp") is None:  # not imported here: the server runs it
-    pytest.skip("bash .ci/setup-llama.sh builds llama-cpp-python[server]", allow_module_level=True)
+    pytest.skip("bash .ci/setup.sh builds llama-cpp-python[server]", allow_module_level=True)
 
 from modelmora import LoadFailed, ModelManager
 from modelmora.chain import Chain, Step

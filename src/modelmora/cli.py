@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import anyio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import events as ev
@@ -25,6 +26,7 @@ from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
 from .config import ManagerConfig
 from .core import ModelManager
 from .errors import ModelMoraError, ModelNotFound
+from .extras import require_extra
 from .memory import StaticProbe
 from .providers.simulated import SimulatedProvider
 from .registry import RegistryFile
@@ -75,8 +77,34 @@ def remote(url: str, job: Callable[[Any], T]) -> T:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def need(extra: str, needed_by: str) -> None:
+    """One line with the install command when an optional extra is missing."""
+    try:
+        require_extra(extra, needed_by=needed_by)
+    except ModelMoraError as exc:
+        fail(str(exc))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"modelmora {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
 
 
 def load_config(path: Path | None) -> ManagerConfig:
@@ -173,7 +201,7 @@ def render_status(status: dict[str, Any]) -> None:
         out.print("No models resident.")
     for name, f in status["failures"].items():
         out.print(
-            f"[yellow]{name}[/]: {f['failures']} failed load(s), retry in {format_duration(f['retry_in_s'])}: {f['error']}"
+            f"[yellow]{escape(name)}[/]: {f['failures']} failed load(s), retry in {format_duration(f['retry_in_s'])}: {escape(str(f['error']))}"
         )
 
 
@@ -605,6 +633,8 @@ def bench(
     from . import bench as bench_mod
     from .bench_report import plot, render
 
+    if plot_path is not None:
+        need("bench", "modelmora bench --plot")
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     bad = [s for s in chosen if s not in ("gc", "subprocess", "offload")]
     if bad:
@@ -701,6 +731,8 @@ def run_chain(
     text = input_ if input_ is not None else spec.input
     if text is None:
         fail(f"{chain_file}: give the chain an input with --input (the file has no 'input:')")
+    if any(step.call is None for step in chain.steps):  # LLM steps call the runtime through litellm
+        need("chain", f"modelmora run {chain_file}")
 
     async def main() -> Any:
         async with chain:
@@ -751,6 +783,10 @@ def demo(
     Real all-MiniLM-L6-v2 plus small stand-ins made on first run; prints every load, reuse and
     eviction with measured memory and writes a PNG of the memory timeline.
     """
+    if ollama:
+        need("chain", "modelmora demo --ollama")  # its LLM steps go through litellm
+    else:
+        need("demo", "modelmora demo")
     from .demo import TEXT, run_demo
     from .spec import parse_size
 
@@ -785,6 +821,7 @@ def serve(
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted.")] = "1MiB",
 ) -> None:
     """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/)."""
+    need("server", "modelmora serve")
     from .server import create_app, is_loopback, token_from_env
     from .spec import parse_size
 

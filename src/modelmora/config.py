@@ -1,7 +1,7 @@
 """ManagerConfig: the registry of models, provider settings and memory policy.
 
 Config is a value object built at the edge (YAML file, dict, ``MODELMORA_*`` environment)
-and passed into :class:`~modelmora.manager.ModelManager`.  Every validation problem becomes
+and passed into :class:`~modelmora.core.ModelManager`.  Every validation problem becomes
 one :class:`~modelmora.errors.ConfigError` line naming the source, the field and what was
 expected.
 """

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from . import events as ev
 from .chain import Chain, ChainResult, Step, plan_next_use
@@ -27,6 +28,7 @@ from .chain.llm import complete
 from .chain.report import ConsoleObserver, render_plan, render_result
 from .config import ManagerConfig
 from .core import ModelManager
+from .extras import install_hint
 from .providers.base import Handle
 from .spec import format_size
 from .timeline import MemoryTimeline
@@ -300,7 +302,9 @@ async def run_demo(
         try:
             written = timeline.plot(plot, budget=limit, title=f"modelmora demo: {dev} memory per model")
         except ImportError:
-            console.print("[yellow]no plot: matplotlib is not installed (pip install 'modelmora[bench]')[/]")
+            console.print(
+                f"[yellow]no plot: matplotlib is not installed ({escape(install_hint('bench'))})[/]"
+            )
         else:
             console.print(f"memory timeline written to {written}", highlight=False)
     return DemoReport(result, peak, limit, written, result.loads, seed.loads, memory)

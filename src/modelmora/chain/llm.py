@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import ConfigError, ProviderUnavailable
+from ..extras import install_hint
 from ..providers.base import Handle
 
 
@@ -23,7 +24,8 @@ def _litellm() -> Any:
         import litellm
     except ImportError:
         raise ProviderUnavailable(
-            "LLM steps need litellm: pip install 'modelmora[chain]'", provider="litellm"
+            f"LLM steps need the chain extra (litellm is missing): {install_hint('chain')}",
+            provider="litellm",
         ) from None
     litellm.suppress_debug_info = True
     return litellm

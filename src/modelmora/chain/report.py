@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import events as ev
@@ -60,7 +61,7 @@ class ConsoleObserver(ChainObserver):
                 f"  [dim]· in use {self._usage()}[/]"
             )
         elif isinstance(e, ev.Evicted):
-            self._say(f"    [yellow]evict[/]   {e.model} to make room for {e.for_model} ({e.reason})")
+            self._say(f"    [yellow]evict[/]   {e.model} to make room for {e.for_model} ({escape(e.reason)})")
         elif isinstance(e, ev.Unloaded):
             reason = e.reason
             if self.planned is not None and e.model in self.planned.unload_after:
@@ -72,7 +73,7 @@ class ConsoleObserver(ChainObserver):
                 f"  [dim]· in use {self._usage()}[/]"
             )
         elif isinstance(e, ev.LoadFailed):
-            self._say(f"    [red]failed[/]  {e.model}: {e.error}")
+            self._say(f"    [red]failed[/]  {e.model}: {escape(str(e.error))}")
 
     def _last_use(self, model: str) -> bool:
         return self.planned is not None and all(
@@ -96,9 +97,9 @@ class ConsoleObserver(ChainObserver):
 
     def step_finished(self, info: StepInfo) -> None:
         if info.error is not None:
-            self._say(f"    [red]error[/]   {info.error}")
+            self._say(f"    [red]error[/]   {escape(str(info.error))}")
         else:
-            self._say(f"    [cyan]output[/]  {_excerpt(info.output)}  [dim]({info.run_s:.2f}s)[/]")
+            self._say(f"    [cyan]output[/]  {escape(_excerpt(info.output))}  [dim]({info.run_s:.2f}s)[/]")
 
 
 def render_plan(console: Console, plan: ResidencyPlan) -> None:
@@ -145,7 +146,9 @@ def render_result(console: Console, result: ChainResult, *, kinds: Mapping[str, 
         )  # fmt: skip
     console.print(table)
     state = "completed" if result.ok else f"broken at step {(result.broken_at or 0) + 1}: {result.reason}"
-    console.print(f"chain {state} in {result.duration_s:.2f}s with {result.loads} loads", highlight=False)
+    console.print(
+        f"chain {escape(state)} in {result.duration_s:.2f}s with {result.loads} loads", highlight=False
+    )
 
 
 def result_to_dict(result: ChainResult) -> dict[str, Any]:

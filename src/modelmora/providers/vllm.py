@@ -38,6 +38,7 @@ import httpx
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
+from ..extras import install_hint
 from ..footprint import Footprint
 from ..net import expand
 from ..spec import Duration, ModelSpec, parse_duration
@@ -91,7 +92,7 @@ class VLLMProvider(Provider):
                     import docker
                 except ImportError:
                     raise ProviderUnavailable(
-                        "the vllm provider needs the docker SDK: pip install 'modelmora[docker]'",
+                        f"the vllm provider needs the docker SDK: {install_hint('docker')}",
                         provider=self.name,
                     ) from None
                 try:
