@@ -1,4 +1,5 @@
-"""Shared fixtures: the anyio backend and a manager over the simulated provider."""
+"""Shared fixtures: the anyio backend, a manager over the simulated provider, emulated
+servers, and the session-wide check that no process a test started outlives the run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,21 @@ import pytest
 from modelmora import ModelManager
 from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
+from modelmora.testing.leaks import describe, leftovers, mark_session, reap
 from modelmora.testing.ollama import OllamaEmulator
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_run() -> Iterator[None]:
+    """Fails the run, naming them, when processes started by the tests are still alive at
+    the end (servers re-parented to PID 1 included), then stops them."""
+    marker = mark_session()
+    yield
+    left = leftovers(marker)
+    if left:
+        report = describe(left)
+        reap(left)
+        pytest.fail(f"{len(left)} process(es) started by the tests outlived the run:\n{report}", pytrace=False)
 
 
 @pytest.fixture

@@ -143,3 +143,45 @@ def test_help_reads_well() -> None:
     assert result.returncode == 0
     for command in ("status", "list-loaded", "load", "unload", "unload-all", "models", "plan"):
         assert command in result.stdout
+
+
+def test_version() -> None:
+    import modelmora
+
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"modelmora {modelmora.__version__}\n"
+
+
+def without(tmp_path: Path, *modules: str) -> dict[str, str]:
+    """An environment in which importing ``modules`` fails as if they were not installed."""
+    shadow = tmp_path / "shadow"
+    for module in modules:
+        (shadow / module).mkdir(parents=True)
+        (shadow / module / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {module!r}", name={module!r})\n'
+        )
+    return {**os.environ, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT / 'src'}", "COLUMNS": "80"}
+
+
+@pytest.mark.parametrize(
+    ("args", "missing", "extra"),
+    [
+        (["demo", "--no-plot"], "torch", "demo"),
+        (["demo", "--ollama", "http://127.0.0.1:9"], "litellm", "chain"),
+        (["serve", "--port", "1"], "fastapi", "server"),
+        (["bench", "--quick"], "torch", "torch"),
+    ],
+)
+def test_a_missing_extra_is_one_line_with_the_install_command(
+    tmp_path: Path, args: list[str], missing: str, extra: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "modelmora.cli", *args],
+        capture_output=True, text=True, env=without(tmp_path, missing), cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()  # one line, however narrow the terminal
+    assert line.startswith("error: ") and f"{missing} is missing" in line
+    assert f"[{extra}]'" in line and "pip install" in line  # rich markup must not eat the extra

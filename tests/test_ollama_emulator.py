@@ -169,3 +169,16 @@ def test_older_servers_omit_context_length(make_ollama: Start) -> None:
     with ollama.Client(host=emu.url) as client:
         [m] = client.ps().models
     assert m.context_length is None
+
+
+def test_embeddings_are_unit_length_as_ollamas_are(make_ollama: Start) -> None:
+    """Real Ollama L2-normalises /api/embed and /v1/embeddings vectors; clients rely on a
+    dot product being the cosine."""
+    emu = make_ollama()
+    texts = ["a", "modelmora keeps models resident"]
+    native = httpx.post(f"{emu.url}/api/embed", json={"model": "nomic-embed-text", "input": texts})
+    openai = httpx.post(f"{emu.url}/v1/embeddings", json={"model": "nomic-embed-text", "input": texts})
+    vectors = [*native.json()["embeddings"], *(d["embedding"] for d in openai.json()["data"])]
+    assert [math.sqrt(sum(x * x for x in v)) for v in vectors] == pytest.approx([1.0] * 4, abs=1e-9)
+    assert vectors[0] == vectors[2] and vectors[1] == vectors[3]  # same text, same vector, both routes
+    assert vectors[0] != vectors[1]

@@ -37,7 +37,6 @@ def live() -> tuple[str, str]:
 async def test_live_load_observe_unload(live: tuple[str, str]) -> None:
     url, model = live
     async with OllamaProvider("ollama", OllamaSettings(base_url=url)) as p:
-        assert (await p.health()).ok
         handle = await p.load(ModelSpec(name="live", provider="ollama", target=model))
         assert sum(handle.memory.values()) > 0
         assert any(o.target == model for o in await p.observe())

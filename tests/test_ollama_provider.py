@@ -46,12 +46,10 @@ async def test_load_observe_unload(make_ollama: Start) -> None:
         assert handle.memory == {"cuda:0": 9 * GB}
         [seen] = await p.observe()
         assert seen.target == "qwen2.5:14b" and seen.memory == {"cuda:0": 9 * GB}
-        assert seen.details["context_length"] == 2048 and seen.expires_at is not None
+        assert seen.details["context_length"] == 2048
         freed = await p.unload(handle)
         # Ollama answered at once but listed the model for 0.3 s more: unload waited for /api/ps
         assert freed == {"cuda:0": 9 * GB} and emu.loaded() == [] and handle.closed
-        health = await p.health()
-        assert health.ok and health.version == "0.5.7"
 
 
 async def test_embedding_models_load_through_embed(make_ollama: Start) -> None:

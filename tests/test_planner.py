@@ -1,13 +1,19 @@
 """The planner is pure: every policy is checked here without I/O."""
 
+from collections.abc import Iterable, Mapping
+
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from modelmora.planner import Admit, Candidate, Refuse, Resident, Wait, plan_admission, usage, within_budget
-from modelmora.residency import State
+from modelmora.core.planner import Admit, Candidate, Refuse, Resident, Wait, plan_admission, usage
 
 GB = 10**9
 BUDGET = {"cuda:0": 16 * GB}
+
+
+def within_budget(residents: Iterable[Resident], budgets: Mapping[str, int]) -> bool:
+    used = usage(residents)
+    return all(used.get(d, 0) <= b for d, b in budgets.items())
 
 
 def r(name: str, gb: float, **kw: object) -> Resident:
@@ -60,13 +66,12 @@ def test_leased_group_member_means_wait() -> None:
 
 
 def test_loading_and_unloading_models_hold_memory_and_are_not_evictable() -> None:
-    for state in (State.LOADING, State.UNLOADING):
-        plan = plan_admission([r("a", 10, state=state)], c("b", 10), BUDGET)
-        assert isinstance(plan, Wait), state
+    plan = plan_admission([r("a", 10, settled=False)], c("b", 10), BUDGET)
+    assert isinstance(plan, Wait)
 
 
 def test_waiting_entries_hold_no_memory() -> None:
-    assert plan_admission([r("a", 10, state=State.WAITING)], c("b", 10), BUDGET) == Admit()
+    assert plan_admission([r("a", 10, queued=True)], c("b", 10), BUDGET) == Admit()
 
 
 def test_bigger_than_budget_is_refused() -> None:
@@ -119,14 +124,13 @@ def test_devices_are_independent_and_unbudgeted_devices_are_unlimited() -> None:
 
 
 def test_candidate_already_in_table_is_not_counted_against_itself() -> None:
-    assert plan_admission([r("x", 10, state=State.WAITING)], c("x", 10), BUDGET) == Admit()
+    assert plan_admission([r("x", 10, queued=True)], c("x", 10), BUDGET) == Admit()
 
 
 # -- properties ------------------------------------------------------------------------
 
-states = st.sampled_from(
-    [State.READY, State.READY, State.READY, State.LOADING, State.UNLOADING, State.SLEEPING]
-)
+# (settled, sleeping): ready, ready, ready, in transition, parked
+states = st.sampled_from([(True, False), (True, False), (True, False), (False, False), (True, True)])
 
 
 @st.composite
@@ -136,7 +140,7 @@ def tables(draw: st.DrawFn) -> tuple[list[Resident], Candidate, dict[str, int], 
         Resident(
             name=f"m{i}",
             memory={"cuda:0": draw(st.integers(0, 16)) * GB, "cpu": draw(st.integers(0, 4)) * GB},
-            state=draw(states),
+            **dict(zip(("settled", "sleeping"), draw(states), strict=True)),
             leases=draw(st.sampled_from([0, 0, 0, 1, 3])),
             pinned=draw(st.booleans()) and draw(st.booleans()),
             group=draw(st.sampled_from([None, None, "heavy", "light"])),
@@ -184,12 +188,12 @@ def test_plans_respect_budget_pins_leases_groups_and_cap(
         for name in plan.sleep:
             assert by_name[name].can_park(), by_name[name]
         after = [x.parked() if x.name in plan.sleep else x for x in residents if x.name not in plan.evict] + [
-            Resident(candidate.name, candidate.memory, State.LOADING)
+            Resident(candidate.name, candidate.memory, settled=False)
         ]
         assert within_budget(after, budgets), (usage(after), budgets)
         if candidate.group is not None:
             assert not any(
-                x.group == candidate.group and x.holds_memory and x.state is not State.SLEEPING
+                x.group == candidate.group and x.holds_memory and not x.sleeping
                 for x in after[:-1]
             )
         if max_loaded is not None:
@@ -208,7 +212,7 @@ def test_plans_respect_budget_pins_leases_groups_and_cap(
             assert not by_name[name].is_evictable() and not by_name[name].pinned
         # waiting is never hopeless: without every unpinned model, it fits
         only_pinned = [x for x in residents if x.pinned and x.holds_memory] + [
-            Resident(candidate.name, candidate.memory, State.LOADING)
+            Resident(candidate.name, candidate.memory, settled=False)
         ]
         assert within_budget(only_pinned, budgets)
     else:
@@ -237,12 +241,23 @@ def test_exclusive_group_member_with_warm_tier_is_parked_and_sleepers_do_not_con
     residents = [r("qwen", 5, group="heavy", sleep_memory={"cuda:0": 0, "cpu": 5 * GB})]
     plan = plan_admission(residents, c("sdxl", 5, "heavy"), BUDGET)
     assert plan == Admit(sleep=("qwen",), reasons={"qwen": "exclusive group 'heavy'"})
-    asleep = [r("qwen", 0, group="heavy", state=State.SLEEPING)]
+    asleep = [r("qwen", 0, group="heavy", sleeping=True)]
     assert plan_admission(asleep, c("sdxl", 5, "heavy"), BUDGET) == Admit()
 
 
 def test_sleeping_models_can_be_evicted_to_free_ram() -> None:
     budgets = {"cuda:0": 16 * GB, "cpu": 8 * GB}
-    residents = [Resident("parked", {"cpu": 6 * GB}, state=State.SLEEPING)]
+    residents = [Resident("parked", {"cpu": 6 * GB}, sleeping=True)]
     plan = plan_admission(residents, Candidate("embed", {"cpu": 4 * GB}), budgets)
     assert plan == Admit(evict=("parked",), reasons={"parked": "least recently used"})
+
+
+def test_two_names_for_one_runner_replace_each_other() -> None:
+    # Ollama holds one runner per model: a second registry name for the same target, with
+    # other runner options, is a reload that replaces the first (never both counted)
+    residents = [Resident("qwen-8k", {"cuda:0": 9 * GB}, key="ollama/qwen2.5:14b")]
+    both = Candidate("qwen-32k", {"cuda:0": 13 * GB}, key="ollama/qwen2.5:14b")
+    plan = plan_admission(residents, both, {"cuda:0": 24 * GB})
+    assert plan == Admit(evict=("qwen-8k",), reasons={"qwen-8k": "same runtime model 'ollama/qwen2.5:14b'"})
+    leased = [Resident("qwen-8k", {"cuda:0": 9 * GB}, leases=1, key="ollama/qwen2.5:14b")]
+    assert isinstance(plan_admission(leased, both, {"cuda:0": 24 * GB}), Wait)

@@ -56,7 +56,13 @@ def proxy(tmp_path: Path) -> Iterator[str]:
                              "options": {"command": [sys.executable, str(script), "${PORT}"], "health": "/v1/models"}}},
     }  # fmt: skip
     with ThreadedServer(create_app(config)) as server:
-        yield server.url
+        try:
+            yield server.url
+        finally:
+            # the process provider leaves servers running when the manager closes (by design:
+            # a restart adopts them), so the test stops the upstream.py it started
+            unloaded = httpx.post(f"{server.url}/unload-all", json={"force": True}, timeout=30)
+            assert unloaded.status_code == 200, unloaded.text
 
 
 def leases(url: str) -> Callable[[], int]:

@@ -72,7 +72,7 @@ def test_rest_api_loads_lists_and_unloads(serve: Callable[..., str], emu: Ollama
         )
         assert emu.loaded() == ["qwen2.5:14b"]
         kept = c.post("/unload-all").json()
-        assert kept == {"unloaded": [], "in_use": [], "pinned": ["qwen"]}
+        assert kept == {"unloaded": [], "in_use": [], "pinned": ["qwen"], "failed": {}}
         assert c.post("/models/qwen/unload", json={"force": True}).json() == {
             "model": "qwen",
             "unloaded": True,

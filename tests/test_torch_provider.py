@@ -71,11 +71,11 @@ async def test_tiny_causal_lm_generates(tiny_lm: str) -> None:
         }
     }
     async with manager(models) as mm, mm.use("tiny") as handle:
-        tokenizer = handle.data["extras"]["tokenizer"]
+        tokenizer = handle.extras["tokenizer"]
         ids = tokenizer("The quick", return_tensors="pt").input_ids
         out = handle.obj.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         assert out.shape[1] == ids.shape[1] + 4
-        assert handle.data["kind"] == "transformers"
+        assert handle.kind == "transformers"
 
 
 async def test_factory_loader_for_diffusers_shaped_pipelines() -> None:

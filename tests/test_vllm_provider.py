@@ -62,7 +62,7 @@ async def test_the_llama_cpp_server_in_a_container(
     docker_url: str, image: str, client: Any, tmp_path: Path
 ) -> None:
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("bash .ci/setup-llama.sh builds llama-cpp-python[server]")
+        pytest.skip("bash .ci/setup.sh builds llama-cpp-python[server]")
     model = make_tiny_gguf(tmp_path / "tiny.gguf")
     port = free_port()
     spec = {

@@ -1,6 +1,12 @@
-"""modelmora: keep the right models resident in (V)RAM at the right time."""
+"""modelmora: keep the right models resident in (V)RAM at the right time.
+
+The public API: the manager and its blocking facade, configuration, the provider seam,
+events, the error tree, and the values the manager reports.  Everything else
+(``modelmora.core.*``, the providers' modules) is importable but not promised.
+"""
 
 from .config import Budget, ManagerConfig
+from .core import Footprint, Lease, ManagerStatus, ModelManager, ModelStatus, UnloadAllResult
 from .errors import (
     ConfigError,
     HandleClosed,
@@ -19,31 +25,21 @@ from .errors import (
     UnloadFailed,
 )
 from .events import Event, EventBus
-from .manager import Lease, ManagerStatus, ModelManager, ModelStatus, UnloadAllResult
-from .planner import Admit, Refuse, Wait
-from .providers import (
-    Handle,
-    Health,
-    Observed,
-    Provider,
-    ProviderSettings,
-    create_provider,
-    register_provider,
-)
+from .providers import Capabilities, Handle, Observed, Provider, ProviderSettings, register_provider
 from .spec import ModelSpec, parse_duration, parse_size
 from .sync import SyncModelManager
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Admit",
     "Budget",
+    "Capabilities",
     "ConfigError",
     "Event",
     "EventBus",
+    "Footprint",
     "Handle",
     "HandleClosed",
-    "Health",
     "InsufficientMemory",
     "Lease",
     "LoadFailed",
@@ -63,15 +59,12 @@ __all__ = [
     "ProviderSettings",
     "ProviderUnavailable",
     "RecentlyFailed",
-    "Refuse",
     "SyncModelManager",
     "TransientError",
     "UnknownModel",
     "UnloadAllResult",
     "UnloadFailed",
-    "Wait",
     "__version__",
-    "create_provider",
     "parse_duration",
     "parse_size",
     "register_provider",

@@ -1,7 +1,7 @@
 """ManagerConfig: the registry of models, provider settings and memory policy.
 
 Config is a value object built at the edge (YAML file, dict, ``MODELMORA_*`` environment)
-and passed into :class:`~modelmora.manager.ModelManager`.  Every validation problem becomes
+and passed into :class:`~modelmora.core.ModelManager`.  Every validation problem becomes
 one :class:`~modelmora.errors.ConfigError` line naming the source, the field and what was
 expected.
 """
@@ -144,6 +144,12 @@ class ManagerConfig(BaseModel):
     reaper_interval: Interval = Field(1.0, description="How often idle models are looked for.")
     reconcile_interval: Interval = Field(30.0, description="How often runtimes are asked what they hold.")
     wait_timeout: Duration = Field(300.0, description="How long a load may wait for memory.")
+    lease_bypass_limit: int = Field(
+        4,
+        ge=0,
+        description="While a load waits for memory held by busy models, how many new leases each of "
+        "them may still grant before new leases queue behind the waiting load.",
+    )
     unload_timeout: Duration = Field(120.0, gt=0)
     failure_cooldown: Interval = Field(5.0, description="First back-off after a failed load.")
     failure_cooldown_max: Interval = Field(300.0, description="Longest back-off after failed loads.")

@@ -112,6 +112,15 @@ class Vanished(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Problem(Event):
+    """Background work (reconcile, reaper, keep-alive refresh) failed; it carries on and
+    retries.  ``model`` is empty unless one model's work failed."""
+
+    component: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseAcquired(Event):
     leases: int
 
@@ -126,24 +135,41 @@ class Subscriber(Protocol):
 
 
 class EventBus:
-    """Synchronous fan-out; cheap when nobody listens (the lease hot path emits)."""
+    """Synchronous fan-out.  Lease events are the hot path's: they are built only when a
+    subscriber wants them (``subscribe(fn, leases=False)`` opts out), so a manager whose
+    subscribers ignore them pays nothing for them."""
 
-    __slots__ = ("_subscribers",)
+    __slots__ = ("_quiet", "_subscribers")
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._quiet: list[Subscriber] = []  # subscribers that skip lease events
 
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+    def subscribe(self, subscriber: Subscriber, *, leases: bool = True) -> Callable[[], None]:
+        """Deliver every event to ``subscriber``; ``leases=False``: all but LeaseAcquired /
+        LeaseReleased.  Returns the function that unsubscribes it."""
         self._subscribers.append(subscriber)
+        if not leases:
+            self._quiet.append(subscriber)
 
         def unsubscribe() -> None:
             if subscriber in self._subscribers:
                 self._subscribers.remove(subscriber)
+            if subscriber in self._quiet:
+                self._quiet.remove(subscriber)
 
         return unsubscribe
 
+    @property
+    def wants_leases(self) -> bool:
+        """Whether anyone listens to lease events (the hot path skips building them)."""
+        return len(self._subscribers) > len(self._quiet)
+
     def emit(self, event: Event) -> None:
+        quiet = isinstance(event, _QUIET)
         for subscriber in self._subscribers:
+            if quiet and subscriber in self._quiet:
+                continue
             try:
                 subscriber(event)
             except Exception:
@@ -165,7 +191,7 @@ class LoggingSubscriber:
 
     def __call__(self, event: Event) -> None:
         level = logging.DEBUG if isinstance(event, _QUIET) else self.level
-        if isinstance(event, LoadFailed):
+        if isinstance(event, LoadFailed | Problem):
             level = logging.WARNING
         if self.logger.isEnabledFor(level):
             # the event rides along, so a handler or filter can tell what it is about
@@ -200,6 +226,8 @@ def describe(event: Event) -> str:
             return f"adopted {event.model} from {event.provider} ({mem(event.memory)})"
         case Vanished():
             return f"{event.model} is no longer resident in {event.provider}"
+        case Problem():
+            return f"{event.component} failed: {event.error}"
         case Waiting():
             return f"{event.model} waits for memory held by {', '.join(event.blockers) or '?'}"
         case LeaseAcquired() | LeaseReleased():
@@ -218,6 +246,7 @@ __all__ = [
     "Loaded",
     "Loading",
     "LoggingSubscriber",
+    "Problem",
     "Slept",
     "Subscriber",
     "Unloaded",

@@ -19,8 +19,7 @@ from typing import Any, Self, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from .manager import ManagerStatus, ModelManager, UnloadAllResult
-from .planner import Plan
+from .core import ManagerStatus, ModelManager, Plan, UnloadAllResult
 from .providers.base import Handle
 
 T = TypeVar("T")

@@ -16,6 +16,7 @@ evicts it mid-chain; it unloads only models it loaded itself and nobody else lea
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,9 +29,8 @@ import anyio.abc
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ..config import ManagerConfig
+from ..core import Lease, ModelManager, Wait
 from ..errors import ConfigError, ModelMoraError
-from ..manager import Lease, ModelManager
-from ..planner import Wait
 from ..providers.base import Handle
 from .llm import complete
 from .management import Management
@@ -241,7 +241,8 @@ class Chain:
             return plan_next_use(sequence, models)
         if self.management.strategy == "always-unload":
             return plan_always_unload(sequence, models)
-        return plan_residency(
+        plan = functools.partial(
+            plan_residency,
             sequence,
             models,
             capacity,
@@ -249,9 +250,11 @@ class Chain:
             max_models=mm.config.max_loaded_models,
             prefetch=self.management.prefetch,
         )
+        return await anyio.to_thread.run_sync(plan)  # exact plans are CPU work: off the loop
 
     async def plan(self) -> ResidencyPlan:
-        """The residency plan for the next run, computed without loading anything."""
+        """The residency plan for the next run, computed without loading anything (the
+        planner runs in a worker thread: an exact plan over many models takes a while)."""
         async with self._session() as mm:
             return await self._plan_with(mm)
 
@@ -265,11 +268,10 @@ class Chain:
     # -- manual control -------------------------------------------------------------------
 
     async def load_model(self, name: str) -> None:
-        mm = self.manager
-        was = mm.is_loaded(name)
-        await mm.load(name)
-        if not was:
-            self.loaded_by_chain.add(name)
+        lease = self.manager.use(name)
+        async with lease:
+            if lease.loaded_here:  # ownership from the lease, never guessed from the table
+                self.loaded_by_chain.add(name)
 
     async def unload_model(self, name: str, *, force: bool = False) -> bool:
         self.loaded_by_chain.discard(name)
@@ -451,14 +453,15 @@ class _Run:
         return self.held[name][1]
 
     async def _take(self, name: str) -> None:
-        """Lease ``name`` for as long as the plan keeps it, noting whether that loaded it."""
-        was = self.mm.is_loaded(name)
-        if not was and self.managed:
-            self.chain.loaded_by_chain.add(name)  # before the await: a cancelled load is cleaned up
+        """Lease ``name`` for as long as the plan keeps it, noting whether that loaded it:
+        the lease says whether taking it started the load, so a model another caller is
+        loading (or holds) is never counted as the chain's."""
         lease = self.mm.use(name)
         handle = await lease.__aenter__()
+        if lease.loaded_here and self.managed:
+            self.chain.loaded_by_chain.add(name)
         self.held[name] = (lease, handle)
-        self.fresh[name] = not was
+        self.fresh[name] = lease.loaded_here
 
     def _start_prefetch(self, tg: anyio.abc.TaskGroup, name: str) -> None:
         if name in self.held or name in self.prefetching:
@@ -496,7 +499,7 @@ class _Run:
         if step.call is not None:
             model: Any = None
             if handle is not None:
-                model = handle if _wants_handle(step.call) or handle.obj is None else handle.obj
+                model = handle if _wants_handle(step.call) or not _in_process(handle) else handle.obj
             if inspect.iscoroutinefunction(step.call):
                 return await step.call(model, value)
             result = await anyio.to_thread.run_sync(step.call, model, value)
@@ -519,6 +522,12 @@ class _Run:
             if out is not None:
                 final = out
         return False, "", final
+
+
+def _in_process(handle: Handle) -> bool:
+    """Whether the handle lends a model object in this process (an isolated worker's model
+    and server runtimes are reached through the handle itself)."""
+    return handle.endpoint is None and not getattr(handle, "isolated", False) and handle.obj is not None
 
 
 def _wants_handle(fn: Callable[..., Any]) -> bool:

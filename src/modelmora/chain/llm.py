@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import ConfigError, ProviderUnavailable
+from ..extras import install_hint
 from ..providers.base import Handle
 
 
@@ -23,7 +24,8 @@ def _litellm() -> Any:
         import litellm
     except ImportError:
         raise ProviderUnavailable(
-            "LLM steps need litellm: pip install 'modelmora[chain]'", provider="litellm"
+            f"LLM steps need the chain extra (litellm is missing): {install_hint('chain')}",
+            provider="litellm",
         ) from None
     litellm.suppress_debug_info = True
     return litellm
@@ -39,15 +41,15 @@ def request_for(handle: Handle, prompt: str, params: Mapping[str, Any]) -> dict[
     kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
     if handle.api == "ollama":
         kwargs |= {"model": f"ollama_chat/{handle.target}", "api_base": handle.endpoint}
-        kwargs |= dict(handle.data.get("options") or {})
-        if "keep_alive" in handle.data:
-            kwargs["keep_alive"] = handle.data["keep_alive"]
+        kwargs |= dict(handle.request_options)
+        if handle.keep_alive is not None:
+            kwargs["keep_alive"] = handle.keep_alive
     else:
         base = handle.endpoint.rstrip("/")
         kwargs |= {
-            "model": f"openai/{handle.data.get('served_name', handle.target)}",
+            "model": f"openai/{handle.model_name}",
             "api_base": base if base.endswith("/v1") else f"{base}/v1",
-            "api_key": handle.data.get("api_key") or "modelmora",
+            "api_key": handle.api_key or "modelmora",
         }
     kwargs |= dict(params)
     return kwargs

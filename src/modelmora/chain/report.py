@@ -6,10 +6,11 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import events as ev
-from ..manager import ModelManager
+from ..core import ModelManager
 from ..spec import format_size
 from .executor import ChainObserver, ChainResult, Step, StepInfo
 from .plan import PlannedStep, ResidencyPlan, plan_always_unload, plan_next_use
@@ -63,7 +64,7 @@ class ConsoleObserver(ChainObserver):
                 f"  [dim]· in use {self._usage()}[/]"
             )
         elif isinstance(e, ev.Evicted):
-            self._say(f"    [yellow]evict[/]   {e.model} to make room for {e.for_model} ({e.reason})")
+            self._say(f"    [yellow]evict[/]   {e.model} to make room for {e.for_model} ({escape(e.reason)})")
         elif isinstance(e, ev.Unloaded):
             reason = e.reason
             if self.planned is not None and e.model in self.planned.unload_after:
@@ -75,7 +76,7 @@ class ConsoleObserver(ChainObserver):
                 f"  [dim]· in use {self._usage()}[/]"
             )
         elif isinstance(e, ev.LoadFailed):
-            self._say(f"    [red]failed[/]  {e.model}: {e.error}")
+            self._say(f"    [red]failed[/]  {e.model}: {escape(str(e.error))}")
             self.shown.add(str(e.error))
 
     def _last_use(self, model: str) -> bool:
@@ -102,10 +103,10 @@ class ConsoleObserver(ChainObserver):
         if info.error is not None and info.error in self.shown:
             self._say(f"    [red]error[/]   the step stopped: {info.model} did not load (above)")
         elif info.error is not None:
-            self._say(f"    [red]error[/]   {info.error}")
+            self._say(f"    [red]error[/]   {escape(str(info.error))}")
             self.shown.add(info.error)
         else:
-            self._say(f"    [cyan]output[/]  {_excerpt(info.output)}  [dim]({info.run_s:.2f}s)[/]")
+            self._say(f"    [cyan]output[/]  {escape(_excerpt(info.output))}  [dim]({info.run_s:.2f}s)[/]")
 
 
 def render_plan(console: Console, plan: ResidencyPlan) -> None:
@@ -165,7 +166,9 @@ def render_result(
     console.print(table)
     why = " (the error is above)" if result.reason in shown else f": {result.reason}"
     state = "completed" if result.ok else f"broken at step {(result.broken_at or 0) + 1}{why}"
-    console.print(f"chain {state} in {result.duration_s:.2f}s with {result.loads} loads", highlight=False)
+    console.print(
+        f"chain {escape(state)} in {result.duration_s:.2f}s with {result.loads} loads", highlight=False
+    )
 
 
 def result_to_dict(result: ChainResult) -> dict[str, Any]:

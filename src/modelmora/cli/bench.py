@@ -178,7 +178,7 @@ async def first_inference(handle: Any) -> float | None:
         obj = handle.obj
         if obj is None or isinstance(obj, str | bytes):  # the simulated runtime's stand-in
             return None
-        tokenizer = (handle.data.get("extras") or {}).get("tokenizer")
+        tokenizer = handle.extras.get("tokenizer")
         if tokenizer is not None:
 
             def run() -> None:
@@ -218,7 +218,7 @@ async def first_inference(handle: Any) -> float | None:
 
 
 def _worker_manager(config: dict[str, Any]) -> Any:
-    from ..manager import ModelManager
+    from ..core import ModelManager
 
     return ModelManager(ManagerConfig.from_dict(config, source="bench"))
 

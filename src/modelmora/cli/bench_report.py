@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..spec import format_duration, format_size
@@ -51,7 +52,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         t.add_column(col)
     for lc in report["lifecycles"]:
         if lc.get("error"):
-            t.add_row(str(lc.get("model")), "[red]error[/]", lc["error"][:80], "", "", "", "", "")
+            t.add_row(str(lc.get("model")), "[red]error[/]", escape(lc["error"][:80]), "", "", "", "", "")
             continue
         footprint = max(lc["loaded_rss"] - lc["baseline_rss"], sum(lc.get("runtime_memory", {}).values()))
         cache = {True: "hit", False: "miss", None: "-"}[lc.get("cache_hit")]
@@ -68,7 +69,12 @@ def render(report: dict[str, Any], console: Console) -> None:
         for st in report["strategies"]:
             if st.get("error"):
                 t.add_row(
-                    str(st.get("model")), st.get("strategy", "?"), f"[red]{st['error'][:70]}[/]", "", "", ""
+                    str(st.get("model")),
+                    st.get("strategy", "?"),
+                    f"[red]{escape(st['error'][:70])}[/]",
+                    "",
+                    "",
+                    "",
                 )
                 continue
             pct = st.get("reclaimed_percent")
@@ -82,7 +88,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         t.add_column(col)
     for cy in report["cycles"]:
         if cy.get("error"):
-            t.add_row(str(cy.get("model")), "-", f"[red]{cy['error'][:70]}[/]", "", "")
+            t.add_row(str(cy.get("model")), "-", f"[red]{escape(cy['error'][:70])}[/]", "", "")
             continue
         base = cy["baseline_rss"]
         series = ", ".join(f"{(r - base) / 1e6:+.1f}" for r in cy["rss_after_each"]) + " MB"

@@ -28,8 +28,9 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from .. import events as ev
 from ..config import ManagerConfig
+from ..core import ModelManager
 from ..errors import ModelMoraError, ModelNotFound
-from ..manager import ModelManager
+from ..extras import require_extra
 from ..memory import StaticProbe
 from ..providers import Factory, ProviderRegistry
 from ..providers.simulated import SimulatedProvider
@@ -209,8 +210,34 @@ def progress(message: str) -> Iterator[Callable[[str], None]]:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def need(extra: str, needed_by: str) -> None:
+    """One line with the install command when an optional extra is missing."""
+    try:
+        require_extra(extra, needed_by=needed_by)
+    except ModelMoraError as exc:
+        fail(str(exc))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"modelmora {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
 
 
 def config_file(path: Path | None) -> Path | None:
@@ -336,7 +363,7 @@ def render_status(status: dict[str, Any]) -> None:
         out.print("No models resident.")
     for name, f in status["failures"].items():
         out.print(
-            f"[yellow]{name}[/]: {f['failures']} failed load(s), retry in {format_duration(f['retry_in_s'])}: {f['error']}"
+            f"[yellow]{escape(name)}[/]: {f['failures']} failed load(s), retry in {format_duration(f['retry_in_s'])}: {escape(str(f['error']))}"
         )
 
 
@@ -776,6 +803,8 @@ def bench(
     from . import bench as bench_mod
     from .bench_report import plot, render
 
+    if plot_path is not None:
+        need("bench", "modelmora bench --plot")
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     bad = [s for s in chosen if s not in ("gc", "subprocess", "offload")]
     if bad:
@@ -898,6 +927,8 @@ def run_chain(
     text = input_ if input_ is not None else spec.input
     if text is None:
         fail(f"{chain_file}: give the chain an input with --input (the file has no 'input:')")
+    if any(step.call is None for step in chain.steps):  # LLM steps call the runtime through litellm
+        need("chain", f"modelmora run {chain_file}")
 
     observer: ConsoleObserver | None = None
 
@@ -952,6 +983,10 @@ def demo(
     Real all-MiniLM-L6-v2 plus small stand-ins made on first run; prints every load, reuse and
     eviction with measured memory and writes a PNG of the memory timeline.
     """
+    if ollama:
+        need("chain", "modelmora demo --ollama")  # its LLM steps go through litellm
+    else:
+        need("demo", "modelmora demo")
     from ..spec import parse_size
     from .demo import TEXT, run_demo
 
@@ -1009,6 +1044,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/)."""
+    need("server", "modelmora serve")
     from ..server import create_app, is_loopback, server_options, token_from_env
     from ..spec import parse_size
 

@@ -20,13 +20,15 @@ from typing import Any
 import anyio
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from .. import events as ev
 from ..chain import Chain, ChainResult, Step, plan_next_use
 from ..chain.llm import complete
 from ..chain.report import ConsoleObserver, render_plan, render_result
 from ..config import ManagerConfig
-from ..manager import ModelManager
+from ..core import ModelManager
+from ..extras import install_hint
 from ..providers.base import Handle
 from ..spec import format_size
 from .timeline import MemoryTimeline
@@ -77,7 +79,7 @@ def find_key_sentence(model: Any, note: Note) -> Note:
 def _generate(handle: Handle, prompt: str, tokens: int) -> str:
     import torch
 
-    tokenizer = handle.data["extras"]["tokenizer"]
+    tokenizer = handle.extras["tokenizer"]
     model = handle.obj
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
@@ -171,8 +173,8 @@ def local_chain(budget: str) -> tuple[Chain, dict[str, str], str]:
 async def _embed(handle: Handle, texts: list[str]) -> list[list[float]]:
     assert handle.endpoint is not None
     body: dict[str, Any] = {"model": handle.target, "input": texts}
-    if "keep_alive" in handle.data:
-        body["keep_alive"] = handle.data["keep_alive"]
+    if handle.keep_alive is not None:
+        body["keep_alive"] = handle.keep_alive
     async with httpx.AsyncClient(base_url=handle.endpoint, timeout=60) as client:
         response = await client.post("/api/embed", json=body)
         response.raise_for_status()
@@ -300,7 +302,9 @@ async def run_demo(
         try:
             written = timeline.plot(plot, budget=limit, title=f"modelmora demo: {dev} memory per model")
         except ImportError:
-            console.print("[yellow]no plot: matplotlib is not installed (pip install 'modelmora[bench]')[/]")
+            console.print(
+                f"[yellow]no plot: matplotlib is not installed ({escape(install_hint('bench'))})[/]"
+            )
         else:
             console.print(f"memory timeline written to {written}", highlight=False)
     return DemoReport(result, peak, limit, written, result.loads, seed.loads, memory)

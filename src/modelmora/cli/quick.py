@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ProviderUnavailable
+from ..extras import require_extra
 
 
 def home() -> Path:
@@ -16,14 +16,7 @@ def home() -> Path:
 
 
 def require_torch() -> None:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise ProviderUnavailable(
-            f"the built-in models need the torch extra ({exc.name} is missing): "
-            "pip install torch==2.13.0 && pip install -e '.[torch]'"
-        ) from None
+    require_extra("torch", needed_by="the built-in models")
 
 
 def quick_models(*, lm_hidden: int = 64, lm_layers: int = 2) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ import anyio.abc
 import psutil
 
 from .. import events as ev
-from ..manager import ModelManager
+from ..core import ModelManager
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,7 @@ class MemoryTimeline:
 
     def sample(self, label: str | None = None) -> None:
         models = {
-            e.name: e.memory.get(self.device, 0)
-            for e in self.manager.entries()
-            if e.state.holds_memory and e.memory.get(self.device)
+            e.name: e.memory.get(self.device, 0) for e in self.manager.entries() if e.memory.get(self.device)
         }
         self.samples.append(Sample(self.now(), models, int(self._proc.memory_info().rss), label))
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from ..config import ManagerConfig, describe_validation_error
 from ..errors import ConfigError, ProviderUnavailable
-from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 
 Factory = Callable[[str, Mapping[str, Any]], Provider] | type[Provider]
 
@@ -146,9 +146,9 @@ def check_provider_types(config: ManagerConfig, known: ProviderRegistry | None =
 __all__ = [
     "ENTRY_POINT_GROUP",
     "KNOWN_PROVIDERS",
+    "Capabilities",
     "Factory",
     "Handle",
-    "Health",
     "Observed",
     "Provider",
     "ProviderRegistry",

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+import anyio
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import HandleClosed
@@ -39,17 +39,28 @@ class Handle:
     """A provider's grip on one resident model, lent to callers inside a lease.
 
     ``endpoint`` is the base URL for runtimes behind HTTP (with ``api`` saying which
-    protocol), ``obj`` the model object for in-process runtimes.  After unload the handle
-    is closed and refuses use, so a model object never outlives its residency by accident.
+    protocol: ``"openai"`` or ``"ollama"``), ``obj`` the model object for in-process
+    runtimes.  The typed fields say how to call the model; ``runtime`` is the provider's
+    own record (a container id, a port, a log path), opaque to everyone else.  After
+    unload the handle is closed and refuses use, so a model object never outlives its
+    residency by accident.
     """
 
     spec: ModelSpec
     provider: str
     endpoint: str | None = None
     api: str | None = None
-    memory: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per device, measured at load
     owned: bool = True
-    data: dict[str, Any] = field(default_factory=dict)
+    served_name: str | None = None  # the name the runtime serves it under (default: target)
+    request_options: dict[str, Any] = field(default_factory=dict)  # every request sends these
+    keep_alive: float | int | None = None  # Ollama: what requests send as keep_alive
+    api_key: str | None = None
+    device: str | None = None  # "cpu", "cuda:0": where an in-process model lives
+    kind: str | None = None  # in-process loader kind ("transformers", "diffusers", ...)
+    extras: dict[str, Any] = field(default_factory=dict)  # companions: tokenizer, processor
+    pid: int | None = None  # the server or worker process, where there is one
+    runtime: Any = field(default=None, repr=False)
     _obj: Any = field(default=None, repr=False)
     _closed: bool = field(default=False, repr=False)
 
@@ -60,6 +71,11 @@ class Handle:
     @property
     def target(self) -> str:
         return self.spec.target
+
+    @property
+    def model_name(self) -> str:
+        """The model name requests to the runtime carry."""
+        return self.served_name or self.spec.target
 
     @property
     def closed(self) -> bool:
@@ -93,15 +109,29 @@ class Observed:
     memory: dict[str, int] = field(default_factory=dict)
     tier: Tier = Tier.ACTIVE
     owned: bool = False
-    expires_at: datetime | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class Health:
-    ok: bool
-    detail: str = ""
-    version: str | None = None
+class Capabilities:
+    """What a runtime can do beyond load/unload/observe.
+
+    ``warm_tier``: ``sleep``/``wake`` keep a model at a lower cost (vLLM sleep mode, torch
+    weights offloaded to host RAM).  ``refresh``: the runtime expires models on its own
+    unless ``refresh`` is called while the manager keeps them (Ollama's keep_alive).
+    ``watch``: ``watch`` returns when a model's runtime dies (a server process exits), so
+    the manager notices a crash at once instead of at the next reconcile.
+    ``slow_adopt``: ``adopt`` may take a while (a server found running may still be
+    starting), so a manager does not hold up its start-up for it; leases wait instead.
+    """
+
+    warm_tier: bool = False
+    refresh: bool = False
+    watch: bool = False
+    slow_adopt: bool = False
+
+
+LostListener = Callable[["Handle", str], None]
 
 
 class ProviderSettings(BaseModel):
@@ -111,19 +141,34 @@ class ProviderSettings(BaseModel):
 
 
 class Provider(ABC):
-    """Base class for runtimes.  Subclasses set ``Settings`` and implement the four methods.
-
-    Optional capabilities are declared in ``capabilities``: ``"sleep"`` (``sleep``/``wake``
-    keep a model warm at a lower cost) and ``"refresh"`` (``refresh`` must be called
-    periodically while the manager keeps a model, e.g. Ollama's keep_alive dead man's switch).
-    """
+    """Base class for runtimes.  Subclasses set ``Settings`` and implement the three
+    abstract methods; optional ones are declared in ``capabilities``."""
 
     Settings: ClassVar[type[ProviderSettings]] = ProviderSettings
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, name: str, settings: ProviderSettings | None = None):
         self.name = name
         self.settings = settings if settings is not None else self.Settings()
+        self._lost_listener: LostListener | None = None
+
+    def bind(self, on_lost: LostListener | None) -> None:
+        """Called by the manager that owns this provider: ``on_lost(handle, reason)`` is how
+        the provider reports a runtime that died on its own (see :meth:`report_lost`)."""
+        self._lost_listener = on_lost
+
+    def report_lost(self, handle: Handle, reason: str) -> None:
+        """Tell the manager that the runtime behind ``handle`` is gone (its process exited,
+        its container died), so the model leaves the table now instead of at the next
+        reconcile.  Safe to call from the event loop's thread at any time."""
+        if self._lost_listener is not None and not handle.closed:
+            self._lost_listener(handle, reason)
+
+    def target_key(self, target: str) -> str:
+        """The runtime's identity for ``target``: two targets with one key are one model to
+        the runtime (Ollama lists ``nomic-embed-text`` as ``nomic-embed-text:latest``).
+        The manager compares observations and registry entries by this key."""
+        return target
 
     @abstractmethod
     async def load(self, spec: ModelSpec) -> Handle:
@@ -142,9 +187,6 @@ class Provider(ABC):
         estimate with it), so the planner reserves what the load will really take."""
         return spec
 
-    async def health(self) -> Health:
-        return Health(ok=True)
-
     async def serves(self, spec: ModelSpec) -> frozenset[str] | None:
         """The OpenAI routes (``chat/completions``, ``completions``, ``embeddings``) the model
         answers, so the proxy refuses others before taking a lease; None when the runtime
@@ -156,10 +198,25 @@ class Provider(ABC):
         return Handle(spec=spec, provider=self.name, memory=dict(observed.memory), owned=observed.owned)
 
     async def refresh(self, handle: Handle, keep_alive: float) -> None:
-        """Extend the runtime's own expiry for a model the manager keeps (``"refresh"``)."""
+        """Extend the runtime's own expiry for a model the manager keeps (``refresh``)."""
 
-    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
-        """Move to the warm tier; returns the memory still held per device (``"sleep"``)."""
+    async def watch(self, handle: Handle) -> str:
+        """Return, with the reason, when the runtime behind ``handle`` dies on its own
+        (``watch``).  The manager runs it in a task while the model is resident and cancels
+        it when the model is unloaded."""
+        await anyio.sleep_forever()
+        return ""
+
+    def leaked(self) -> dict[str, int]:
+        """Bytes per device the runtime still holds for models already unloaded (an
+        in-process model object somebody still references).  Admission counts them as
+        memory used by others until they are really gone."""
+        return {}
+
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
+        """Move to the warm tier; returns the memory still held per device (``warm_tier``).
+        ``level`` None: the provider's configured level (vLLM: 1 keeps weights in RAM, 2
+        discards them)."""
         raise NotImplementedError(f"provider {self.name!r} has no sleep tier")
 
     async def wake(self, handle: Handle) -> dict[str, int]:
@@ -184,4 +241,4 @@ class Provider(ABC):
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-__all__ = ["Handle", "Health", "Observed", "Provider", "ProviderSettings", "Tier"]
+__all__ = ["Capabilities", "Handle", "LostListener", "Observed", "Provider", "ProviderSettings", "Tier"]

@@ -22,7 +22,6 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -41,7 +40,7 @@ from ..errors import (
     UnloadFailed,
 )
 from ..spec import Duration, Interval, ModelSpec
-from .base import Handle, Health, Observed, Provider, ProviderSettings
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings
 
 OOM_MARKERS = (
     "out of memory",
@@ -120,7 +119,7 @@ class OllamaProvider(Provider):
 
     Settings = OllamaSettings
     settings: OllamaSettings
-    capabilities = frozenset({"refresh"})
+    capabilities = Capabilities(refresh=True)
 
     def __init__(self, name: str = "ollama", settings: OllamaSettings | None = None):
         super().__init__(name, settings)
@@ -301,12 +300,10 @@ class OllamaProvider(Provider):
             )
         return Handle(
             spec=spec, provider=self.name, endpoint=self.base_url, api="ollama", memory=dict(seen.memory),
-            data={
-                "options": self.runner_options(spec), "path": path,
-                # what requests through this handle should send, so they neither reload the
-                # model (options differ) nor disarm the dead man's switch (keep_alive -1)
-                "keep_alive": self.keep_alive_for(spec, self.settings.hold),
-            },
+            # what requests through this handle should send, so they neither reload the
+            # model (options differ) nor disarm the dead man's switch (keep_alive -1)
+            request_options=self.runner_options(spec), runtime=path,
+            keep_alive=self.keep_alive_for(spec, self.settings.hold),
         )  # fmt: skip
 
     async def _send_unload(self, spec: ModelSpec) -> None:
@@ -347,13 +344,13 @@ class OllamaProvider(Provider):
             memory = {self.settings.device: vram}
             if size > vram:
                 memory["cpu"] = size - vram
-            expires = item.get("expires_at")
             out.append(
                 Observed(
                     target=str(item.get("name") or item.get("model")),
                     memory=memory,
-                    expires_at=_parse_time(expires) if expires else None,
-                    details={k: item[k] for k in ("context_length", "digest", "details") if k in item},
+                    details={
+                        k: item[k] for k in ("context_length", "digest", "details", "expires_at") if k in item
+                    },
                 )
             )
         return out
@@ -385,7 +382,7 @@ class OllamaProvider(Provider):
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
         return Handle(
             spec=spec, provider=self.name, endpoint=self.base_url, api="ollama",
-            memory=dict(observed.memory), owned=False, data={"options": self.runner_options(spec)},
+            memory=dict(observed.memory), owned=False, request_options=self.runner_options(spec),
         )  # fmt: skip
 
     async def refresh(self, handle: Handle, keep_alive: float) -> None:
@@ -393,26 +390,11 @@ class OllamaProvider(Provider):
         path, body = self._load_body(handle.spec, self.keep_alive_for(handle.spec, keep_alive))
         await self.request("POST", path, model=handle.name, json=body, timeout=None)
 
-    async def health(self) -> Health:
-        try:
-            response = await self.request("GET", "/api/version")
-        except ModelMoraError as exc:
-            return Health(ok=False, detail=str(exc))
-        version = str(response.json().get("version", "?"))
-        return Health(ok=True, detail=f"Ollama {version} at {self.base_url}", version=version)
-
 
 def _size(value: Any) -> int:
     from ..spec import parse_size
 
     return parse_size(value)
-
-
-def _parse_time(text: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 __all__ = ["OllamaProvider", "OllamaSettings", "map_error"]

@@ -44,7 +44,7 @@ from pydantic import Field
 from ..errors import ConfigError, LoadFailed, UnloadFailed
 from ..net import expand, free_port
 from ..spec import Duration, Interval, ModelSpec, parse_duration
-from .base import Handle, Health, Observed, Provider, ProviderSettings
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings
 from .readiness import wait_until_ready
 
 
@@ -72,6 +72,7 @@ class _Running:
 class ProcessProvider(Provider):
     Settings = ProcessSettings
     settings: ProcessSettings
+    capabilities = Capabilities(watch=True, slow_adopt=True)
 
     def __init__(self, name: str = "process", settings: ProcessSettings | None = None):
         super().__init__(name, settings)
@@ -155,19 +156,20 @@ class ProcessProvider(Provider):
         return Handle(
             spec=spec, provider=self.name, endpoint=self._url(port), api="openai",
             memory=self._memory(spec, running.pid),
-            data={"pid": running.pid, "port": port, "log": str(log),
-                  "served_name": spec.options.get("served_name", spec.target)},
+            pid=running.pid, runtime=running,
+            served_name=str(spec.options.get("served_name", spec.target)),
         )  # fmt: skip
 
     async def _wait_ready(self, spec: ModelSpec, running: _Running, timeout: float) -> None:
         health = self._url(running.port) + str(spec.options.get("health", "/health"))
         process = running.process
-        assert process is not None
 
         async def ready() -> bool:
             return (await self._client.get(health)).status_code == 200
 
         async def died() -> str | None:
+            if process is None:  # adopted: not our child, so only its PID can be watched
+                return None if _alive(running.pid) else f"the server (pid {running.pid}) exited"
             code = process.returncode
             return None if code is None else f"the server exited with code {code}"
 
@@ -251,16 +253,34 @@ class ProcessProvider(Provider):
         return out
 
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
+        """A server left running by an earlier manager: ready once its health check answers
+        (it may still be starting), so no lease gets a connection error."""
         running = self.running[observed.target]
+        timeout = parse_duration(spec.options.get("ready_timeout", self.settings.ready_timeout))
+        await self._wait_ready(spec, running, timeout)
         return Handle(
             spec=spec, provider=self.name, endpoint=self._url(running.port), api="openai",
             memory=self._memory(spec, running.pid), owned=True,
-            data={"pid": running.pid, "port": running.port, "log": str(running.log),
-                  "served_name": spec.options.get("served_name", spec.target)},
+            pid=running.pid, runtime=running,
+            served_name=str(spec.options.get("served_name", spec.target)),
         )  # fmt: skip
 
-    async def health(self) -> Health:
-        return Health(ok=True, detail=f"{len(self.running)} server process(es)")
+    async def watch(self, handle: Handle) -> str:
+        """Returns when the server process exits: our child is waited on (and reaped); an
+        adopted server, not our child, is watched by PID."""
+        running = handle.runtime
+        assert isinstance(running, _Running)
+        if running.process is not None:
+            code = await running.process.wait()
+            reason = f"the server process (pid {running.pid}) exited with code {code}"
+        else:
+            while _alive(running.pid):  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+            reason = f"the server process (pid {running.pid}) is gone"
+        if self.running.get(handle.target) is running:
+            del self.running[handle.target]
+            self._write_state()
+        return reason
 
     async def aclose(self) -> None:
         await self._client.aclose()

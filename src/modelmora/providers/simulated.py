@@ -19,9 +19,9 @@ import filelock
 from pydantic import Field
 
 from ..errors import LoadFailed, ModelMoraError
-from ..residency import parked
+from ..footprint import Footprint
 from ..spec import Duration, ModelSpec
-from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 
 
 class SimulatedSettings(ProviderSettings):
@@ -58,7 +58,7 @@ class SimulatedProvider(Provider):
 
     Settings = SimulatedSettings
     settings: SimulatedSettings
-    capabilities = frozenset({"sleep"})
+    capabilities = Capabilities(warm_tier=True)
 
     def __init__(self, name: str = "simulated", settings: SimulatedSettings | None = None):
         super().__init__(name, settings)
@@ -189,13 +189,13 @@ class SimulatedProvider(Provider):
             )
         return resident
 
-    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         """Weights to host RAM: GPU memory drops to nothing, RAM takes what the GPU held."""
         self._resident(handle)
         await self._delay(handle, "sleep_time")
         with self._state() as models:
             resident = models.get(handle.target) or _Resident(dict(handle.memory))
-            resident.asleep = parked(resident.memory)
+            resident.asleep = Footprint(resident.memory).parked().as_dict()
             models[handle.target] = resident
         self.stats.sleeps += 1
         return dict(resident.asleep)
@@ -231,9 +231,6 @@ class SimulatedProvider(Provider):
             )
             for t, r in self.resident.items()
         ]
-
-    async def health(self) -> Health:
-        return Health(ok=self.reachable, detail="simulated", version="simulated")
 
     async def serves(self, spec: ModelSpec) -> frozenset[str]:
         return frozenset()  # it loads and unloads, but there is no model to answer

@@ -37,7 +37,7 @@ from pydantic import Field
 from ..errors import HandleClosed, LoadFailed, ModelMoraError, ModelNotFound, ProviderError, UnloadFailed
 from ..spec import Duration, ModelSpec
 from . import torch_loaders as loaders
-from .base import Handle, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from .torch_worker import HEADER
 
 log = logging.getLogger("modelmora.torch")
@@ -65,10 +65,6 @@ class IsolatedHandle(Handle):
             f"{self.name!r} lives in an isolated worker process; use `await handle.call(method, *args)`",
             model=self.name, provider=self.provider,
         )  # fmt: skip
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the model in the worker (``"__call__"`` calls the object)."""
@@ -130,13 +126,15 @@ class TorchProvider(Provider):
 
     Settings = TorchSettings
     settings: TorchSettings
-    capabilities = frozenset({"sleep"})
+    capabilities = Capabilities(warm_tier=True, watch=True)
 
     def __init__(self, name: str = "torch", settings: TorchSettings | None = None):
         super().__init__(name, settings)
         self._limiter = anyio.CapacityLimiter(self.settings.max_concurrent_loads)
         self._handles: dict[str, Handle] = {}  # target → live handle (in-process or isolated)
         self.leaks: dict[str, int] = {}  # model name → referrers found after unload
+        self._leaked: dict[str, tuple[weakref.ref[Any], dict[str, int]]] = {}  # still referenced
+        self._parked: set[str] = set()  # targets in the warm tier
 
     # -- loading ------------------------------------------------------------------------
 
@@ -166,7 +164,7 @@ class TorchProvider(Provider):
         memory = {device if device.startswith("cuda") else "cpu": nbytes}
         return Handle(
             spec=spec, provider=self.name, memory=memory, _obj=obj,
-            data={"device": device, "extras": extras, "kind": loaders.kind_of(spec.target, options)},
+            device=device, extras=extras, kind=loaders.kind_of(spec.target, options),
         )  # fmt: skip
 
     async def _load_isolated(self, spec: ModelSpec, device: str, options: dict[str, Any]) -> IsolatedHandle:
@@ -182,10 +180,18 @@ class TorchProvider(Provider):
         handle = IsolatedHandle(
             spec=spec, provider=self.name, _process=process, _reader=BufferedByteReceiveStream(process.stdout)
         )
-        handle.data["device"] = device
+        handle.device = device
         try:
             with anyio.fail_after(self.settings.worker_start_timeout):
                 reply = await handle.exchange(("load", spec.name, spec.target, device, worker_opts))
+        except TimeoutError:
+            await self._stop_worker(handle)
+            raise LoadFailed(
+                f"{spec.name}: its isolated worker did not load it within the provider's "
+                f"worker_start_timeout of {self.settings.worker_start_timeout:g}s",
+                model=spec.name,
+                provider=self.name,
+            ) from None
         except ProviderError as exc:
             await self._stop_worker(handle)
             raise LoadFailed(str(exc), model=spec.name, provider=self.name) from exc
@@ -201,13 +207,14 @@ class TorchProvider(Provider):
         handle.memory = (
             {"cpu": int(info["rss"])} if gpu is None else {gpu: int(info["cuda"]), "cpu": int(info["rss"])}
         )
-        handle.data["pid"] = process.pid
+        handle.pid = process.pid
         return handle
 
     # -- unloading ----------------------------------------------------------------------
 
     async def unload(self, handle: Handle) -> dict[str, int]:
         self._handles.pop(handle.target, None)
+        self._parked.discard(handle.target)
         if isinstance(handle, IsolatedHandle):
             held = dict(handle.memory)
             await self._stop_worker(handle)
@@ -216,7 +223,7 @@ class TorchProvider(Provider):
         return await anyio.to_thread.run_sync(self._drop_in_process, handle, limiter=self._limiter)
 
     def _drop_in_process(self, handle: Handle) -> dict[str, int]:
-        device = str(handle.data.get("device", "cpu"))
+        device = handle.device or "cpu"
         obj = handle._obj
         try:
             ref: weakref.ref[Any] | None = weakref.ref(obj)
@@ -224,7 +231,7 @@ class TorchProvider(Provider):
             ref = None  # objects without weak references cannot be checked for leaks
         rss_before, cuda_before = _rss(), loaders.cuda_allocated(device)
         handle.close()
-        handle.data.clear()
+        handle.extras.clear()
         del obj
         loaders.release_memory()
         leaked = ref() if ref is not None else None
@@ -234,6 +241,8 @@ class TorchProvider(Provider):
             referrers = len(gc.get_referrers(leaked))
             del leaked
             self.leaks[handle.name] = referrers
+            if ref is not None:  # counted against budgets until the last reference goes
+                self._leaked[handle.name] = (ref, dict(handle.memory))
             log.warning(
                 "%s is still referenced after unload (%d referrer(s)): its memory cannot come back "
                 "until the last reference is dropped; consider isolation: process",
@@ -273,18 +282,25 @@ class TorchProvider(Provider):
 
     # -- warm tier ----------------------------------------------------------------------
 
-    async def sleep(self, handle: Handle, level: int = 1) -> dict[str, int]:
+    async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         """Weights to CPU RAM (a no-op move on a CPU-only model, which stays ready to wake)."""
         if isinstance(handle, IsolatedHandle):
             rss = await handle.request(("sleep", "cpu"))
+            self._parked.add(handle.target)
             return {"cpu": int(rss)}
         obj = handle.obj
-        await anyio.to_thread.run_sync(loaders.move, obj, "cpu")
-        loaders.release_memory()
+
+        def offload() -> None:  # gc and malloc_trim take long on a big heap: off the loop
+            loaders.move(obj, "cpu")
+            loaders.release_memory()
+
+        await anyio.to_thread.run_sync(offload)
+        self._parked.add(handle.target)
         return {"cpu": loaders.footprint(obj) or sum(handle.memory.values())}
 
     async def wake(self, handle: Handle) -> dict[str, int]:
-        device = str(handle.data.get("device", "cpu"))
+        device = handle.device or "cpu"
+        self._parked.discard(handle.target)
         if isinstance(handle, IsolatedHandle):
             rss = await handle.request(("wake", device))
             return {"cpu": int(rss)} if device == "cpu" else dict(handle.memory)
@@ -303,8 +319,36 @@ class TorchProvider(Provider):
         for target, handle in list(self._handles.items()):
             if isinstance(handle, IsolatedHandle) and not handle.alive():
                 continue
-            out.append(Observed(target=target, memory=dict(handle.memory), owned=True, tier=Tier.ACTIVE))
+            parked = target in self._parked
+            out.append(
+                Observed(
+                    target=target,
+                    memory={} if parked else dict(handle.memory),
+                    owned=True,
+                    tier=Tier.SLEEPING if parked else Tier.ACTIVE,
+                )
+            )
         return out
+
+    def leaked(self) -> dict[str, int]:
+        """Bytes per device of unloaded models something still references."""
+        out: dict[str, int] = {}
+        for name, (ref, memory) in list(self._leaked.items()):
+            if ref() is None:
+                del self._leaked[name]
+                continue
+            for device, n in memory.items():
+                out[device] = out.get(device, 0) + n
+        return out
+
+    async def watch(self, handle: Handle) -> str:
+        """An isolated worker's exit (an in-process model cannot die on its own)."""
+        process = handle._process if isinstance(handle, IsolatedHandle) else None
+        if process is None:
+            await anyio.sleep_forever()
+        assert process is not None
+        code = await process.wait()
+        return f"its isolated worker (pid {process.pid}) exited with code {code}"
 
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
         handle = self._handles.get(observed.target)

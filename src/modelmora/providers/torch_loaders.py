@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError, LoadFailed, ModelNotFound
+from ..extras import install_hint
 
 KINDS = ("transformers", "sentence-transformers", "diffusers", "factory")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -107,7 +108,8 @@ def load_object(name: str, target: str, device: str, options: dict[str, Any]) ->
         ) from exc
     except ImportError as exc:
         raise LoadFailed(
-            f"{name}: {kind} models need {exc.name or exc}; pip install 'modelmora[torch]'", model=name
+            f"{name}: {kind} models need {exc.name or exc}; {install_hint('torch', missing=exc.name)}",
+            model=name,
         ) from exc
 
 

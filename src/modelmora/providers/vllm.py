@@ -38,10 +38,11 @@ import httpx
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
+from ..extras import install_hint
+from ..footprint import Footprint
 from ..net import expand
-from ..residency import parked
 from ..spec import Duration, Interval, ModelSpec, parse_duration
-from .base import Handle, Health, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from .readiness import wait_until_ready
 
 LABEL = "modelmora.provider"
@@ -74,7 +75,7 @@ class VLLMSettings(ProviderSettings):
 class VLLMProvider(Provider):
     Settings = VLLMSettings
     settings: VLLMSettings
-    capabilities = frozenset({"sleep"})
+    capabilities = Capabilities(warm_tier=True)
 
     def __init__(self, name: str = "vllm", settings: VLLMSettings | None = None):
         super().__init__(name, settings)
@@ -91,7 +92,7 @@ class VLLMProvider(Provider):
                     import docker
                 except ImportError:
                     raise ProviderUnavailable(
-                        "the vllm provider needs the docker SDK: pip install 'modelmora[docker]'",
+                        f"the vllm provider needs the docker SDK: {install_hint('docker')}",
                         provider=self.name,
                     ) from None
                 try:
@@ -220,7 +221,7 @@ class VLLMProvider(Provider):
         return Handle(
             spec=spec, provider=self.name, endpoint=f"http://{self.settings.host}:{self.port(spec)}", api="openai",
             memory=memory, owned=owned,
-            data={"container": container_id, "served_name": self.served_name(spec)},
+            runtime=container_id, served_name=self.served_name(spec),
         )  # fmt: skip
 
     def _create_or_restart(self, client: Any, spec: ModelSpec) -> Any:
@@ -334,7 +335,7 @@ class VLLMProvider(Provider):
         reply = await self._http.post(f"{handle.endpoint}/sleep", params={"level": level})
         if reply.status_code != 200:
             raise LoadFailed(f"{handle.name}: vLLM refused to sleep (HTTP {reply.status_code}: {reply.text[:200]}); is sleep_mode on?", model=handle.name)  # fmt: skip
-        return parked(handle.memory, keep_weights=level == 1)
+        return Footprint(handle.memory).parked(keep_weights=level == 1).as_dict()
 
     async def wake(self, handle: Handle) -> dict[str, int]:
         reply = await self._http.post(
@@ -369,7 +370,7 @@ class VLLMProvider(Provider):
                 memory = {}
             asleep = await self._is_sleeping(port) if port else False
             if asleep:
-                memory = parked(memory)
+                memory = Footprint(memory).parked().as_dict()
             out.append(
                 Observed(
                     target=labels.get("modelmora.target", ""), memory=memory, owned=True,
@@ -381,14 +382,6 @@ class VLLMProvider(Provider):
 
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
         return self._handle(spec, str(observed.details.get("container", "")))
-
-    async def health(self) -> Health:
-        try:
-            client = await self._client()
-            version = await self._run(lambda: client.version().get("Version"))
-        except ProviderUnavailable as exc:
-            return Health(ok=False, detail=str(exc))
-        return Health(ok=True, detail="docker engine reachable", version=version)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -15,15 +15,15 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import events as ev
 from ..config import ManagerConfig
+from ..core import ModelManager
 from ..errors import ModelMoraError
-from ..manager import ModelManager
 from ..spec import parse_duration
 from .errors import (
     APIError,
@@ -140,12 +140,24 @@ def create_app(
     app.add_exception_handler(ModelMoraError, handle_modelmora_error)
     app.add_exception_handler(Exception, handle_internal_error)
 
-    @app.get("/health", tags=["server"])
-    async def health(request: Request) -> dict[str, Any]:
-        """Liveness; never needs the token, and without it names no models."""
+    @app.get(
+        "/health",
+        tags=["server"],
+        responses={503: {"description": "degraded: background work (reconcile, the reaper) keeps failing"}},
+    )
+    async def health(request: Request) -> JSONResponse:
+        """Liveness; never needs the token.  200 ``ok``; 503 ``degraded`` while background
+        work (reconcile, the reaper, a runtime's observe) keeps failing.  Without the token
+        it names no models and lists no problems (their texts may name models)."""
+        problems = mm.problems()
+        code = 503 if problems else 200
+        body: dict[str, Any] = {"status": "degraded" if problems else "ok"}
         if not request.scope.get(AUTHORISED, True):
-            return {"status": "ok"}
-        return {"status": "ok", "models": len(mm.config.models), "loaded": mm.loaded()}
+            return JSONResponse(body, status_code=code)
+        body |= {"models": len(mm.config.models), "loaded": mm.loaded()}
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=code)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:

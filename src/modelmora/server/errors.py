@@ -7,6 +7,7 @@ import math
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..core import ModelManager
 from ..errors import (
     ConfigError,
     InsufficientMemory,
@@ -18,7 +19,6 @@ from ..errors import (
     RecentlyFailed,
     UnknownModel,
 )
-from ..manager import ModelManager
 
 
 class APIError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .. import events as ev
-from ..manager import ModelManager
+from ..core import ModelManager
 
 
 class Metrics:
@@ -49,9 +49,8 @@ class Metrics:
         self.leases.clear()
         for entry in self.manager.entries():
             self.leases.labels(entry.name).set(entry.leases)
-            if entry.state.holds_memory:
-                for device, n in entry.memory.items():
-                    self.resident.labels(entry.name, device).set(n)
+            for device, n in entry.memory.items():
+                self.resident.labels(entry.name, device).set(n)
         for device, budget in self.manager.budgets.items():
             self.budget.labels(device).set(budget)
         self.queue.set(queue_depth)

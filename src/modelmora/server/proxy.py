@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 from starlette.types import Receive, Scope, Send
 
+from ..core import Lease, ModelManager
 from ..errors import ModelMoraError
-from ..manager import Lease, ModelManager
 from ..providers.base import Handle
 from ..spec import parse_duration
 from .errors import api_error, http_status, registered
@@ -175,7 +175,7 @@ class Proxy:
         base = handle.endpoint.rstrip("/")
         url = f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
         payload = body.model_dump(exclude_unset=True, exclude={"keep_alive"})
-        payload["model"] = handle.data.get("served_name", handle.target)
+        payload["model"] = handle.model_name
         # the bytes pass through untouched, so the runtime may compress only as the client can decode
         accept = request.headers.get("accept-encoding", "identity")
         upstream = self.client.build_request("POST", url, json=payload, headers={"accept-encoding": accept})

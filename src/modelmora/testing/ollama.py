@@ -12,7 +12,13 @@ rejected), expiry timers, ``OLLAMA_MAX_LOADED_MODELS``, a VRAM budget with Ollam
 choice (idle runners first, shortest keep-alive first), reloads when runner options
 differ, NDJSON streaming, the OpenAI-compatible ``/v1`` endpoints, and fault injection.
 
-It is a test double, never a runtime: every answer is deterministic text.
+It is a test double, never a runtime: every answer is deterministic text, and every
+embedding a deterministic unit vector.
+
+From a shell, for trying modelmora by hand (the README's example sessions were made so)::
+
+    python -m modelmora.testing.ollama --port 11499 \
+        --models 'qwen2.5:14b=9GB,mistral-small:22b=13GB,nomic-embed-text=300MB' --vram 24GB
 """
 
 from __future__ import annotations
@@ -27,16 +33,17 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.lowlevel
+import typer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..spec import parse_size
+from ..spec import format_size, parse_duration, parse_size
 from .threaded import ThreadedServer, free_port
 
 FOREVER_S = 292 * 365 * 86400.0  # Go's max duration, as Ollama reports an infinite keep_alive
@@ -327,8 +334,11 @@ def _inputs(data: Mapping[str, Any]) -> list[Any]:
 
 
 def _vector(text: Any) -> list[float]:
-    """A deterministic 8-dimensional embedding (same text, same vector)."""
-    return [int(c, 16) / 15.0 for c in hashlib.sha256(str(text).encode()).hexdigest()[:8]]
+    """A deterministic 8-dimensional embedding (same text, same vector), L2-normalised as
+    Ollama's embeddings are."""
+    raw = [int(c, 16) - 7.5 for c in hashlib.sha256(str(text).encode()).hexdigest()[:8]]  # never 0
+    norm = math.sqrt(sum(x * x for x in raw))
+    return [x / norm for x in raw]
 
 
 def _reply_words(prompt: str) -> list[str]:
@@ -641,6 +651,8 @@ class OllamaEmulator:
         version: str = "0.5.7",
         report_context_length: bool = True,
         environ: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
     ):
         import os
 
@@ -659,12 +671,13 @@ class OllamaEmulator:
             report_context_length=report_context_length,
         )  # fmt: skip
         self.app = build_app(self.state)
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self._server: Any = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def stats(self) -> EmulatorStats:
@@ -673,8 +686,16 @@ class OllamaEmulator:
     def start(self) -> OllamaEmulator:
         if self._server is not None:  # idempotent, like stop()
             return self
-        self._server = ThreadedServer(self.app, port=self.port, lifespan="off").start(timeout=10)
+        self._server = ThreadedServer(self.app, host=self.host, port=self.port, lifespan="off").start(
+            timeout=10
+        )
         return self
+
+    def serve_forever(self) -> None:
+        """Serve in the foreground until SIGINT or SIGTERM (what the command line does)."""
+        import uvicorn
+
+        uvicorn.run(self.app, host=self.host, port=self.port, lifespan="off", log_level="warning")
 
     def stop(self) -> None:
         if self._server is not None:
@@ -719,4 +740,93 @@ class OllamaEmulator:
         return [data for p, data in self.state.journal if p == path]
 
 
-__all__ = ["CatalogueModel", "OllamaEmulator", "OllamaState", "parse_go_duration", "parse_keep_alive"]
+def parse_models(text: str) -> dict[str, CatalogueModel]:
+    """``"qwen2.5:14b=9GB,nomic-embed-text=300MB"`` → the catalogue; a name with ``embed``
+    in it is an embedding model (it refuses /api/generate, as Ollama does)."""
+    models = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, size = item.rpartition("=")
+        if not sep or not name:
+            raise ValueError(f"{item!r} is not NAME=SIZE (e.g. qwen2.5:14b=9GB)")
+        try:
+            models[name] = CatalogueModel(name=name, size=parse_size(size), embedding="embed" in name)
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: {exc}") from None
+    if not models:
+        raise ValueError("name at least one model, e.g. qwen2.5:14b=9GB")
+    return models
+
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@cli.command()
+def serve(
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port (Ollama's own is 11434).")] = 11434,
+    host: Annotated[str, typer.Option("--host", help="Bind address.")] = "127.0.0.1",
+    models: Annotated[
+        str,
+        typer.Option(
+            "--models",
+            "-m",
+            help="The pulled models, NAME=SIZE separated by commas; a name with 'embed' in it is an embedding model.",
+        ),
+    ] = "llama3.2:3b=3GB",
+    vram: Annotated[str, typer.Option("--vram", help="GPU memory the scheduler fits runners into.")] = "24GB",
+    load_delay: Annotated[str, typer.Option("--load-delay", help="How long a load takes, e.g. 2s.")] = "0s",
+    unload_delay: Annotated[
+        str, typer.Option("--unload-delay", help="How long an unloading runner stays in /api/ps.")
+    ] = "0s",
+    max_loaded: Annotated[
+        int | None,
+        typer.Option(
+            "--max-loaded", min=1, help="Runners at once (default $OLLAMA_MAX_LOADED_MODELS, else 3)."
+        ),
+    ] = None,
+) -> None:
+    """An emulated Ollama server for trying modelmora without a GPU: Ollama's protocol
+    (native API and /v1), scheduler, keep-alive and VRAM budget, with echoed text and
+    deterministic embeddings.  Runs until Ctrl-C or SIGTERM."""
+    try:
+        catalogue = parse_models(models)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--models") from None
+    delays: dict[str, float] = {}
+    for flag, value in (("--load-delay", load_delay), ("--unload-delay", unload_delay)):
+        try:
+            delays[flag] = parse_duration(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=flag) from None
+    try:
+        budget = parse_size(vram)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--vram") from None
+    emulator = OllamaEmulator(
+        catalogue, vram=budget, max_loaded=max_loaded, load_delay=delays["--load-delay"],
+        unload_delay=delays["--unload-delay"], host=host, port=port,
+    )  # fmt: skip
+    listing = ", ".join(
+        f"{m.name} {format_size(m.size)}" + (" (embedding)" if m.embedding else "")
+        for m in catalogue.values()
+    )
+    print(f"Ollama emulator on {emulator.url}: {format_size(budget)} VRAM; {listing}", flush=True)
+    emulator.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m modelmora.testing.ollama``: the emulator as a server in the foreground."""
+    cli(args=argv, prog_name="python -m modelmora.testing.ollama")
+
+
+__all__ = [
+    "CatalogueModel",
+    "OllamaEmulator",
+    "OllamaState",
+    "main",
+    "parse_go_duration",
+    "parse_keep_alive",
+    "parse_models",
+]
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,9 @@ which idle models must go first?  The answer is one of
 * :class:`Refuse` — it can never fit (bigger than the budget, or pinned models hold it).
 
 Policy lives here: LRU among idle models, exclusive groups (loading a ``heavy`` model
-evicts the other ``heavy`` ones), pins (never chosen), a cap on loaded models, and memory
-used by processes other than ours.  A model with a warm tier (``sleep_memory``) is parked
+evicts the other ``heavy`` ones), one runner per runtime identity (two registry names on
+one runtime model replace each other), pins (never chosen), a cap on loaded models, and
+memory used by processes other than ours.  A model with a warm tier (``sleep_memory``) is parked
 rather than unloaded when parking frees what is needed: it then costs host RAM instead of
 VRAM and comes back far faster than a cold load.  Nothing here awaits or touches a runtime.
 """
@@ -19,35 +20,38 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from .residency import State
-from .spec import format_size
+from ..spec import format_size
 
 
 @dataclass(frozen=True, slots=True)
 class Resident:
-    """A planner's view of one table entry."""
+    """A planner's view of one table entry: bytes per device it is counted for, and what
+    policy needs to know about it."""
 
     name: str
     memory: Mapping[str, int] = field(default_factory=dict)
-    state: State = State.READY
-    leases: int = 0
+    leases: int = 0  # holders and waiters
     pinned: bool = False
     group: str | None = None
     last_used: float = 0.0
     sleep_memory: Mapping[str, int] | None = None  # held in the warm tier; None: no warm tier
+    sleeping: bool = False  # in its warm tier now
+    settled: bool = True  # False while loading, parking, waking or unloading
+    key: str | None = None  # the runtime's identity of its target (one runner per key)
+    queued: bool = False  # waiting for admission: holds nothing yet
 
     def is_evictable(self) -> bool:
-        return self.state in (State.READY, State.SLEEPING) and self.leases == 0 and not self.pinned
+        return self.settled and self.leases == 0 and not self.pinned
 
     def can_park(self) -> bool:
-        return self.state is State.READY and self.sleep_memory is not None and self.is_evictable()
+        return not self.sleeping and self.sleep_memory is not None and self.is_evictable()
 
     def parked(self) -> Resident:
-        return replace(self, memory=dict(self.sleep_memory or {}), state=State.SLEEPING)
+        return replace(self, memory=dict(self.sleep_memory or {}), sleeping=True)
 
     @property
     def holds_memory(self) -> bool:
-        return self.state.holds_memory
+        return not self.queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,7 @@ class Candidate:
     name: str
     memory: Mapping[str, int] = field(default_factory=dict)
     group: str | None = None
+    key: str | None = None  # models with the same key are one runner: they replace each other
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +95,6 @@ def usage(residents: Iterable[Resident]) -> dict[str, int]:
             for device, n in r.memory.items():
                 used[device] = used.get(device, 0) + n
     return used
-
-
-def within_budget(
-    residents: Iterable[Resident],
-    budgets: Mapping[str, int],
-    external: Mapping[str, int] | None = None,
-) -> bool:
-    external = external or {}
-    used = usage(residents)
-    return all(used.get(d, 0) + external.get(d, 0) <= b for d, b in budgets.items())
 
 
 def _deficits(
@@ -165,23 +160,31 @@ def plan_admission(
             f"{max_loaded} loaded models ({', '.join(r.name for r in pinned)})"
         )
 
-    # 2. Exclusive group: every other active member must go (parked, or unloaded).
+    # 2. Exclusive group: every other active member must go (parked, or unloaded); another
+    #    name for the same runner must go entirely (the runtime holds one of them at a time).
     reasons: dict[str, str] = {}
+    runners = [r for r in others if candidate.key is not None and r.key == candidate.key]
     members = [
         r for r in others
-        if candidate.group is not None and r.group == candidate.group and r.state is not State.SLEEPING
+        if candidate.group is not None and r.group == candidate.group and not r.sleeping and r not in runners
     ]  # fmt: skip
-    for r in members:
+    for r in [*runners, *members]:
         if r.pinned:
-            return Refuse(
-                f"{candidate.name} is in exclusive group {candidate.group!r} with pinned model "
-                f"{r.name}; unpin it or unload it with force"
+            why = (
+                "runs the same runtime model as"
+                if r in runners
+                else f"is in exclusive group {candidate.group!r} with"
             )
-        reasons[r.name] = f"exclusive group {candidate.group!r}"
-    blocked = [r for r in members if not r.is_evictable()]
-    remaining = [r for r in others if r not in members]
+            return Refuse(f"{candidate.name} {why} pinned model {r.name}; unpin it or unload it with force")
+        reasons[r.name] = (
+            f"same runtime model {candidate.key!r}"
+            if r in runners
+            else f"exclusive group {candidate.group!r}"
+        )
+    blocked = [r for r in [*runners, *members] if not r.is_evictable()]
+    remaining = [r for r in others if r not in members and r not in runners]
     sleepers: list[Resident] = []  # originals of the models parked by this plan
-    victims: list[Resident] = []
+    victims: list[Resident] = [r for r in runners if r.is_evictable()]
     for r in members:
         if r.can_park() and _park_fits(r, remaining, caps, candidate):
             sleepers.append(r)
@@ -224,18 +227,22 @@ def plan_admission(
             if not r.pinned and not r.is_evictable() and _helps(r, mem_def, count_def)
         ]  # fmt: skip
         names = tuple(r.name for r in [*blocked, *holders])
-        why = []
+        waits: list[str] = []
         if blocked:
-            why.append(f"exclusive group {candidate.group!r} members are in use")
+            waits.append(
+                f"{', '.join(r.name for r in blocked)} must go first "
+                f"({'; '.join(reasons[r.name] for r in blocked)}) but "
+                f"{'is' if len(blocked) == 1 else 'are'} in use"
+            )
         if mem_def:
-            why.append("short of " + ", ".join(f"{format_size(n)} on {d}" for d, n in mem_def.items()))
+            waits.append("short of " + ", ".join(f"{format_size(n)} on {d}" for d, n in mem_def.items()))
         if count_def:
-            why.append(f"the cap of {max_loaded} loaded models is reached")
-        return Wait(blockers=names, reason="; ".join(why))
+            waits.append(f"the cap of {max_loaded} loaded models is reached")
+        return Wait(blockers=names, reason="; ".join(waits))
 
     # 4. Keep the plan minimal: give back what turned out not to be needed (LRU choices
     #    only; exclusive-group members always go).
-    member_names = {r.name for r in members}
+    member_names = {r.name for r in [*members, *runners]}
     for r in reversed(list(victims)):
         if r.name in member_names:
             continue
@@ -252,7 +259,7 @@ def plan_admission(
             remaining = trial
     for r in [*victims, *sleepers]:
         reasons.setdefault(r.name, "least recently used")
-    evict = [r.name for r in members if r in victims] + [
+    evict = [r.name for r in [*runners, *members] if r in victims] + [
         r.name for r in victims if r.name not in member_names
     ]
     sleep = [r.name for r in members if r in sleepers] + [
@@ -310,5 +317,4 @@ __all__ = [
     "can_park_within",
     "plan_admission",
     "usage",
-    "within_budget",
 ]

@@ -1,0 +1,205 @@
+"""What the core's parts share: the table, the lifecycle, providers, budgets and readings.
+
+:class:`Core` holds state and answers small questions about it; the behaviour lives in
+the modules named after it (admission, transitions, leases, reaper, reconcile).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from .. import events as ev
+from ..config import ManagerConfig
+from ..errors import ConfigError, ManagerClosed, ModelMoraError, ProviderUnavailable, UnknownModel
+from ..footprint import EMPTY, Footprint, total
+from ..memory import DeviceMemory, MemoryMonitor
+from ..providers import ProviderRegistry
+from ..providers.base import Provider
+from ..spec import ModelSpec
+from .lifecycle import STABLE, Entry, Lifecycle, State
+from .table import Table
+
+log = logging.getLogger("modelmora")
+
+
+@dataclass
+class Failure:
+    """A model's failed loads: how many in a row, and until when it cools down."""
+
+    count: int
+    at: float
+    until: float
+    error: BaseException
+
+
+class Core:
+    """The manager's shared state (one per running :class:`ModelManager`)."""
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        bus: ev.EventBus,
+        monitor: MemoryMonitor,
+        clock: Callable[[], float],
+    ):
+        self.config = config
+        self.bus = bus
+        self.monitor = monitor
+        self.clock = clock
+        self.table = Table()
+        self.lifecycle = Lifecycle(bus, self.notify)
+        self.specs: dict[str, ModelSpec] = dict(config.models)
+        self.providers: dict[str, Provider] = {}
+        self.provider_errors: dict[str, ModelMoraError] = {}
+        self.budgets: dict[str, int] = {}
+        self.readings: list[DeviceMemory] = []
+        self.ours_at_reading: Footprint = EMPTY  # what our rows held when ``readings`` were taken
+        self.history: dict[str, tuple[Footprint, float]] = {}  # last load: measured, seconds
+        self.failures: dict[str, Failure] = {}
+        self.problems: dict[str, str] = {}
+        self.tg: anyio.abc.TaskGroup | None = None
+        self._changed = anyio.Event()
+        self._waiting = 0
+
+    # -- providers and specs --------------------------------------------------------------
+
+    def build_providers(self, registry: ProviderRegistry, injected: Mapping[str, Provider]) -> None:
+        """Fresh provider instances for every run (a closed client is never reused);
+        ``injected`` ones are used as given.  A provider whose runtime is unavailable is
+        remembered and raised when one of its models is used."""
+        self.providers.update(injected)
+        wanted = set(self.config.providers) | {s.provider for s in self.specs.values()}
+        for name in sorted(wanted - set(self.providers)):
+            settings = dict(self.config.providers.get(name, {}))
+            type_name = str(settings.pop("type", name))
+            try:
+                self.providers[name] = registry.create(type_name, name, settings)
+            except ProviderUnavailable as exc:
+                self.provider_errors[name] = exc
+            except ConfigError as exc:
+                users = sorted(s.name for s in self.specs.values() if s.provider == name)
+                where = f"models.{users[0]}.provider" if users else f"providers.{name}"
+                raise ConfigError(f"{where}: {exc}") from None
+
+    def provider(self, name: str) -> Provider:
+        if name in self.providers:
+            return self.providers[name]
+        if name in self.provider_errors:
+            raise self.provider_errors[name]
+        raise ConfigError(f"no provider named {name!r} (configured: {', '.join(sorted(self.providers))})")
+
+    def spec(self, name: str | None) -> ModelSpec:
+        """The spec for ``name`` (the default model when None); ``provider/target`` names a
+        model inline, e.g. ``ollama/mistral-small:22b``."""
+        if name is None:
+            if self.config.default_model is None:
+                raise ConfigError("no model named and no default_model configured")
+            name = self.config.default_model
+        spec = self.specs.get(name)
+        if spec is not None:
+            return spec
+        prefix, sep, target = name.partition("/")
+        if sep and target and (prefix in self.providers or prefix in self.provider_errors):
+            spec = ModelSpec(name=name, provider=prefix, target=target)
+            self.specs[name] = spec
+            return spec
+        raise UnknownModel(name, self.config.models)
+
+    def new_entry(self, spec: ModelSpec, state: State = State.QUEUED) -> Entry:
+        """A row for ``spec``, not yet in the table, that remembers the last measurement
+        (a reload reserves what the model really took, not only its estimate)."""
+        entry = Entry(spec, spec.provider, self.key(spec), now=self.clock(), state=state)
+        if spec.name in self.history:
+            entry.measured = self.history[spec.name][0]
+        provider = self.providers.get(spec.provider)
+        entry.can_park = spec.warm_tier and provider is not None and provider.capabilities.warm_tier
+        return entry
+
+    def key(self, spec: ModelSpec) -> str:
+        """The runtime's identity of ``spec``'s target (see ``Provider.target_key``)."""
+        provider = self.providers.get(spec.provider)
+        return provider.target_key(spec.target) if provider is not None else spec.target
+
+    def task_group(self) -> anyio.abc.TaskGroup:
+        if self.tg is None:
+            raise ManagerClosed(
+                "the ModelManager is not running: use it inside `async with ModelManager(...)`"
+            )
+        return self.tg
+
+    # -- memory -----------------------------------------------------------------------------
+
+    async def refresh_readings(self) -> None:
+        """Read the devices now (in a worker thread), remembering what our settled rows
+        held at that moment, so that memory we free afterwards is never taken for someone
+        else's.  Rows in transition (loading, waking, parking, unloading) are not
+        subtracted: what they physically hold at that instant is unknown, so it counts as
+        others' as well as theirs — twice rather than never."""
+        readings = await self.monitor.read()
+        self.readings = readings
+        self.ours_at_reading = total(e.held() for e in self.table if e.state in STABLE)
+        self.monitor.note_usage(self.table.usage())
+
+    def external(self) -> Footprint:
+        """Bytes per device held by others: on measured GPUs, what the last reading saw beyond
+        what our rows held when it was taken; on every device, memory a provider reports as
+        leaked (a model object still referenced after its unload)."""
+        measured = Footprint(
+            {
+                r.device: max(0, r.used - self.ours_at_reading.on(r.device))
+                for r in self.readings
+                if r.device.startswith("cuda:") and r.device in self.budgets
+            }
+        )
+        return measured + total(p.leaked() for p in self.providers.values())
+
+    def usage(self) -> Footprint:
+        return self.table.usage()
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Wake every admission waiting for memory or for the table to change (free when
+        nobody waits: the lease hot path calls it)."""
+        if self._waiting:
+            changed, self._changed = self._changed, anyio.Event()
+            changed.set()
+
+    async def changed(self, timeout: float) -> None:
+        """Return at the next change, or after ``timeout`` seconds."""
+        self._waiting += 1
+        try:
+            with anyio.move_on_after(timeout):
+                await self._changed.wait()
+        finally:
+            self._waiting -= 1
+
+    def problem(self, component: str, exc: BaseException, model: str = "") -> None:
+        """Background work failed: remember it (``status().problems``), tell subscribers."""
+        text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ModelMoraError) else str(exc)
+        self.problems[component] = text
+        self.bus.emit(ev.Problem(model=model, component=component, error=text))
+
+    def recovered(self, component: str) -> None:
+        self.problems.pop(component, None)
+
+    def describe_holders(self, names: tuple[str, ...]) -> str:
+        from ..spec import format_size
+
+        out = []
+        for name in names:
+            e = self.table.get(name)
+            if e is not None:
+                out.append(f"{name}: {e.state.value}, {e.leases} lease(s), {format_size(e.held().total)}")
+        return ", ".join(out) or "nothing known"
+
+    def holders_of_memory(self, exclude: str) -> Mapping[str, int]:
+        return {e.name: e.held().total for e in self.table if e.name != exclude and e.held()}
+
+
+__all__ = ["Core", "Failure"]

@@ -1,0 +1,173 @@
+"""Leases: ``async with manager.use(name) as handle`` takes one reference on a model.
+
+The hot path — a lease on a ready model that blocks nobody — is a few attribute updates
+and one event, with no ``await``.  Everything else (first use, a parked model, a model
+being loaded, unloaded or parked, a model whose memory another admission waits for) takes
+the slow path: it joins or starts the one load of the model (singleflight) and waits for
+it to settle.  Callers waiting for a load are counted apart from holders, and both keep
+the model from being unloaded without force.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+
+import anyio
+
+from .. import events as ev
+from ..errors import ModelMoraTimeout
+from ..providers.base import Handle
+from ..spec import format_duration
+from .admission import Admission
+from .context import Core
+from .lifecycle import Entry, State
+from .loading import Loader
+
+
+class Lease:
+    """One reference on a resident model; ``loaded_here`` says whether taking it caused the
+    model's load (ownership for callers such as a chain that clean up what they loaded)."""
+
+    __slots__ = ("_entry", "_keep_alive", "_leases", "_name", "_timeout", "loaded_here")
+
+    def __init__(self, leases: Leases, name: str, timeout: float | None, keep_alive: float | None):
+        self._leases = leases
+        self._name = name
+        self._timeout = timeout
+        self._keep_alive = keep_alive
+        self._entry: Entry | None = None
+        self.loaded_here = False
+
+    async def __aenter__(self) -> Handle:
+        if self._entry is not None:
+            raise RuntimeError("a Lease cannot be entered twice")
+        entry = self._leases.try_hot(self._name, self._keep_alive)
+        if entry is None:
+            entry, self.loaded_here = await self._leases.acquire(
+                self._name, timeout=self._timeout, keep_alive=self._keep_alive
+            )
+        self._entry = entry
+        assert entry.handle is not None
+        return entry.handle
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            self._leases.release(entry)
+
+
+class Leases:
+    def __init__(self, core: Core, loader: Loader):
+        self.core = core
+        self.loader = loader
+        self.on_idle: Callable[[Entry], None] = lambda entry: None  # set by the manager
+
+    def try_hot(self, name: str, keep_alive: float | None) -> Entry | None:
+        """The hot path: a lease on a ready model that blocks nobody, with no ``await``;
+        None when the slow path is needed."""
+        core = self.core
+        entry = core.table.get(name)
+        if entry is None or entry.state is not State.READY or entry.blocking or core.tg is None:
+            return None
+        entry.holders += 1
+        entry.total_leases += 1
+        entry.last_used = core.clock()
+        if keep_alive is not None:
+            entry.keep_alive = keep_alive
+        if core.bus.wants_leases:
+            core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
+        return entry
+
+    async def acquire(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        keep_alive: float | None = None,
+        pin: bool = False,
+        retry: bool = False,
+    ) -> tuple[Entry, bool]:
+        """A granted lease on ``name``: (its entry, whether this call started its load)."""
+        core = self.core
+        found = core.table.get(name)
+        if found is not None and found.state is State.READY and not found.blocking and core.tg is not None:
+            entry = found
+            entry.holders += 1  # hot path: resident, nobody waits for its memory
+            loaded_here = False
+        else:
+            with anyio.move_on_after(timeout) as scope:
+                entry, loaded_here = await self._slow(name, retry)
+            if scope.cancelled_caught:
+                current = core.table.get(name)
+                raise ModelMoraTimeout(
+                    f"timed out after {format_duration(timeout)} waiting for {name!r} to load "
+                    f"(state: {current.state.value if current else 'gone'})",
+                    model=name,
+                )
+        entry.total_leases += 1
+        entry.last_used = core.clock()
+        if keep_alive is not None:
+            entry.keep_alive = keep_alive
+        if pin:
+            entry.pinned = True
+        if core.bus.wants_leases:
+            core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
+        return entry, loaded_here
+
+    async def _slow(self, name: str, retry: bool) -> tuple[Entry, bool]:
+        core = self.core
+        core.task_group()
+        spec = core.spec(name)
+        loaded_here = False
+        while True:
+            entry = core.table.get(name)
+            if entry is None:
+                core.provider(spec.provider)  # fail fast when its runtime is unavailable
+                self.loader.check_backoff(name, retry)
+                entry = core.new_entry(spec)
+                core.table.add(entry)
+                self.loader.start_load(entry)
+                loaded_here = True
+            elif entry.state is State.READY:
+                if Admission.may_bypass(entry):
+                    entry.holders += 1
+                    return entry, loaded_here
+                await entry.unblocked.wait()  # queue behind the admission that waits for it
+                continue
+            elif entry.state is State.SLEEPING and entry.attempt.is_set():
+                self.loader.start_load(entry)  # wake it through admission
+            elif entry.state in (State.UNLOADING, State.PARKING):
+                await entry.changed()
+                continue
+            attempt = entry.attempt
+            entry.waiters += 1
+            try:
+                await attempt.wait()
+            finally:
+                entry.waiters -= 1
+                if entry.leases == 0:
+                    core.notify()  # an admission may be waiting for nobody now
+            if entry.state is State.READY and core.table.get(name) is entry:
+                entry.holders += 1
+                return entry, loaded_here
+            if entry.error is not None and entry.state in (State.GONE, State.SLEEPING):
+                raise entry.error
+
+    def release(self, entry: Entry) -> None:
+        core = self.core
+        if entry.holders <= 0:
+            raise RuntimeError(f"lease count of {entry.name!r} would go negative")
+        entry.holders -= 1
+        entry.last_used = core.clock()
+        if core.bus.wants_leases:
+            core.bus.emit(ev.LeaseReleased(model=entry.name, leases=entry.holders))
+        if entry.leases == 0:
+            core.notify()
+            if entry.state is State.READY and entry.ttl(core.config.idle_ttl) == 0:
+                self.on_idle(entry)
+
+
+__all__ = ["Lease", "Leases"]

@@ -1,0 +1,355 @@
+"""Loads and wakes: admission, evictions, the provider call, and what a failure leaves.
+
+* a load runs as a task of the manager's task group: a caller that gives up never aborts
+  a load others wait for; every waiter of one load sees the same result (``attempt``);
+* admission and the reservation it leads to happen with no ``await`` in between (under
+  :attr:`Admission.turn`); victims are claimed in the same step, and the load starts
+  only once they are gone;
+* a load or wake that fails after the runtime was called is *discarded* (a best-effort,
+  shielded unload), so nothing half-loaded stays behind;
+* a timeout names the limit that fired: the manager's ``load_timeout``, or the
+  provider's own message when its own limit fired;
+* a failed load cools down (``failure_cooldown`` doubling to ``failure_cooldown_max``)
+  before the next attempt, unless the caller passes ``retry=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import anyio
+
+from .. import events as ev
+from ..errors import (
+    ConfigError,
+    InsufficientMemory,
+    LoadFailed,
+    ManagerClosed,
+    ModelMoraError,
+    ModelMoraTimeout,
+    RecentlyFailed,
+    TransientError,
+    UnknownModel,
+    UnloadFailed,
+)
+from ..footprint import Footprint
+from ..spec import format_duration, format_size
+from .admission import Admission
+from .context import Core, Failure
+from .lifecycle import Action, Entry, State
+from .planner import Admit, Refuse
+from .transitions import Transitions
+
+log = logging.getLogger("modelmora")
+T = TypeVar("T")
+
+
+class Abandoned(Exception):
+    """Every caller waiting for a load has gone away: stop waiting for memory."""
+
+
+class Superseded(Exception):
+    """A parked model whose wake was waiting for memory left the table meanwhile (a forced
+    unload, the runtime dropped it): its waiters start over with a fresh load."""
+
+
+async def _nothing() -> None:
+    return None
+
+
+class Loader:
+    def __init__(self, core: Core, admission: Admission, transitions: Transitions):
+        self.core = core
+        self.admission = admission
+        self.transitions = transitions
+        self.reconcile: Callable[[], Awaitable[None]] = _nothing  # set by the manager
+
+    # -- load and wake --------------------------------------------------------------------
+
+    def start_load(self, entry: Entry) -> None:
+        """Run the load (QUEUED) or wake (SLEEPING) of ``entry`` as a task of the manager."""
+        entry.attempt = anyio.Event()
+        entry.error = None
+        kind = "wake" if entry.state is State.SLEEPING else "load"
+        self.core.task_group().start_soon(self._load, entry, name=f"modelmora-{kind}-{entry.name}")
+
+    async def _load(self, entry: Entry) -> None:
+        core = self.core
+        waking = entry.state is State.SLEEPING
+        called = False  # the runtime was asked: a failure from here on may leave something
+        try:
+            provider = core.provider(entry.provider)
+            if not waking:
+                entry.spec = await provider.prepare(entry.spec)
+                core.lifecycle.update(entry, estimate=Footprint(entry.spec.memory))
+            await self._admit(entry)
+            started = core.clock()
+            called = True
+            if waking:
+                assert entry.handle is not None
+                woke = await self._bounded(provider.wake(entry.handle), entry, "waking")
+                core.lifecycle.apply(
+                    entry,
+                    Action.WOKE,
+                    ev.Woke(model=entry.name, duration_s=core.clock() - started, memory=dict(woke)),
+                    measured=Footprint(woke) if woke else entry.active,
+                )
+            else:
+                core.bus.emit(
+                    ev.Loading(model=entry.name, provider=entry.provider, estimate=entry.estimate.as_dict())
+                )
+                handle = await self._bounded(provider.load(entry.spec), entry, "loading")
+                seconds = core.clock() - started
+                measured = Footprint(handle.memory) if handle.memory else entry.estimate
+                entry.owned, entry.loaded_at = handle.owned, core.clock()
+                core.history[entry.name] = (measured, seconds)
+                core.lifecycle.apply(
+                    entry,
+                    Action.LOADED,
+                    ev.Loaded(
+                        model=entry.name,
+                        provider=entry.provider,
+                        duration_s=seconds,
+                        memory=measured.as_dict(),
+                    ),
+                    measured=measured,
+                    handle=handle,
+                )
+                self.transitions.watch(entry)
+            entry.last_used = core.clock()
+            core.failures.pop(entry.name, None)
+            core.monitor.note_usage(core.usage())
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._failed(entry, exc, waking=waking, called=called)
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+        else:
+            await self._rebalance(entry)
+        finally:
+            entry.attempt.set()
+
+    async def _bounded(self, call: Awaitable[T], entry: Entry, what: str) -> T:
+        timeout = entry.spec.load_timeout
+        with anyio.move_on_after(timeout if math.isfinite(timeout) else None) as scope:
+            return await call
+        assert scope.cancelled_caught
+        raise LoadFailed(
+            f"{what} {entry.name!r} took longer than its load_timeout of {format_duration(timeout)}",
+            model=entry.name,
+            provider=entry.provider,
+        )
+
+    async def _failed(self, entry: Entry, exc: BaseException, *, waking: bool, called: bool) -> None:
+        core = self.core
+        if called and entry.handle is not None and entry.state in (State.LOADING, State.WAKING):
+            await self.transitions.discard(entry)
+        if entry.state in (State.QUEUED, State.LOADING) or (entry.state is State.WAKING and called):
+            self.transitions.leave(entry, Action.FAIL)
+        elif entry.state is State.WAKING:
+            core.lifecycle.apply(entry, Action.REQUEUE)  # never left the warm tier
+        if isinstance(exc, Superseded):
+            entry.error = None  # nothing failed: the waiters take the model afresh
+            return
+        error = self._load_error(entry, exc)
+        entry.error = error
+        if isinstance(
+            exc, InsufficientMemory | ModelMoraTimeout | UnknownModel | ConfigError | TransientError
+        ):
+            core.bus.emit(ev.LoadFailed(model=entry.name, provider=entry.provider, error=str(error)))
+        elif not isinstance(exc, Abandoned | anyio.get_cancelled_exc_class()):
+            retry_after = self._record_failure(entry.name, error)
+            core.bus.emit(
+                ev.LoadFailed(
+                    model=entry.name, provider=entry.provider, error=str(error), retry_after_s=retry_after
+                )
+            )
+
+    def _load_error(self, entry: Entry, exc: BaseException) -> BaseException:
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return ManagerClosed(f"the manager shut down while {entry.name!r} was loading", model=entry.name)
+        if isinstance(exc, Abandoned):
+            return ModelMoraError(f"load of {entry.name!r} abandoned: nobody waits for it", model=entry.name)
+        if isinstance(exc, ModelMoraError):
+            return exc
+        error = LoadFailed(
+            f"loading {entry.name!r} failed: {type(exc).__name__}: {exc}",
+            model=entry.name,
+            provider=entry.provider,
+        )
+        error.__cause__ = exc
+        return error
+
+    def check_backoff(self, name: str, retry: bool) -> None:
+        failure = self.core.failures.get(name)
+        if failure is None or retry:
+            return
+        now = self.core.clock()
+        remaining = failure.until - now
+        if remaining > 0:
+            raise RecentlyFailed(
+                f"{name!r} failed to load {format_duration(now - failure.at)} ago ({failure.error}); "
+                f"next attempt allowed in {format_duration(remaining)}, or pass retry=True",
+                model=name,
+                retry_after=remaining,
+                cause=failure.error,
+            )
+
+    def _record_failure(self, name: str, error: BaseException) -> float:
+        config, now = self.core.config, self.core.clock()
+        previous = self.core.failures.get(name)
+        count = previous.count + 1 if previous else 1
+        cooldown = min(config.failure_cooldown * 2.0 ** (count - 1), config.failure_cooldown_max)
+        self.core.failures[name] = Failure(count, now, now + cooldown, error)
+        return cooldown
+
+    # -- admission ------------------------------------------------------------------------------
+
+    async def _admit(self, entry: Entry) -> None:
+        """Wait for memory, evict or park what the planner chose, reserve ours.
+
+        Returns with ``entry`` reserved (LOADING or WAKING) by a decision taken on a fresh
+        reading with nothing left to evict: after evictions the plan is made again, so
+        memory someone took while they ran is seen before the runtime is called."""
+        core = self.core
+        deadline = core.clock() + core.config.wait_timeout
+        reconciled = False
+        blocked: list[Entry] = []
+        last: tuple[str, ...] | None = None
+        try:
+            while True:
+                self._check_wanted(entry)
+                victims: list[Entry] = []
+                sleepers: list[Entry] = []
+                async with self.admission.turn:  # first come, first served; never held to wait
+                    await core.refresh_readings()
+                    self._check_wanted(entry)
+                    plan = self.admission.decide(entry)  # our own reservation is not counted
+                    if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
+                        if entry.state in (State.QUEUED, State.SLEEPING):
+                            self._reserve(entry)
+                        return
+                    if entry.state in (State.LOADING, State.WAKING):
+                        core.lifecycle.apply(entry, Action.REQUEUE)  # the world moved: start over
+                    if reconciled and isinstance(plan, Admit):
+                        # reserve ours and claim the victims' memory in one step: no await
+                        victims = [v for v in (core.table.get(n) for n in plan.evict) if v is not None]
+                        sleepers = [s for s in (core.table.get(n) for n in plan.sleep) if s is not None]
+                        self._reserve(entry, claims=(*victims, *sleepers))
+                        for v in victims:
+                            reason = f"evicted: {plan.reasons.get(v.name, '')}"
+                            self.transitions.begin_unload(v, reason=reason, evicted_for=entry)
+                        for s in sleepers:
+                            self.transitions.begin_park(s, evicted_for=entry)
+                if not reconciled:
+                    reconciled = True  # runtime truth before evicting, waiting or refusing
+                    await self.reconcile()
+                    continue
+                if isinstance(plan, Admit):
+                    failures = await self._finish_all(victims, sleepers, reason=plan.reasons)
+                    core.lifecycle.update(entry, claims=())
+                    if failures:
+                        core.lifecycle.apply(entry, Action.REQUEUE)
+                        name, exc = failures[0]
+                        raise InsufficientMemory(
+                            f"cannot make room for {entry.name!r}: evicting {name!r} failed ({exc})",
+                            model=entry.name,
+                            would_evict=plan.evict,
+                        )
+                    continue  # decide again on a fresh reading before calling the runtime
+                if isinstance(plan, Refuse):
+                    raise self._refusal(entry, plan)
+                if plan.blockers != last:
+                    core.bus.emit(ev.Waiting(model=entry.name, blockers=plan.blockers, reason=plan.reason))
+                    self.admission.unblock(blocked)
+                    blocked, last = self.admission.block(plan.blockers), plan.blockers
+                remaining = deadline - core.clock()
+                if remaining <= 0:
+                    raise ModelMoraTimeout(
+                        f"timed out after {format_duration(core.config.wait_timeout)} waiting for memory to "
+                        f"load {entry.name!r}: {plan.reason} (held by {core.describe_holders(plan.blockers)})",
+                        model=entry.name,
+                    )
+                # memory other processes free changes no row: look again now and then
+                await core.changed(min(remaining, core.config.reaper_interval))
+        finally:
+            self.admission.unblock(blocked)
+
+    def _check_wanted(self, entry: Entry) -> None:
+        """Still ours to load or wake: in the table, not being unloaded, and wanted."""
+        if (
+            entry.state not in (State.QUEUED, State.LOADING, State.SLEEPING, State.WAKING)
+            or self.core.table.get(entry.name) is not entry
+        ):
+            raise Superseded
+        if entry.leases == 0:
+            raise Abandoned
+
+    def _reserve(self, entry: Entry, claims: tuple[Entry, ...] = ()) -> None:
+        action = Action.WAKE if entry.state is State.SLEEPING else Action.ADMIT
+        self.core.lifecycle.apply(entry, action, claims=claims)
+
+    async def _finish_all(
+        self, victims: list[Entry], sleepers: list[Entry], reason: Mapping[str, str]
+    ) -> list[tuple[str, BaseException]]:
+        failures: list[tuple[str, BaseException]] = []
+
+        async def unload(v: Entry) -> None:
+            try:
+                await self.transitions.finish_unload(v)
+            except UnloadFailed as exc:
+                failures.append((v.name, exc))
+
+        async def park(s: Entry) -> None:
+            try:
+                await self.transitions.finish_park(s, reason=f"evicted: {reason.get(s.name, '')}")
+            except UnloadFailed as exc:
+                failures.append((s.name, exc))
+
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for v in victims:
+                    tg.start_soon(unload, v)
+                for s in sleepers:
+                    tg.start_soon(park, s)
+        return failures
+
+    def _refusal(self, entry: Entry, plan: Refuse) -> InsufficientMemory:
+        holders = dict(self.core.holders_of_memory(entry.name))
+        held = ", ".join(f"{n} {format_size(b)}" for n, b in holders.items()) or "nothing"
+        return InsufficientMemory(
+            f"{plan.reason} (resident: {held})",
+            model=entry.name,
+            provider=entry.provider,
+            device=plan.device,
+            needed=plan.needed,
+            available=plan.available,
+            holders=holders,
+        )
+
+    async def _rebalance(self, entry: Entry) -> None:
+        """A load measured more than it reserved: evict idle models until back in budget."""
+        plan = self.admission.decide(entry, self.admission.candidate(entry, entry.active.items()))
+        if isinstance(plan, Admit) and not plan.evict:
+            return
+        if isinstance(plan, Admit):
+            victims = [
+                v for v in (self.core.table.get(n) for n in plan.evict) if v is not None and v.is_evictable()
+            ]
+            for v in victims:
+                self.transitions.begin_unload(
+                    v, reason="evicted: measured size over estimate", evicted_for=entry
+                )
+            await self._finish_all(victims, [], reason={})
+        else:
+            log.warning(
+                "%s measured %s, more than its estimate; the budget is exceeded until something is released",
+                entry.name,
+                format_size(entry.active.total),
+            )
+
+
+__all__ = ["Abandoned", "Loader"]

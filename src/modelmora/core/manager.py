@@ -1,0 +1,342 @@
+"""ModelManager: the facade that composes the core.
+
+    async with ModelManager(config) as mm:
+        async with mm.use("qwen-14b") as model:   # lease: load on first use, shared
+            ...                                     # never evicted while leased
+
+Its two promises: **a budget is never overcommitted** (admission reserves before a load
+or wake starts, against a fresh reading — :mod:`~modelmora.core.admission`) and **a
+leased model is never unloaded unless forced** (every unload re-checks leases with no
+``await`` between the check and the transition — :mod:`~modelmora.core.transitions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+
+from .. import events as ev
+from ..config import ManagerConfig
+from ..errors import ModelInUse, UnloadFailed
+from ..footprint import Footprint, total
+from ..memory import MemoryMonitor, MemoryProbe, resolve_budgets
+from ..providers import ProviderRegistry
+from ..providers import registry as default_registry
+from ..providers.base import Handle, Provider
+from ..spec import ModelSpec, format_size
+from .admission import Admission
+from .context import Core
+from .leases import Lease, Leases
+from .lifecycle import STABLE, Entry, State
+from .loading import Loader
+from .planner import Admit, Plan
+from .reaper import Reaper
+from .reconcile import Reconciler
+from .status import ManagerStatus, UnloadAllResult, manager_status
+from .table import EntryView
+from .transitions import Transitions
+
+
+class ModelManager:
+    """Keeps the right models resident.  Use as ``async with ModelManager(config) as mm``.
+
+    ``providers`` injects ready provider instances by name (tests, custom runtimes);
+    others are built from ``config.providers`` through the provider ``registry``.
+    ``probe`` reads device memory (NVML/torch/psutil by default).
+    """
+
+    def __init__(
+        self,
+        config: ManagerConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        *,
+        providers: Mapping[str, Provider] | None = None,
+        registry: ProviderRegistry | None = None,
+        probe: MemoryProbe | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        unload_on_exit: bool = False,
+    ):
+        if config is None:
+            config = ManagerConfig()
+        elif isinstance(config, str | os.PathLike):
+            config = ManagerConfig.from_yaml(config)
+        elif not isinstance(config, ManagerConfig):
+            config = ManagerConfig.from_dict(config)
+        self.config: ManagerConfig = config
+        self.events = ev.EventBus()
+        logger = ev.LoggingSubscriber(verbose=config.verbose)  # lease events only at DEBUG
+        self.events.subscribe(logger, leases=logger.logger.isEnabledFor(logging.DEBUG))
+        self.monitor = MemoryMonitor(probe)
+        self.unload_on_exit = unload_on_exit
+        self._clock = clock
+        self._registry = registry or default_registry
+        self._injected = dict(providers or {})
+        self._core = Core(config, self.events, self.monitor, clock)
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError("this ModelManager is already running")
+        core = self._core = Core(self.config, self.events, self.monitor, self._clock)
+        core.build_providers(self._registry, self._injected)
+        admission = Admission(core)
+        transitions = self._transitions = Transitions(core)
+        loader = Loader(core, admission, transitions)
+        self._reconciler = Reconciler(core, transitions)
+        loader.reconcile = self._reconciler.run
+        self._leases = Leases(core, loader)
+        self._reaper = Reaper(core, transitions, self._reconciler)
+        self._leases.on_idle = self._reaper.schedule_idle
+        self._admission = admission
+        for provider in core.providers.values():
+            provider.bind(transitions.lost)
+        await core.refresh_readings()
+        core.budgets = resolve_budgets(self.config.budgets, self.config.reserve, core.readings)
+        async with contextlib.AsyncExitStack() as stack:
+            core.tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.push_async_callback(self._shutdown)
+            await self._reconciler.run(wait_for_adoptions=True)
+            await core.tg.start(self._reaper.run)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            # the body's own exception is not handed to the task group, so callers see
+            # UnknownModel & co. themselves rather than wrapped in an ExceptionGroup
+            await stack.__aexit__(None, None, None)
+
+    async def _shutdown(self) -> None:
+        core = self._core
+        try:
+            if self.unload_on_exit:
+                with anyio.CancelScope(shield=True):
+                    await self.unload_all(force=True)
+        finally:
+            tg, core.tg = core.tg, None
+            if tg is not None:
+                tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                for name, provider in core.providers.items():
+                    provider.bind(None)
+                    if name not in self._injected:
+                        with contextlib.suppress(Exception):
+                            await provider.aclose()
+            self.monitor.close()
+
+    def provider(self, name: str) -> Provider:
+        """The provider instance called ``name``."""
+        return self._core.provider(name)
+
+    @property
+    def providers(self) -> Mapping[str, Provider]:
+        return dict(self._core.providers)
+
+    def spec(self, name: str | None = None) -> ModelSpec:
+        """The spec for ``name`` (default model when None); ``provider/target`` names a model
+        inline, e.g. ``ollama/mistral-small:22b``.  Raises UnknownModel / ConfigError."""
+        return self._core.spec(name)
+
+    @property
+    def models(self) -> Mapping[str, ModelSpec]:
+        return dict(self._core.specs)
+
+    # -- leases and manual control ---------------------------------------------------------
+
+    def use(
+        self, name: str | None = None, *, timeout: float | None = None, keep_alive: float | None = None
+    ) -> Lease:
+        """A lease on ``name``: loads it on first use, shares it, never evicts it while held.
+        ``timeout`` (seconds) bounds the wait for memory and the load (ModelMoraTimeout);
+        ``keep_alive`` (seconds) overrides how long the model stays once idle."""
+        return Lease(
+            self._leases_or_closed(), name if name is not None else self.spec().name, timeout, keep_alive
+        )
+
+    def _leases_or_closed(self) -> Leases:
+        self._core.task_group()  # ManagerClosed outside `async with`
+        return self._leases
+
+    async def load(
+        self,
+        name: str | None = None,
+        *,
+        pin: bool = False,
+        keep_alive: float | None = None,
+        retry: bool = False,
+        timeout: float | None = None,
+    ) -> Handle:
+        """Make ``name`` resident without holding a lease (it stays for its keep-alive, or
+        until evicted; ``pin=True`` keeps it until unpinned or force-unloaded).
+        ``retry=True`` skips the cool-down after a recent failure (RecentlyFailed)."""
+        spec = self.spec(name)
+        leases = self._leases_or_closed()
+        entry, _ = await leases.acquire(
+            spec.name, timeout=timeout, keep_alive=keep_alive, pin=pin, retry=retry
+        )
+        handle = entry.handle
+        leases.release(entry)
+        assert handle is not None
+        return handle
+
+    async def unload(self, name: str, *, force: bool = False) -> bool:
+        """Unload ``name``; False when it was not resident.  A leased model raises
+        :class:`ModelInUse` unless ``force``, which closes the holders' handles.  Leases are
+        checked again after every wait, so a lease taken meanwhile is never broken."""
+        core = self._core
+        core.task_group()
+        entry = core.table.get(name)
+        if entry is None:
+            self.spec(name)  # unknown names still get a clear error
+            return False
+        while True:
+            if entry.leases and not force:
+                raise ModelInUse(name, entry.leases)
+            if entry.state in STABLE:
+                break
+            if entry.state is State.GONE or core.table.get(name) is not entry:
+                return False
+            await entry.changed()
+        reason = "forced" if force and entry.leases else "manual"
+        await self._transitions.unload(entry, reason=reason, force=force)
+        return True
+
+    async def unload_all(self, *, force: bool = False) -> UnloadAllResult:
+        """Unload every resident model; without ``force`` leased and pinned ones stay.  Every
+        model is attempted: the failures are listed in ``failed``, not raised."""
+        result = UnloadAllResult([], [], [], {})
+        for entry in self._core.table:
+            if not force and entry.pinned:
+                result.pinned.append(entry.name)
+                continue
+            try:
+                if await self.unload(entry.name, force=force):
+                    result.unloaded.append(entry.name)
+            except ModelInUse:
+                result.in_use.append(entry.name)
+            except UnloadFailed as exc:
+                result.failed[entry.name] = str(exc)
+        return result
+
+    async def park(self, name: str) -> bool:
+        """Move a resident, unleased model to its warm tier now; False when it cannot park
+        (no warm tier, leased, or not ready).  The next use wakes it."""
+        self._core.task_group()
+        entry = self._core.table.get(name)
+        provider = self._core.providers.get(entry.provider) if entry is not None else None
+        if entry is None or provider is None or not provider.capabilities.warm_tier:
+            return False
+        if entry.state is not State.READY or entry.leases:
+            return False
+        await self._transitions.park(entry, reason="manual")
+        return self.is_parked(name)
+
+    def is_parked(self, name: str) -> bool:
+        entry = self._core.table.get(name)
+        return entry is not None and entry.state is State.SLEEPING
+
+    def unpin(self, name: str) -> None:
+        entry = self._core.table.get(name)
+        if entry is not None:
+            entry.pinned = False
+            self._core.notify()
+
+    async def reconcile(self) -> None:
+        """Bring the table in line with what the runtimes report now (never raises; a
+        provider that cannot answer is listed in ``status().problems``)."""
+        await self._reconciler.run()
+
+    # -- questions ------------------------------------------------------------------------------
+
+    def loaded(self) -> list[str]:
+        """Names of resident models (ready or in a warm tier)."""
+        return [e.name for e in self._core.table if e.state in STABLE]
+
+    def is_loaded(self, name: str) -> bool:
+        entry = self._core.table.get(name)
+        return entry is not None and entry.state in STABLE
+
+    def leases(self, name: str) -> int:
+        entry = self._core.table.get(name)
+        return entry.leases if entry else 0
+
+    def entries(self) -> list[EntryView]:
+        """Read-only copies of the table's rows (status pages, metrics, tests)."""
+        return self._core.table.views()
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        return dict(self._core.budgets)
+
+    def usage(self) -> dict[str, int]:
+        """Bytes per device the table is counted for (reservations included)."""
+        return self._core.usage().as_dict()
+
+    def plan(self, name: str, memory: Mapping[str, int] | None = None) -> Plan:
+        """What admitting ``name`` now would do, without doing it: the same decision the
+        admission takes (``memory``: a better estimate than the registry's)."""
+        entry = self._probe_entry(name)
+        candidate = self._admission.candidate(entry, memory.items() if memory is not None else None)
+        return self._admission.decide(entry, candidate)
+
+    def _probe_entry(self, name: str) -> Entry:
+        core = self._core
+        current = core.table.get(name)
+        if current is not None:
+            return current
+        return core.new_entry(core.spec(name))
+
+    def footprint(self, name: str) -> tuple[dict[str, int], float | None]:
+        """Bytes per device and load seconds for ``name``: measured when this manager has
+        loaded it, else the spec's estimates (what planners ahead of time need)."""
+        spec = self.spec(name)
+        entry = self._core.table.get(name)
+        measured, seconds = self._core.history.get(name, (Footprint(spec.memory), spec.load_time))
+        if entry is not None and entry.state is State.READY:
+            return entry.active.as_dict(), seconds
+        return measured.as_dict(), seconds
+
+    def headroom(self, exclude: Iterable[str] = ()) -> dict[str, int]:
+        """Budget per device left once memory that cannot be reclaimed is counted: other
+        processes, and models not in ``exclude`` that are leased, pinned or in transition."""
+        skip = set(exclude)
+        held = total(e.held() for e in self._core.table if e.name not in skip and not e.is_evictable())
+        external = self._core.external()
+        return {d: max(0, budget - held.on(d) - external.on(d)) for d, budget in self._core.budgets.items()}
+
+    def can_fit(self, name: str) -> bool:
+        """True when ``name`` fits now without evicting anything."""
+        plan = self.plan(name)
+        return isinstance(plan, Admit) and not plan.evict and not plan.sleep
+
+    def problems(self) -> dict[str, str]:
+        """Background work that failed its last run (component → error); empty when healthy."""
+        return dict(self._core.problems)
+
+    async def status(self) -> ManagerStatus:
+        await self._core.refresh_readings()
+        return manager_status(self._core)
+
+    def __repr__(self) -> str:
+        core = self._core
+        rows = ", ".join(
+            f"{e.name}({e.state.value}{f', {e.leases} leases' if e.leases else ''})" for e in core.table
+        )
+        used = core.usage()
+        mem = ", ".join(f"{d} {format_size(used.on(d))}/{format_size(b)}" for d, b in core.budgets.items())
+        state = "running" if core.tg is not None else "stopped"
+        return f"<ModelManager {state} [{len(core.table)} resident: {rows or '-'} | {mem or 'no budgets'}]>"
+
+
+__all__ = ["ModelManager"]

@@ -1,0 +1,147 @@
+"""Runtime truth: bring the table in line with what each provider reports.
+
+Models that vanished from their runtime leave the table (with a ``Vanished`` event);
+models resident but unknown are adopted (not owned: never reaped on a timer); measured
+sizes replace estimates.  Names are compared by ``Provider.target_key``, so a runtime that
+lists ``nomic-embed-text`` as ``nomic-embed-text:latest`` is talking about the same model.
+
+Observations take time, and the table moves meanwhile.  An answer is applied only to
+entries whose ``generation`` did not change since it was requested, and models are
+adopted only when none of the provider's entries moved meanwhile, so a stale answer can
+neither drop a model that just loaded nor adopt one that was just unloaded.  A provider
+that fails to answer is reported (``status().problems``) and skipped; reconciliation
+never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+
+from .. import events as ev
+from ..footprint import Footprint
+from ..providers.base import Observed, Provider, Tier
+from ..spec import ModelSpec
+from .context import Core
+from .lifecycle import STABLE, Action, Entry, State
+from .transitions import Transitions
+
+log = logging.getLogger("modelmora")
+
+
+class Reconciler:
+    def __init__(self, core: Core, transitions: Transitions):
+        self.core = core
+        self.transitions = transitions
+
+    async def run(self, *, wait_for_adoptions: bool = False) -> None:
+        """Reconcile every provider; ``wait_for_adoptions``: return once the models found
+        are adopted, except where adopting may take long (``Capabilities.slow_adopt``)."""
+        for name, provider in list(self.core.providers.items()):
+            adopted = await self.provider(name, provider)
+            if wait_for_adoptions and not provider.capabilities.slow_adopt:
+                for entry in adopted:
+                    await entry.attempt.wait()
+        self.core.monitor.note_usage(self.core.usage())
+
+    async def provider(self, name: str, provider: Provider) -> list[Entry]:
+        core = self.core
+        stamps = {e: e.generation for e in core.table.of_provider(name)}
+        moves = core.lifecycle.moves.get(name, 0)
+        try:
+            observed = await provider.observe()
+        except Exception as exc:
+            core.problem(f"observe:{name}", exc)
+            return []
+        core.recovered(f"observe:{name}")
+        moved = core.lifecycle.moves.get(name, 0) != moves  # while we waited for the answer
+        by_key = {provider.target_key(o.target): o for o in observed}
+        for entry, generation in stamps.items():
+            if entry.generation != generation or entry.state not in STABLE:
+                continue  # it moved while we asked: the answer may predate the move
+            seen = by_key.get(provider.target_key(entry.spec.target))  # asked now: names may move
+            if seen is None:
+                self.transitions.vanish(entry, "the runtime no longer reports it")
+            else:
+                self._apply(entry, seen)
+        if moved:
+            return []  # adopt from a fresh answer next time
+        known = {provider.target_key(e.spec.target) for e in core.table.of_provider(name)}
+        adopted = []
+        for key, seen in by_key.items():
+            if key in known:
+                continue
+            spec = self._spec_for(name, seen, key)
+            if spec.name in core.table:
+                continue
+            adopted.append(self._adopt(provider, spec, key, seen))
+        return adopted
+
+    def _apply(self, entry: Entry, seen: Observed) -> None:
+        lifecycle = self.core.lifecycle
+        memory = Footprint(seen.memory) if seen.memory else None
+        if seen.tier is Tier.SLEEPING and entry.state is State.READY and not entry.leases:
+            lifecycle.apply(entry, Action.SLEPT_BEHIND, parked=memory or entry.warm)
+        elif seen.tier is Tier.ACTIVE and entry.state is State.SLEEPING:
+            lifecycle.apply(entry, Action.WOKE_BEHIND, measured=memory or entry.active)
+        elif memory is not None and entry.state is State.READY and memory != entry.measured:
+            lifecycle.update(entry, measured=memory)
+        elif memory is not None and entry.state is State.SLEEPING and memory != entry.parked:
+            lifecycle.update(entry, parked=memory)
+
+    def _spec_for(self, provider: str, seen: Observed, key: str) -> ModelSpec:
+        for spec in self.core.specs.values():
+            if spec.provider == provider and self.core.key(spec) == key:
+                return spec
+        spec = ModelSpec(
+            name=f"{provider}/{seen.target}", provider=provider, target=seen.target, memory=dict(seen.memory)
+        )
+        self.core.specs[spec.name] = spec
+        return spec
+
+    def _adopt(self, provider: Provider, spec: ModelSpec, key: str, seen: Observed) -> Entry:
+        """A model found resident: in the table at once (LOADING, counted for what the
+        runtime reports), ready once the provider's ``adopt`` says it can serve."""
+        core = self.core
+        entry = core.new_entry(spec, State.LOADING)
+        entry.measured = Footprint(seen.memory) if seen.memory else entry.measured
+        entry.owned = seen.owned
+        asleep = seen.tier is Tier.SLEEPING
+        entry.can_park = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
+        entry.attempt = anyio.Event()
+        core.table.add(entry)
+        core.task_group().start_soon(
+            self._adoption, provider, entry, seen, name=f"modelmora-adopt-{spec.name}"
+        )
+        return entry
+
+    async def _adoption(self, provider: Provider, entry: Entry, seen: Observed) -> None:
+        core = self.core
+        try:
+            try:
+                with anyio.fail_after(
+                    entry.spec.load_timeout if entry.spec.load_timeout != float("inf") else None
+                ):
+                    handle = await provider.adopt(seen, entry.spec)
+            except Exception as exc:
+                core.problem(f"adopt:{entry.name}", exc, entry.name)
+                entry.error = exc
+                core.table.remove(entry)
+                core.lifecycle.apply(entry, Action.FAIL)
+                return
+            core.recovered(f"adopt:{entry.name}")
+            entry.loaded_at = core.clock()
+            event = ev.Adopted(
+                model=entry.name, provider=provider.name, memory=dict(seen.memory), owned=seen.owned
+            )
+            if seen.tier is Tier.SLEEPING:
+                core.lifecycle.apply(entry, Action.SLEPT_BEHIND, event, handle=handle, parked=entry.active)
+            else:
+                core.lifecycle.apply(entry, Action.LOADED, event, handle=handle)
+                self.transitions.watch(entry)
+        finally:
+            entry.attempt.set()
+
+
+__all__ = ["Reconciler"]

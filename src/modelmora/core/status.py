@@ -1,0 +1,109 @@
+"""What ``ModelManager.status()`` and ``unload_all()`` report: frozen values with ``to_dict``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..memory import MemorySnapshot
+from .context import Core
+from .lifecycle import Entry
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    provider: str
+    target: str
+    state: str
+    leases: int
+    pinned: bool
+    owned: bool
+    group: str | None
+    memory: dict[str, int]  # bytes per device it is counted for now
+    idle_s: float
+    expires_in_s: float | None
+    loaded_for_s: float | None
+    total_leases: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ManagerStatus:
+    models: list[ModelStatus]
+    memory: MemorySnapshot
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)  # background component → last error
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": [m.to_dict() for m in self.models],
+            "gpu_observed": self.memory.gpu_observed,
+            "devices": {
+                d: {
+                    "budget": s.budget,
+                    "used_by_modelmora": s.modelmora,
+                    "peak_by_modelmora": s.peak,
+                    "observed": None
+                    if s.observed is None
+                    else {
+                        "total": s.observed.total,
+                        "used": s.observed.used,
+                        "free": s.observed.free,
+                        "source": s.observed.source,
+                    },
+                }
+                for d, s in self.memory.devices.items()
+            },
+            "failures": self.failures,
+            "problems": self.problems,
+        }
+
+
+@dataclass(frozen=True)
+class UnloadAllResult:
+    unloaded: list[str]
+    in_use: list[str]
+    pinned: list[str]
+    failed: dict[str, str] = field(default_factory=dict)  # name → why its unload failed
+
+
+def model_status(core: Core, e: Entry, now: float) -> ModelStatus:
+    return ModelStatus(
+        name=e.name,
+        provider=e.provider,
+        target=e.spec.target,
+        state=e.state.value,
+        leases=e.leases,
+        pinned=e.pinned,
+        owned=e.owned,
+        group=e.spec.group,
+        memory=e.held().as_dict(),
+        idle_s=e.idle_for(now),
+        expires_in_s=e.expires_in(now, core.config.idle_ttl),
+        loaded_for_s=None if e.loaded_at is None else now - e.loaded_at,
+        total_leases=e.total_leases,
+    )
+
+
+def manager_status(core: Core) -> ManagerStatus:
+    now = core.clock()
+    failures = {
+        name: {"failures": f.count, "error": str(f.error), "retry_in_s": max(0.0, f.until - now)}
+        for name, f in core.failures.items()
+    }
+    return ManagerStatus(
+        [model_status(core, e, now) for e in core.table],
+        core.monitor.snapshot(core.budgets, core.usage(), core.readings),
+        failures,
+        dict(core.problems),
+    )
+
+
+__all__ = ["ManagerStatus", "ModelStatus", "UnloadAllResult", "manager_status"]

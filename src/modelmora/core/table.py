@@ -1,0 +1,122 @@
+"""The residency table: one row per model resident or in transition, and read-only views.
+
+The table is the manager's only mutable state.  Callers outside the core get frozen
+:class:`EntryView` copies (a status page cannot change a row by accident); the planner
+gets frozen :class:`~modelmora.core.planner.Resident` snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..footprint import Footprint, total
+from .lifecycle import STABLE, Entry, State
+from .planner import Resident
+
+
+@dataclass(frozen=True, slots=True)
+class EntryView:
+    """A copy of one row, for status pages, metrics and tests."""
+
+    name: str
+    provider: str
+    target: str
+    state: State
+    holders: int
+    waiters: int
+    pinned: bool
+    owned: bool
+    group: str | None
+    memory: dict[str, int]  # bytes per device it is counted for now
+    last_used: float
+    loaded_at: float | None
+    total_leases: int
+
+    @property
+    def leases(self) -> int:
+        return self.holders + self.waiters
+
+
+class Table:
+    """Rows by registry name."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Entry] = {}
+
+    def get(self, name: str) -> Entry | None:
+        return self._rows.get(name)
+
+    def add(self, entry: Entry) -> None:
+        if entry.name in self._rows:
+            raise RuntimeError(f"{entry.name!r} is already in the table")
+        self._rows[entry.name] = entry
+
+    def remove(self, entry: Entry) -> None:
+        """Drop ``entry`` if it is still the row for its name."""
+        if self._rows.get(entry.name) is entry:
+            del self._rows[entry.name]
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._rows.values()))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows
+
+    def of_provider(self, provider: str) -> list[Entry]:
+        return [e for e in self._rows.values() if e.provider == provider]
+
+    def usage(self) -> Footprint:
+        """Bytes per device the rows are counted for: reservations included, and memory
+        being freed for an admitted model counted once, as that model's reservation (the
+        load starts only once it is free, so this is never below what runtimes hold)."""
+        return total(e.planned() for e in self._rows.values())
+
+    def residents(self, exclude: Entry | None = None) -> list[Resident]:
+        """The planner's snapshot of every row but ``exclude``."""
+        return [resident(e) for e in self._rows.values() if e is not exclude]
+
+    def views(self) -> list[EntryView]:
+        return [view(e) for e in self._rows.values()]
+
+
+def resident(e: Entry) -> Resident:
+    return Resident(
+        name=e.name,
+        memory=e.planned(),
+        leases=e.leases,
+        pinned=e.pinned,
+        group=e.spec.group,
+        last_used=e.last_used,
+        sleep_memory=e.warm if e.can_park else None,
+        sleeping=e.state is State.SLEEPING,
+        settled=e.state in STABLE,
+        key=f"{e.provider}/{e.key}",
+        queued=e.state is State.QUEUED,
+    )
+
+
+def view(e: Entry) -> EntryView:
+    return EntryView(
+        name=e.name,
+        provider=e.provider,
+        target=e.spec.target,
+        state=e.state,
+        holders=e.holders,
+        waiters=e.waiters,
+        pinned=e.pinned,
+        owned=e.owned,
+        group=e.spec.group,
+        memory=e.held().as_dict(),
+        last_used=e.last_used,
+        loaded_at=e.loaded_at,
+        total_leases=e.total_leases,
+    )
+
+
+__all__ = ["EntryView", "Table", "resident", "view"]

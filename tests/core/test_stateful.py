@@ -1,0 +1,751 @@
+"""A stateful, model-based test of the manager against a fault-injecting runtime (issue 15).
+
+Hypothesis drives a :class:`ModelManager` over :class:`FaultyProvider` with user actions
+(leases held in background tasks, released or cancelled while waiting; load, pinned load,
+unload with and without force, unload_all, park, reconcile, status) and runtime actions
+(finish or fail a pending load/unload/sleep/wake/observe, with a modelmora or a foreign
+exception; hold the next call; crash or evict a model behind the manager's back; memory
+other processes take; ``x`` listed as ``x:latest``; a model someone else loaded; time
+passing).  After every step it checks, against a reference model built from the runtime's
+truth and the test's own record of who holds what:
+
+1. **budget** — every load and wake the runtime started fit: what it held, plus what its
+   pending loads and wakes will hold, plus other processes' memory, within every budget;
+2. **leases** — no unload or park of a model a caller holds unless a forced call was in
+   progress, and no holder's handle closed under it unless forced or its runtime died;
+3. **truth** — right after a reconcile on a quiet state the table is the runtime: one entry
+   per model it holds, same tier, same bytes;
+4. **alive** — the manager's task group still runs; no caller ever got a foreign exception;
+5. **waiters** — a waiting caller is served or gets a ModelMoraError by its timeout; lease
+   counts are never negative;
+6. **the end** — once everything is released and time passes, every caller has its answer,
+   lease counts are 0, and ``unload_all(force=True)`` leaves the runtime empty.
+
+Determinism: the manager runs in an anyio blocking portal whose event loop has a *virtual
+clock* (time moves only in the ``time_passes`` rule), thread offloads run inline, and each
+step ends when every task is blocked.  Nothing depends on wall-clock time.
+
+The default run is short; ``MODELMORA_STATEFUL_STEPS=20000`` (the soak job) runs long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+
+from modelmora import Handle, ModelManager, ModelMoraError
+from modelmora import events as ev
+from modelmora.providers.base import Tier
+from modelmora.testing.faulty import ANY, Call, FaultyProvider, injected_error
+
+T = TypeVar("T")
+GB = 10**9
+
+BUDGETS = {"cuda:0": 16 * GB, "cpu": 24 * GB}
+MODELS: dict[str, dict[str, Any]] = {
+    "a": {"memory": "8GB", "warm_tier": True},
+    "b": {"memory": "6GB"},
+    "c": {"memory": "4GB", "group": "heavy"},
+    "d": {"memory": "10GB", "group": "heavy", "warm_tier": True},
+}
+NAMES = sorted(MODELS)
+FOREIGN_TARGET = "f"
+CONFIG: dict[str, Any] = {
+    "budgets": {"cuda:0": "16GB", "cpu": "24GB"},
+    "reaper_interval": 1.0,
+    "reconcile_interval": 30.0,
+    "idle_ttl": 60.0,
+    "wait_timeout": 120.0,
+    "unload_timeout": 60.0,
+    "failure_cooldown": 5.0,
+    "models": {n: {"provider": "faulty", "load_timeout": 300, **spec} for n, spec in MODELS.items()},
+}
+
+
+# -- a deterministic event loop ------------------------------------------------------------------
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when told: timeouts, sleeps and the reaper
+    fire exactly when the test advances time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+async def _inline_run_sync(func: Callable[..., T], *args: Any, **_: Any) -> T:
+    """``anyio.to_thread.run_sync`` without the thread: a step ends only when the loop has
+    nothing left to do, which a thread would hide."""
+    await anyio.lowlevel.checkpoint()
+    return func(*args)
+
+
+async def settle(rounds: int = 20_000) -> None:
+    """Until every other task is blocked and nothing is scheduled to run."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    quiet = 0
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+        blocked = all(
+            t is me or (t._fut_waiter is not None and not t._fut_waiter.done())  # type: ignore[attr-defined]
+            for t in asyncio.all_tasks()
+        )
+        quiet = quiet + 1 if blocked and not loop._ready else 0  # type: ignore[attr-defined]
+        if quiet >= 3:
+            return
+    raise AssertionError(f"the manager never settles: still busy after {rounds} rounds (a busy loop?)")
+
+
+# -- what can go wrong: one exception type per invariant, so hypothesis reports each ------------
+
+
+class Violation(AssertionError):
+    """An invariant of the manager does not hold."""
+
+
+class OverBudget(Violation):
+    pass
+
+
+class LeasedUnload(Violation):
+    pass
+
+
+class HandleClosedUnderHolder(Violation):
+    pass
+
+
+class TableNotTruth(Violation):
+    pass
+
+
+class ManagerDied(Violation):
+    pass
+
+
+class ForeignException(Violation):
+    pass
+
+
+class WaiterPastTimeout(Violation):
+    pass
+
+
+class LeaseCount(Violation):
+    pass
+
+
+class NeverAnswered(Violation):
+    pass
+
+
+class LeftLoaded(Violation):
+    pass
+
+
+def raise_violations(violations: list[tuple[type[Violation], str]], prefix: str = "") -> None:
+    """Raise the first kind of violation found, with every message of that kind."""
+    if violations:
+        kind = violations[0][0]
+        raise kind(prefix + "\n".join(text for k, text in violations if k is kind))
+
+
+# -- records the reference model keeps -----------------------------------------------------------
+
+
+@dataclass
+class LeaseRec:
+    id: int
+    name: str
+    timeout: float | None
+    started: float
+    scope: anyio.CancelScope
+    release: anyio.Event
+    granted: bool = False
+    active: bool = False  # inside `async with use()`
+    done: bool = False
+    handle: Handle | None = None
+    instance: int | None = None
+    outcome: str = "waiting"
+    exposed: bool = False  # a forced call ran while it was held: its handle may close
+
+    @property
+    def waiting(self) -> bool:
+        return not self.granted and not self.done
+
+
+@dataclass
+class OpRec:
+    id: int
+    what: str
+    forced: bool
+    done: bool = False
+    outcome: str = "running"
+
+
+@dataclass
+class World:
+    """Everything the test knows, living in the portal's loop."""
+
+    mm: ModelManager
+    faulty: FaultyProvider
+    loop: VirtualClockLoop
+    leases: dict[int, LeaseRec] = field(default_factory=dict)
+    ops: dict[int, OpRec] = field(default_factory=dict)
+    violations: list[tuple[type[Violation], str]] = field(default_factory=list)
+    runtime_lost: set[int] = field(default_factory=set)  # instances crashed or evicted by the runtime
+    forcing: int = 0
+    checked_calls: int = 0
+    host_error: BaseException | None = None
+    host_done: bool = False
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    steps: list[str] = field(default_factory=list)
+
+    def violate(self, kind: type[Violation], text: str) -> None:
+        where = f"[step {len(self.steps)}: {self.steps[-1] if self.steps else 'start'}]"
+        self.violations.append((kind, f"{where} {text}"))
+
+
+def _table(mm: ModelManager) -> list[tuple[str, str, str, dict[str, int], int]]:
+    """(name, target, state, memory, leases) per table row: the one place that reads the
+    manager's rows (adapt here when the table's read-only view changes)."""
+    return [(e.name, e.target, str(e.state.value), dict(e.memory), int(e.leases)) for e in mm.entries()]
+
+
+def _nonzero(memory: dict[str, int]) -> dict[str, int]:
+    return {d: n for d, n in memory.items() if n}
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self._patched = anyio.to_thread.run_sync
+        anyio.to_thread.run_sync = _inline_run_sync  # type: ignore[assignment]
+        self._ids = itertools.count(1)
+        self._portal_cm = start_blocking_portal("asyncio", backend_options={"loop_factory": VirtualClockLoop})
+        self.portal: BlockingPortal = self._portal_cm.__enter__()
+        self.failed = False
+        try:
+            self._supervisor, self.tg = self.portal.start_task(self._supervise)
+            self.world = self.portal.call(self._start)
+        except BaseException:
+            self._close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _supervise(self, *, task_status: anyio.abc.TaskStatus[anyio.abc.TaskGroup]) -> None:
+        """Owns the task group every background task of the test runs in."""
+        async with anyio.create_task_group() as tg:
+            task_status.started(tg)
+            await anyio.sleep_forever()
+
+    async def _start(self) -> World:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualClockLoop)
+        faulty = FaultyProvider(devices={"cuda:0": 24 * GB})  # a measured 24 GB card
+        ticks = itertools.count(1)
+        mm = ModelManager(
+            CONFIG,
+            providers={"faulty": faulty},
+            probe=faulty.probe,
+            clock=lambda: loop.now + next(ticks) * 1e-9,  # strictly increasing, like a real clock
+        )
+        world = World(mm, faulty, loop)
+        faulty.listeners.append(lambda call: self._on_call(world, call))
+        mm.events.subscribe(lambda event: self._on_event(world, event))
+        ready = anyio.Event()
+
+        async def host() -> None:
+            try:
+                async with mm:
+                    ready.set()
+                    await world.stop.wait()
+            except Exception as exc:  # reported by the next check; the test's tasks go on
+                world.host_error = exc
+            finally:
+                world.host_done = True
+                ready.set()
+
+        self.tg.start_soon(host)
+        await ready.wait()
+        await settle()
+        if world.host_done:
+            raise AssertionError(f"the manager did not start: {world.host_error!r}")
+        return world
+
+    def step(self, label: str, action: Callable[[World], Awaitable[None]]) -> None:
+        async def run() -> list[tuple[type[Violation], str]]:
+            world = self.world
+            world.steps.append(label)
+            await action(world)
+            await settle()
+            self._check(world)
+            out, world.violations = world.violations, []
+            return out
+
+        violations = self.portal.call(run)
+        self.failed = bool(violations)
+        raise_violations(violations)
+
+    def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.tg.start_soon(fn)
+
+    # -- what the runtime sees --------------------------------------------------------------
+
+    def _on_call(self, world: World, call: Call) -> None:
+        if call.op not in ("unload", "sleep") or call.instance is None:
+            return
+        holders = [r for r in world.leases.values() if r.active and r.instance == call.instance]
+        for rec in holders:
+            if call.op == "unload" and world.forcing:
+                rec.exposed = True
+            else:
+                world.violate(
+                    LeasedUnload,
+                    f"{call.op} of {call.target} (instance {call.instance}) while lease #{rec.id} on "
+                    f"{rec.name} holds it{' (a forced call is running, but parking is never forced)' if world.forcing else ', and no forced call is running'}",
+                )
+
+    def _on_event(self, world: World, event: ev.Event) -> None:
+        if isinstance(event, ev.Unloading) and not event.forced and not world.forcing:
+            live = {i.id for i in world.faulty.instances.values()} - world.runtime_lost
+            held = [
+                r for r in world.leases.values() if r.active and r.name == event.model and r.instance in live
+            ]
+            if held:
+                world.violate(
+                    LeasedUnload,
+                    f"Unloading {event.model} (forced=False) while leases {[r.id for r in held]} hold it",
+                )
+
+    # -- invariants -------------------------------------------------------------------------
+
+    def _check(self, world: World) -> None:
+        mm, faulty = world.mm, world.faulty
+        # alive
+        if world.host_done:
+            world.violate(ManagerDied, f"the manager died: {world.host_error!r}")
+        # budget
+        new, world.checked_calls = faulty.calls[world.checked_calls :], len(faulty.calls)
+        for call in new:
+            if call.op in ("load", "wake"):
+                for device, budget in BUDGETS.items():
+                    total = call.committed.get(device, 0) + call.external.get(device, 0)
+                    if total > budget:
+                        world.violate(
+                            OverBudget,
+                            f"{call.op} of {call.target} started with {total / GB:g} GB committed on {device} "
+                            f"(budget {budget / GB:g} GB, other processes {call.external.get(device, 0) / GB:g} GB)",
+                        )
+        # leases: handles closed under their holders
+        for rec in world.leases.values():
+            if rec.active and rec.handle is not None and rec.handle.closed:
+                lost = rec.instance in world.runtime_lost
+                if not rec.exposed and not lost:
+                    world.violate(
+                        HandleClosedUnderHolder,
+                        f"lease #{rec.id} on {rec.name}: its handle was closed under it, with no forced call "
+                        f"and the runtime still holding the model ({faulty.describe()})",
+                    )
+                rec.exposed = True  # report once
+        # waiters
+        now = world.loop.now
+        for rec in world.leases.values():
+            if rec.waiting and rec.timeout is not None and now >= rec.started + rec.timeout + 1e-3:
+                world.violate(
+                    WaiterPastTimeout,
+                    f"lease #{rec.id} on {rec.name} still waits {now - rec.started:g}s after it asked, "
+                    f"past its {rec.timeout:g}s timeout ({self._describe(world)})",
+                )
+                rec.timeout = None  # report once
+        for name, _, _, _, leases in _table(mm):
+            if leases < 0:
+                world.violate(LeaseCount, f"{name} has {leases} leases")
+
+    def _check_truth(self, world: World) -> None:
+        """The table equals the runtime: call only right after a reconcile on a quiet state."""
+        faulty = world.faulty
+        truth = {faulty.target_key(i.target): i for i in faulty.instances.values()}
+        rows: dict[str, list[tuple[str, str, dict[str, int]]]] = {}
+        for name, target, state, memory, _ in _table(world.mm):
+            rows.setdefault(faulty.target_key(target), []).append((name, state, memory))
+        for key, instance in truth.items():
+            found = rows.pop(key, [])
+            if not found:
+                world.violate(
+                    TableNotTruth,
+                    f"after reconcile the runtime holds {key} but the table has no entry for it",
+                )
+                continue
+            if len(found) > 1:
+                world.violate(
+                    TableNotTruth,
+                    f"after reconcile the table has {len(found)} entries for one model {key}: {found}",
+                )
+            name, state, memory = found[0]
+            tier = "sleeping" if instance.tier is Tier.SLEEPING else "ready"
+            if state != tier or _nonzero(memory) != _nonzero(instance.held):
+                world.violate(
+                    TableNotTruth,
+                    f"after reconcile {name} is {state} with {_nonzero(memory)} in the table, "
+                    f"{tier} with {_nonzero(instance.held)} in the runtime",
+                )
+        for key, found in rows.items():
+            world.violate(
+                TableNotTruth, f"after reconcile the table has {found} but the runtime holds no {key}"
+            )
+
+    def _quiet(self, world: World) -> bool:
+        return (
+            not world.faulty.pending
+            and all(op.done for op in world.ops.values())
+            and not any(r.waiting for r in world.leases.values())
+            and all(state in ("ready", "sleeping") for _, _, state, _, _ in _table(world.mm))
+        )
+
+    def _describe(self, world: World) -> str:
+        rows = ", ".join(f"{n}:{s}/{leases}" for n, _, s, _, leases in _table(world.mm))
+        return f"table [{rows or 'empty'}]; {world.faulty.describe()}"
+
+    # -- user actions -----------------------------------------------------------------------
+
+    @rule(name=st.sampled_from(NAMES), timeout=st.sampled_from([None, 10.0, 100.0]))
+    def take_lease(self, name: str, timeout: float | None) -> None:
+        async def action(world: World) -> None:
+            rec = LeaseRec(next(self._ids), name, timeout, world.loop.now, anyio.CancelScope(), anyio.Event())
+            world.leases[rec.id] = rec
+
+            async def holder() -> None:
+                with rec.scope:
+                    try:
+                        async with world.mm.use(name, timeout=timeout) as handle:
+                            rec.granted = rec.active = True
+                            rec.handle, rec.instance = handle, world.faulty.instance_id(handle)
+                            rec.outcome = "held"
+                            if world.forcing:
+                                rec.exposed = True
+                            try:
+                                await rec.release.wait()
+                            finally:
+                                rec.active = False
+                        rec.outcome = "released"
+                    except ModelMoraError as exc:
+                        rec.outcome = f"{type(exc).__name__}: {exc}"
+                    except Exception as exc:
+                        rec.outcome = f"foreign {exc!r}"
+                        world.violate(
+                            ForeignException, f"lease #{rec.id} on {name} got a foreign exception: {exc!r}"
+                        )
+                if rec.scope.cancelled_caught:
+                    rec.outcome = "cancelled"
+                rec.done = True
+
+            self._spawn(holder)
+
+        self.step(f"take_lease({name!r}, timeout={timeout})", action)
+
+    @precondition(lambda self: any(r.granted and not r.done for r in self.world.leases.values()))
+    @rule(data=st.data())
+    def release_lease(self, data: st.DataObject) -> None:
+        held = sorted(r.id for r in self.world.leases.values() if r.granted and not r.done)
+        lease = data.draw(st.sampled_from(held), label="lease")
+
+        async def action(world: World) -> None:
+            world.leases[lease].release.set()
+
+        self.step(f"release_lease(#{lease})", action)
+
+    @precondition(lambda self: any(r.waiting for r in self.world.leases.values()))
+    @rule(data=st.data())
+    def cancel_waiting_lease(self, data: st.DataObject) -> None:
+        waiting = sorted(r.id for r in self.world.leases.values() if r.waiting)
+        lease = data.draw(st.sampled_from(waiting), label="lease")
+
+        async def action(world: World) -> None:
+            world.leases[lease].scope.cancel()
+
+        self.step(f"cancel_waiting_lease(#{lease})", action)
+
+    def _op(self, label: str, forced: bool, fn: Callable[[ModelManager], Awaitable[Any]]) -> None:
+        async def action(world: World) -> None:
+            rec = OpRec(next(self._ids), label, forced)
+            world.ops[rec.id] = rec
+
+            async def run() -> None:
+                if forced:
+                    world.forcing += 1
+                    for lease in world.leases.values():
+                        if lease.active:
+                            lease.exposed = True
+                try:
+                    await fn(world.mm)
+                    rec.outcome = "ok"
+                except ModelMoraError as exc:
+                    rec.outcome = f"{type(exc).__name__}: {exc}"
+                except Exception as exc:
+                    rec.outcome = f"foreign {exc!r}"
+                    world.violate(
+                        ForeignException, f"{label} raised a foreign exception to its caller: {exc!r}"
+                    )
+                finally:
+                    if forced:
+                        world.forcing -= 1
+                    rec.done = True
+
+            self._spawn(run)
+
+        self.step(label, action)
+
+    @rule(name=st.sampled_from(NAMES), pin=st.booleans())
+    def load(self, name: str, pin: bool) -> None:
+        self._op(f"load({name!r}, pin={pin})", False, lambda mm: mm.load(name, pin=pin, timeout=100.0))
+
+    @rule(name=st.sampled_from(NAMES), force=st.booleans())
+    def unload(self, name: str, force: bool) -> None:
+        self._op(f"unload({name!r}, force={force})", force, lambda mm: mm.unload(name, force=force))
+
+    @rule(force=st.booleans())
+    def unload_all(self, force: bool) -> None:
+        self._op(f"unload_all(force={force})", force, lambda mm: mm.unload_all(force=force))
+
+    @rule(name=st.sampled_from(NAMES))
+    def park(self, name: str) -> None:
+        self._op(f"park({name!r})", False, lambda mm: mm.park(name))
+
+    @rule()
+    def status(self) -> None:
+        self._op("status()", False, lambda mm: mm.status())
+
+    @rule()
+    def reconcile(self) -> None:
+        before, calls = len(self.world.ops), len(self.world.faulty.calls)
+        self._op("reconcile()", False, lambda mm: mm.reconcile())
+        rec = list(self.world.ops.values())[before]
+
+        async def check() -> list[tuple[type[Violation], str]]:
+            world = self.world
+            answered = all(c.outcome == "ok" for c in world.faulty.calls[calls:])  # a failed observe
+            if rec.done and rec.outcome == "ok" and answered and self._quiet(world):  # leaves the table be
+                self._check_truth(world)
+            out, world.violations = world.violations, []
+            return out
+
+        violations = self.portal.call(check)
+        self.failed = bool(violations)
+        raise_violations(violations)
+
+    # -- runtime actions --------------------------------------------------------------------
+
+    @precondition(lambda self: bool(self.world.faulty.pending))
+    @rule(data=st.data(), how=st.sampled_from(["ok", "modelmora", "oserror", "connect"]))
+    def finish_pending_call(self, data: st.DataObject, how: str) -> None:
+        pending = [(c.seq, c.op, c.target) for c in self.world.faulty.pending]
+        seq, op, target = data.draw(st.sampled_from(pending), label="call")
+
+        async def action(world: World) -> None:
+            error = None if how == "ok" else injected_error(how, f"injected: {op} of {target} failed")
+            world.faulty.release(seq=seq, error=error)
+
+        self.step(f"finish_pending_call({op} {target}, {how})", action)
+
+    @rule(
+        op=st.sampled_from(["load", "unload", "sleep", "wake", "observe"]),
+        name=st.sampled_from(NAMES),
+    )
+    def hold_next_call(self, op: Any, name: str) -> None:
+        target = ANY if op == "observe" else name
+
+        async def action(world: World) -> None:
+            world.faulty.hold(op, target, times=1)
+
+        self.step(f"hold_next_call({op}, {target})", action)
+
+    @rule(
+        op=st.sampled_from(["load", "unload", "sleep", "wake", "observe", "adopt", "refresh"]),
+        name=st.sampled_from(NAMES),
+        how=st.sampled_from(["modelmora", "oserror", "connect"]),
+    )
+    def fail_next_call(self, op: Any, name: str, how: str) -> None:
+        target = ANY if op in ("observe", "adopt") else name
+
+        async def action(world: World) -> None:
+            world.faulty.fail_next(op, target, injected_error(how, f"injected: {op} of {target} failed"))
+
+        self.step(f"fail_next_call({op}, {target}, {how})", action)
+
+    @precondition(lambda self: bool(self.world.faulty.instances))
+    @rule(data=st.data(), crash=st.booleans())
+    def runtime_drops_a_model(self, data: st.DataObject, crash: bool) -> None:
+        target = data.draw(st.sampled_from(sorted(self.world.faulty.instances)), label="target")
+
+        async def action(world: World) -> None:
+            instance = world.faulty.instances.get(target)
+            if instance is None:
+                return
+            world.runtime_lost.add(instance.id)
+            if crash:
+                await world.faulty.crash(target)
+            else:
+                world.faulty.evict(target)
+
+        self.step(f"runtime_drops_a_model({target!r}, {'crash' if crash else 'evict'})", action)
+
+    @rule(gb=st.sampled_from([0, 2, 6]))
+    def other_processes_take(self, gb: int) -> None:
+        async def action(world: World) -> None:
+            world.faulty.external["cuda:0"] = gb * GB
+
+        self.step(f"other_processes_take({gb} GB)", action)
+
+    @rule(name=st.sampled_from(NAMES), on=st.booleans())
+    def alias(self, name: str, on: bool) -> None:
+        async def action(world: World) -> None:
+            world.faulty.alias(name, f"{name}:latest" if on else None)
+
+        self.step(f"alias({name!r} as {name + ':latest' if on else 'itself'})", action)
+
+    @precondition(lambda self: FOREIGN_TARGET not in self.world.faulty.instances)
+    @rule(asleep=st.booleans())
+    def someone_else_loads(self, asleep: bool) -> None:
+        async def action(world: World) -> None:
+            tier = Tier.SLEEPING if asleep else Tier.ACTIVE
+            world.faulty.add_foreign(FOREIGN_TARGET, {"cuda:0": 3 * GB}, tier=tier)
+
+        self.step(f"someone_else_loads({FOREIGN_TARGET!r}, asleep={asleep})", action)
+
+    @rule(seconds=st.sampled_from([0.5, 5.0, 31.0, 61.0, 301.0]))
+    def time_passes(self, seconds: float) -> None:
+        async def action(world: World) -> None:
+            world.loop.now += seconds
+
+        self.step(f"time_passes({seconds:g}s)", action)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        try:
+            if not self.failed:
+                raise_violations(self.portal.call(self._finish), "at the end:\n")
+        finally:
+            self._close()
+
+    async def _finish(self) -> list[tuple[type[Violation], str]]:
+        world = self.world
+        world.steps.append("teardown")
+        faulty = world.faulty
+        faulty.heal()
+        faulty.unhold()
+        for rec in world.leases.values():
+            rec.release.set()
+        for _ in range(12):  # let every waiter get its answer: release the runtime, let time pass
+            faulty.release()
+            await settle()
+            world.loop.now += 61.0
+            await settle()
+        stuck = [r for r in world.leases.values() if not r.done] + [
+            o for o in world.ops.values() if not o.done
+        ]
+        if stuck:
+            world.violate(NeverAnswered, f"never answered: {stuck} ({self._describe(world)})")
+        counts = {name: leases for name, _, _, _, leases in _table(world.mm) if leases}
+        if counts:
+            world.violate(LeaseCount, f"lease counts not back to 0 once every caller is gone: {counts}")
+        if not world.host_done:
+            try:
+                await world.mm.reconcile()
+                await world.mm.unload_all(force=True)
+            except Exception as exc:
+                world.violate(LeftLoaded, f"reconcile + unload_all(force=True) at the end raised {exc!r}")
+            faulty.release()
+            await settle()
+            known = [
+                i for i in faulty.instances.values() if i.loaded or i.lent
+            ]  # not: foreign ones it never saw
+            if known:
+                world.violate(
+                    LeftLoaded, f"left in the runtime after unload_all(force=True): {faulty.describe()}"
+                )
+        self._check(world)
+        out, world.violations = world.violations, []
+        return out
+
+    async def _cancel_tg(self) -> None:
+        self.tg.cancel_scope.cancel()
+
+    def _close(self) -> None:
+        try:
+            if hasattr(self, "world"):
+                self.world.faulty.heal()
+                self.world.faulty.unhold()
+
+                async def stop() -> None:
+                    self.world.faulty.release()
+                    for rec in self.world.leases.values():
+                        rec.release.set()
+                        rec.scope.cancel()
+                    self.world.stop.set()
+                    await settle()
+
+                self.portal.call(stop)
+            if hasattr(self, "tg"):
+                self.portal.call(self._cancel_tg)
+            self.portal.call(self.portal.stop, True)
+        finally:
+            try:
+                self._portal_cm.__exit__(None, None, None)
+            finally:
+                anyio.to_thread.run_sync = self._patched  # type: ignore[assignment]
+
+
+# -- running it ------------------------------------------------------------------------------------
+
+STEPS_PER_EXAMPLE = 40
+# the soak job sets MODELMORA_STATEFUL_STEPS=20000; the default run soaks 2,000 random steps
+LONG = int(os.environ.get("MODELMORA_STATEFUL_STEPS", "2000"))
+
+
+def _settings(steps: int, *, derandomize: bool) -> settings:
+    return settings(
+        max_examples=max(1, steps // STEPS_PER_EXAMPLE),
+        stateful_step_count=STEPS_PER_EXAMPLE,
+        deadline=None,
+        derandomize=derandomize,
+        report_multiple_bugs=not derandomize,  # the short run shrinks one counterexample: quicker
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        database=None if derandomize else settings.default.database,
+    )
+
+
+def test_manager_against_a_faulty_runtime() -> None:
+    """Short: a few hundred steps on a fixed seed, in the default run."""
+    ManagerMachine.TestCase.settings = _settings(400, derandomize=True)
+    ManagerMachine.TestCase().runTest()
+
+
+@pytest.mark.soak
+def test_manager_against_a_faulty_runtime_long() -> None:
+    ManagerMachine.TestCase.settings = _settings(LONG, derandomize=False)
+    ManagerMachine.TestCase().runTest()
