@@ -813,8 +813,9 @@ def bench(
         )
     try:
         if quick:
-            from .quick import quick_config
+            from .quick import quick_config, require_torch
 
+            require_torch()  # a missing extra is the one line, with no progress line before it
             with progress("preparing the built-in models (the first run makes the small ones)"):
                 cfg_dict, names = quick_config()
         else:
