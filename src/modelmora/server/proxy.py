@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 from starlette.types import Receive, Scope, Send
 
-from ..core import Lease, ModelManager
+from ..core import Lease, ModelManager, State
 from ..errors import ModelMoraError
 from ..providers.base import Handle
 from ..spec import parse_duration
@@ -53,7 +53,7 @@ class EmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
 
 
-_UNDER_WAY = ("loading", "waking")  # row states (a StrEnum), by value: no core import
+_UNDER_WAY = (State.LOADING, State.WAKING)
 
 # the headers that describe the body, which is passed through as the runtime sent it
 _ENTITY_HEADERS = frozenset(
