@@ -87,6 +87,29 @@ def test_12_health_says_degraded_while_background_work_fails() -> None:
         server.stop()
 
 
+def test_12_degraded_health_lists_the_problems_only_to_the_token() -> None:
+    """503 ``degraded`` for everyone; the problem texts (which may name models) only with the
+    token, as /health names no models without it."""
+    faulty = FaultyProvider()
+    mm = faulty_manager(faulty, {"a": model(4)}, reaper_interval=0.01, reconcile_interval=0.01)
+    server = ThreadedServer(create_app(mm, token="s3cret")).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            faulty.fail_always("observe", error=OSError("cannot read the provider's state file"))
+            deadline = time.monotonic() + 10
+            while (health := http.get("/health")).status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert health.status_code == 503, health.json()
+            assert health.json() == {"status": "degraded"}
+            full = http.get("/health", headers={"Authorization": "Bearer s3cret"})
+            assert full.status_code == 503
+            assert full.json()["status"] == "degraded"
+            assert "state file" in str(full.json()["problems"]), full.json()
+            faulty.heal()
+    finally:
+        server.stop()
+
+
 # -- 13. unload_all stops at the first failure -------------------------------------------------
 
 
