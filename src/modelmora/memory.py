@@ -20,8 +20,6 @@ import anyio
 import psutil
 
 from .config import Budget
-from .errors import InsufficientMemory
-from .spec import format_size
 
 
 @dataclass(frozen=True)
@@ -167,28 +165,11 @@ class DeviceStatus:
     peak: int  # peak of ``modelmora`` since start
     observed: DeviceMemory | None
 
-    @property
-    def free_in_budget(self) -> int | None:
-        return None if self.budget is None else self.budget - self.modelmora
-
 
 @dataclass(frozen=True)
 class MemorySnapshot:
     devices: dict[str, DeviceStatus]
     gpu_observed: bool
-
-    def free(self, device: str) -> int | None:
-        status = self.devices.get(device)
-        return status.free_in_budget if status else None
-
-    def require_free(self, nbytes: int, device: str, *, model: str | None = None) -> None:
-        """Raise :class:`InsufficientMemory` unless ``nbytes`` are free in ``device``'s budget."""
-        free = self.free(device)
-        if free is not None and free < nbytes:
-            raise InsufficientMemory(
-                f"{format_size(nbytes)} required on {device}, {format_size(free)} free in budget",
-                model=model, device=device, needed=nbytes, available=free,
-            )  # fmt: skip
 
 
 def resolve_budgets(

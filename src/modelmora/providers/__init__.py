@@ -45,10 +45,6 @@ class ProviderRegistry:
         self._factories: dict[str, Factory] = {}
         self._entry_points_read = False
 
-    @property
-    def factories(self) -> Mapping[str, Factory]:
-        return MappingProxyType(self._factories)
-
     def names(self) -> list[str]:
         self._read_entry_points()
         return sorted(set(self._known) | set(self._factories))
