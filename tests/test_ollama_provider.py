@@ -15,6 +15,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import anyio
 import httpx
 import pytest
 
-from modelmora import InsufficientMemory, ModelManager, ModelNotFound, ProviderUnavailable
+from modelmora import InsufficientMemory, ModelManager, ModelNotFound, ProviderUnavailable, UnloadFailed
 from modelmora import events as ev
 from modelmora.memory import StaticProbe
 from modelmora.providers.base import Handle
@@ -241,7 +242,7 @@ async def test_unload_waits_for_a_request_in_flight(server: Server) -> None:
         body = {"model": server.llm, "prompt": "count from one to twenty", "options": handle.request_options,
                 "keep_alive": handle.keep_alive}  # fmt: skip
         done: list[float] = []
-        async with anyio.create_task_group() as tg, httpx.AsyncClient(timeout=120) as http:
+        async with httpx.AsyncClient(timeout=120) as http, anyio.create_task_group() as tg:
 
             async def generate() -> None:
                 async with http.stream("POST", f"{server.url}/api/generate", json=body) as r:
@@ -255,6 +256,31 @@ async def test_unload_waits_for_a_request_in_flight(server: Server) -> None:
             unloaded = time.monotonic()
         assert done and done[0] <= unloaded and handle.closed
         assert all(p.target_key(n) != p.target_key(server.llm) for n in listed(server.url))
+
+
+async def test_an_unload_that_times_out_leaves_the_model_held_under_its_target(make_ollama: Start) -> None:
+    # Found by the soak on the strict emulator: an unload that timed out (a request still
+    # in flight) forgot the model, so the next observation offered Ollama's spelling of it
+    # as somebody else's model while the manager still held it under its own target.
+    emu = make_ollama(token_delay=0.05)
+    lost: list[str] = []
+    async with provider(emu, unload_timeout=0.2) as p:
+        p.bind(lambda handle, why: lost.append(why))
+        handle = await p.load(spec("Qwen2.5:14B", name="qwen"))
+        body = {
+            "model": "qwen2.5:14b",
+            "prompt": "one two three four five six",
+            "options": handle.request_options,
+        }
+        async with httpx.AsyncClient(timeout=30) as http, anyio.create_task_group() as tg:
+            tg.start_soon(partial(http.post, f"{emu.url}/api/generate", json=body))
+            await anyio.sleep(0.1)
+            with pytest.raises(UnloadFailed, match="last request"):
+                await p.unload(handle)
+            assert [o.target for o in await p.observe()] == ["Qwen2.5:14B"] and not lost
+        assert await p.observe() == []  # gone once the request ended: reported, with why
+        assert lost == ["Ollama no longer lists 'Qwen2.5:14B' in /api/ps: the unload that timed out took effect "
+                        "(Ollama waited for its last request)"]  # fmt: skip
 
 
 async def test_a_runtime_oom_drops_every_model_and_each_is_reported(make_ollama: Start) -> None:
