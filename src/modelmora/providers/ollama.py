@@ -203,6 +203,11 @@ class OllamaProvider(Provider):
         # models this provider loaded or adopted and has not unloaded, by target_key: the
         # ones reported lost when Ollama no longer lists them
         self._held: dict[str, Handle] = {}
+        self._unloading: set[str] = set()  # keys whose leaving /api/ps is an unload, not a loss
+        self._late: set[str] = set()  # keys whose unload timed out: Ollama may still carry it out
+        # the target each model was configured as, by target_key: what observe() reports
+        # it under (Ollama lists its own spelling), held or not
+        self._targets: dict[str, str] = {}
 
     def target_key(self, target: str) -> str:
         """``nomic-embed-text`` and ``registry.ollama.ai/library/Nomic-Embed-Text:latest``
@@ -405,6 +410,7 @@ class OllamaProvider(Provider):
         path, body = self._load_body(spec, self.keep_alive_for(spec, spec.keep_alive))
         key = self.target_key(spec.target)
         self._abandoned.pop(key, None)
+        self._targets[key] = spec.target
         try:
             await self.request("POST", path, model=spec.name, json=body, timeout=None)
             seen = await self._find(spec.target)
@@ -447,11 +453,17 @@ class OllamaProvider(Provider):
 
     async def unload(self, handle: Handle) -> dict[str, int]:
         key = self.target_key(handle.target)
-        if self._held.get(key) is handle:
-            del self._held[key]  # leaving /api/ps now is this unload, not a loss
+        self._unloading.add(key)  # leaving /api/ps now is this unload, not a loss
+        try:
+            return await self._unload(handle, key)
+        finally:
+            self._unloading.discard(key)
+
+    async def _unload(self, handle: Handle, key: str) -> dict[str, int]:
         try:
             await self._send_unload(handle.spec)
         except ModelNotFound:
+            self._forget(handle, key)
             return {}  # deleted or never there: nothing to free
         except ModelMoraError as exc:
             raise UnloadFailed(
@@ -462,16 +474,23 @@ class OllamaProvider(Provider):
         with anyio.move_on_after(self.settings.unload_timeout):
             while await self._find(handle.target) is not None:  # noqa: ASYNC110 - HTTP has no event to wait on
                 await anyio.sleep(self.settings.poll_interval)
+            self._forget(handle, key)
             handle.close()
             # a keep-alive refresh already in flight would load it again (an empty generate
             # is a load): for a while, whatever of this name shows up is ours to let go of
             self._abandoned[key] = (handle.spec, time.monotonic() + self.settings.timeout + 5.0)
             return dict(handle.memory)
+        self._late.add(key)
         raise UnloadFailed(
             f"Ollama at {self.base_url} still lists {handle.target!r} {self.settings.unload_timeout:g}s after "
             "unloading it (it unloads when its last request ends)",
             model=handle.name, provider=self.name,
         )  # fmt: skip
+
+    def _forget(self, handle: Handle, key: str) -> None:
+        self._late.discard(key)
+        if self._held.get(key) is handle:
+            del self._held[key]
 
     async def observe(self) -> list[Observed]:
         response = await self.request("GET", "/api/ps")
@@ -484,7 +503,6 @@ class OllamaProvider(Provider):
             name = str(item.get("name") or item.get("model"))
             key = self.target_key(name)
             present.add(key)
-            held = self._held.get(key)
             size, vram = int(item.get("size") or 0), int(item.get("size_vram") or 0)
             memory = {self.settings.device: vram}
             if size > vram:
@@ -492,7 +510,7 @@ class OllamaProvider(Provider):
             out.append(
                 Observed(
                     # under the target it was loaded as: Ollama lists its own spelling
-                    target=held.target if held is not None else name,
+                    target=self._targets.get(key, name),
                     memory=memory,
                     details={
                         k: item[k] for k in ("context_length", "digest", "details", "expires_at") if k in item
@@ -500,14 +518,18 @@ class OllamaProvider(Provider):
                 )
             )
         for key, handle in list(self._held.items()):
-            if key not in present:
+            if key not in present and key not in self._unloading:
                 del self._held[key]
-                self.report_lost(
-                    handle,
-                    f"Ollama no longer lists {handle.target!r} in /api/ps: its scheduler evicted it "
-                    "(a new model must fit in 80 % of the free VRAM, and Ollama knows nothing of "
-                    "leases), its keep-alive ran out, or an out-of-memory error expired every model",
-                )
+                if key in self._late:
+                    why = "the unload that timed out took effect (Ollama waited for its last request)"
+                else:
+                    why = (
+                        "its scheduler evicted it (a new model must fit in 80 % of the free VRAM, and "
+                        "Ollama knows nothing of leases), its keep-alive ran out, or an out-of-memory "
+                        "error expired every model"
+                    )
+                self._late.discard(key)
+                self.report_lost(handle, f"Ollama no longer lists {handle.target!r} in /api/ps: {why}")
         return out
 
     async def _let_go_of_abandoned(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -539,7 +561,9 @@ class OllamaProvider(Provider):
             spec=spec, provider=self.name, endpoint=self.base_url, api="ollama",
             memory=dict(observed.memory), owned=False, request_options=self.runner_options(spec),
         )  # fmt: skip
-        self._held.setdefault(self.target_key(spec.target), handle)
+        key = self.target_key(spec.target)
+        self._held.setdefault(key, handle)
+        self._targets.setdefault(key, spec.target)
         return handle
 
     async def refresh(self, handle: Handle, keep_alive: float) -> None:
