@@ -245,3 +245,28 @@ async def test_a_sleeping_engine_still_holds_gpu_memory(standin: Start) -> None:
         await p.wake(handle)
     async with provider(sleep_gpu_allowance="512MiB") as p:
         assert (await p.sleep(handle, 1))["cuda:0"] == 512 * 1024**2
+
+
+# -- the same against a real vLLM, where one runs ---------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.anyio
+async def test_wake_after_level_2_on_a_real_vllm() -> None:
+    """VLLM_TEST_URL: a vLLM started with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1
+    (VLLM_TEST_MODEL: its served name).  Greedy completions before a level-2 sleep and after
+    the provider's wake must agree: the weights were reloaded, not left as garbage."""
+    url = os.environ.get("VLLM_TEST_URL")
+    if not url:
+        pytest.skip("VLLM_TEST_URL not set: no real vLLM server to test against")
+    served = os.environ.get("VLLM_TEST_MODEL", "")
+    body = {"model": served, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    async with httpx.AsyncClient(timeout=300) as http:
+        before = (await http.post(f"{url}/v1/completions", json=body)).json()["choices"][0]["text"]
+        async with provider() as p:
+            handle = handle_for(url)
+            held = await p.sleep(handle, 2)
+            assert held["cuda:0"] > 0 and held["cpu"] == 0
+            await p.wake(handle)
+        after = (await http.post(f"{url}/v1/completions", json=body)).json()["choices"][0]["text"]
+    assert after == before

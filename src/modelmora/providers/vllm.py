@@ -477,16 +477,15 @@ class VLLMProvider(Provider):
                     f"{handle.name}: vLLM did not wake (POST {path}: HTTP {reply.status_code}){hint}",
                     model=handle.name,
                 )
-        port = int(handle.endpoint.rsplit(":", 1)[1]) if handle.endpoint else 0
-        if await self._is_sleeping(port):
+        if await self._is_sleeping(str(handle.endpoint)):
             raise LoadFailed(
                 f"{handle.name}: vLLM still reports is_sleeping after wake_up", model=handle.name
             )
         return dict(handle.memory)
 
-    async def _is_sleeping(self, port: int) -> bool:
+    async def _is_sleeping(self, endpoint: str) -> bool:
         with contextlib.suppress(httpx.HTTPError, ValueError):
-            reply = await self._http.get(f"http://{self.settings.host}:{port}/is_sleeping", timeout=2)
+            reply = await self._http.get(f"{endpoint}/is_sleeping", timeout=2)
             return reply.status_code == 200 and bool(reply.json().get("is_sleeping"))
         return False
 
@@ -511,7 +510,7 @@ class VLLMProvider(Provider):
                 if held is not None:
                     self._lost(held, "its engine is dead (/health answers 503)")
                 continue
-            asleep = await self._is_sleeping(port) if port else False
+            asleep = await self._is_sleeping(f"http://{self.settings.host}:{port}") if port else False
             if asleep:
                 spec = self._held[name].spec if name in self._held else None
                 level = self._slept.get(name, self._level(spec) if spec is not None else 2)
