@@ -157,7 +157,7 @@ def run_retrying(total: int, queue_limit: int, load_delay: float) -> dict[str, A
 
 def run(requests: int, levels: list[int], load_delay: float) -> dict[str, Any]:
     emu = OllamaEmulator(
-        models={t: "10GB" for t in MODELS.values()}, vram="48GB", load_delay=load_delay
+        models={t: "10GB" for t in MODELS.values()}, vram="24GB", load_delay=load_delay
     ).start()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:

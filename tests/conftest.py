@@ -65,11 +65,18 @@ async def heavy_light(sim: SimulatedProvider) -> AsyncIterator[ModelManager]:
 
 
 @pytest.fixture
-def make_ollama() -> Iterator[Callable[..., OllamaEmulator]]:
-    """Start emulated Ollama servers on loopback; all are stopped after the test."""
+def make_ollama(request: pytest.FixtureRequest) -> Iterator[Callable[..., OllamaEmulator]]:
+    """Start emulated Ollama servers on loopback; all are stopped after the test.
+
+    A test module that sets ``OLLAMA_STRICT = True`` (the emulator's and the provider's own
+    suites) gets the real-like emulator by default; the others keep its simpler model
+    (exact names, 2048-token context, no 80 % rule) until the manager compares names by
+    ``Provider.target_key`` (issue 19)."""
     started: list[OllamaEmulator] = []
+    strict = bool(getattr(request.module, "OLLAMA_STRICT", False))
 
     def start(**kwargs: Any) -> OllamaEmulator:
+        kwargs.setdefault("strict", strict)
         kwargs.setdefault(
             "models",
             {

@@ -254,7 +254,9 @@ async def test_seed_flow_on_the_ollama_emulator_never_holds_two_big_models(
     assert result.ok, result.reason
     assert [s.loaded for s in result.steps] == [True, True, True]
     assert "Final summary" in emu.requests("/api/chat")[-1]["messages"][0]["content"]
-    assert max(peaks) <= 22 * 10**9, "two 20 GB+ models were resident together"
+    # each holds its weights and the KV cache of the context it is loaded with: one alone is
+    # a little over its weights, both together would be over 43 GB
+    assert max(peaks) < (21 + 22) * 10**9, "two 20 GB+ models were resident together"
     assert emu.loaded() == [] and emu.stats.evictions == 0  # the manager made room, not Ollama
     assert isinstance(result.output, str) and result.output
 

@@ -245,7 +245,7 @@ def test_metrics_and_events(serve: Callable[..., str], emu: OllamaEmulator) -> N
     resident = {
         (s.labels["model"], s.labels["device"]): s.value for s in families["modelmora_resident_bytes"].samples
     }
-    assert resident == {("qwen", "cuda:0"): 9e9}
+    assert resident == {("qwen", "cuda:0"): 9e9 + 2048 * 131072}  # + the KV cache of num_ctx 4096
     assert families["modelmora_budget_bytes"].samples[0].value == 24e9
     httpx.post(f"{url}/models/qwen/unload", timeout=30)
     listener.join(timeout=10)
@@ -259,7 +259,7 @@ def test_cli_remote_mode(serve: Callable[..., str], emu: OllamaEmulator) -> None
     runner = CliRunner()
     env = {"MODELMORA_URL": url, "COLUMNS": "160"}
     loaded = runner.invoke(cli, ["load", "qwen", "--keep-alive", "10m"], env=env)
-    assert loaded.exit_code == 0 and "loaded qwen (cuda:0 9.0 GB)" in loaded.output
+    assert loaded.exit_code == 0 and "loaded qwen (cuda:0 9.3 GB)" in loaded.output
     assert json.loads(runner.invoke(cli, ["list-loaded", "--json"], env=env).stdout) == ["qwen"]
     status = runner.invoke(cli, ["status"], env=env)
     assert status.exit_code == 0 and "qwen" in status.output and "24.0 GB" in status.output

@@ -44,7 +44,7 @@ def test_status_page_shows_models_memory_and_events(
         page.wait_for_selector("tr[data-model=qwen]", timeout=10_000)
         page.wait_for_selector("#events li:has-text('loaded qwen')", timeout=10_000)
         row = page.inner_text("tr[data-model=qwen]")
-        assert "ollama" in row and "cuda:0 9.0 GB" in row and "ready" in row.lower()
+        assert "ollama" in row and "cuda:0 9.3 GB" in row and "ready" in row.lower()
         assert "24.0 GB" in page.inner_text("#devices")
         shot = Path(os.environ.get("MODELMORA_SCREENSHOT", tmp_path / "status.png"))
         page.screenshot(path=str(shot), full_page=True)

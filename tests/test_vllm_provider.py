@@ -24,6 +24,9 @@ from modelmora.testing.docker import host_mounts  # noqa: E402
 from modelmora.testing.gguf import make_tiny_gguf  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+# the modelmora these tests import, also inside the container (a worktree's editable install
+# may point elsewhere)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture
@@ -53,7 +56,7 @@ def standin(image: str, port: int, **extra: Any) -> dict[str, Any]:
     return {
         "provider": "vllm", "target": "Qwen/Qwen2.5-14B-Instruct", "memory": "10GB", "warm_tier": True,
         "options": {"image": image, "port": port, "entrypoint": [sys.executable, "-m", "modelmora.testing.vllm"],
-                    "volumes": host_mounts(), "env": {"MODELMORA_STANDIN_WAKE_DELAY": "0.05"}, "max_model_len": 4096},
+                    "volumes": host_mounts(), "env": {"MODELMORA_STANDIN_WAKE_DELAY": "0.05", "PYTHONPATH": SRC}, "max_model_len": 4096},
         **extra,
     }  # fmt: skip
 
@@ -101,7 +104,8 @@ async def test_sleep_and_wake_on_the_vllm_stand_in(docker_url: str, image: str, 
         async with httpx.AsyncClient(timeout=10) as http:
             assert (await http.get(f"http://127.0.0.1:{port}/is_sleeping")).json() == {"is_sleeping": True}
             status = {m.name: m for m in (await mm.status()).models}
-            assert status["qwen"].memory == {"cuda:0": 0, "cpu": 10 * 10**9}  # host RAM, not VRAM
+            # the weights in host RAM; the CUDA context and graphs (1 GiB allowance without NVML) on the GPU
+            assert status["qwen"].memory == {"cuda:0": 1024**3, "cpu": 10 * 10**9}
             async with mm.use("qwen") as handle:  # wakes through admission
                 reply = await http.post(f"{handle.endpoint}/v1/chat/completions",
                                         json={"model": "qwen", "messages": [{"role": "user", "content": "awake?"}]})  # fmt: skip

@@ -1,15 +1,32 @@
 """Ollama: load and unload through its HTTP API, with the memory truth from ``/api/ps``.
 
+Protocol facts are from Ollama's source (github.com/ollama/ollama), file and function named
+where they are used.  Units: bytes and seconds.
+
+* **Names**: Ollama resolves ``host/namespace/model:tag`` ignoring case, with defaults
+  ``registry.ollama.ai``, ``library`` and ``latest``, and lists ``model:tag``
+  (``types/model/name.go``); :meth:`OllamaProvider.target_key` is that identity, and a
+  model this provider holds is observed under its registry target.
 * **Load** without generating: ``POST /api/generate`` with no prompt (``/api/embed`` with
   no input for embedding models), ``stream: false``, and exactly the runner options later
-  requests will use (Ollama reloads a model whose ``num_ctx`` differs).
+  requests will use (Ollama reloads a model whose ``num_ctx`` differs) — ``num_ctx``
+  always among them, since Ollama's own default depends on the card.
+* **Estimate** (``prepare``): the weights (``/api/tags`` size) + the KV cache of that
+  context + the graph surcharge, as ``llm/llama_server.go`` ``PredictServerVRAM`` and
+  ``server/sched.go`` ``generationBatchSurcharge`` predict them.
 * **Dead man's switch**: a model the manager owns is never given ``keep_alive: -1``.  It
   gets a finite keep-alive (what is left of its TTL plus a margin, or ``hold`` while it is
   leased or pinned) that the manager refreshes, so if the manager dies Ollama still frees
-  the VRAM on its own timer.  ``pin_forever: true`` allows -1 for pinned models.
-* **Unload** = the same empty request with ``keep_alive: 0``; Ollama answers before the
-  memory is free, so ``/api/ps`` is polled until the model is gone.
-* **Observe** = ``/api/ps``: VRAM share on ``device``, the rest on ``cpu``.
+  the VRAM on its own timer.  ``pin_forever: true`` allows -1 for pinned models.  A
+  refresh is an empty request — a load — so it is never sent for a model Ollama no
+  longer lists.
+* **Unload** = the empty ``/api/generate`` with ``keep_alive: 0`` for every model (it
+  unloads before the capability check; ``/api/embed`` would load or reload first);
+  Ollama answers before the memory is free, so ``/api/ps`` is polled until the model is
+  gone.
+* **Observe** = ``/api/ps``: VRAM share on ``device``, the rest on ``cpu``.  A model this
+  provider holds that Ollama no longer lists (its scheduler evicted it — it knows nothing
+  of leases —, its timer ran out, a runtime OOM expired every runner) is reported lost.
 * Errors are mapped in one place (:func:`map_error`); transient ones (connection refused,
   503 busy, timeouts) are retried with exponential back-off and jitter, 404 and other 4xx
   never are.
@@ -43,14 +60,55 @@ from ..spec import Duration, Interval, ModelSpec
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings
 
 OOM_MARKERS = (
+    # llm/status.go outOfMemorySubstrings (compared lower-case, as IsOutOfMemoryMessage does)
     "out of memory",
+    "out of device memory",
     "cudamalloc failed",
+    "hipmalloc failed",
     "failed to allocate",
+    "allocation failed",
+    "not enough memory",
     "insufficient memory",
+    "vk_error_out_of_device_memory",
+    "erroroutofmemory",
+    # server/sched.go and llm/server.go: a model too large for RAM, a runner killed by the OOM killer
     "requires more system memory",
     "model runner has unexpectedly stopped",
     "unable to allocate",
 )
+GIB = 1024**3
+MIB = 1024**2
+
+
+def ollama_name_key(name: str) -> str:
+    """Ollama's identity of a model name: ``types/model/name.go`` ``ParseName`` (defaults
+    ``registry.ollama.ai``, ``library``, ``latest``) shown as ``DisplayShortest``, in lower
+    case because lookups ignore case (``server/routes.go`` ``getExistingName``)."""
+    s, tag = name.strip(), ""
+    if s.rfind(":") > s.rfind("/"):
+        s, _, tag = s.rpartition(":")
+    parts = s.split("/")
+    model = parts[-1]
+    namespace = parts[-2] if len(parts) >= 2 else ""
+    host = "/".join(parts[:-2]).split("://", 1)[-1] if len(parts) >= 3 else ""
+    host, namespace, tag = host or "registry.ollama.ai", namespace or "library", tag or "latest"
+    if host.lower() != "registry.ollama.ai":
+        shown = f"{host}/{namespace}/{model}:{tag}"
+    elif namespace.lower() != "library":
+        shown = f"{namespace}/{model}:{tag}"
+    else:
+        shown = f"{model}:{tag}"
+    return shown.lower()
+
+
+def graph_surcharge(context: int) -> int:
+    """Bytes a completion model's automatic batch adds (``server/sched.go``
+    ``generationBatchForContext`` and ``generationBatchSurcharge``) for ``context`` tokens."""
+    if context > 32768:
+        return 2 * GIB
+    if context > 4096:
+        return 768 * MIB
+    return 0
 
 
 def _default_base_url() -> str:
@@ -75,6 +133,19 @@ class OllamaSettings(ProviderSettings):
     unload_timeout: Duration = Field(60.0, description="How long to wait for /api/ps to drop a model.")
     poll_interval: Interval = Field(0.1, description="Polling period of /api/ps while unloading.")
     max_context: int | None = Field(None, ge=256, description="Cap for context optimisation.")
+    num_ctx: int = Field(
+        4096,
+        ge=256,
+        description="Context sent with every load unless the model sets one (its options or its "
+        "Modelfile).  Ollama's own default is 4096 below 23 GiB of VRAM, 32768 below 47 GiB, 262144 "
+        "above (or OLLAMA_CONTEXT_LENGTH); /v1 requests send none, so set this to the server's "
+        "default if models are also used through /v1, or Ollama reloads them.",
+    )
+    num_parallel: int = Field(
+        1,
+        ge=1,
+        description="The server's OLLAMA_NUM_PARALLEL: a completion model's KV cache is that many contexts.",
+    )
 
 
 def map_error(
@@ -127,8 +198,21 @@ class OllamaProvider(Provider):
         self._client: httpx.AsyncClient | None = None
         # targets of failed loads Ollama may still finish, and of unloads a late refresh may
         # undo: unloaded when observe() next sees them, until their deadline
-        self._abandoned: dict[str, tuple[ModelSpec, float]] = {}
+        self._abandoned: dict[str, tuple[ModelSpec, float]] = {}  # by target_key
         self._shown: dict[str, Mapping[str, Any]] = {}
+        # models this provider loaded or adopted and has not unloaded, by target_key: the
+        # ones reported lost when Ollama no longer lists them
+        self._held: dict[str, Handle] = {}
+        self._unloading: set[str] = set()  # keys whose leaving /api/ps is an unload, not a loss
+        self._late: set[str] = set()  # keys whose unload timed out: Ollama may still carry it out
+        # the target each model was configured as, by target_key: what observe() reports
+        # it under (Ollama lists its own spelling), held or not
+        self._targets: dict[str, str] = {}
+
+    def target_key(self, target: str) -> str:
+        """``nomic-embed-text`` and ``registry.ollama.ai/library/Nomic-Embed-Text:latest``
+        are one model to Ollama: both are ``nomic-embed-text:latest``."""
+        return ollama_name_key(target)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -203,26 +287,26 @@ class OllamaProvider(Provider):
     # -- provider ------------------------------------------------------------------------
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
-        """An estimate where the registry has none (the model's size in ``/api/tags``: its
-        weights, a floor for what it will hold), then context optimisation."""
-        if not spec.memory:
-            size = await self._catalogue_size(spec)
-            if size:
-                spec = spec.model_copy(update={"memory": {self.settings.device: size}})
+        """The context Ollama will run the model with, sent explicitly (``num_ctx``), and an
+        estimate of what that takes: the weights (``/api/tags`` size) + that context's KV
+        cache + the graph surcharge — never below the registry's own estimate."""
         if "kind" not in spec.options and await self._embedding_only(spec):
             # an embedding model refuses /api/generate; it loads through /api/embed
             spec = spec.model_copy(update={"options": {**spec.options, "kind": "embedding"}})
-        if not spec.options.get("optimize_context"):
-            return spec
-        return await self._optimize_context(spec)
+        if spec.options.get("optimize_context"):
+            return await self._optimize_context(spec)
+        spec = await self._with_context(spec)
+        weights = await self._catalogue_size(spec)
+        return await self._with_estimate(spec, weights, int(self.runner_options(spec)["num_ctx"]))
 
     async def _show(self, spec: ModelSpec) -> Mapping[str, Any]:
         """``/api/show`` for a target, asked once: a model's metadata changes only when it is
         pulled again, and prepare() runs before every load."""
-        if spec.target not in self._shown:
+        key = self.target_key(spec.target)
+        if key not in self._shown:
             response = await self.request("POST", "/api/show", model=spec.name, json={"model": spec.target})
-            self._shown[spec.target] = response.json()
-        return self._shown[spec.target]
+            self._shown[key] = response.json()
+        return self._shown[key]
 
     async def serves(self, spec: ModelSpec) -> frozenset[str] | None:
         """Embedding models answer ``/v1/embeddings`` only (told by ``options.kind`` or found
@@ -237,46 +321,103 @@ class OllamaProvider(Provider):
         return "embedding" in caps and "completion" not in caps
 
     async def _catalogue_size(self, spec: ModelSpec) -> int | None:
+        """The model's weights in bytes: its size in ``/api/tags``."""
         response = await self.request("GET", "/api/tags", model=spec.name)
-        wanted = {spec.target, f"{spec.target}:latest"}
+        wanted = self.target_key(spec.target)
         for item in response.json().get("models") or []:
-            if item.get("name") in wanted or item.get("model") in wanted:
+            if self.target_key(str(item.get("name") or item.get("model") or "")) == wanted:
                 return int(item.get("size") or 0) or None
         return None
 
-    async def _optimize_context(self, spec: ModelSpec) -> ModelSpec:
-        """The largest ``num_ctx`` within the native context, ``max_context`` and
-        ``max_memory``, with the estimate grown by the KV cache that context costs."""
+    async def _architecture(self, spec: ModelSpec) -> tuple[int, int]:
+        """(trained context in tokens, KV-cache bytes per token of context) from
+        ``/api/show``: 2 (K, V) x layers x KV heads x head size x 2 bytes (f16), as
+        ``PredictServerVRAM`` computes it; ``kv_bytes_per_token`` in the options wins."""
         info: Mapping[str, Any] = (await self._show(spec)).get("model_info") or {}
         arch = str(info.get("general.architecture", ""))
-        native = int(info.get(f"{arch}.context_length", 0) or 2048)
+        native = int(info.get(f"{arch}.context_length", 0) or 0)
         layers = int(info.get(f"{arch}.block_count", 0) or 0)
         embed = int(info.get(f"{arch}.embedding_length", 0) or 0)
         heads = int(info.get(f"{arch}.attention.head_count", 0) or 0)
         kv_heads = int(info.get(f"{arch}.attention.head_count_kv", 0) or heads)
         per_token = int(spec.options.get("kv_bytes_per_token", 0)) or (
-            2 * layers * kv_heads * (embed // heads) * 2 if heads else 0  # K and V, f16
+            2 * layers * max(1, kv_heads) * (embed // heads) * 2 if heads else 0
         )
-        base_ctx = int(spec.options.get("base_context", 2048))
-        caps = [native]
+        return native, per_token
+
+    async def _with_context(self, spec: ModelSpec) -> ModelSpec:
+        """``num_ctx`` made explicit: the model's own, else its Modelfile's (what Ollama
+        would use), else ``settings.num_ctx`` — never left to Ollama's VRAM-tier default."""
+        if "num_ctx" in self.runner_options(spec):
+            return spec
+        num_ctx = self.settings.num_ctx
+        for line in str((await self._show(spec)).get("parameters") or "").splitlines():
+            key, _, value = line.strip().partition(" ")
+            if key == "num_ctx" and value.strip().isdigit():
+                num_ctx = int(value.strip())
+        return spec.model_copy(update={"options": {**spec.options, "num_ctx": num_ctx}})
+
+    def _predict(self, spec: ModelSpec, weights: int, num_ctx: int, native: int, per_token: int) -> int:
+        """Bytes Ollama will hold for ``spec`` with ``num_ctx`` tokens of context."""
+        context = min(num_ctx, native) if native else num_ctx  # effectiveContext
+        embedding = spec.options.get("kind") == "embedding"
+        parallel = 1 if embedding else self.settings.num_parallel
+        total = weights + per_token * context * parallel
+        if not embedding and "num_batch" not in self.runner_options(spec):
+            total += graph_surcharge(context * parallel)
+        return total
+
+    async def _with_estimate(self, spec: ModelSpec, weights: int | None, num_ctx: int) -> ModelSpec:
+        """The device estimate raised to the prediction (a split the registry gives across
+        several devices is its own business and left alone)."""
+        device = spec.device if spec.device in spec.memory else self.settings.device
+        if set(spec.memory) - {device}:
+            return spec
+        base = weights or spec.memory.get(device, 0)
+        if not base:
+            return spec
+        native, per_token = await self._architecture(spec)
+        predicted = self._predict(spec, base, num_ctx, native, per_token)
+        memory = {device: max(spec.memory.get(device, 0), predicted)}
+        return spec.model_copy(update={"memory": memory})
+
+    async def _optimize_context(self, spec: ModelSpec) -> ModelSpec:
+        """The largest ``num_ctx`` (a multiple of 256) within the native context,
+        ``max_context`` and a prediction within ``max_memory``; the estimate is that
+        prediction."""
+        native, per_token = await self._architecture(spec)
+        device = spec.device if spec.device in spec.memory else self.settings.device
+        weights = await self._catalogue_size(spec) or spec.memory.get(device, 0)
+        caps = [native or 2048]
         for cap in (spec.options.get("max_context"), self.settings.max_context):
             if cap:
                 caps.append(int(cap))
-        device = spec.device if spec.device in spec.memory else self.settings.device
-        base = spec.memory.get(device, 0)
         limit = spec.options.get("max_memory")
         if limit is not None and per_token:
-            room = _size(limit) - base
-            caps.append(base_ctx + max(0, room) // per_token)
+            room = _size(limit) - weights
+            parallel = 1 if spec.options.get("kind") == "embedding" else self.settings.num_parallel
+            fits = 0
+            # the surcharge steps at 4096 and 32768 tokens: the best context below each step
+            for ceiling, surcharge in ((4096, 0), (32768, 768 * MIB), (None, 2 * GIB)):
+                extra = 0 if spec.options.get("kind") == "embedding" else surcharge
+                tokens = max(0, room - extra) // (per_token * parallel)
+                if ceiling is not None:
+                    tokens = min(tokens, ceiling // parallel)
+                fits = max(fits, tokens)
+            caps.append(fits)
         num_ctx = max(256, min(caps) // 256 * 256)
-        memory = dict(spec.memory)
-        memory[device] = base + max(0, num_ctx - base_ctx) * per_token
-        options = {**spec.options, "num_ctx": num_ctx}
-        return spec.model_copy(update={"options": options, "memory": memory})
+        spec = spec.model_copy(update={"options": {**spec.options, "num_ctx": num_ctx}})
+        if weights:
+            predicted = self._predict(spec, weights, num_ctx, native, per_token)
+            spec = spec.model_copy(update={"memory": {**spec.memory, device: predicted}})
+        return spec
 
     async def load(self, spec: ModelSpec) -> Handle:
+        spec = await self._with_context(spec)
         path, body = self._load_body(spec, self.keep_alive_for(spec, spec.keep_alive))
-        self._abandoned.pop(spec.target, None)
+        key = self.target_key(spec.target)
+        self._abandoned.pop(key, None)
+        self._targets[key] = spec.target
         try:
             await self.request("POST", path, model=spec.name, json=body, timeout=None)
             seen = await self._find(spec.target)
@@ -284,7 +425,7 @@ class OllamaProvider(Provider):
             # a load Ollama may still finish must not stay behind: ask it to let go now, and
             # again whenever observe() still sees it (the request may have been lost, or
             # Ollama may finish loading after this unload)
-            self._abandoned[spec.target] = (spec, time.monotonic() + max(60.0, self.settings.hold))
+            self._abandoned[key] = (spec, time.monotonic() + max(60.0, self.settings.hold))
             with (
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(self.settings.timeout),
@@ -298,40 +439,65 @@ class OllamaProvider(Provider):
                 model=spec.name,
                 provider=self.name,
             )
-        return Handle(
+        handle = Handle(
             spec=spec, provider=self.name, endpoint=self.base_url, api="ollama", memory=dict(seen.memory),
             # what requests through this handle should send, so they neither reload the
             # model (options differ) nor disarm the dead man's switch (keep_alive -1)
             request_options=self.runner_options(spec), runtime=path,
             keep_alive=self.keep_alive_for(spec, self.settings.hold),
         )  # fmt: skip
+        self._held[key] = handle
+        return handle
 
     async def _send_unload(self, spec: ModelSpec) -> None:
-        path, body = self._load_body(spec, 0)
-        body.pop("options", None)
-        await self.request("POST", path, model=spec.name, json=body)
+        """``server/routes.go`` ``GenerateHandler``: an empty prompt with ``keep_alive: 0``
+        expires the runner before any capability check, for embedding models too, and
+        loads nothing; ``/api/embed`` would schedule the model first (a load if it is not
+        loaded, a reload if the options differ)."""
+        await self.request(
+            "POST", "/api/generate", model=spec.name, json={"model": spec.target, "keep_alive": 0}
+        )
 
     async def unload(self, handle: Handle) -> dict[str, int]:
+        key = self.target_key(handle.target)
+        self._unloading.add(key)  # leaving /api/ps now is this unload, not a loss
+        try:
+            return await self._unload(handle, key)
+        finally:
+            self._unloading.discard(key)
+
+    async def _unload(self, handle: Handle, key: str) -> dict[str, int]:
         try:
             await self._send_unload(handle.spec)
         except ModelNotFound:
+            self._forget(handle, key)
             return {}  # deleted or never there: nothing to free
         except ModelMoraError as exc:
             raise UnloadFailed(
                 f"unloading {handle.name!r} from Ollama failed: {exc}", model=handle.name, provider=self.name
             ) from exc
+        # Ollama unloads a model with requests in flight when the last one ends
+        # (server/sched.go processCompleted): the wait below includes them
         with anyio.move_on_after(self.settings.unload_timeout):
             while await self._find(handle.target) is not None:  # noqa: ASYNC110 - HTTP has no event to wait on
                 await anyio.sleep(self.settings.poll_interval)
+            self._forget(handle, key)
             handle.close()
             # a keep-alive refresh already in flight would load it again (an empty generate
             # is a load): for a while, whatever of this name shows up is ours to let go of
-            self._abandoned[handle.target] = (handle.spec, time.monotonic() + self.settings.timeout + 5.0)
+            self._abandoned[key] = (handle.spec, time.monotonic() + self.settings.timeout + 5.0)
             return dict(handle.memory)
+        self._late.add(key)
         raise UnloadFailed(
-            f"Ollama at {self.base_url} still lists {handle.target!r} {self.settings.unload_timeout:g}s after unloading it",
+            f"Ollama at {self.base_url} still lists {handle.target!r} {self.settings.unload_timeout:g}s after "
+            "unloading it (it unloads when its last request ends)",
             model=handle.name, provider=self.name,
         )  # fmt: skip
+
+    def _forget(self, handle: Handle, key: str) -> None:
+        self._late.discard(key)
+        if self._held.get(key) is handle:
+            del self._held[key]
 
     async def observe(self) -> list[Observed]:
         response = await self.request("GET", "/api/ps")
@@ -339,20 +505,38 @@ class OllamaProvider(Provider):
         listed = response.json().get("models") or []
         if self._abandoned:
             listed = await self._let_go_of_abandoned(listed)
+        present = set()
         for item in listed:
+            name = str(item.get("name") or item.get("model"))
+            key = self.target_key(name)
+            present.add(key)
             size, vram = int(item.get("size") or 0), int(item.get("size_vram") or 0)
             memory = {self.settings.device: vram}
             if size > vram:
                 memory["cpu"] = size - vram
             out.append(
                 Observed(
-                    target=str(item.get("name") or item.get("model")),
+                    # under the target it was loaded as: Ollama lists its own spelling
+                    target=self._targets.get(key, name),
                     memory=memory,
                     details={
                         k: item[k] for k in ("context_length", "digest", "details", "expires_at") if k in item
                     },
                 )
             )
+        for key, handle in list(self._held.items()):
+            if key not in present and key not in self._unloading:
+                del self._held[key]
+                if key in self._late:
+                    why = "the unload that timed out took effect (Ollama waited for its last request)"
+                else:
+                    why = (
+                        "its scheduler evicted it (a new model must fit in 80 % of the free VRAM, and "
+                        "Ollama knows nothing of leases), its keep-alive ran out, or an out-of-memory "
+                        "error expired every model"
+                    )
+                self._late.discard(key)
+                self.report_lost(handle, f"Ollama no longer lists {handle.target!r} in /api/ps: {why}")
         return out
 
     async def _let_go_of_abandoned(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -360,33 +544,41 @@ class OllamaProvider(Provider):
         now = time.monotonic()
         keep = []
         for item in listed:
-            name = str(item.get("name") or item.get("model"))
-            target = next((t for t in self._abandoned if name in (t, f"{t}:latest")), None)
-            if target is None:
+            key = self.target_key(str(item.get("name") or item.get("model")))
+            if key not in self._abandoned:
                 keep.append(item)
                 continue
-            spec, _ = self._abandoned[target]
+            spec, _ = self._abandoned[key]
             with contextlib.suppress(ModelMoraError):
                 await self._send_unload(spec)
-        for target, (_, until) in list(self._abandoned.items()):
+        for key, (_, until) in list(self._abandoned.items()):
             if until < now:
-                del self._abandoned[target]
+                del self._abandoned[key]
         return keep
 
     async def _find(self, target: str) -> Observed | None:
+        key = self.target_key(target)
         for seen in await self.observe():
-            if seen.target == target or seen.target == f"{target}:latest":
+            if self.target_key(seen.target) == key:
                 return seen
         return None
 
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
-        return Handle(
+        handle = Handle(
             spec=spec, provider=self.name, endpoint=self.base_url, api="ollama",
             memory=dict(observed.memory), owned=False, request_options=self.runner_options(spec),
         )  # fmt: skip
+        key = self.target_key(spec.target)
+        self._held.setdefault(key, handle)
+        self._targets.setdefault(key, spec.target)
+        return handle
 
     async def refresh(self, handle: Handle, keep_alive: float) -> None:
-        """Re-arm the dead man's switch with the same runner options (no reload)."""
+        """Re-arm the dead man's switch with the same runner options (no reload) — only
+        while Ollama still lists the model: the refresh is an empty request, which would
+        load an evicted model again (and evict another to make room)."""
+        if await self._find(handle.target) is None:
+            return  # observe() has reported it lost
         path, body = self._load_body(handle.spec, self.keep_alive_for(handle.spec, keep_alive))
         await self.request("POST", path, model=handle.name, json=body, timeout=None)
 

@@ -18,10 +18,20 @@ worker threads, since it blocks), with vLLM's sleep mode as the warm tier.
   refusals are waited out; a container that exits fails the load with its last log lines.
 * **Unload** stops it with a grace period and removes it (or keeps it stopped), and waits
   until it is gone, so the name is free for the next load.
-* **Sleep** is ``POST /sleep?level=1`` (weights to host RAM) or level 2 (discarded);
-  **wake** is ``POST /wake_up``.  A sleeping model costs host RAM, not VRAM.
+* **Sleep** is ``POST /sleep?level=1`` (weights to host RAM) or level 2 (weights
+  discarded), sent only once ``/metrics`` shows no request running or waiting: vLLM 0.11
+  can crash when it sleeps under a running batch, still answering 200, so ``/health`` is
+  checked afterwards.  **Wake** is ``POST /wake_up`` after level 1; after level 2 it is
+  the sequence ``docs/features/sleep_mode.md`` documents — ``/wake_up?tags=weights``,
+  ``/collective_rpc {"method": "reload_weights"}``, ``/wake_up?tags=kv_cache`` — since a
+  plain wake re-allocates the memory but leaves garbage where the weights were.
+* **Memory while asleep**: vLLM frees the weight and KV-cache pool only; the CUDA context,
+  CUDA graphs and other buffers stay on the GPU.  Measured with NVML where it is
+  available, else ``sleep_gpu_allowance`` (bytes, default 1 GiB) stays counted on the
+  device; level 1 adds the weights to host RAM.
 * **Observe** lists containers labelled ``modelmora.provider=<this instance>``; anything
-  without the label is never touched.
+  without the label is never touched.  An engine whose ``/health`` answers 503 is dead
+  (vLLM exits soon after): it is not reported resident, and a held handle is reported lost.
 """
 
 from __future__ import annotations
@@ -37,11 +47,10 @@ import anyio
 import httpx
 from pydantic import Field
 
-from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderUnavailable, UnloadFailed
+from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderError, ProviderUnavailable, UnloadFailed
 from ..extras import install_hint
-from ..footprint import Footprint
 from ..net import expand
-from ..spec import Duration, Interval, ModelSpec, parse_duration
+from ..spec import Duration, Interval, ModelSpec, Size, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from .readiness import wait_until_ready
 
@@ -68,7 +77,19 @@ class VLLMSettings(ProviderSettings):
     keep_stopped: bool = Field(False, description="Keep stopped containers for a faster restart.")
     gpus: str | list[str] | None = Field("all", description="'all', device ids, or None for no GPU request.")
     gpu_total: int | None = Field(None, description="GPU bytes, for footprints without NVML.")
-    sleep_level: int = Field(1, ge=1, le=2, description="1: weights to host RAM; 2: weights discarded.")
+    sleep_level: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="1: weights to host RAM; 2: weights discarded (reloaded from disk on wake).",
+    )
+    sleep_gpu_allowance: Size = Field(
+        1024**3,
+        description="Bytes a sleeping engine keeps on its GPU (CUDA context, graphs) when NVML cannot measure it.",
+    )
+    drain_timeout: Duration = Field(
+        30.0, description="How long sleep() waits for requests in flight to finish before refusing."
+    )
     poll_interval: Interval = Field(0.5, description="Readiness polling period.")
 
 
@@ -81,6 +102,8 @@ class VLLMProvider(Provider):
         super().__init__(name, settings)
         self._docker: Any = None
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        self._held: dict[str, Handle] = {}  # by container name: reported lost if the engine dies
+        self._slept: dict[str, int] = {}  # container name -> the level it was put to sleep at
 
     # -- docker ------------------------------------------------------------------------
 
@@ -212,7 +235,10 @@ class VLLMProvider(Provider):
                 await self._run(self._stop_remove, client, container.name, True)
             raise
         measured = await self._run(_nvml_container_usage, container)
-        return self._handle(spec, container.id, measured=measured)
+        handle = self._handle(spec, container.id, measured=measured)
+        self._held[self.container_name(spec)] = handle
+        self._slept.pop(self.container_name(spec), None)
+        return handle
 
     def _handle(
         self, spec: ModelSpec, container_id: str, *, owned: bool = True, measured: int | None = None
@@ -311,6 +337,10 @@ class VLLMProvider(Provider):
             time.sleep(0.1)
 
     async def unload(self, handle: Handle) -> dict[str, int]:
+        name = self.container_name(handle.spec)
+        if self._held.get(name) is handle:
+            del self._held[name]
+        self._slept.pop(name, None)
         client = await self._client()
         await self._run(
             self._stop_remove, client, self.container_name(handle.spec), not self.settings.keep_stopped
@@ -330,26 +360,133 @@ class VLLMProvider(Provider):
 
     # -- sleep ---------------------------------------------------------------------------
 
+    def _level(self, spec: ModelSpec) -> int:
+        return int(spec.options.get("sleep_level", self.settings.sleep_level))
+
     async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
-        level = level or int(handle.spec.options.get("sleep_level", self.settings.sleep_level))
-        reply = await self._http.post(f"{handle.endpoint}/sleep", params={"level": level})
+        """``POST /sleep?level=N`` once no request is in flight; returns what stays held."""
+        level = level or self._level(handle.spec)
+        await self._drain(handle)
+        reply = await self._post(handle, "/sleep", params={"level": level})
         if reply.status_code != 200:
             raise LoadFailed(f"{handle.name}: vLLM refused to sleep (HTTP {reply.status_code}: {reply.text[:200]}); is sleep_mode on?", model=handle.name)  # fmt: skip
-        return Footprint(handle.memory).parked(keep_weights=level == 1).as_dict()
+        if not await self._alive(handle.endpoint):
+            self._lost(
+                handle, "its engine died going to sleep (vLLM answers 200 and crashes when a batch runs)"
+            )
+            raise LoadFailed(f"{handle.name}: the vLLM engine died going to sleep", model=handle.name, provider=self.name)  # fmt: skip
+        self._slept[self.container_name(handle.spec)] = level
+        return await self._asleep_memory(handle, level)
+
+    async def _drain(self, handle: Handle) -> None:
+        """Wait until vLLM's ``/metrics`` shows no request running or waiting (at most
+        ``drain_timeout`` seconds), then go on; refuse if some still are."""
+        busy = await self._in_flight(handle.endpoint)
+        with anyio.move_on_after(self.settings.drain_timeout):
+            while busy:
+                await anyio.sleep(self.settings.poll_interval)
+                busy = await self._in_flight(handle.endpoint)
+        if busy:
+            raise ProviderError(
+                f"{handle.name}: vLLM still has {busy} request(s) in flight after {self.settings.drain_timeout:g}s; "
+                "not putting it to sleep (vLLM 0.11 crashes when it sleeps under a running batch)",
+                model=handle.name, provider=self.name,
+            )  # fmt: skip
+
+    async def _in_flight(self, endpoint: str | None) -> int:
+        """``vllm:num_requests_running`` + ``vllm:num_requests_waiting`` from ``/metrics``
+        (0 where the server has no such gauges)."""
+        try:
+            reply = await self._http.get(f"{endpoint}/metrics", timeout=5)
+        except httpx.HTTPError:
+            return 0
+        if reply.status_code != 200:
+            return 0
+        total = 0.0
+        for line in reply.text.splitlines():
+            if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                with contextlib.suppress(ValueError, IndexError):
+                    total += float(line.rsplit(" ", 1)[1])
+        return int(total)
+
+    async def _alive(self, endpoint: str | None) -> bool:
+        """False once ``/health`` answers 503 (vLLM's ``EngineDeadError``) or nothing at all."""
+        try:
+            return (await self._http.get(f"{endpoint}/health", timeout=5)).status_code != 503
+        except httpx.HTTPError:
+            return False
+
+    async def _post(self, handle: Handle, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.post(f"{handle.endpoint}{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            if not await self._alive(handle.endpoint):
+                self._lost(handle, f"its engine stopped answering ({type(exc).__name__})")
+            raise ProviderUnavailable(f"{handle.name}: vLLM at {handle.endpoint} did not answer {path}: {exc}", model=handle.name, provider=self.name) from exc  # fmt: skip
+
+    def _lost(self, handle: Handle, why: str) -> None:
+        name = self.container_name(handle.spec)
+        if self._held.get(name) is handle:
+            del self._held[name]
+        self.report_lost(handle, why)
+
+    async def _asleep_memory(self, handle: Handle, level: int) -> dict[str, int]:
+        """What a sleeping engine holds: on its GPU, what NVML measures for the container or
+        ``sleep_gpu_allowance`` (never more than it held awake); in host RAM, the weights
+        after level 1."""
+        device_bytes = {d: n for d, n in handle.memory.items() if d != "cpu"}
+        measured = await self._measure(handle.spec) if self._docker is not None else None
+        out: dict[str, int] = {}
+        for device, active in device_bytes.items():
+            out[device] = min(active, measured if measured is not None else self.settings.sleep_gpu_allowance)
+            measured = None  # one container, one GPU figure
+        weights = sum(device_bytes.values()) if level == 1 else 0
+        out["cpu"] = handle.memory.get("cpu", 0) + weights
+        return out
+
+    async def _measure(self, spec: ModelSpec) -> int | None:
+        def usage() -> int | None:
+            try:
+                container = self._docker.containers.get(self.container_name(spec))
+            except Exception:
+                return None
+            return _nvml_container_usage(container)
+
+        result: int | None = await self._run(usage)
+        return result
 
     async def wake(self, handle: Handle) -> dict[str, int]:
-        reply = await self._http.post(
-            f"{handle.endpoint}/wake_up", timeout=parse_duration(self.settings.ready_timeout)
-        )
-        if reply.status_code != 200:
+        """``/wake_up`` after level 1; after level 2 (or an unknown level), the documented
+        reload: ``/wake_up?tags=weights``, ``/collective_rpc`` ``reload_weights``,
+        ``/wake_up?tags=kv_cache``."""
+        if not await self._alive(handle.endpoint):
+            self._lost(handle, "its engine is dead (/health answers 503 or nothing)")
+            raise LoadFailed(f"{handle.name}: the vLLM engine is dead; it cannot wake", model=handle.name, provider=self.name)  # fmt: skip
+        name = self.container_name(handle.spec)
+        level = self._slept.pop(name, 2)  # unknown (adopted asleep): assume the weights are gone
+        timeout = parse_duration(self.settings.ready_timeout)
+        steps: list[tuple[str, dict[str, Any]]] = [("/wake_up", {})]
+        if level == 2:
+            steps = [("/wake_up", {"params": {"tags": "weights"}}),
+                     ("/collective_rpc", {"json": {"method": "reload_weights"}}),
+                     ("/wake_up", {"params": {"tags": "kv_cache"}})]  # fmt: skip
+        for path, kwargs in steps:
+            reply = await self._post(handle, path, timeout=timeout, **kwargs)
+            if reply.status_code != 200:
+                hint = " (this vLLM has no /collective_rpc: use sleep_level 1)" if path == "/collective_rpc" and reply.status_code == 404 else ""  # fmt: skip
+                raise LoadFailed(
+                    f"{handle.name}: vLLM did not wake (POST {path}: HTTP {reply.status_code}){hint}",
+                    model=handle.name,
+                )
+        if await self._is_sleeping(str(handle.endpoint)):
             raise LoadFailed(
-                f"{handle.name}: vLLM did not wake (HTTP {reply.status_code})", model=handle.name
+                f"{handle.name}: vLLM still reports is_sleeping after wake_up", model=handle.name
             )
         return dict(handle.memory)
 
-    async def _is_sleeping(self, port: int) -> bool:
+    async def _is_sleeping(self, endpoint: str) -> bool:
         with contextlib.suppress(httpx.HTTPError, ValueError):
-            reply = await self._http.get(f"http://{self.settings.host}:{port}/is_sleeping", timeout=2)
+            reply = await self._http.get(f"{endpoint}/is_sleeping", timeout=2)
             return reply.status_code == 200 and bool(reply.json().get("is_sleeping"))
         return False
 
@@ -368,9 +505,19 @@ class VLLMProvider(Provider):
                 memory = {k: int(v) for k, v in json.loads(labels.get("modelmora.memory", "{}")).items()}
             except ValueError:
                 memory = {}
-            asleep = await self._is_sleeping(port) if port else False
+            name = str(c.name)
+            if port and await self._dead(port):  # vLLM exits soon after; a refused connection is a load
+                held = self._held.get(name)
+                if held is not None:
+                    self._lost(held, "its engine is dead (/health answers 503)")
+                continue
+            asleep = await self._is_sleeping(f"http://{self.settings.host}:{port}") if port else False
             if asleep:
-                memory = Footprint(memory).parked().as_dict()
+                spec = self._held[name].spec if name in self._held else None
+                level = self._slept.get(name, self._level(spec) if spec is not None else 2)
+                device_bytes = {d: n for d, n in memory.items() if d != "cpu"}
+                memory = {d: min(n, self.settings.sleep_gpu_allowance) for d, n in device_bytes.items()}
+                memory["cpu"] = sum(device_bytes.values()) if level == 1 else 0
             out.append(
                 Observed(
                     target=labels.get("modelmora.target", ""), memory=memory, owned=True,
@@ -380,8 +527,18 @@ class VLLMProvider(Provider):
             )  # fmt: skip
         return out
 
+    async def _dead(self, port: int) -> bool:
+        """``/health`` answers 503: the engine died (connection refused is a server still loading)."""
+        with contextlib.suppress(httpx.HTTPError):
+            return (
+                await self._http.get(f"http://{self.settings.host}:{port}/health", timeout=5)
+            ).status_code == 503
+        return False
+
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
-        return self._handle(spec, str(observed.details.get("container", "")))
+        handle = self._handle(spec, str(observed.details.get("container", "")))
+        self._held.setdefault(self.container_name(spec), handle)
+        return handle
 
     async def aclose(self) -> None:
         await self._http.aclose()
