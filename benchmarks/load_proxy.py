@@ -140,7 +140,10 @@ def run_retrying(total: int, queue_limit: int, load_delay: float) -> dict[str, A
         config = Path(tmp) / "serve.yaml"
         config.write_text(yaml.safe_dump({
             "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
-            "providers": {"ollama": {"base_url": emu.url}},
+            # the context the emulated server gives /v1 requests (its VRAM tier, capped at the
+            # models' trained 8192): /v1 cannot send num_ctx, so a model loaded with another
+            # one would be reloaded by the first request (see the Ollama provider's num_ctx)
+            "providers": {"ollama": {"base_url": emu.url, "num_ctx": 8192}},
             "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
         }))  # fmt: skip
         server = start_server(config, port, queue_limit)
@@ -164,7 +167,10 @@ def run(requests: int, levels: list[int], load_delay: float) -> dict[str, Any]:
         config = Path(tmp) / "serve.yaml"
         config.write_text(yaml.safe_dump({
             "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
-            "providers": {"ollama": {"base_url": emu.url}},
+            # the context the emulated server gives /v1 requests (its VRAM tier, capped at the
+            # models' trained 8192): /v1 cannot send num_ctx, so a model loaded with another
+            # one would be reloaded by the first request (see the Ollama provider's num_ctx)
+            "providers": {"ollama": {"base_url": emu.url, "num_ctx": 8192}},
             "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
         }))  # fmt: skip
         server = start_server(config, port)

@@ -116,7 +116,8 @@ async def test_a_killed_manager_leaves_nothing_a_new_one_cannot_take_back(
             assert set(status) == {"chat", "web", "vllm"}
             assert status["web"].owned and status["vllm"].owned  # its own, by state file and label
             assert not status["chat"].owned  # Ollama cannot say who loaded it: adopted as not owned
-            assert status["chat"].memory == {"cuda:0": 9 * 10**9}
+            # what Ollama reports it holds: the weights and its KV cache
+            assert 9 * 10**9 < status["chat"].memory["cuda:0"] < 10 * 10**9
             result = await mm.unload_all(force=True)
             assert sorted(result.unloaded) == ["chat", "vllm", "web"]
         assert emu.loaded() == []

@@ -44,7 +44,7 @@ def test_it_serves_the_models_it_was_given_until_stopped() -> None:
             assert time.monotonic() < deadline, "the emulator never answered"
             time.sleep(0.1)
         tags = {m["name"]: m["size"] for m in httpx.get(f"{url}/api/tags").json()["models"]}
-        assert tags == {"qwen2.5:14b": 9_000_000_000, "nomic-embed-text": 300_000_000}
+        assert tags == {"qwen2.5:14b": 9_000_000_000, "nomic-embed-text:latest": 300_000_000}
         started = time.monotonic()
         loaded = httpx.post(f"{url}/api/generate", json={"model": "qwen2.5:14b"}, timeout=10).json()
         assert loaded["done_reason"] == "load" and time.monotonic() - started >= 0.3
