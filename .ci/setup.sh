@@ -2,8 +2,8 @@
 # Installs everything the test suite needs into the active virtualenv, at the exact versions
 # of the lock (requirements-dev.txt; regenerate it with `bash .ci/lock.sh`), then Debian's
 # docker.io and chromium (each .ci/setup-*.sh). Idempotent. Needs root and Debian (apt-get).
-# On 2 cores: about 8 min the first time (5 of them building llama-cpp-python from source),
-# about 1 min once pip's cache holds the wheels.
+# On 2 cores: about 10 min the first time (7 of them building llama-cpp-python from source),
+# about 3 min once pip's cache holds the wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/lib.sh
@@ -29,7 +29,7 @@ done
 step "$torch_pin (CPU build)" pip install --quiet "$torch_pin"
 step "the rest of $LOCK ($(grep -c '^[A-Za-z0-9]' "$rest") packages, exact versions)" \
     pip install --quiet -r "$rest"
-step "$llama_pin: compiles llama.cpp the first time (~5 min on 2 cores), seconds from pip's wheel cache after" \
+step "$llama_pin: compiles llama.cpp the first time (5-10 min on 2 cores), seconds from pip's wheel cache after" \
     env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python -m pip --disable-pip-version-check --no-input \
     install --quiet --no-deps "$llama_pin"
 step "modelmora itself (editable; its dependencies came from the lock)" pip install --quiet --no-deps -e .
