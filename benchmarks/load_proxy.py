@@ -131,6 +131,13 @@ async def retrying(url: str, total: int, pause: float = 0.5) -> dict[str, Any]:
             "wall_s": time.perf_counter() - started}  # fmt: skip
 
 
+def v1_context(emu: OllamaEmulator) -> int:
+    """The context the server gives requests that send none: its VRAM-tier default, capped
+    at the models' trained context.  /v1 requests cannot send ``num_ctx``, so the provider
+    must load with this one, or Ollama reloads each model on its first /v1 request."""
+    return min(emu.state.default_num_ctx, min(m.context_length for m in emu.state.catalogue.values()))
+
+
 def run_retrying(total: int, queue_limit: int, load_delay: float) -> dict[str, Any]:
     emu = OllamaEmulator(
         models={t: "10GB" for t in MODELS.values()}, vram="48GB", load_delay=load_delay
@@ -140,10 +147,7 @@ def run_retrying(total: int, queue_limit: int, load_delay: float) -> dict[str, A
         config = Path(tmp) / "serve.yaml"
         config.write_text(yaml.safe_dump({
             "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
-            # the context the emulated server gives /v1 requests (its VRAM tier, capped at the
-            # models' trained 8192): /v1 cannot send num_ctx, so a model loaded with another
-            # one would be reloaded by the first request (see the Ollama provider's num_ctx)
-            "providers": {"ollama": {"base_url": emu.url, "num_ctx": 8192}},
+            "providers": {"ollama": {"base_url": emu.url, "num_ctx": v1_context(emu)}},
             "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
         }))  # fmt: skip
         server = start_server(config, port, queue_limit)
@@ -167,10 +171,7 @@ def run(requests: int, levels: list[int], load_delay: float) -> dict[str, Any]:
         config = Path(tmp) / "serve.yaml"
         config.write_text(yaml.safe_dump({
             "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
-            # the context the emulated server gives /v1 requests (its VRAM tier, capped at the
-            # models' trained 8192): /v1 cannot send num_ctx, so a model loaded with another
-            # one would be reloaded by the first request (see the Ollama provider's num_ctx)
-            "providers": {"ollama": {"base_url": emu.url, "num_ctx": 8192}},
+            "providers": {"ollama": {"base_url": emu.url, "num_ctx": v1_context(emu)}},
             "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
         }))  # fmt: skip
         server = start_server(config, port)
