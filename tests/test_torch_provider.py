@@ -142,6 +142,26 @@ async def test_isolated_worker_serves_calls_and_a_killed_worker_is_a_clear_error
         assert mm.loaded() == [] and mm.entries() == []
 
 
+ECHO = {
+    "provider": "torch",
+    "target": "modelmora.testing.models:echo_model",
+    "device": "cpu",
+    "memory": "10MB",
+    "options": {"isolation": "process"},
+}
+
+
+async def test_a_cancelled_caller_leaves_no_answer_for_the_next_one() -> None:
+    """Issue 18: caller A gives up on a 0.5 s call after 0.1 s; caller B must get B's answer,
+    not A's (through /v1/embeddings that was one client receiving another's embeddings)."""
+    async with manager({"echo": ECHO}) as mm, mm.use("echo") as handle:
+        assert isinstance(handle, IsolatedHandle)
+        with anyio.move_on_after(0.1):
+            await handle.call("echo", "answer for A", 0.5)
+        with anyio.fail_after(30):
+            assert await handle.call("echo", "answer for B") == "answer for B"
+
+
 async def test_unload_of_an_isolated_model_ends_its_process() -> None:
     models = {"minilm": {**MINILM, "options": {"kind": "sentence-transformers", "isolation": "process"}}}
     async with manager(models) as mm:
