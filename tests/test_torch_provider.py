@@ -125,21 +125,33 @@ async def test_offload_and_wake_through_the_manager() -> None:
 
 
 async def test_isolated_worker_serves_calls_and_a_killed_worker_is_a_clear_error() -> None:
-    provider = TorchProvider()
+    """Issue 18: SIGKILL while leased: the holder is told the worker died, the model leaves
+    the table at once with a Vanished event, comes back on the next use, and no zombie."""
     models = {"minilm": {**MINILM, "options": {"kind": "sentence-transformers", "isolation": "process"}}}
-    async with manager(models, provider) as mm:
+    async with TorchProvider() as provider, manager(models, provider) as mm:
+        vanished: list[Any] = []
+        mm.events.subscribe(lambda e: vanished.append(e) if e.kind == "Vanished" else None)  # type: ignore[attr-defined]
         async with mm.use("minilm") as handle:
             assert isinstance(handle, IsolatedHandle)
             vectors = await handle.call("encode", ["isolated"])
             assert vectors.shape == (1, 384)
             with pytest.raises(ModelMoraError, match="isolated worker process"):
                 _ = handle.obj
-            assert handle.pid is not None
-            os.kill(handle.pid, signal.SIGKILL)
+            pid = handle.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
             with anyio.fail_after(30), pytest.raises(ModelMoraError, match=r"died \(killed by signal 9\)"):
                 await handle.call("encode", ["after the kill"])
-        await mm.reconcile()
-        assert mm.loaded() == [] and mm.entries() == []
+            with anyio.fail_after(10):
+                while not vanished:  # the watch, not a reconcile, noticed it
+                    await anyio.sleep(0.01)
+            assert mm.loaded() == [] and mm.entries() == []
+        assert [e.model for e in vanished] == ["minilm"]
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert not psutil.pid_exists(pid), "the killed worker is still in the process table"
+        async with mm.use("minilm") as again:  # reloaded on the next use
+            assert isinstance(again, IsolatedHandle) and again.pid != pid
+            assert (await again.call("encode", ["back"])).shape == (1, 384)
 
 
 ECHO = {
