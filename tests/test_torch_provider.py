@@ -8,17 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("torch", reason="the torch extra is not installed (pip install 'modelmora[torch]')")
 
 from modelmora import HandleClosed, ModelManager, ModelMoraError, ModelNotFound
 from modelmora.memory import StaticProbe
+from modelmora.providers import torch_pool
 from modelmora.providers.torch import IsolatedHandle, TorchProvider
 from modelmora.testing.models import make_tiny_causal_lm, minilm_path
 
@@ -172,6 +176,53 @@ async def test_a_cancelled_caller_leaves_no_answer_for_the_next_one() -> None:
             await handle.call("echo", "answer for A", 0.5)
         with anyio.fail_after(30):
             assert await handle.call("echo", "answer for B") == "answer for B"
+
+
+@pytest.fixture(scope="module")
+def fork_server() -> Iterator[None]:
+    """Keep the fork server up across a property test's examples (each closes its provider)."""
+    torch_pool.acquire()
+    yield
+    torch_pool.release()
+
+
+CALLERS = st.lists(
+    st.tuples(
+        st.floats(0, 0.04),  # how long the model takes for this caller
+        st.none() | st.floats(0, 0.06),  # when the caller gives up (None: it waits)
+        st.floats(0, 0.02),  # when the caller starts
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(callers=CALLERS)
+async def test_every_caller_gets_its_own_answer_under_random_cancellation(
+    fork_server: None, callers: list[tuple[float, float | None, float]]
+) -> None:
+    """Issue 18: many concurrent callers of one isolated model, each cancelled at a random
+    point (waiting for the lock, after sending, while the model runs, or never): every
+    caller that gets an answer gets its own, and the worker is in step afterwards."""
+    got: dict[int, Any] = {}
+
+    async def caller(
+        handle: IsolatedHandle, i: int, delay: float, give_up: float | None, start: float
+    ) -> None:
+        await anyio.sleep(start)
+        with anyio.move_on_after(give_up if give_up is not None else 60):
+            got[i] = await handle.call("echo", f"answer {i}", delay)
+
+    async with manager({"echo": ECHO}) as mm, mm.use("echo") as handle:
+        assert isinstance(handle, IsolatedHandle)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i, (delay, give_up, start) in enumerate(callers):
+                    tg.start_soon(caller, handle, i, delay, give_up, start)
+            assert all(answer == f"answer {i}" for i, answer in got.items()), got
+            assert {i for i, (_, give_up, _) in enumerate(callers) if give_up is None} <= got.keys()
+            assert await handle.call("echo", "last") == "last"
 
 
 async def test_unload_of_an_isolated_model_ends_its_process() -> None:
