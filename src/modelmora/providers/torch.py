@@ -170,7 +170,10 @@ class TorchProvider(Provider):
         except BaseException:
             await worker.stop(self.settings.worker_stop_grace)
             raise
+        # weights are mapped from their files and only become resident as they are touched:
+        # count at least their size, so the budget holds them before the first inference
         handle.memory = worker.measure(device, int(info["cuda"]))
+        handle.memory["cpu"] = max(handle.memory["cpu"], int(info["footprint"]) if device == "cpu" else 0)
         handle.runtime = {"footprint": int(info["footprint"])}
         return handle
 
@@ -262,9 +265,11 @@ class TorchProvider(Provider):
                 if not handle.alive():
                     continue
                 if handle._worker is not None and target not in self._parked:
-                    handle.memory = handle._worker.measure(
-                        handle.device or "cpu", handle.memory.get(handle.device or "cpu", 0)
-                    )
+                    device = handle.device or "cpu"
+                    measured = handle._worker.measure(device, handle.memory.get(device, 0))
+                    floor = handle.runtime.get("footprint", 0) if device == "cpu" else 0
+                    measured["cpu"] = max(measured["cpu"], floor)
+                    handle.memory = measured
             parked = target in self._parked
             out.append(
                 Observed(

@@ -37,13 +37,16 @@ half a message.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.context
 import os
 import threading
+from multiprocessing import forkserver, popen_forkserver, spawn, util
 from multiprocessing.connection import Connection
+from multiprocessing.context import reduction, set_spawning_popen  # type: ignore[attr-defined]
 from typing import Any, TypeVar
 
 import anyio
@@ -55,7 +58,7 @@ from . import torch_worker
 log = logging.getLogger("modelmora.torch")
 T = TypeVar("T")
 
-PRELOAD = ["__main__", "modelmora.providers.torch_preload"]
+PRELOAD = ["modelmora.providers.torch_preload"]  # never "__main__": see _Popen
 
 _lock = threading.Lock()
 _users = 0
@@ -83,12 +86,43 @@ def release() -> None:
         _users = max(0, _users - 1)
         if _users:
             return
-        from multiprocessing import forkserver
-
         stop = getattr(forkserver._forkserver, "_stop", None)  # stdlib's own test hook
         if stop is not None:
             with contextlib.suppress(OSError, ChildProcessError):
                 stop()
+
+
+class _Popen(popen_forkserver.Popen):
+    """The stdlib's forkserver launch, minus one thing: the child does not re-run the
+    parent's ``__main__``.  ``multiprocessing`` re-imports the main module in every child
+    (as ``__mp_main__``) so that functions defined there can be targets; our target lives in
+    :mod:`.torch_worker`, and re-running a user's script or server entry point in each
+    model worker would be slow at best (an unguarded script would start the manager again,
+    recursively, at worst).  The rest is ``popen_forkserver.Popen._launch`` as it is."""
+
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_path", None)
+        prep_data.pop("init_main_from_name", None)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)  # type: ignore[attr-defined]
+        parent_w = os.dup(w)  # the child's sentinel of its parent, as in the stdlib
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))  # type: ignore[attr-defined]
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _Process(multiprocessing.context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _Popen(process_obj)
 
 
 class RemoteError(ProviderError):
@@ -121,7 +155,7 @@ class Worker:
     async def start(cls, name: str, provider: str) -> Worker:
         ctx = context()
         parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(
+        process = _Process(
             target=torch_worker.serve, args=(child,), name=f"modelmora-worker-{name}", daemon=True
         )
         try:
@@ -223,8 +257,14 @@ class Worker:
         return self.death()
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM, then SIGKILL after ``grace``; then close our ends.  No orphan survives."""
+        """Ask an idle worker to exit; else (or if it does not) SIGTERM, then SIGKILL after
+        ``grace``; then close our ends.  No orphan survives."""
         with anyio.CancelScope(shield=True):
+            if self.alive() and not self._lock.locked() and self._outstanding is None:
+                # idle: let it exit on its own, so its exit handlers run (multiprocessing's
+                # finalizers unregister what it made, e.g. tqdm's semaphore)
+                with anyio.move_on_after(min(grace, 2.0)), contextlib.suppress(ModelMoraError):
+                    await self.request("close")
             for signal_it in (self.process.terminate, self.process.kill):
                 if await self.wait_exit(0) is not None:
                     break
