@@ -98,7 +98,8 @@ class _Popen(popen_forkserver.Popen):
     (as ``__mp_main__``) so that functions defined there can be targets; our target lives in
     :mod:`.torch_worker`, and re-running a user's script or server entry point in each
     model worker would be slow at best (an unguarded script would start the manager again,
-    recursively, at worst).  The rest is ``popen_forkserver.Popen._launch`` as it is."""
+    recursively, at worst).  The rest is ``popen_forkserver.Popen._launch`` as it is (the
+    same in Python 3.11, 3.12 and 3.13)."""
 
     def _launch(self, process_obj: Any) -> None:
         prep_data = spawn.get_preparation_data(process_obj._name)
