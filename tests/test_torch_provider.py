@@ -176,6 +176,30 @@ async def test_a_cancelled_caller_leaves_no_answer_for_the_next_one() -> None:
             await handle.call("echo", "answer for A", 0.5)
         with anyio.fail_after(30):
             assert await handle.call("echo", "answer for B") == "answer for B"
+        assert handle._worker is not None and handle._worker.discarded == 1  # A's, read and dropped
+
+
+def test_a_script_without_a_main_guard_is_not_rerun_in_its_workers(tmp_path: Path) -> None:
+    """multiprocessing re-runs the parent's __main__ in each child; an unguarded script
+    would start its manager again inside every model worker.  Ours do not."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import anyio\n"
+        "from modelmora import ModelManager\n"
+        "from modelmora.memory import StaticProbe\n"
+        f"models = {{'echo': {ECHO!r}}}\n"
+        "async def main():\n"
+        "    async with ModelManager({'models': models}, probe=StaticProbe({})) as mm, mm.use('echo') as h:\n"
+        "        print('answer:', await h.call('echo', 'hello'))\n"
+        "print('script body ran')\n"
+        "anyio.run(main)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("script body ran") == 1 and "answer: hello" in result.stdout, result.stdout
 
 
 @pytest.fixture

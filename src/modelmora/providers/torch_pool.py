@@ -151,6 +151,7 @@ class Worker:
         self._ids = itertools.count(1)
         self._outstanding: int | None = None  # a request sent whose reply has not been read
         self.discarded = 0  # replies read for requests their callers had abandoned
+        self._busy = False  # a thread is sending or receiving on the pipe
 
     @classmethod
     async def start(cls, name: str, provider: str) -> Worker:
@@ -177,6 +178,7 @@ class Worker:
         async with self._lock:
             if self._outstanding is not None:
                 await self._receive(self._outstanding)  # an abandoned answer: read, dropped
+                self.discarded += 1
             rid = next(self._ids)
             await self._send((rid, op, *args))
             reply = await self._receive(rid)
@@ -190,10 +192,21 @@ class Worker:
             raise self._gone()
         with anyio.CancelScope(shield=True):
             try:
-                await anyio.to_thread.run_sync(self.conn.send, message)
+                await self._io(self.conn.send, message)
             except OSError as exc:
                 raise await self._died() from exc
             self._outstanding = message[0]
+
+    async def _io(self, fn: Any, *args: Any) -> Any:
+        """A blocking send or receive in a thread; the pipe is not closed under it (a
+        :meth:`release` meanwhile leaves the closing to the end of the transfer)."""
+        self._busy = True
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        finally:
+            self._busy = False
+            if self.closed:
+                self.conn.close()
 
     async def _receive(self, rid: int) -> tuple[Any, ...]:
         while True:
@@ -205,7 +218,7 @@ class Worker:
                 raise self._gone() from None
             with anyio.CancelScope(shield=True):
                 try:
-                    message: tuple[Any, ...] = await anyio.to_thread.run_sync(self.conn.recv)
+                    message: tuple[Any, ...] = await self._io(self.conn.recv)
                 except (EOFError, OSError) as exc:
                     raise await self._died() from exc
             if message[0] == self._outstanding:
@@ -281,7 +294,8 @@ class Worker:
         self.closed = True
         with contextlib.suppress(OSError, ValueError):
             anyio.notify_closing(self.conn.fileno())
-        self.conn.close()
+        if not self._busy:  # else the transfer in flight closes it when it ends
+            self.conn.close()
         if self.process.exitcode is not None:
             self.exitcode = self.process.exitcode
             with contextlib.suppress(OSError, ValueError):
