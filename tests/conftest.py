@@ -22,11 +22,23 @@ def no_process_outlives_the_run() -> Iterator[None]:
     the end (servers re-parented to PID 1 included), then stops them."""
     marker = mark_session()
     yield
+    _stop_multiprocessing_helpers()
     left = leftovers(marker)
     if left:
         report = describe(left)
         reap(left)
         pytest.fail(f"{len(left)} process(es) started by the tests outlived the run:\n{report}", pytrace=False)
+
+
+def _stop_multiprocessing_helpers() -> None:
+    """The stdlib's resource tracker (started with the torch provider's fork server, which
+    the provider stops itself) ends only with this process, after the check: stop it now."""
+    import sys
+
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    stop = getattr(getattr(tracker, "_resource_tracker", None), "_stop", None)
+    if stop is not None:
+        stop()
 
 
 @pytest.fixture

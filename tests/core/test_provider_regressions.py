@@ -76,11 +76,14 @@ async def test_16_a_worker_start_timeout_names_the_limit_that_fired() -> None:
         "provider": "torch", "target": "signal:pause", "device": "cpu", "memory": "1MB",  # never returns
         "options": {"kind": "factory", "isolation": "process"},
     }  # fmt: skip
-    async with ModelManager(
-        {"budgets": {"cpu": "1GB"}, **NO_BACKGROUND, "models": {"w": spec}},
-        providers={"torch": provider},
-        probe=StaticProbe({}),
-    ) as mm:
+    async with (
+        provider,
+        ModelManager(
+            {"budgets": {"cpu": "1GB"}, **NO_BACKGROUND, "models": {"w": spec}},
+            providers={"torch": provider},
+            probe=StaticProbe({}),
+        ) as mm,
+    ):
         with pytest.raises(LoadFailed) as failure:
             await mm.load("w")
     message = str(failure.value)
@@ -129,11 +132,14 @@ async def test_18_a_chain_step_gets_the_handle_of_an_isolated_model_whatever_its
     async def shout(model: Any, text: Any) -> Any:  # first parameter not named `handle`
         return await model.call("upper")
 
-    async with ModelManager(
-        {"budgets": {"cpu": "4GB"}, **NO_BACKGROUND, "models": {"w": spec}},
-        providers={"torch": TorchProvider()},
-        probe=StaticProbe({}),
-    ) as mm:
+    async with (
+        TorchProvider() as provider,  # injected: closing it (and its fork server) is ours to do
+        ModelManager(
+            {"budgets": {"cpu": "4GB"}, **NO_BACKGROUND, "models": {"w": spec}},
+            providers={"torch": provider},
+            probe=StaticProbe({}),
+        ) as mm,
+    ):
         result = await Chain([Step(model="w", call=shout)], manager=mm).run("x")
         await mm.unload_all(force=True)
     assert result.ok, result.steps[0].error

@@ -167,6 +167,22 @@ def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def tree_memory() -> int:
+    """RSS of this process plus the proportional memory (PSS) of the processes it started:
+    an isolated model's weights live in a worker, and its reclamation is the worker's exit.
+    PSS, because a forked worker shares the fork server's pages (the imported libraries):
+    each process's USS would move those pages out of the server's figure and count them
+    nowhere, while their PSS shares always add up to the memory really in use."""
+    total = rss()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            info = child.memory_full_info()
+            total += int(getattr(info, "pss", info.uss))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 async def first_inference(handle: Any) -> float | None:
     """Time one tiny inference through whatever the handle offers, or None if it offers none."""
     import httpx
@@ -299,17 +315,19 @@ async def _strategy(config: dict[str, Any], model: str, strategy: str) -> Strate
     }
     config = {**config, "models": models}
     async with _worker_manager(config) as mm:
-        await mm.load(model)  # import libraries once; measure the second round
+        # import libraries once, those of an inference included; measure the second round
+        await first_inference(await mm.load(model))
         await mm.unload(model)
-        baseline = rss()
-        await mm.load(model)
-        loaded = rss()
+        baseline = tree_memory()
+        # one inference: weights mapped from their files become resident as they are touched
+        await first_inference(await mm.load(model))
+        loaded = tree_memory()
         if strategy == "offload":
             if not await mm.park(model):
                 raise ModelMoraError(f"{model}: provider {spec.provider!r} has no warm tier to offload to")
         else:
             await mm.unload(model)
-        after = rss()
+        after = tree_memory()
         started = time.perf_counter()
         await mm.load(model)
         restore = time.perf_counter() - started

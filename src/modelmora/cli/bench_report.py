@@ -63,7 +63,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         )  # fmt: skip
     console.print(t)
     if report["strategies"]:
-        t = Table(title="2. Unload strategies (RSS of the managing process)", title_justify="left")
+        t = Table(
+            title="2. Unload strategies (RSS of the managing process and its workers)", title_justify="left"
+        )
         for col in ("model", "strategy", "loaded +", "after unload +", "reclaimed", "back in"):
             t.add_column(col)
         for st in report["strategies"]:

@@ -11,34 +11,33 @@ optionally isolated in a worker process of their own.
   model is still referenced somewhere else: that leak is reported by name
   (:attr:`TorchProvider.leaks` and a warning) instead of silently keeping its memory.
 * **Warm tier** (``"sleep"``): the model moves to CPU RAM and back.
-* **Isolation** (``options.isolation: process``): the model lives in a spawned worker
-  process; the handle's :meth:`IsolatedHandle.call` crosses a pipe; unloading ends the
-  process, so all of its memory returns.  A worker that dies is a clear error for the
-  lease holder and disappears from :meth:`observe`, so the manager's table drops it.
+* **Isolation** (``options.isolation: process``): the model lives in a worker process
+  forked by a pre-imported fork server (:mod:`.torch_pool`), so a new worker pays only
+  for its weights; the handle's :meth:`IsolatedHandle.call` crosses a pipe with a
+  protocol that cannot mix answers under cancellation; unloading ends the process, so
+  all of its memory returns.  Its memory is measured by the parent (USS on the CPU, NVML
+  on a GPU).  A worker that dies is noticed at once (:meth:`TorchProvider.watch`), is a
+  clear error for the lease holder, and its model leaves the manager's table.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pickle
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.abc
 import psutil
-from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import Field
 
-from ..errors import HandleClosed, LoadFailed, ModelMoraError, ModelNotFound, ProviderError, UnloadFailed
+from ..errors import HandleClosed, LoadFailed, ModelMoraError, ModelNotFound, ProviderError
 from ..spec import Duration, ModelSpec
 from . import torch_loaders as loaders
+from . import torch_pool
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
-from .torch_worker import HEADER
+from .torch_pool import Worker
 
 log = logging.getLogger("modelmora.torch")
 
@@ -51,12 +50,15 @@ class TorchSettings(ProviderSettings):
 
 @dataclass(eq=False)
 class IsolatedHandle(Handle):
-    """A model in its own process: use ``await handle.call("encode", texts)``."""
+    """A model in its own process: use ``await handle.call("encode", texts)``.
+
+    Safe to share between concurrent callers and to cancel: see :mod:`.torch_pool` for
+    the protocol (requests carry ids; an abandoned request finishes and its answer is
+    discarded; callers are served one at a time)."""
 
     isolated: bool = True
-    _process: anyio.abc.Process | None = field(default=None, repr=False)
-    _reader: BufferedByteReceiveStream | None = field(default=None, repr=False)
-    _lock: anyio.Lock | None = field(default=None, repr=False)
+    _worker: Worker | None = field(default=None, repr=False)
+    _death: str | None = field(default=None, repr=False)  # why its worker died, once it has
 
     @property
     def obj(self) -> Any:
@@ -66,59 +68,32 @@ class IsolatedHandle(Handle):
             model=self.name, provider=self.provider,
         )  # fmt: skip
 
+    def check_open(self) -> None:
+        if self._closed and self._death is not None:
+            raise ProviderError(
+                f"{self._death}; it is reloaded on the next use: take a new lease with manager.use()",
+                model=self.name,
+                provider=self.provider,
+            )
+        super().check_open()
+
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the model in the worker (``"__call__"`` calls the object)."""
-        return await self.request(("call", method, args, kwargs))
+        return await self.request("call", method, args, kwargs)
 
-    async def request(self, message: tuple[Any, ...]) -> Any:
+    async def request(self, op: str, *args: Any) -> Any:
         self.check_open()
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        async with self._lock:
-            reply = await self.exchange(message)
-        if reply[0] == "ok":
-            return reply[1]
-        raise ProviderError(f"{self.name}: {reply[1]}: {reply[2]}", model=self.name, provider=self.provider)
-
-    async def exchange(self, message: tuple[Any, ...]) -> Any:
-        process, reader = self._process, self._reader
-        if process is None or reader is None or process.stdin is None:
+        worker = self._worker
+        if worker is None:
             raise HandleClosed(f"{self.name!r} has been unloaded", model=self.name, provider=self.provider)
         try:
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-            await process.stdin.send(HEADER.pack(len(data)) + data)
-            (size,) = HEADER.unpack(await reader.receive_exactly(HEADER.size))
-            return pickle.loads(await reader.receive_exactly(size))
-        except (
-            anyio.EndOfStream,
-            anyio.IncompleteRead,
-            anyio.BrokenResourceError,
-            anyio.ClosedResourceError,
-            OSError,
-        ) as exc:
-            raise await self.died() from exc
-
-    async def died(self) -> ProviderError:
-        code = self._process.returncode if self._process is not None else None
-        if self._process is not None and code is None:
-            with anyio.move_on_after(1):
-                code = await self._process.wait()
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return ProviderError(
-            f"the worker process of {self.name!r} died ({how})", model=self.name, provider=self.provider
-        )
+            return await worker.request(op, *args)
+        except HandleClosed:
+            self.check_open()  # a death found meanwhile says so
+            raise
 
     def alive(self) -> bool:
-        return (
-            self._process is not None and self._process.returncode is None and _pid_alive(self._process.pid)
-        )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        return self._worker is not None and self._worker.alive()
 
 
 class TorchProvider(Provider):
@@ -135,6 +110,7 @@ class TorchProvider(Provider):
         self.leaks: dict[str, int] = {}  # model name → referrers found after unload
         self._leaked: dict[str, tuple[weakref.ref[Any], dict[str, int]]] = {}  # still referenced
         self._parked: set[str] = set()  # targets in the warm tier
+        self._pooled = False  # holds a reference on the fork server (torch_pool)
 
     # -- loading ------------------------------------------------------------------------
 
@@ -169,45 +145,40 @@ class TorchProvider(Provider):
 
     async def _load_isolated(self, spec: ModelSpec, device: str, options: dict[str, Any]) -> IsolatedHandle:
         worker_opts = {k: v for k, v in options.items() if k != "isolation"}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        process = await anyio.open_process(
-            [sys.executable, "-m", "modelmora.providers.torch_worker"],
-            stderr=None,
-            env=env,
-            start_new_session=True,
-        )
-        assert process.stdout is not None
-        handle = IsolatedHandle(
-            spec=spec, provider=self.name, _process=process, _reader=BufferedByteReceiveStream(process.stdout)
-        )
-        handle.device = device
+        if not self._pooled:
+            torch_pool.acquire()
+            self._pooled = True
+        worker = await torch_pool.Worker.start(spec.name, self.name)
+        handle = IsolatedHandle(spec=spec, provider=self.name, _worker=worker)
+        handle.device, handle.pid = device, worker.pid
+        request = ("load", spec.name, spec.target, device, worker_opts, torch_pool.environment())
         try:
             with anyio.fail_after(self.settings.worker_start_timeout):
-                reply = await handle.exchange(("load", spec.name, spec.target, device, worker_opts))
+                info = await worker.request(*request)
         except TimeoutError:
-            await self._stop_worker(handle)
+            await worker.stop(self.settings.worker_stop_grace)
             raise LoadFailed(
                 f"{spec.name}: its isolated worker did not load it within the provider's "
                 f"worker_start_timeout of {self.settings.worker_start_timeout:g}s",
                 model=spec.name,
                 provider=self.name,
             ) from None
+        except torch_pool.RemoteError as exc:
+            await worker.stop(self.settings.worker_stop_grace)
+            kind = ModelNotFound if exc.remote_type == "ModelNotFound" else LoadFailed
+            message = str(exc).split(": ", 2)[-1]
+            raise kind(f"{message} (in its isolated worker)", model=spec.name, provider=self.name) from None
         except ProviderError as exc:
-            await self._stop_worker(handle)
+            await worker.stop(self.settings.worker_stop_grace)
             raise LoadFailed(str(exc), model=spec.name, provider=self.name) from exc
         except BaseException:
-            await self._stop_worker(handle)
+            await worker.stop(self.settings.worker_stop_grace)
             raise
-        if reply[0] != "ok":
-            await self._stop_worker(handle)
-            kind = ModelNotFound if reply[1] == "ModelNotFound" else LoadFailed
-            raise kind(f"{reply[2]} (in its isolated worker)", model=spec.name, provider=self.name)
-        info = reply[1]
-        gpu = device if device.startswith("cuda") else None
-        handle.memory = (
-            {"cpu": int(info["rss"])} if gpu is None else {gpu: int(info["cuda"]), "cpu": int(info["rss"])}
-        )
-        handle.pid = process.pid
+        # weights are mapped from their files and only become resident as they are touched:
+        # count at least their size, so the budget holds them before the first inference
+        handle.memory = worker.measure(device, int(info["cuda"]))
+        handle.memory["cpu"] = max(handle.memory["cpu"], int(info["footprint"]) if device == "cpu" else 0)
+        handle.runtime = {"footprint": int(info["footprint"])}
         return handle
 
     # -- unloading ----------------------------------------------------------------------
@@ -217,7 +188,8 @@ class TorchProvider(Provider):
         self._parked.discard(handle.target)
         if isinstance(handle, IsolatedHandle):
             held = dict(handle.memory)
-            await self._stop_worker(handle)
+            if handle._worker is not None:
+                await handle._worker.stop(self.settings.worker_stop_grace)
             handle.close()
             return held
         return await anyio.to_thread.run_sync(self._drop_in_process, handle, limiter=self._limiter)
@@ -253,41 +225,15 @@ class TorchProvider(Provider):
             freed[device] = max(0, cuda_before - loaders.cuda_allocated(device))
         return freed
 
-    async def _stop_worker(self, handle: IsolatedHandle) -> None:
-        """Ask the worker to exit, then SIGTERM, then SIGKILL: no orphan survives."""
-        process = handle._process
-        if process is None:
-            return
-        with anyio.CancelScope(shield=True):
-            if process.returncode is None:
-                with (
-                    anyio.move_on_after(self.settings.worker_stop_grace),
-                    contextlib.suppress(ProviderError, HandleClosed),
-                ):
-                    await handle.exchange(("close",))
-            for stop in (None, process.terminate, process.kill):
-                if stop is not None and process.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        stop()
-                with anyio.move_on_after(self.settings.worker_stop_grace):
-                    await process.wait()
-                if process.returncode is not None:
-                    break
-            await process.aclose()
-        handle._process = handle._reader = None
-        if process.returncode is None:
-            raise UnloadFailed(
-                f"the worker process of {handle.name!r} (pid {process.pid}) would not exit", model=handle.name
-            )
-
     # -- warm tier ----------------------------------------------------------------------
 
     async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         """Weights to CPU RAM (a no-op move on a CPU-only model, which stays ready to wake)."""
         if isinstance(handle, IsolatedHandle):
-            rss = await handle.request(("sleep", "cpu"))
+            await handle.request("sleep", "cpu")
             self._parked.add(handle.target)
-            return {"cpu": int(rss)}
+            assert handle._worker is not None
+            return handle._worker.measure("cpu")
         obj = handle.obj
 
         def offload() -> None:  # gc and malloc_trim take long on a big heap: off the loop
@@ -302,8 +248,10 @@ class TorchProvider(Provider):
         device = handle.device or "cpu"
         self._parked.discard(handle.target)
         if isinstance(handle, IsolatedHandle):
-            rss = await handle.request(("wake", device))
-            return {"cpu": int(rss)} if device == "cpu" else dict(handle.memory)
+            await handle.request("wake", device)
+            assert handle._worker is not None
+            handle.memory = handle._worker.measure(device, handle.memory.get(device, 0))
+            return dict(handle.memory)
         obj = handle.obj
         await anyio.to_thread.run_sync(loaders.move, obj, device)
         return {
@@ -317,8 +265,15 @@ class TorchProvider(Provider):
         """Live models; an isolated worker that died is no longer reported."""
         out = []
         for target, handle in list(self._handles.items()):
-            if isinstance(handle, IsolatedHandle) and not handle.alive():
-                continue
+            if isinstance(handle, IsolatedHandle):
+                if not handle.alive():
+                    continue
+                if handle._worker is not None and target not in self._parked:
+                    device = handle.device or "cpu"
+                    measured = handle._worker.measure(device, handle.memory.get(device, 0))
+                    floor = handle.runtime.get("footprint", 0) if device == "cpu" else 0
+                    measured["cpu"] = max(measured["cpu"], floor)
+                    handle.memory = measured
             parked = target in self._parked
             out.append(
                 Observed(
@@ -342,13 +297,25 @@ class TorchProvider(Provider):
         return out
 
     async def watch(self, handle: Handle) -> str:
-        """An isolated worker's exit (an in-process model cannot die on its own)."""
-        process = handle._process if isinstance(handle, IsolatedHandle) else None
-        if process is None:
+        """An isolated worker's death, the moment the fork server reaps it: its pipe and
+        sentinel are closed here and the provider forgets it; the reason also goes to the
+        handle, so its lease holders are told the worker died (an in-process model cannot
+        die on its own)."""
+        worker = handle._worker if isinstance(handle, IsolatedHandle) else None
+        if worker is None:
             await anyio.sleep_forever()
-        assert process is not None
-        code = await process.wait()
-        return f"its isolated worker (pid {process.pid}) exited with code {code}"
+        assert isinstance(handle, IsolatedHandle) and worker is not None
+        try:
+            reason = await worker.wait_dead()
+        except anyio.ClosedResourceError:  # unloaded here meanwhile
+            await anyio.sleep_forever()
+            raise
+        handle._death = reason
+        worker.release()
+        if self._handles.get(handle.target) is handle:
+            del self._handles[handle.target]
+            self._parked.discard(handle.target)
+        return reason
 
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
         handle = self._handles.get(observed.target)
@@ -358,9 +325,12 @@ class TorchProvider(Provider):
 
     async def aclose(self) -> None:
         for handle in list(self._handles.values()):
-            if isinstance(handle, IsolatedHandle):
-                await self._stop_worker(handle)
+            if isinstance(handle, IsolatedHandle) and handle._worker is not None:
+                await handle._worker.stop(self.settings.worker_stop_grace)
         self._handles.clear()
+        if self._pooled:
+            self._pooled = False
+            await anyio.to_thread.run_sync(torch_pool.release)
 
 
 def _rss() -> int:

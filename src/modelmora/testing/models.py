@@ -108,3 +108,23 @@ def tiny_image_pipeline(size: int = 32, channels: int = 16, text_vocab: int = 25
 
 
 __all__ = ["CORPUS", "make_tiny_causal_lm", "minilm_path", "tiny_image_pipeline"]
+
+
+class EchoModel:
+    """A model stand-in that answers with what it was given, after ``delay`` seconds: tests
+    use it to tell whose answer a caller got, and how long a call takes."""
+
+    def __init__(self, tag: str = "echo"):
+        self.tag = tag
+
+    def echo(self, value: Any, delay: float = 0.0) -> Any:
+        import time
+
+        if delay > 0:
+            time.sleep(delay)
+        return value
+
+
+def echo_model(tag: str = "echo") -> EchoModel:
+    """Factory for :class:`EchoModel` (target ``modelmora.testing.models:echo_model``)."""
+    return EchoModel(tag)
