@@ -40,7 +40,8 @@ def emulator_faults(emu: OllamaEmulator) -> Faults:
 
 
 async def test_soak_on_the_ollama_emulator(make_ollama: Callable[..., OllamaEmulator]) -> None:
-    emu = make_ollama(models=CATALOGUE, vram="48GB", max_loaded=8)
+    # the strict emulator: Ollama's names (nomic-embed-text:latest), 80 % rule, time in flight
+    emu = make_ollama(models=CATALOGUE, vram="48GB", max_loaded=8, strict=True)
     targets = {"qwen": "qwen2.5:14b", "mistral": "mistral-small:22b", "llama": "llama3.2:3b",
                "phi": "phi4:14b", "embed": "nomic-embed-text"}  # fmt: skip
     models = {

@@ -200,6 +200,11 @@ class OllamaProvider(Provider):
         # undo: unloaded when observe() next sees them, until their deadline
         self._abandoned: dict[str, tuple[ModelSpec, float]] = {}  # by target_key
         self._shown: dict[str, Mapping[str, Any]] = {}
+        self._sizes: dict[str, int] = {}  # weights in bytes from /api/tags, by target_key
+        self._listed: tuple[float, frozenset[str]] = (
+            -math.inf,
+            frozenset(),
+        )  # last /api/ps: when, which keys
         # models this provider loaded or adopted and has not unloaded, by target_key: the
         # ones reported lost when Ollama no longer lists them
         self._held: dict[str, Handle] = {}
@@ -321,13 +326,16 @@ class OllamaProvider(Provider):
         return "embedding" in caps and "completion" not in caps
 
     async def _catalogue_size(self, spec: ModelSpec) -> int | None:
-        """The model's weights in bytes: its size in ``/api/tags``."""
-        response = await self.request("GET", "/api/tags", model=spec.name)
+        """The model's weights in bytes: its size in ``/api/tags`` (asked once per model,
+        like ``/api/show``: it changes only when the model is pulled again)."""
         wanted = self.target_key(spec.target)
-        for item in response.json().get("models") or []:
-            if self.target_key(str(item.get("name") or item.get("model") or "")) == wanted:
-                return int(item.get("size") or 0) or None
-        return None
+        if wanted not in self._sizes:
+            response = await self.request("GET", "/api/tags", model=spec.name)
+            for item in response.json().get("models") or []:
+                size = int(item.get("size") or 0)
+                if size:
+                    self._sizes[self.target_key(str(item.get("name") or item.get("model") or ""))] = size
+        return self._sizes.get(wanted)
 
     async def _architecture(self, spec: ModelSpec) -> tuple[int, int]:
         """(trained context in tokens, KV-cache bytes per token of context) from
@@ -505,7 +513,7 @@ class OllamaProvider(Provider):
         listed = response.json().get("models") or []
         if self._abandoned:
             listed = await self._let_go_of_abandoned(listed)
-        present = set()
+        present: set[str] = set()
         for item in listed:
             name = str(item.get("name") or item.get("model"))
             key = self.target_key(name)
@@ -577,8 +585,11 @@ class OllamaProvider(Provider):
         """Re-arm the dead man's switch with the same runner options (no reload) — only
         while Ollama still lists the model: the refresh is an empty request, which would
         load an evicted model again (and evict another to make room)."""
+        key = self.target_key(handle.target)
         if await self._find(handle.target) is None:
             return  # observe() has reported it lost
+        if handle.closed or key in self._unloading or key in self._abandoned:
+            return  # an unload began meanwhile: this empty request would load it again
         path, body = self._load_body(handle.spec, self.keep_alive_for(handle.spec, keep_alive))
         await self.request("POST", path, model=handle.name, json=body, timeout=None)
 
