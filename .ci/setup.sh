@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs into the active virtualenv, at the exact versions
 # of the lock (requirements-dev.txt; regenerate it with `bash .ci/lock.sh`), then Debian's
-# docker.io and chromium (each .ci/setup-*.sh). Idempotent. Needs root and Debian (apt-get).
+# docker.io and chromium and the C++ llama-server (each .ci/setup-*.sh; llama-server is built
+# from the pinned llama-cpp-python sdist: ~6-10 min of CPU on 2 cores the first time, cached
+# under ~/.cache/modelmora/llama-server/ after). Idempotent. Needs root and Debian (apt-get).
 # On 2 cores: about 8 min the first time (5 of them building llama-cpp-python from source),
 # about 1 min once pip's cache holds the wheels.
 set -euo pipefail
