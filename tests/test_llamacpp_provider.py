@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import psutil
 import pytest
 
@@ -231,8 +232,18 @@ def models_dir(gguf_model: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def routers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "--models-dir" in (p.info["cmdline"] or [])]
+def routers(models_dir: Path) -> list[psutil.Process]:
+    """Live routers serving ``models_dir`` (other tests' and benchmarks' routers aside)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmdline = p.info["cmdline"] or []
+        if (
+            "--models-dir" in cmdline
+            and str(models_dir) in cmdline
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ):
+            found.append(p)
+    return found
 
 
 async def test_router_load_complete_unload_and_nothing_left(
@@ -249,7 +260,7 @@ async def test_router_load_complete_unload_and_nothing_left(
         assert (
             not psutil.pid_exists(handle.pid) or psutil.Process(handle.pid).status() == psutil.STATUS_ZOMBIE
         )
-    assert routers() == []
+    assert routers(models_dir) == []
 
 
 async def test_router_corrupt_gguf_is_a_load_failed_naming_the_file(
@@ -259,7 +270,7 @@ async def test_router_corrupt_gguf_is_a_load_failed_naming_the_file(
     async with ModelManager(cfg, probe=StaticProbe({})) as mm:
         with pytest.raises(LoadFailed, match="corrupt.gguf"):
             await mm.load("bad")
-    assert routers() == []
+    assert routers(models_dir) == []
 
 
 async def test_router_child_killed_while_leased_is_noticed_and_reloaded(
@@ -279,7 +290,7 @@ async def test_router_child_killed_while_leased_is_noticed_and_reloaded(
             text = await anyio.to_thread.run_sync(complete, again.endpoint, again.model_name)
             assert isinstance(text, str)
         assert await mm.unload("tiny")
-    assert routers() == []
+    assert routers(models_dir) == []
 
 
 async def test_router_kill_9_of_the_manager_then_a_new_one_adopts(
@@ -294,4 +305,41 @@ async def test_router_kill_9_of_the_manager_then_a_new_one_adopts(
             text = await anyio.to_thread.run_sync(complete, adopted.endpoint, adopted.model_name)
             assert isinstance(text, str)
         assert await mm.unload("tiny")
-    assert routers() == []
+    assert routers(models_dir) == []
+
+
+# -- prompt caches that survive a swap -----------------------------------------------------
+
+
+async def evaluated(endpoint: str | None, prompt: str) -> int:
+    """Prompt tokens the server evaluated for ``prompt`` (its own timings)."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        reply = await client.post(
+            f"{endpoint}/completion", json={"prompt": prompt, "n_predict": 1, "cache_prompt": True}
+        )
+    reply.raise_for_status()
+    return int(reply.json()["timings"]["prompt_n"])
+
+
+@pytest.mark.parametrize("keep", [True, False])
+async def test_a_saved_prompt_cache_is_restored_after_an_unload(
+    llama_server: str, gguf_model: Path, tmp_path: Path, keep: bool
+) -> None:
+    cfg = config(tmp_path, llama_server, str(gguf_model), keep_prompt_cache=keep)
+    prefix = "the a " * 25
+    async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+        async with mm.use("tiny") as handle:
+            first = await evaluated(handle.endpoint, prefix + "one")
+        assert await mm.unload("tiny")
+        async with mm.use("tiny") as handle:
+            again = await evaluated(handle.endpoint, prefix + "two")
+        assert await mm.unload("tiny")
+    saved = list((tmp_path / "state" / "prompt-cache").glob("*.bin"))
+    assert first > 100
+    if keep:
+        assert len(saved) == 1
+        assert again < first / 4, (first, again)  # only the new suffix was evaluated
+    else:
+        assert saved == []
+        assert again >= first - 5, (first, again)
+    assert servers_for(str(gguf_model)) == []

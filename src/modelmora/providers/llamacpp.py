@@ -30,6 +30,7 @@ estimate admission plans with.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed
 from ..net import free_port
-from ..spec import Duration, ModelSpec, parse_duration
+from ..spec import Duration, ModelSpec, Size, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
 from .process import (
     ProcessProvider,
@@ -92,11 +93,24 @@ class LlamaCppSettings(ProcessSettings):
         "build cached by .ci/setup-llama-server.sh).",
     )
     args: list[str] = Field(default_factory=list, description="Extra arguments for every server.")
+    prompt_cache_dir: str | None = Field(
+        None,
+        description="Saved KV caches of models with keep_prompt_cache (default: state_dir/prompt-cache).",
+    )
+    prompt_cache_max: Size = Field(
+        2 * 1024**3, description="Disk the saved KV caches may use; the oldest files go first."
+    )
 
 
 class LlamaCppProvider(ProcessProvider):
     Settings = LlamaCppSettings
     settings: LlamaCppSettings
+
+    @property
+    def prompt_cache_dir(self) -> Path:
+        if self.settings.prompt_cache_dir:
+            return Path(self.settings.prompt_cache_dir)
+        return self.state_dir / "prompt-cache"
 
     def binary(self) -> str:
         found = find_llama_server(self.settings.binary)
@@ -121,6 +135,8 @@ class LlamaCppProvider(ProcessProvider):
         ):
             if opts.get(key) is not None:
                 command += [flag, str(opts[key])]
+        if opts.get("keep_prompt_cache"):
+            command += ["--slot-save-path", str(self.prompt_cache_dir) + os.sep]
         extra = [*self.settings.args, *(opts.get("args") or [])]
         return command + [str(a) for a in extra]
 
@@ -149,7 +165,64 @@ class LlamaCppProvider(ProcessProvider):
             raise LoadFailed(
                 f"{spec.name}: no GGUF file at {spec.target!r}", model=spec.name, provider=self.name
             )
-        return await super().load(spec)
+        if spec.options.get("keep_prompt_cache"):
+            await anyio.Path(self.prompt_cache_dir).mkdir(parents=True, exist_ok=True)
+        handle = await super().load(spec)
+        if spec.options.get("keep_prompt_cache"):
+            await self._slots(handle, "restore")
+        return handle
+
+    async def unload(self, handle: Handle) -> dict[str, int]:
+        if handle.spec.options.get("keep_prompt_cache") and handle.target in self.running:
+            await self._slots(handle, "save")
+        return await super().unload(handle)
+
+    # -- prompt caches that survive a swap ----------------------------------------------
+
+    def _cache_file(self, handle: Handle, slot: int) -> str:
+        """One file per model and slot; the key covers the GGUF and the server's arguments
+        (a cache is only valid for the same model and context)."""
+        running = handle.runtime
+        command = [a for a in getattr(running, "command", []) if a != str(getattr(running, "port", ""))]
+        digest = hashlib.sha256(json.dumps([handle.spec.target, command[1:]]).encode()).hexdigest()[:12]
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in handle.name)
+        return f"{safe}-{digest}-slot{slot}.bin"
+
+    async def _slots(self, handle: Handle, action: str) -> None:
+        """``POST /slots/{id}?action=save|restore`` for every slot (restore: those with a
+        saved file).  A failure costs only the cache, never the load or the unload."""
+        try:
+            reply = await self._client.get(f"{handle.endpoint}/slots")
+            slots = [int(s["id"]) for s in reply.json()] if reply.status_code == 200 else [0]
+            for slot in slots:
+                filename = self._cache_file(handle, slot)
+                path = anyio.Path(self.prompt_cache_dir / filename)
+                if action == "restore" and not await path.exists():
+                    continue
+                await self._client.post(
+                    f"{handle.endpoint}/slots/{slot}?action={action}", json={"filename": filename}, timeout=60
+                )
+                if action == "restore":
+                    await path.touch()  # recently used: evicted last
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return
+        if action == "save":
+            await anyio.to_thread.run_sync(self._trim_prompt_cache)
+
+    def _trim_prompt_cache(self) -> None:
+        """Oldest files first until the saved caches fit ``prompt_cache_max``."""
+        try:
+            files = sorted(self.prompt_cache_dir.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+            total = sum(p.stat().st_size for p in files)
+        except OSError:
+            return
+        for path in files:
+            if total <= self.settings.prompt_cache_max:
+                break
+            with contextlib.suppress(OSError):
+                size = path.stat().st_size
+                path.unlink()
+                total -= size
 
 
 # -- router mode -------------------------------------------------------------------------
