@@ -133,6 +133,38 @@ def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
     }
 
 
+def proxy_overhead(base: str, root: int, model: str, n: int = 60) -> dict[str, float]:
+    """The same 1-token request to a resident model, alternately straight to its
+    llama-server and through modelmora's proxy: medians and p95 of both."""
+    port = None
+    for child in psutil.Process(root).children(recursive=True):
+        cmdline = child.cmdline()
+        if "--alias" in cmdline and cmdline[cmdline.index("--alias") + 1] == model:
+            port = cmdline[cmdline.index("--port") + 1]
+    assert port is not None, f"{model} is not resident"
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1}
+    direct, proxied = [], []
+    with (
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as a,
+        httpx.Client(base_url=base, timeout=60) as b,
+    ):
+        for client in (a, b, a, b):  # warm both connections
+            client.post("/v1/completions", json=body)
+        for _ in range(n):
+            for client, out in ((a, direct), (b, proxied)):
+                t0 = time.perf_counter()
+                client.post("/v1/completions", json=body).raise_for_status()
+                out.append((time.perf_counter() - t0) * 1000)
+    direct.sort()
+    proxied.sort()
+    return {
+        "direct_p50_ms": statistics.median(direct),
+        "proxy_p50_ms": statistics.median(proxied),
+        "direct_p95_ms": direct[int(0.95 * (n - 1))],
+        "proxy_p95_ms": proxied[int(0.95 * (n - 1))],
+    }
+
+
 def run_router(binary: str, folder: Path, requests: list[str], work: Path) -> dict[str, Any]:
     port = free_port()
     log = work / f"router-{port}.log"
@@ -178,6 +210,7 @@ def run_modelmora(
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
         result = drive(f"http://127.0.0.1:{port}", requests, proc.pid)
+        result["proxy"] = proxy_overhead(f"http://127.0.0.1:{port}", proc.pid, requests[-1])
         httpx.post(f"http://127.0.0.1:{port}/unload-all", timeout=60)
     finally:
         stop(proc)
@@ -221,6 +254,15 @@ def main() -> None:
                 f"| {system} | {r['loads']} | {r['mean_ms']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
                 f"| {r['peak_rss_mb']:.0f} | {r['failed']} |"
             )
+    print("\nproxy overhead on a resident model (1-token completion, alternating, ms):")
+    print("| round | direct p50 | via modelmora p50 | added p50 | direct p95 | via modelmora p95 |")
+    print("|---|---|---|---|---|---|")
+    for i, r in enumerate(results["modelmora serve"], 1):
+        o = r["proxy"]
+        print(
+            f"| {i} | {o['direct_p50_ms']:.1f} | {o['proxy_p50_ms']:.1f} | {o['proxy_p50_ms'] - o['direct_p50_ms']:+.1f} "
+            f"| {o['direct_p95_ms']:.1f} | {o['proxy_p95_ms']:.1f} |"
+        )
 
 
 if __name__ == "__main__":
