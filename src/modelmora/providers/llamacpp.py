@@ -167,7 +167,15 @@ class LlamaCppProvider(ProcessProvider):
             )
         if spec.options.get("keep_prompt_cache"):
             await anyio.Path(self.prompt_cache_dir).mkdir(parents=True, exist_ok=True)
-        handle = await super().load(spec)
+        try:
+            handle = await super().load(spec)
+        except LoadFailed as exc:  # name the file first: the log tail may be cut before it
+            why = str(exc).removeprefix(f"{spec.name}: ")
+            raise LoadFailed(
+                f"{spec.name}: llama-server could not load {spec.target!r}: {why}",
+                model=spec.name,
+                provider=self.name,
+            ) from None
         if spec.options.get("keep_prompt_cache"):
             await self._slots(handle, "restore")
         return handle
