@@ -109,6 +109,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
     latencies, failed = [], 0
+    errors: dict[str, int] = {}
     with httpx.Client(base_url=base, timeout=120) as client, RssSampler(root) as rss:
         started = time.perf_counter()
         for model in requests:
@@ -118,10 +119,13 @@ def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
                     "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4}
                 )
                 ok = reply.status_code == 200
-            except httpx.HTTPError:
-                ok = False
+                why = f"{reply.status_code} {reply.text[:120]}"
+            except httpx.HTTPError as exc:
+                ok, why = False, type(exc).__name__
             latencies.append(time.perf_counter() - t0)
-            failed += not ok
+            if not ok:
+                failed += 1
+                errors[why] = errors.get(why, 0) + 1
         total = time.perf_counter() - started
     latencies.sort()
     return {
@@ -130,6 +134,7 @@ def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
         "p95_ms": latencies[int(0.95 * (len(latencies) - 1))] * 1000,
         "peak_rss_mb": rss.peak / 1e6,
         "failed": failed,
+        "errors": errors,
     }
 
 
@@ -254,6 +259,10 @@ def main() -> None:
                 f"| {system} | {r['loads']} | {r['mean_ms']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
                 f"| {r['peak_rss_mb']:.0f} | {r['failed']} |"
             )
+    for system, runs in results.items():
+        for r in runs:
+            for why, count in r["errors"].items():
+                print(f"{system} failed {count}x: {why}")
     print("\nproxy overhead on a resident model (1-token completion, alternating, ms):")
     print("| round | direct p50 | via modelmora p50 | added p50 | direct p95 | via modelmora p95 |")
     print("|---|---|---|---|---|---|")
