@@ -93,6 +93,9 @@ class LlamaCppSettings(ProcessSettings):
         "build cached by .ci/setup-llama-server.sh).",
     )
     args: list[str] = Field(default_factory=list, description="Extra arguments for every server.")
+    poll_interval: Duration = Field(
+        0.02, description="/health polling period while starting (a local, cheap request)."
+    )
     prompt_cache_dir: str | None = Field(
         None,
         description="Saved KV caches of models with keep_prompt_cache (default: state_dir/prompt-cache).",
