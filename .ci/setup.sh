@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs into the active virtualenv, at the exact versions
 # of the lock (requirements-dev.txt; regenerate it with `bash .ci/lock.sh`), then Debian's
-# docker.io and chromium (each .ci/setup-*.sh). Idempotent. Needs root and Debian (apt-get).
-# On 2 cores: about 10 min the first time (7 of them building llama-cpp-python from source),
-# about 3 min once pip's cache holds the wheels.
+# docker.io and chromium and the C++ llama-server (each .ci/setup-*.sh; llama-server is built
+# from the pinned llama-cpp-python sdist: ~5 min on 2 idle cores the first time, cached under
+# ~/.cache/modelmora/llama-server/ after). Idempotent. Needs root and Debian (apt-get).
+# On 2 cores: about 15 min the first time (7 of them building llama-cpp-python from source),
+# about 2 min once pip's cache holds the wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .ci/lib.sh

@@ -32,6 +32,8 @@ KNOWN_PROVIDERS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "ollama": ("modelmora.providers.ollama:OllamaProvider", "pip install 'modelmora[ollama]'"),
         "vllm": ("modelmora.providers.vllm:VLLMProvider", "pip install 'modelmora[docker]'"),
         "process": ("modelmora.providers.process:ProcessProvider", ""),
+        "llamacpp": ("modelmora.providers.llamacpp:LlamaCppProvider", ""),
+        "llamacpp_router": ("modelmora.providers.llamacpp:LlamaCppRouterProvider", ""),
         "torch": ("modelmora.providers.torch:TorchProvider", "pip install 'modelmora[torch]'"),
     }
 )

@@ -153,12 +153,18 @@ class ProcessProvider(Provider):
             with anyio.CancelScope(shield=True):
                 await self._stop(spec, running)
             raise
+        return self._handle(spec, running)
+
+    def _handle(self, spec: ModelSpec, running: _Running) -> Handle:
+        """The handle for a ready server (started here or adopted)."""
         return Handle(
-            spec=spec, provider=self.name, endpoint=self._url(port), api="openai",
-            memory=self._memory(spec, running.pid),
-            pid=running.pid, runtime=running,
-            served_name=str(spec.options.get("served_name", spec.target)),
+            spec=spec, provider=self.name, endpoint=self._url(running.port), api="openai",
+            memory=self._memory(spec, running.pid), owned=True,
+            pid=running.pid, runtime=running, served_name=self._served_name(spec),
         )  # fmt: skip
+
+    def _served_name(self, spec: ModelSpec) -> str:
+        return str(spec.options.get("served_name", spec.target))
 
     async def _wait_ready(self, spec: ModelSpec, running: _Running, timeout: float) -> None:
         health = self._url(running.port) + str(spec.options.get("health", "/health"))
@@ -258,12 +264,7 @@ class ProcessProvider(Provider):
         running = self.running[observed.target]
         timeout = parse_duration(spec.options.get("ready_timeout", self.settings.ready_timeout))
         await self._wait_ready(spec, running, timeout)
-        return Handle(
-            spec=spec, provider=self.name, endpoint=self._url(running.port), api="openai",
-            memory=self._memory(spec, running.pid), owned=True,
-            pid=running.pid, runtime=running,
-            served_name=str(spec.options.get("served_name", spec.target)),
-        )  # fmt: skip
+        return self._handle(spec, running)
 
     async def watch(self, handle: Handle) -> str:
         """Returns when the server process exits: our child is waited on (and reaped); an

@@ -1,0 +1,278 @@
+"""llama.cpp's own router vs ``modelmora serve`` over the ``llamacpp`` provider, on the same
+C++ ``llama-server``, the same GGUFs and the same request trace.
+
+    python benchmarks/bench_llamacpp_router.py [--models 3] [--requests 120] [--rounds 2] [--json]
+
+Three random-weight F32 GGUFs of ~128 MB (``make_tiny_gguf``; ~150 MB RSS each once served)
+and room for two: the router runs with ``--models-max 2``; modelmora with a CPU budget of
+340 MB, so admission evicts.  The trace (fixed seed) is sequential, from one keep-alive
+client, ``/v1/completions`` with 4 tokens: an agent loop (one model called many times in a
+row with short detours to a second), bursts on one model, and uniform random picks.
+Rounds alternate the two systems so drift hits both alike.  Reported per system: loads
+(server processes spawned), p50/p95 latency, mean time per request, peak RSS of all
+server processes (the manager's own process included for modelmora), failed requests.
+Needs the binary from ``bash .ci/setup-llama-server.sh`` (or $MODELMORA_LLAMA_SERVER).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import httpx
+import psutil
+
+from modelmora.net import free_port
+from modelmora.providers.llamacpp import find_llama_server
+from modelmora.testing.gguf import make_tiny_gguf
+
+SERVER_ARGS = ["--ctx-size", "256", "--parallel", "1", "-ngl", "0"]
+
+
+def trace(models: list[str], n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        pattern = rng.choice(("agent", "burst", "random"))
+        if pattern == "agent":  # a planner model called in a loop, with detours to a tool model
+            planner, tool = rng.sample(models, 2)
+            for _ in range(rng.randint(3, 6)):
+                out += [planner] * rng.randint(1, 3) + [tool]
+        elif pattern == "burst":
+            out += [rng.choice(models)] * rng.randint(4, 10)
+        else:
+            out += [rng.choice(models) for _ in range(rng.randint(4, 10))]
+    return out[:n]
+
+
+class RssSampler:
+    """Peak of the summed RSS of ``root`` and all its descendants, sampled every 20 ms."""
+
+    def __init__(self, root: int):
+        self.root, self.peak, self._stop = root, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                proc = psutil.Process(self.root)
+                total = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
+    latencies, failed = [], 0
+    errors: dict[str, int] = {}
+    with httpx.Client(base_url=base, timeout=120) as client, RssSampler(root) as rss:
+        started = time.perf_counter()
+        for model in requests:
+            t0 = time.perf_counter()
+            try:
+                reply = client.post(
+                    "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4}
+                )
+                ok = reply.status_code == 200
+                why = f"{reply.status_code} {reply.text[:120]}"
+            except httpx.HTTPError as exc:
+                ok, why = False, type(exc).__name__
+            latencies.append(time.perf_counter() - t0)
+            if not ok:
+                failed += 1
+                errors[why] = errors.get(why, 0) + 1
+        total = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "mean_ms": total / len(requests) * 1000,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p95_ms": latencies[int(0.95 * (len(latencies) - 1))] * 1000,
+        "peak_rss_mb": rss.peak / 1e6,
+        "failed": failed,
+        "errors": errors,
+    }
+
+
+def proxy_overhead(base: str, root: int, model: str, n: int = 60) -> dict[str, float]:
+    """The same 1-token request to a resident model, alternately straight to its
+    llama-server and through modelmora's proxy: medians and p95 of both."""
+    port = None
+    for child in psutil.Process(root).children(recursive=True):
+        cmdline = child.cmdline()
+        if "--alias" in cmdline and cmdline[cmdline.index("--alias") + 1] == model:
+            port = cmdline[cmdline.index("--port") + 1]
+    assert port is not None, f"{model} is not resident"
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1}
+    direct, proxied = [], []
+    with (
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as a,
+        httpx.Client(base_url=base, timeout=60) as b,
+    ):
+        for client in (a, b, a, b):  # warm both connections
+            client.post("/v1/completions", json=body)
+        for _ in range(n):
+            for client, out in ((a, direct), (b, proxied)):
+                t0 = time.perf_counter()
+                client.post("/v1/completions", json=body).raise_for_status()
+                out.append((time.perf_counter() - t0) * 1000)
+    direct.sort()
+    proxied.sort()
+    return {
+        "direct_p50_ms": statistics.median(direct),
+        "proxy_p50_ms": statistics.median(proxied),
+        "direct_p95_ms": direct[int(0.95 * (n - 1))],
+        "proxy_p95_ms": proxied[int(0.95 * (n - 1))],
+    }
+
+
+def run_router(binary: str, folder: Path, requests: list[str], work: Path) -> dict[str, Any]:
+    port = free_port()
+    log = work / f"router-{port}.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [binary, "--models-dir", str(folder), "--models-max", "2", "--port", str(port), *SERVER_ARGS],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/models")
+        result = drive(f"http://127.0.0.1:{port}", requests, proc.pid)
+    finally:
+        stop(proc)
+    result["loads"] = log.read_text(errors="replace").count("spawning server instance with name=")
+    return result
+
+
+def run_modelmora(
+    binary: str, folder: Path, names: list[str], requests: list[str], work: Path
+) -> dict[str, Any]:
+    port = free_port()
+    state = work / f"mm-state-{port}"
+    cfg = {
+        "budgets": {"cpu": "340MB"},
+        "providers": {"llamacpp": {"binary": binary, "state_dir": str(state), "args": SERVER_ARGS}},
+        "models": {
+            name: {
+                "provider": "llamacpp",
+                "target": str(folder / f"{name}.gguf"),
+                "device": "cpu",
+                "keep_alive": "-1",
+            }
+            for name in names
+        },
+    }
+    config = work / f"modelmora-{port}.json"
+    config.write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelmora.cli", "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=(work / f"serve-{port}.log").open("wb"), env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        result = drive(f"http://127.0.0.1:{port}", requests, proc.pid)
+        result["proxy"] = proxy_overhead(f"http://127.0.0.1:{port}", proc.pid, requests[-1])
+        httpx.post(f"http://127.0.0.1:{port}/unload-all", timeout=60)
+    finally:
+        stop(proc)
+    result["loads"] = len(list(state.glob("*.log")))  # one log file per server started
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    binary = find_llama_server()
+    if binary is None:
+        sys.exit("no llama-server: bash .ci/setup-llama-server.sh or set MODELMORA_LLAMA_SERVER")
+    names = [f"m{i}" for i in range(args.models)]
+    requests = trace(names, args.requests)
+    results: dict[str, list[dict[str, Any]]] = {"llama.cpp router": [], "modelmora serve": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder = work / "models"
+        for i, name in enumerate(names):
+            make_tiny_gguf(folder / f"{name}.gguf", layers=3, hidden=1024, seed=i)
+        for _ in range(args.rounds):
+            results["llama.cpp router"].append(run_router(binary, folder, requests, work))
+            results["modelmora serve"].append(run_modelmora(binary, folder, names, requests, work))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{len(requests)} sequential requests over {args.models} models (~128 MB GGUFs, room for 2), "
+          f"{args.rounds} rounds each, alternating")  # fmt: skip
+    print("| system | loads | mean ms/request | p50 ms | p95 ms | peak RSS MB | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for system, runs in results.items():
+        for r in runs:
+            print(
+                f"| {system} | {r['loads']} | {r['mean_ms']:.0f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
+                f"| {r['peak_rss_mb']:.0f} | {r['failed']} |"
+            )
+    for system, runs in results.items():
+        for r in runs:
+            for why, count in r["errors"].items():
+                print(f"{system} failed {count}x: {why}")
+    print("\nproxy overhead on a resident model (1-token completion, alternating, ms):")
+    print("| round | direct p50 | via modelmora p50 | added p50 | direct p95 | via modelmora p95 |")
+    print("|---|---|---|---|---|---|")
+    for i, r in enumerate(results["modelmora serve"], 1):
+        o = r["proxy"]
+        print(
+            f"| {i} | {o['direct_p50_ms']:.1f} | {o['proxy_p50_ms']:.1f} | {o['proxy_p50_ms'] - o['direct_p50_ms']:+.1f} "
+            f"| {o['direct_p95_ms']:.1f} | {o['proxy_p95_ms']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
