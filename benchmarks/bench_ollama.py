@@ -59,7 +59,7 @@ async def main(rounds: int) -> dict[str, object]:
         spec = ModelSpec(name="qwen", provider="ollama", target=MODEL)
         async with (
             httpx.AsyncClient(base_url=emu.url) as client,
-            OllamaProvider("ollama", OllamaSettings(base_url=emu.url, poll_interval=0)) as p,
+            OllamaProvider("ollama", OllamaSettings(base_url=emu.url, poll_interval=0.0005)) as p,  # intervals must be > 0
         ):
             for _ in range(3):  # warm up connections and code paths
                 await raw_cycle(client)
