@@ -455,3 +455,16 @@ async def test_a_victim_leased_while_another_is_evicted_is_not_unloaded(sim: Sim
                 assert not handle.closed and mm.is_loaded("b")
         assert sim.stats.loads == 4  # a, b, c, and b again after its eviction
     assert unloaded_while_leased == []
+
+
+async def test_a_per_call_keep_alive_of_minus_one_means_forever(sim: SimulatedProvider) -> None:
+    # Found in review: use(keep_alive=-1) stored -1, which made the model expire at once;
+    # negative means forever, as in the registry and in Ollama's keep_alive.
+    async with make_manager(sim, {"a": {"memory": "4GB"}}, idle_ttl=0.05) as mm:
+        async with mm.use("a", keep_alive=-1):
+            pass
+        await mm.load("a", keep_alive=-1)
+        await anyio.sleep(0.3)  # several reaper ticks past the manager's idle_ttl
+        assert mm.is_loaded("a")
+        (status,) = (await mm.status()).models
+        assert status.expires_in_s is None

@@ -119,3 +119,13 @@ async def test_manual_park(sim: SimulatedProvider) -> None:
         assert mm.entries()[0].state.value == "sleeping"
         assert not await mm.park("qwen")  # already parked
         assert not await mm.park("nope")
+
+
+async def test_manual_park_refuses_when_the_warm_copy_would_overflow_ram(sim: SimulatedProvider) -> None:
+    # Found in review: park() skipped the RAM check the reaper makes, so a 10 GB GPU model
+    # parked into a 4 GB RAM budget was counted 10 GB over it.
+    async with make_manager(sim, {"qwen": {"memory": "10GB"}}, budgets={"cuda:0": "16GB", "cpu": "4GB"}) as mm:
+        await mm.load("qwen")
+        assert not await mm.park("qwen")
+        assert mm.entries()[0].state.value == "ready" and sim.stats.sleeps == 0
+        assert mm.usage().get("cpu", 0) <= 4 * 10**9
