@@ -140,9 +140,12 @@ class Core:
         else's.  Rows in transition (loading, waking, parking, unloading) are not
         subtracted: what they physically hold at that instant is unknown, so it counts as
         others' as well as theirs — twice rather than never."""
+        settled = {e: e.generation for e in self.table if e.state in STABLE}
         readings = await self.monitor.read()
         self.readings = readings
-        self.ours_at_reading = total(e.held() for e in self.table if e.state in STABLE)
+        # only rows settled for the whole reading: a load finishing meanwhile may be missing
+        # from it, and subtracting it would hide what other processes hold
+        self.ours_at_reading = total(e.held() for e, g in settled.items() if e.generation == g)
         self.monitor.note_usage(self.table.usage())
 
     def external(self) -> Footprint:

@@ -10,6 +10,7 @@ the model from being unloaded without force.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import TracebackType
 
@@ -65,6 +66,11 @@ class Leases:
         self.loader = loader
         self.on_idle: Callable[[Entry], None] = lambda entry: None  # set by the manager
 
+    @staticmethod
+    def _ttl(keep_alive: float | None) -> float | None:
+        """A per-call keep-alive in seconds; negative means forever, as in the registry."""
+        return None if keep_alive is None else math.inf if keep_alive < 0 else float(keep_alive)
+
     def try_hot(self, name: str, keep_alive: float | None) -> Entry | None:
         """The hot path: a lease on a ready model that blocks nobody, with no ``await``;
         None when the slow path is needed."""
@@ -76,7 +82,7 @@ class Leases:
         entry.total_leases += 1
         entry.last_used = core.clock()
         if keep_alive is not None:
-            entry.keep_alive = keep_alive
+            entry.keep_alive = self._ttl(keep_alive)
         if core.bus.wants_leases:
             core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
         return entry
@@ -110,7 +116,7 @@ class Leases:
         entry.total_leases += 1
         entry.last_used = core.clock()
         if keep_alive is not None:
-            entry.keep_alive = keep_alive
+            entry.keep_alive = self._ttl(keep_alive)
         if pin:
             entry.pinned = True
         if core.bus.wants_leases:

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -36,11 +37,11 @@ from .context import Core
 from .leases import Lease, Leases
 from .lifecycle import STABLE, Entry, State
 from .loading import Loader
-from .planner import Admit, Plan
+from .planner import Admit, Plan, can_park_within
 from .reaper import Reaper
 from .reconcile import Reconciler
 from .status import ManagerStatus, UnloadAllResult, manager_status
-from .table import EntryView
+from .table import EntryView, resident
 from .transitions import Transitions
 
 
@@ -231,7 +232,8 @@ class ModelManager:
 
     async def park(self, name: str) -> bool:
         """Move a resident, unleased model to its warm tier now; False when it cannot park
-        (no warm tier, leased, or not ready).  The next use wakes it."""
+        (no warm tier, leased, not ready, or its warm copy would not fit the RAM budget).
+        The next use wakes it."""
         self._core.task_group()
         entry = self._core.table.get(name)
         provider = self._core.providers.get(entry.provider) if entry is not None else None
@@ -239,6 +241,10 @@ class ModelManager:
             return False
         if entry.state is not State.READY or entry.leases:
             return False
+        warm = replace(resident(entry), sleep_memory=entry.warm)
+        core = self._core
+        if not can_park_within(warm, core.table.residents(exclude=entry), core.budgets, core.external()):
+            return False  # its warm copy would not fit the RAM budget
         await self._transitions.park(entry, reason="manual")
         return self.is_parked(name)
 
