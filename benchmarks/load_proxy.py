@@ -138,18 +138,24 @@ def v1_context(emu: OllamaEmulator) -> int:
     return min(emu.state.default_num_ctx, min(m.context_length for m in emu.state.catalogue.values()))
 
 
+def write_config(folder: Path, emu: OllamaEmulator) -> Path:
+    """The server's config: the two models in one exclusive group under a 16 GB budget."""
+    config = folder / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
+        "providers": {"ollama": {"base_url": emu.url, "num_ctx": v1_context(emu)}},
+        "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
+    }))  # fmt: skip
+    return config
+
+
 def run_retrying(total: int, queue_limit: int, load_delay: float) -> dict[str, Any]:
     emu = OllamaEmulator(
         models={t: "10GB" for t in MODELS.values()}, vram="48GB", load_delay=load_delay
     ).start()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "serve.yaml"
-        config.write_text(yaml.safe_dump({
-            "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
-            "providers": {"ollama": {"base_url": emu.url, "num_ctx": v1_context(emu)}},
-            "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
-        }))  # fmt: skip
+        config = write_config(Path(tmp), emu)
         server = start_server(config, port, queue_limit)
         try:
             before = emu.stats.loads
@@ -168,12 +174,7 @@ def run(requests: int, levels: list[int], load_delay: float) -> dict[str, Any]:
     ).start()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "serve.yaml"
-        config.write_text(yaml.safe_dump({
-            "budgets": {"cuda:0": "16GB"}, "idle_ttl": "5m",
-            "providers": {"ollama": {"base_url": emu.url, "num_ctx": v1_context(emu)}},
-            "models": {n: {"provider": "ollama", "target": t, "memory": "10GB", "group": "heavy"} for n, t in MODELS.items()},
-        }))  # fmt: skip
+        config = write_config(Path(tmp), emu)
         server = start_server(config, port)
         try:
             loads_before = emu.stats.loads
