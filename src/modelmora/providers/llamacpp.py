@@ -155,13 +155,7 @@ class LlamaCppProvider(ProcessProvider):
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
         """The GGUF's size as the estimate where the registry has none (the weights are a
         floor for what the server holds; the measured RSS replaces it after the load)."""
-        if spec.memory:
-            return spec
-        try:
-            size = (await anyio.Path(spec.target).stat()).st_size
-        except OSError:
-            return spec
-        return spec.model_copy(update={"memory": {spec.device: size}})
+        return await _with_gguf_size(spec)
 
     async def load(self, spec: ModelSpec) -> Handle:
         if not await anyio.Path(spec.target).is_file():
@@ -456,13 +450,9 @@ class LlamaCppRouterProvider(Provider):
         )  # fmt: skip
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
-        if spec.memory or not spec.target.endswith(".gguf"):
+        if not spec.target.endswith(".gguf"):  # a name the router knows, not a file
             return spec
-        try:
-            size = (await anyio.Path(spec.target).stat()).st_size
-        except OSError:
-            return spec
-        return spec.model_copy(update={"memory": {spec.device: size}})
+        return await _with_gguf_size(spec)
 
     async def load(self, spec: ModelSpec) -> Handle:
         model = self.target_key(spec.target)
@@ -552,6 +542,18 @@ class LlamaCppRouterProvider(Provider):
                     with anyio.CancelScope(shield=True):
                         await self._stop_router(router)
         await self._client.aclose()
+
+
+async def _with_gguf_size(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with its GGUF file's size (bytes) as the memory estimate, where the registry
+    gives none and the file can be read."""
+    if spec.memory:
+        return spec
+    try:
+        size = (await anyio.Path(spec.target).stat()).st_size
+    except OSError:
+        return spec
+    return spec.model_copy(update={"memory": {spec.device: size}})
 
 
 async def _exit(running: _Running) -> None:

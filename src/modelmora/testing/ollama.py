@@ -629,6 +629,13 @@ def _vector(text: Any) -> list[float]:
     return [x / norm for x in raw]
 
 
+async def _paced(state: OllamaState, words: list[str]) -> AsyncIterator[str]:
+    """The reply's words, ``state.token_delay`` seconds apart (a checkpoint when 0)."""
+    for w in words:
+        await (anyio.sleep(state.token_delay) if state.token_delay else anyio.lowlevel.checkpoint())
+        yield w
+
+
 def _reply_words(prompt: str) -> list[str]:
     digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
     return ["Echo", " (", digest, "):", *[" " + w for w in prompt.split()[:12]]]
@@ -871,10 +878,8 @@ def build_app(state: OllamaState) -> Starlette:
         created = int(time.time())
         name = shown(data, model)
 
-        async def tokens() -> AsyncIterator[str]:
-            for w in words:
-                await (anyio.sleep(state.token_delay) if state.token_delay else anyio.lowlevel.checkpoint())
-                yield w
+        def tokens() -> AsyncIterator[str]:
+            return _paced(state, words)
 
         if not data.get("stream"):
             try:
@@ -913,10 +918,8 @@ def build_app(state: OllamaState) -> Starlette:
         words = _reply_words(prompt)
         created, name = int(time.time()), shown(data, model)
 
-        async def tokens() -> AsyncIterator[str]:
-            for w in words:
-                await (anyio.sleep(state.token_delay) if state.token_delay else anyio.lowlevel.checkpoint())
-                yield w
+        def tokens() -> AsyncIterator[str]:
+            return _paced(state, words)
 
         if not data.get("stream"):
             try:
