@@ -152,6 +152,24 @@ async def test_a_chainbreaker_can_stop_early_or_recover(sim: SimulatedProvider) 
         assert result.ok and result.output == "fallback>B:<simulated B>"
 
 
+async def test_a_chain_that_stops_while_prefetching_leaves_nothing_loading_or_loaded(sim: SimulatedProvider) -> None:
+    """The prefetch of B is still loading when a chainbreaker stops the chain after A: the
+    chain started that load, so it waits for it and unloads B, instead of leaving B to turn
+    resident behind its back (a flaky CI failure: it depended on whether B won the race)."""
+
+    def stop_after_first(index: int, output: Any, info: StepInfo) -> tuple[bool, str, Any]:
+        return True, "enough", output
+
+    slow = {"load_time": 0.3}
+    models = {"A": {"memory": "8GB", "load_time": 0.1}, "B": {"memory": "8GB", "load_time": 0.3, "options": slow}}
+    async with make_manager(sim, models, budgets={"cuda:0": "32GB"}) as mm:
+        result = await Chain(
+            [Step("A", call=echo("A")), Step("B", call=echo("B"))], manager=mm, chainbreakers=[stop_after_first]
+        ).run("x")
+        assert result.broken_at == 0
+        assert [(e.name, e.state.value) for e in mm.entries()] == [] and sim.resident == {}
+
+
 async def test_prefetch_loads_the_next_model_during_a_step_without_evicting(sim: SimulatedProvider) -> None:
     evictions: list[ev.Event] = []
     async with make_manager(sim, two_models(load_time=0.2), budgets={"cuda:0": "16GB"}) as mm:
