@@ -457,9 +457,11 @@ class _Run:
         the lease says whether taking it started the load, so a model another caller is
         loading (or holds) is never counted as the chain's."""
         lease = self.mm.use(name)
-        handle = await lease.__aenter__()
-        if lease.loaded_here and self.managed:
-            self.chain.loaded_by_chain.add(name)
+        try:
+            handle = await lease.__aenter__()
+        finally:  # a prefetch cancelled mid-load still owns the load it started
+            if lease.loaded_here and self.managed:
+                self.chain.loaded_by_chain.add(name)
         self.held[name] = (lease, handle)
         self.fresh[name] = lease.loaded_here
 

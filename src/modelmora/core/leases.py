@@ -28,7 +28,9 @@ from .loading import Loader
 
 class Lease:
     """One reference on a resident model; ``loaded_here`` says whether taking it caused the
-    model's load (ownership for callers such as a chain that clean up what they loaded)."""
+    model's load (ownership for callers such as a chain that clean up what they loaded).
+    It is set the moment the load starts, so a caller cancelled while waiting still knows
+    the load it left running is its own."""
 
     __slots__ = ("_entry", "_keep_alive", "_leases", "_name", "_timeout", "loaded_here")
 
@@ -46,11 +48,14 @@ class Lease:
         entry = self._leases.try_hot(self._name, self._keep_alive)
         if entry is None:
             entry, self.loaded_here = await self._leases.acquire(
-                self._name, timeout=self._timeout, keep_alive=self._keep_alive
+                self._name, timeout=self._timeout, keep_alive=self._keep_alive, on_start=self._started
             )
         self._entry = entry
         assert entry.handle is not None
         return entry.handle
+
+    def _started(self) -> None:
+        self.loaded_here = True
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -95,8 +100,10 @@ class Leases:
         keep_alive: float | None = None,
         pin: bool = False,
         retry: bool = False,
+        on_start: Callable[[], None] | None = None,
     ) -> tuple[Entry, bool]:
-        """A granted lease on ``name``: (its entry, whether this call started its load)."""
+        """A granted lease on ``name``: (its entry, whether this call started its load).
+        ``on_start`` is called when this call starts the load, before waiting for it."""
         core = self.core
         found = core.table.get(name)
         if found is not None and found.state is State.READY and not found.blocking and core.tg is not None:
@@ -105,7 +112,7 @@ class Leases:
             loaded_here = False
         else:
             with anyio.move_on_after(timeout) as scope:
-                entry, loaded_here = await self._slow(name, retry)
+                entry, loaded_here = await self._slow(name, retry, on_start)
             if scope.cancelled_caught:
                 current = core.table.get(name)
                 raise ModelMoraTimeout(
@@ -123,7 +130,7 @@ class Leases:
             core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
         return entry, loaded_here
 
-    async def _slow(self, name: str, retry: bool) -> tuple[Entry, bool]:
+    async def _slow(self, name: str, retry: bool, on_start: Callable[[], None] | None) -> tuple[Entry, bool]:
         core = self.core
         core.task_group()
         spec = core.spec(name)
@@ -137,6 +144,8 @@ class Leases:
                 core.table.add(entry)
                 self.loader.start_load(entry)
                 loaded_here = True
+                if on_start is not None:
+                    on_start()
             elif entry.state is State.READY:
                 if Admission.may_bypass(entry):
                     entry.holders += 1
