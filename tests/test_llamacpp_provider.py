@@ -308,6 +308,39 @@ async def test_router_kill_9_of_the_manager_then_a_new_one_adopts(
     assert routers(models_dir) == []
 
 
+async def test_a_router_that_evicts_behind_admissions_back_is_noticed(
+    llama_server: str, models_dir: Path, tmp_path: Path
+) -> None:
+    """A router run with a count limit (``models_max: 1``, as an operator might) unloads the
+    older model when admission loads a second one although the budget holds both: the
+    table must follow the router at once (the child's exit), not keep a model it lost."""
+    (models_dir / "tiny2.gguf").symlink_to(models_dir / "tiny.gguf")
+    cfg = router_config(tmp_path, llama_server, models_dir, tiny="tiny", other="tiny2")
+    cfg["providers"]["router"]["models_max"] = 1
+    async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+        first = await mm.load("tiny")
+        await mm.load("other")
+        with anyio.fail_after(10):
+            while mm.is_loaded("tiny"):
+                await anyio.sleep(0.02)
+        assert first.pid is not None and not _running(first.pid)
+        assert mm.loaded() == ["other"]
+        async with mm.use("tiny") as again:  # and it loads again (the router evicts "other")
+            assert again.pid not in (None, first.pid)
+        with anyio.fail_after(10):
+            while mm.is_loaded("other"):
+                await anyio.sleep(0.02)
+        assert await mm.unload("tiny")
+    assert routers(models_dir) == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 # -- prompt caches that survive a swap -----------------------------------------------------
 
 
