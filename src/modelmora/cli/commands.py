@@ -278,10 +278,11 @@ def with_simulated_state(cfg: ManagerConfig, source: Path | None) -> tuple[Manag
     return cfg.model_copy(update={"providers": providers}), files
 
 
-def run(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run an async job at the CLI edge, turning every modelmora error into one line."""
+def run(fn: Callable[[], Awaitable[T]], *, uvloop: bool = False) -> T:
+    """Run an async job at the CLI edge, turning every modelmora error into one line;
+    ``uvloop``: on uvloop's event loop (the server, where it is installed)."""
     try:
-        return anyio.run(fn)
+        return anyio.run(fn, backend_options={"use_uvloop": uvloop})
     except ModelMoraError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -1047,6 +1048,7 @@ def serve(
     """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/)."""
     need("server", "modelmora serve")
     from ..server import create_app, is_loopback, server_options, token_from_env
+    from ..server.serving import uvloop_available
     from ..spec import parse_size
 
     token = token_from_env()
@@ -1082,7 +1084,7 @@ def serve(
             )
             await server.serve()
 
-    run(main)
+    run(main, uvloop=uvloop_available())
 
 
 def _duration_opt(flag: str, value: str | None) -> float | None:

@@ -34,6 +34,7 @@ from .errors import (
     registered,
     resident_or_registered,
 )
+from .hot_path import HotPath
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
@@ -125,7 +126,9 @@ def create_app(
     # opened after a load still shows it)
     history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
     mm.events.subscribe(lambda e: None if isinstance(e, _QUIET) else history.append(event_to_dict(e)))
-    # the last added runs first: host check, then CORS preflights, then the guard
+    # the last added runs first: host check, then CORS preflights, then the guard, then the
+    # proxy's hot path (behind every check, in front of FastAPI's routing)
+    app.add_middleware(HotPath, proxy=proxy)
     app.add_middleware(
         Guard, token=token, max_body=max_body, read_timeout=read_timeout, allow_origins=allow_origins
     )

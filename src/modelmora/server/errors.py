@@ -73,6 +73,11 @@ def _body(status: int, message: str, code: str) -> dict[str, object]:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+def error_body(exc: APIError) -> dict[str, object]:
+    """OpenAI's error shape for ``exc``."""
+    return _body(exc.status, exc.message, exc.code)
+
+
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
@@ -115,6 +120,7 @@ async def handle_internal_error(request: Request, exc: Exception) -> JSONRespons
 __all__ = [
     "APIError",
     "api_error",
+    "error_body",
     "handle_api_error",
     "handle_internal_error",
     "handle_modelmora_error",

@@ -1,0 +1,67 @@
+"""The proxy's hot path: a non-streaming OpenAI request for a model that is already
+resident, answered as plain ASGI.
+
+Every proxied request pays FastAPI's layers (exception middleware, routing, dependency
+solving, body validation through FastAPI's field machinery, a task group per streamed
+answer) before the lease and the forward that are the proxy's real work; on a resident
+model with a fast runtime they were most of the proxy's added latency.  :class:`HotPath`
+sits inside the security middleware (:class:`~modelmora.server.security.Guard` has already
+checked the token, the origin and the body limits and read the body) and asks
+:meth:`Proxy.hot <modelmora.server.proxy.Proxy.hot>` for the answer.  Anything that is not
+the plain case — an invalid body, an unknown or not-ready model, streaming, a route the
+model does not serve — gets None there and goes down the full FastAPI path with its body
+replayed, so every error keeps one answer and one place that writes it.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .proxy import ROUTES, Proxy
+
+_PATHS = {f"/v1/{route}": route for route in ROUTES}
+
+
+class HotPath:
+    """ASGI middleware in front of the app's router; see the module docstring."""
+
+    def __init__(self, app: ASGIApp, proxy: Proxy):
+        self.app = app
+        self.proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = _PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        first = await receive()
+        answer = None
+        if first["type"] == "http.request" and not first.get("more_body", False):
+            headers = dict(scope["headers"])
+            keep_alive = headers.get(b"x-keep-alive")
+            answer = await self.proxy.hot(
+                route,
+                bytes(first.get("body", b"")),
+                keep_alive.decode("latin-1") if keep_alive is not None else None,
+                headers.get(b"accept-encoding", b"identity").decode("latin-1"),
+            )
+        if answer is None:
+            await self.app(scope, _replay(first, receive), send)
+            return
+        status, reply_headers, content = answer
+        reply_headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": reply_headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """``receive`` with ``first`` (already read) handed out again first."""
+    pending: list[Message] = [first]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+__all__ = ["HotPath"]
