@@ -3,10 +3,14 @@ servers, and the session-wide check that no process a test started outlives the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from modelmora import ModelManager
@@ -14,6 +18,7 @@ from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
 from modelmora.testing.leaks import describe, leftovers, mark_session, reap
 from modelmora.testing.ollama import OllamaEmulator
+from modelmora.testing.threaded import ThreadedServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -136,3 +141,28 @@ def image(docker_url: str) -> str:
         return host_image(client)
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def proxy_over(tmp_path: Path, upstream: str, name: str, target: str) -> Iterator[str]:
+    """``modelmora serve``'s app on a free port, with one model ``name`` served by the Python
+    script ``upstream`` (an OpenAI-style server taking its port as argv[1]) through the
+    process provider; yields the app's URL and stops the upstream afterwards."""
+    script = tmp_path / "upstream.py"
+    script.write_text(upstream)
+    from modelmora.server import create_app
+
+    config: dict[str, Any] = {
+        "budgets": {"cpu": "4GB"},
+        "providers": {"process": {"state_dir": str(tmp_path / "state")}},
+        "models": {name: {"provider": "process", "target": target, "device": "cpu", "memory": "60MB",
+                          "options": {"command": [sys.executable, str(script), "${PORT}"], "health": "/v1/models"}}},
+    }  # fmt: skip
+    with ThreadedServer(create_app(config)) as server:
+        try:
+            yield server.url
+        finally:
+            # the process provider leaves servers running when the manager closes (by design:
+            # a restart adopts them), so the test stops the upstream it started
+            unloaded = httpx.post(f"{server.url}/unload-all", json={"force": True}, timeout=30)
+            assert unloaded.status_code == 200, unloaded.text

@@ -7,7 +7,6 @@ answer, with nothing loaded or evicted on its account."""
 from __future__ import annotations
 
 import re
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from modelmora.server import create_app
-from modelmora.testing.threaded import ThreadedServer
+from conftest import proxy_over
 
 # An OpenAI-style server that answers with what it received (body and Accept-Encoding).
 UPSTREAM = textwrap.dedent(
@@ -50,20 +47,8 @@ UPSTREAM = textwrap.dedent(
 
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[str]:
-    script = tmp_path / "upstream.py"
-    script.write_text(UPSTREAM)
-    config: dict[str, Any] = {
-        "budgets": {"cpu": "4GB"},
-        "providers": {"process": {"state_dir": str(tmp_path / "state")}},
-        "models": {"echo": {"provider": "process", "target": "echo-target", "device": "cpu", "memory": "60MB",
-                            "options": {"command": [sys.executable, str(script), "${PORT}"], "health": "/v1/models"}}},
-    }  # fmt: skip
-    with ThreadedServer(create_app(config)) as server:
-        try:
-            yield server.url
-        finally:  # the process provider leaves servers running on exit (a restart adopts them)
-            unloaded = httpx.post(f"{server.url}/unload-all", json={"force": True}, timeout=30)
-            assert unloaded.status_code == 200, unloaded.text
+    with proxy_over(tmp_path, UPSTREAM, "echo", "echo-target") as url:
+        yield url
 
 
 def status(url: str) -> dict[str, Any]:

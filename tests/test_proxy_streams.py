@@ -3,18 +3,14 @@ mid-stream.  Either way the lease is released and the next request is served."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-
-from modelmora.server import create_app
-from modelmora.testing.threaded import ThreadedServer
+from conftest import proxy_over
 
 # An OpenAI-style server whose stream dies after two chunks when the prompt says "cut".
 UPSTREAM = textwrap.dedent(
@@ -47,22 +43,8 @@ UPSTREAM = textwrap.dedent(
 
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[str]:
-    script = tmp_path / "upstream.py"
-    script.write_text(UPSTREAM)
-    config: dict[str, Any] = {
-        "budgets": {"cpu": "4GB"},
-        "providers": {"process": {"state_dir": str(tmp_path / "state")}},
-        "models": {"flaky": {"provider": "process", "target": "flaky", "device": "cpu", "memory": "60MB",
-                             "options": {"command": [sys.executable, str(script), "${PORT}"], "health": "/v1/models"}}},
-    }  # fmt: skip
-    with ThreadedServer(create_app(config)) as server:
-        try:
-            yield server.url
-        finally:
-            # the process provider leaves servers running when the manager closes (by design:
-            # a restart adopts them), so the test stops the upstream.py it started
-            unloaded = httpx.post(f"{server.url}/unload-all", json={"force": True}, timeout=30)
-            assert unloaded.status_code == 200, unloaded.text
+    with proxy_over(tmp_path, UPSTREAM, "flaky", "flaky") as url:
+        yield url
 
 
 def leases(url: str) -> Callable[[], int]:
