@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,54 @@ async def test_a_restarted_manager_adopts_the_running_server(gguf_model: Path, t
                 assert (await client.get(f"{adopted.endpoint}/v1/models")).status_code == 200
         assert await second.unload("tiny")
     assert servers_for(str(gguf_model)) == []
+
+
+def test_drop_connections_shuts_down_only_ours_to_that_port() -> None:
+    from modelmora.providers.process import _drop_connections
+
+    with socket.create_server(("127.0.0.1", 0)) as stopping, socket.create_server(("127.0.0.1", 0)) as other:
+        port, other_port = stopping.getsockname()[1], other.getsockname()[1]
+        with (
+            socket.create_connection(("127.0.0.1", port)) as ours,
+            socket.create_connection(("127.0.0.1", other_port)) as unrelated,
+        ):
+            accepted, _ = stopping.accept()
+            with accepted:
+                assert _drop_connections("127.0.0.1", port) == 1
+                assert ours.recv(1) == b""  # our side is shut down while the server's is still open
+                with pytest.raises(BrokenPipeError):
+                    ours.send(b"x")
+                unrelated.sendall(b"still open")
+                assert accepted.recv(1) == b""  # the server sees our FIN at once
+
+
+async def test_unload_shuts_our_idle_connections_before_it_stops_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle keep-alive connection would hold llama-server's exit up (it waits for the
+    peer's FIN), so the unload shuts down ours before the SIGTERM."""
+    from modelmora.providers import process
+
+    server = [sys.executable, "-m", "http.server", "${PORT}", "--bind", "${HOST}"]
+    cfg = config(tmp_path, "static", command=server, health="/")
+    ours: list[socket.socket] = []
+    seen: list[str] = []
+    real = process._signal_group
+
+    def signal_group(pid: int, sig: signal.Signals) -> None:
+        for sock in ours:
+            try:
+                sock.send(b"x")
+                seen.append("open")
+            except BrokenPipeError:
+                seen.append("shut down")
+        real(pid, sig)
+
+    monkeypatch.setattr(process, "_signal_group", signal_group)
+    async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+        handle = await mm.load("tiny")
+        assert handle.endpoint is not None
+        ours.append(socket.create_connection(("127.0.0.1", int(handle.endpoint.rsplit(":", 1)[1]))))
+        assert await mm.unload("tiny")
+    ours[0].close()
+    assert seen == ["shut down"]
