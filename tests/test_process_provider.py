@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psutil
 import pytest
@@ -178,3 +179,47 @@ async def test_unload_shuts_our_idle_connections_before_it_stops_the_server(
         assert await mm.unload("tiny")
     ours[0].close()
     assert seen == ["shut down"]
+
+
+async def test_readiness_is_checked_when_the_server_makes_progress_not_only_each_interval() -> None:
+    from modelmora.providers.readiness import wait_until_ready
+
+    state = {"ready": False, "progress": False, "checks": 0}
+
+    async def ready() -> bool:
+        state["checks"] += 1
+        return bool(state["ready"])
+
+    async def died() -> str | None:
+        return None
+
+    async def output() -> str:
+        return ""
+
+    def progress() -> bool:
+        seen, state["progress"] = state["progress"], False
+        return bool(seen)
+
+    async def server() -> None:
+        await anyio.sleep(0.05)
+        state["ready"] = state["progress"] = True  # e.g. llama-server logs "model loaded"
+
+    with anyio.fail_after(30):  # an interval of an hour: only the progress signal can end the wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server)
+            await wait_until_ready(
+                ready, died, output, model="m", provider="p", not_ready="no", timeout=7200,
+                interval=3600, progress=progress,
+            )  # fmt: skip
+    assert state["checks"] == 2  # at once, then when the server made progress
+
+
+async def test_a_server_is_ready_when_its_log_says_so_without_waiting_a_poll_interval(tmp_path: Path) -> None:
+    server = [sys.executable, "-u", "-m", "http.server", "${PORT}", "--bind", "${HOST}"]
+    cfg = config(tmp_path, "static", command=server, health="/")
+    cfg["providers"]["process"]["poll_interval"] = "1h"
+    async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+        with anyio.fail_after(60):  # "Serving HTTP on ..." in its log triggers the health check
+            handle = await mm.load("tiny")
+        assert handle.endpoint is not None
+        assert await mm.unload("tiny")

@@ -185,7 +185,7 @@ class ProcessProvider(Provider):
 
         await wait_until_ready(
             ready, died, output, model=spec.name, provider=self.name, not_ready=f"{health} did not answer 200",
-            timeout=timeout, interval=self.settings.poll_interval,
+            timeout=timeout, interval=self.settings.poll_interval, progress=_Growth(running.log),
         )  # fmt: skip
 
     def _memory(self, spec: ModelSpec, pid: int) -> dict[str, int]:
@@ -287,6 +287,24 @@ class ProcessProvider(Provider):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _Growth:
+    """Whether a server's log grew since the last look: a server logs as it gets ready
+    (llama-server: "model loaded", "listening on"), so a new line is the moment to ask its
+    health URL.  One ``stat`` a call."""
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.size = -1
+
+    def __call__(self) -> bool:
+        try:
+            size = self.log.stat().st_size
+        except OSError:
+            return False
+        grew, self.size = size != self.size, size
+        return grew
 
 
 def _tail(log: Path, lines: int = 8) -> str:
