@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,33 @@ async def test_a_server_is_ready_when_its_log_says_so_without_waiting_a_poll_int
             handle = await mm.load("tiny")
         assert handle.endpoint is not None
         assert await mm.unload("tiny")
+
+
+@pytest.mark.parametrize("from_proc", [True, False], ids=["proc", "psutil"])
+def test_tree_rss_counts_every_descendant(
+    from_proc: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelmora.providers import process
+
+    if from_proc and not process._PROC_CHILDREN:
+        pytest.skip("no /proc/<pid>/task/<tid>/children here")
+    monkeypatch.setattr(process, "_PROC_CHILDREN", from_proc)
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import subprocess, time\nsubprocess.Popen(['sleep', '30'])\nprint('up', flush=True)\ntime.sleep(30)\n"
+    )
+    parent = subprocess.Popen(["sh", "-c", f"{sys.executable} {child} & sleep 30"], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"up\n"
+        root = psutil.Process(parent.pid)
+        tree = [root, *root.children(recursive=True)]
+        assert len(tree) == 4  # sh, its sleep, python, its sleep
+        assert sorted(process._descendants(parent.pid)) == sorted(p.pid for p in tree[1:])
+        assert process._tree_rss(parent.pid) >= sum(p.memory_info().rss for p in tree) * 0.9
+        assert process._tree_rss(2**22 + 7) == 0
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()

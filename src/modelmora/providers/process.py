@@ -376,11 +376,43 @@ def _socket_fds() -> list[int]:
 
 
 def _tree_rss(pid: int) -> int:
+    """Bytes resident in ``pid`` and its descendants (0 when ``pid`` is gone)."""
     try:
-        root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        total = psutil.Process(pid).memory_info().rss
     except psutil.Error:
         return 0
+    for child in _descendants(pid):
+        with contextlib.suppress(psutil.Error):  # a child may exit meanwhile
+            total += psutil.Process(child).memory_info().rss
+    return total
+
+
+_PROC_CHILDREN = Path(f"/proc/self/task/{os.getpid()}/children").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The PIDs below ``pid``.  Linux lists each thread's children in ``/proc`` (a few
+    small reads); elsewhere psutil scans the whole process table (~25 us a process,
+    1.6 ms on a quiet machine: this runs on the swap path, at every load and unload)."""
+    if not _PROC_CHILDREN:
+        try:
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            with contextlib.suppress(OSError, ValueError):
+                children = [int(c) for c in Path(f"/proc/{parent}/task/{tid}/children").read_text().split()]
+                out += children
+                todo += children
+    return out
 
 
 __all__ = ["ProcessProvider", "ProcessSettings"]
