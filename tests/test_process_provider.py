@@ -254,3 +254,20 @@ def test_tree_rss_counts_every_descendant(
         parent.kill()
         parent.wait()
         parent.stdout.close()
+
+
+def test_log_says_fires_once_per_new_marker_even_split_across_reads(tmp_path: Path) -> None:
+    from modelmora.providers.process import _LogSays
+
+    log = tmp_path / "server.log"
+    says = _LogSays(log, (b"model loaded",))
+    assert not says()  # no log yet
+    log.write_bytes(b"loading the model\n")
+    assert not says()
+    with log.open("ab") as f:
+        f.write(b"srv  llama_server: model lo")
+    assert not says()
+    with log.open("ab") as f:
+        f.write(b"aded\n")
+    assert says()  # the marker straddled two reads
+    assert not says()  # nothing new since

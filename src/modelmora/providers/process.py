@@ -32,6 +32,7 @@ import shlex
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,12 @@ class ProcessProvider(Provider):
 
         await wait_until_ready(
             ready, died, output, model=spec.name, provider=self.name, not_ready=f"{health} did not answer 200",
-            timeout=timeout, interval=self.settings.poll_interval, progress=_Growth(running.log),
+            timeout=timeout, interval=self.settings.poll_interval, progress=self._progress(running),
         )  # fmt: skip
+
+    def _progress(self, running: _Running) -> Callable[[], bool]:
+        """When to ask the health URL before the next poll: the server logged something."""
+        return _Growth(running.log)
 
     def _memory(self, spec: ModelSpec, pid: int) -> dict[str, int]:
         """RSS of the process tree on the CPU; the registry's estimate for other devices."""
@@ -305,6 +310,31 @@ class _Growth:
             return False
         grew, self.size = size != self.size, size
         return grew
+
+
+class _LogSays:
+    """Whether a server's log gained one of ``markers`` (its own "I am ready" lines) since
+    the last look; reads only the new bytes."""
+
+    def __init__(self, log: Path, markers: tuple[bytes, ...]):
+        self.log = log
+        self.markers = markers
+        self.offset = 0
+        self.carry = b""  # a marker may straddle two reads
+
+    def __call__(self) -> bool:
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self.offset)
+                new = f.read()
+        except OSError:
+            return False
+        if not new:
+            return False
+        self.offset += len(new)
+        text, keep = self.carry + new, max(map(len, self.markers)) - 1
+        self.carry = text[-keep:] if keep else b""
+        return any(m in text for m in self.markers)
 
 
 def _tail(log: Path, lines: int = 8) -> str:
