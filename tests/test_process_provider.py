@@ -271,3 +271,21 @@ def test_log_says_fires_once_per_new_marker_even_split_across_reads(tmp_path: Pa
         f.write(b"aded\n")
     assert says()  # the marker straddled two reads
     assert not says()  # nothing new since
+
+
+async def test_observe_rewrites_the_state_file_only_when_it_changes(tmp_path: Path) -> None:
+    import json
+
+    from modelmora.providers.process import ProcessProvider, ProcessSettings
+
+    provider = ProcessProvider("process", ProcessSettings(state_dir=str(tmp_path)))
+    dead = {"pid": 2**22 + 7, "port": 1, "command": ["gone"], "log": str(tmp_path / "gone.log")}
+    provider.state_file.write_text(json.dumps({"/models/gone": dead}))
+    try:
+        assert await provider.observe() == []
+        assert json.loads(provider.state_file.read_text()) == {}  # the dead record is dropped
+        inode = provider.state_file.stat().st_ino
+        assert await provider.observe() == []
+        assert provider.state_file.stat().st_ino == inode  # nothing changed: not rewritten
+    finally:
+        await provider.aclose()

@@ -95,11 +95,14 @@ class ProcessProvider(Provider):
             return {}
         return data if isinstance(data, dict) else {}
 
-    def _write_state(self) -> None:
-        records = {
+    def _records(self) -> dict[str, dict[str, Any]]:
+        return {
             target: {"pid": r.pid, "port": r.port, "command": r.command, "log": str(r.log)}
             for target, r in self.running.items()
         }
+
+    def _write_state(self) -> None:
+        records = self._records()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(records, indent=1))
@@ -243,7 +246,8 @@ class ProcessProvider(Provider):
         return False
 
     async def observe(self) -> list[Observed]:
-        for target, record in self._read_state().items():
+        recorded = self._read_state()
+        for target, record in recorded.items():
             if target in self.running:
                 continue
             pid = int(record.get("pid", 0))
@@ -262,7 +266,8 @@ class ProcessProvider(Provider):
                     details={"pid": running.pid, "port": running.port},
                 )
             )  # fmt: skip
-        self._write_state()
+        if self._records() != recorded:  # observe runs on every admission: no needless write
+            self._write_state()
         return out
 
     async def adopt(self, observed: Observed, spec: ModelSpec) -> Handle:
