@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psutil
 import pytest
@@ -125,3 +129,163 @@ async def test_a_restarted_manager_adopts_the_running_server(gguf_model: Path, t
                 assert (await client.get(f"{adopted.endpoint}/v1/models")).status_code == 200
         assert await second.unload("tiny")
     assert servers_for(str(gguf_model)) == []
+
+
+def test_drop_connections_shuts_down_only_ours_to_that_port() -> None:
+    from modelmora.providers.process import _drop_connections
+
+    with socket.create_server(("127.0.0.1", 0)) as stopping, socket.create_server(("127.0.0.1", 0)) as other:
+        port, other_port = stopping.getsockname()[1], other.getsockname()[1]
+        with (
+            socket.create_connection(("127.0.0.1", port)) as ours,
+            socket.create_connection(("127.0.0.1", other_port)) as unrelated,
+        ):
+            accepted, _ = stopping.accept()
+            with accepted:
+                assert _drop_connections("127.0.0.1", port) == 1
+                assert ours.recv(1) == b""  # our side is shut down while the server's is still open
+                with pytest.raises(BrokenPipeError):
+                    ours.send(b"x")
+                unrelated.sendall(b"still open")
+                assert accepted.recv(1) == b""  # the server sees our FIN at once
+
+
+async def test_unload_shuts_our_idle_connections_before_it_stops_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle keep-alive connection would hold llama-server's exit up (it waits for the
+    peer's FIN), so the unload shuts down ours before the SIGTERM."""
+    from modelmora.providers import process
+
+    server = [sys.executable, "-m", "http.server", "${PORT}", "--bind", "${HOST}"]
+    cfg = config(tmp_path, "static", command=server, health="/")
+    ours: list[socket.socket] = []
+    seen: list[str] = []
+    real = process._signal_group
+
+    def signal_group(pid: int, sig: signal.Signals) -> None:
+        for sock in ours:
+            try:
+                sock.send(b"x")
+                seen.append("open")
+            except BrokenPipeError:
+                seen.append("shut down")
+        real(pid, sig)
+
+    monkeypatch.setattr(process, "_signal_group", signal_group)
+    async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+        handle = await mm.load("tiny")
+        assert handle.endpoint is not None
+        ours.append(socket.create_connection(("127.0.0.1", int(handle.endpoint.rsplit(":", 1)[1]))))
+        assert await mm.unload("tiny")
+    ours[0].close()
+    assert seen == ["shut down"]
+
+
+async def test_readiness_is_checked_when_the_server_makes_progress_not_only_each_interval() -> None:
+    from modelmora.providers.readiness import wait_until_ready
+
+    state = {"ready": False, "progress": False, "checks": 0}
+
+    async def ready() -> bool:
+        state["checks"] += 1
+        return bool(state["ready"])
+
+    async def died() -> str | None:
+        return None
+
+    async def output() -> str:
+        return ""
+
+    def progress() -> bool:
+        seen, state["progress"] = state["progress"], False
+        return bool(seen)
+
+    async def server() -> None:
+        await anyio.sleep(0.05)
+        state["ready"] = state["progress"] = True  # e.g. llama-server logs "model loaded"
+
+    with anyio.fail_after(30):  # an interval of an hour: only the progress signal can end the wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server)
+            await wait_until_ready(
+                ready, died, output, model="m", provider="p", not_ready="no", timeout=7200,
+                interval=3600, progress=progress,
+            )  # fmt: skip
+    assert state["checks"] == 2  # at once, then when the server made progress
+
+
+async def test_a_server_is_ready_when_its_log_says_so_without_waiting_a_poll_interval(tmp_path: Path) -> None:
+    server = [sys.executable, "-u", "-m", "http.server", "${PORT}", "--bind", "${HOST}"]
+    cfg = config(tmp_path, "static", command=server, health="/")
+    cfg["providers"]["process"]["poll_interval"] = "1h"
+    async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+        with anyio.fail_after(60):  # "Serving HTTP on ..." in its log triggers the health check
+            handle = await mm.load("tiny")
+        assert handle.endpoint is not None
+        assert await mm.unload("tiny")
+
+
+@pytest.mark.parametrize("from_proc", [True, False], ids=["proc", "psutil"])
+def test_tree_rss_counts_every_descendant(
+    from_proc: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelmora.providers import process
+
+    if from_proc and not process._PROC_CHILDREN:
+        pytest.skip("no /proc/<pid>/task/<tid>/children here")
+    monkeypatch.setattr(process, "_PROC_CHILDREN", from_proc)
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import subprocess, time\nsubprocess.Popen(['sleep', '30'])\nprint('up', flush=True)\ntime.sleep(30)\n"
+    )
+    parent = subprocess.Popen(["sh", "-c", f"{sys.executable} {child} & sleep 30"], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"up\n"
+        root = psutil.Process(parent.pid)
+        tree = [root, *root.children(recursive=True)]
+        assert len(tree) == 4  # sh, its sleep, python, its sleep
+        assert sorted(process._descendants(parent.pid)) == sorted(p.pid for p in tree[1:])
+        assert process._tree_rss(parent.pid) >= sum(p.memory_info().rss for p in tree) * 0.9
+        assert process._tree_rss(2**22 + 7) == 0
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+def test_log_says_fires_once_per_new_marker_even_split_across_reads(tmp_path: Path) -> None:
+    from modelmora.providers.process import _LogSays
+
+    log = tmp_path / "server.log"
+    says = _LogSays(log, (b"model loaded",))
+    assert not says()  # no log yet
+    log.write_bytes(b"loading the model\n")
+    assert not says()
+    with log.open("ab") as f:
+        f.write(b"srv  llama_server: model lo")
+    assert not says()
+    with log.open("ab") as f:
+        f.write(b"aded\n")
+    assert says()  # the marker straddled two reads
+    assert not says()  # nothing new since
+
+
+async def test_observe_rewrites_the_state_file_only_when_it_changes(tmp_path: Path) -> None:
+    import json
+
+    from modelmora.providers.process import ProcessProvider, ProcessSettings
+
+    provider = ProcessProvider("process", ProcessSettings(state_dir=str(tmp_path)))
+    dead = {"pid": 2**22 + 7, "port": 1, "command": ["gone"], "log": str(tmp_path / "gone.log")}
+    provider.state_file.write_text(json.dumps({"/models/gone": dead}))
+    try:
+        assert await provider.observe() == []
+        assert json.loads(provider.state_file.read_text()) == {}  # the dead record is dropped
+        inode = provider.state_file.stat().st_ino
+        assert await provider.observe() == []
+        assert provider.state_file.stat().st_ino == inode  # nothing changed: not rewritten
+    finally:
+        await provider.aclose()

@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from .process import (
     ProcessSettings,
     _alive,
     _home,
+    _LogSays,
     _Running,
     _same_process,
     _signal_group,
@@ -62,6 +64,9 @@ from .process import (
 from .readiness import wait_until_ready
 
 ENV_BINARY = "MODELMORA_LLAMA_SERVER"
+READY_LINES = (b"model loaded", b"listening on")
+"""What llama-server logs once it serves (``llama_server: model loaded``, ``... listening on
+http://...``): the moment to ask ``/health``, instead of polling through the load."""
 
 
 def cache_dir() -> Path:
@@ -151,6 +156,12 @@ class LlamaCppProvider(ProcessProvider):
 
     def _served_name(self, spec: ModelSpec) -> str:
         return str(spec.options.get("served_name", spec.name))
+
+    def _progress(self, running: _Running) -> Callable[[], bool]:
+        """Ask ``/health`` when the server logs that it is ready (every log line would mean
+        a request per line, each taking CPU from the load); ``poll_interval`` remains the
+        fallback for a build that words it differently."""
+        return _LogSays(running.log, READY_LINES)
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
         """The GGUF's size as the estimate where the registry has none (the weights are a
