@@ -289,3 +289,52 @@ async def test_observe_rewrites_the_state_file_only_when_it_changes(tmp_path: Pa
         assert provider.state_file.stat().st_ino == inode  # nothing changed: not rewritten
     finally:
         await provider.aclose()
+
+
+# A server that logs llama-server's ready line but whose /health never answers 200.
+NEVER_HEALTHY = """
+import sys, http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503); self.end_headers()
+    def log_message(self, *a):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("srv  llama_server: model loaded", flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.mark.parametrize("log_means_ready", [True, False])
+async def test_a_server_that_logs_its_ready_line_is_ready_without_a_health_request(
+    tmp_path: Path, log_means_ready: bool
+) -> None:
+    """llama-server is ready once it logs ``model loaded`` (its /health answers 200 from the
+    same moment), so the llamacpp provider takes the line as the signal instead of a health
+    request; a provider that does not know its server's lines keeps asking /health."""
+    from modelmora.providers.llamacpp import READY_LINES
+    from modelmora.providers.process import ProcessProvider, ProcessSettings, _LogSays, _Running
+    from modelmora.spec import ModelSpec
+
+    class LogReady(ProcessProvider):
+        def _progress(self, running: _Running) -> Any:
+            return _LogSays(running.log, READY_LINES)
+
+    LogReady.log_means_ready = log_means_ready
+    script = tmp_path / "server.py"
+    script.write_text(NEVER_HEALTHY)
+    provider = LogReady("process", ProcessSettings(state_dir=str(tmp_path), ready_timeout=3))
+    spec = ModelSpec(
+        name="m", provider="process", target="m", device="cpu",
+        options={"command": [sys.executable, str(script), "${PORT}"]},
+    )  # fmt: skip
+    try:
+        if log_means_ready:
+            handle = await provider.load(spec)
+            await provider.unload(handle)
+        else:
+            with pytest.raises(LoadFailed, match="did not answer 200"):
+                await provider.load(spec)
+        assert provider.running == {}
+    finally:
+        await provider.aclose()
