@@ -65,8 +65,12 @@ from .readiness import wait_until_ready
 
 ENV_BINARY = "MODELMORA_LLAMA_SERVER"
 READY_LINES = (b"model loaded", b"listening on")
-"""What llama-server logs once it serves (``llama_server: model loaded``, ``... listening on
-http://...``): the moment to ask ``/health``, instead of polling through the load."""
+"""What llama-server logs once it serves: ``tools/server/server.cpp`` (llama.cpp as vendored
+in llama-cpp-python 0.3.36) stores ``ctx_http.is_ready`` — what makes ``/health`` answer
+200 — and then logs ``model loaded`` and ``listening on http://...``; a request that arrives
+before its main loop starts waits in the task queue.  So the server is ready when either
+line appears.  ``/health`` polling every ``poll_interval`` remains the fallback for a build
+that words it differently."""
 
 
 def cache_dir() -> Path:
@@ -157,10 +161,12 @@ class LlamaCppProvider(ProcessProvider):
     def _served_name(self, spec: ModelSpec) -> str:
         return str(spec.options.get("served_name", spec.name))
 
+    log_means_ready = True
+
     def _progress(self, running: _Running) -> Callable[[], bool]:
-        """Ask ``/health`` when the server logs that it is ready (every log line would mean
-        a request per line, each taking CPU from the load); ``poll_interval`` remains the
-        fallback for a build that words it differently."""
+        """Ready when the server logs that it is (READY_LINES), with no health request to
+        confirm it (every log line would mean a request per line, each taking CPU from the
+        load); ``poll_interval`` polling remains the fallback."""
         return _LogSays(running.log, READY_LINES)
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:

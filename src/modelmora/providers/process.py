@@ -75,6 +75,9 @@ class ProcessProvider(Provider):
     Settings = ProcessSettings
     settings: ProcessSettings
     capabilities = Capabilities(watch=True, slow_adopt=True)
+    # a server whose log shows one of its ready lines (see _progress) is ready without a
+    # health request: only for servers known to log them once they serve (llama-server)
+    log_means_ready = False
 
     def __init__(self, name: str = "process", settings: ProcessSettings | None = None):
         super().__init__(name, settings)
@@ -175,7 +178,11 @@ class ProcessProvider(Provider):
         health = self._url(running.port) + str(spec.options.get("health", "/health"))
         process = running.process
 
+        progress = self._progress(running)
+
         async def ready() -> bool:
+            if isinstance(progress, _LogSays) and progress.seen and self.log_means_ready:
+                return True  # the server said so itself; no request to confirm it
             return (await self._client.get(health)).status_code == 200
 
         async def died() -> str | None:
@@ -189,7 +196,7 @@ class ProcessProvider(Provider):
 
         await wait_until_ready(
             ready, died, output, model=spec.name, provider=self.name, not_ready=f"{health} did not answer 200",
-            timeout=timeout, interval=self.settings.poll_interval, progress=self._progress(running),
+            timeout=timeout, interval=self.settings.poll_interval, progress=progress,
         )  # fmt: skip
 
     def _progress(self, running: _Running) -> Callable[[], bool]:
@@ -326,6 +333,7 @@ class _LogSays:
         self.markers = markers
         self.offset = 0
         self.carry = b""  # a marker may straddle two reads
+        self.seen = False  # a marker has been logged (stays True)
 
     def __call__(self) -> bool:
         try:
@@ -339,7 +347,9 @@ class _LogSays:
         self.offset += len(new)
         text, keep = self.carry + new, max(map(len, self.markers)) - 1
         self.carry = text[-keep:] if keep else b""
-        return any(m in text for m in self.markers)
+        found = any(m in text for m in self.markers)
+        self.seen = self.seen or found
+        return found
 
 
 def _tail(log: Path, lines: int = 8) -> str:
