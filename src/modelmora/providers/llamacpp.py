@@ -103,7 +103,9 @@ class LlamaCppSettings(ProcessSettings):
     )
     args: list[str] = Field(default_factory=list, description="Extra arguments for every server.")
     poll_interval: Duration = Field(
-        0.02, description="/health polling period while starting (a local, cheap request)."
+        0.1,
+        description="/health polling period while starting, the fallback: the server's own "
+        "'model loaded' line is the signal (a poll mid-load takes CPU from the load).",
     )
     prompt_cache_dir: str | None = Field(
         None,
