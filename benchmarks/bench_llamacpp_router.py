@@ -152,36 +152,51 @@ def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
     }
 
 
-def proxy_overhead(base: str, root: int, model: str, n: int = 60) -> dict[str, float]:
-    """The same 1-token request to a resident model, alternately straight to its
-    llama-server and through modelmora's proxy: medians and p95 of both."""
+def proxy_overhead(base: str, root: int, model: str, n: int = 100) -> dict[str, float]:
+    """The same 1-token request to a resident model, in turn straight to its llama-server,
+    through the bare baseline (``bare_proxy.py``: the least any Python proxy does) and
+    through modelmora's proxy: medians and p95 of each, in ms."""
     port = None
     for child in psutil.Process(root).children(recursive=True):
         cmdline = child.cmdline()
         if "--alias" in cmdline and cmdline[cmdline.index("--alias") + 1] == model:
             port = cmdline[cmdline.index("--port") + 1]
     assert port is not None, f"{model} is not resident"
+    bare_port = free_port()
+    bare = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("bare_proxy.py")),
+            f"http://127.0.0.1:{port}",
+            str(bare_port),
+        ],
+        start_new_session=True,  # stop() signals its process group
+    )
     body = {"model": model, "prompt": "Hello", "max_tokens": 1}
-    direct, proxied = [], []
-    with (
-        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as a,
-        httpx.Client(base_url=base, timeout=60) as b,
-    ):
-        for client in (a, b, a, b):  # warm both connections
-            client.post("/v1/completions", json=body)
-        for _ in range(n):
-            for client, out in ((a, direct), (b, proxied)):
-                t0 = time.perf_counter()
-                client.post("/v1/completions", json=body).raise_for_status()
-                out.append((time.perf_counter() - t0) * 1000)
-    direct.sort()
-    proxied.sort()
-    return {
-        "direct_p50_ms": statistics.median(direct),
-        "proxy_p50_ms": statistics.median(proxied),
-        "direct_p95_ms": direct[int(0.95 * (n - 1))],
-        "proxy_p95_ms": proxied[int(0.95 * (n - 1))],
-    }
+    times: dict[str, list[float]] = {"direct": [], "bare": [], "proxy": []}
+    try:
+        wait_http(f"http://127.0.0.1:{bare_port}/health")
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as a,
+            httpx.Client(base_url=f"http://127.0.0.1:{bare_port}", timeout=60) as b,
+            httpx.Client(base_url=base, timeout=60) as c,
+        ):
+            clients = {"direct": a, "bare": b, "proxy": c}
+            for client in [*clients.values()] * 2:  # warm every connection
+                client.post("/v1/completions", json=body)
+            for _ in range(n):
+                for name, client in clients.items():
+                    t0 = time.perf_counter()
+                    client.post("/v1/completions", json=body).raise_for_status()
+                    times[name].append((time.perf_counter() - t0) * 1000)
+    finally:
+        stop(bare)
+    out = {}
+    for name, values in times.items():
+        values.sort()
+        out[f"{name}_p50_ms"] = statistics.median(values)
+        out[f"{name}_p95_ms"] = values[int(0.95 * (n - 1))]
+    return out
 
 
 def run_router(binary: str, folder: Path, requests: list[str], work: Path) -> dict[str, Any]:
@@ -277,14 +292,17 @@ def main() -> None:
         for r in runs:
             for why, count in r["errors"].items():
                 print(f"{system}: {count}x {why}")
-    print("\nproxy overhead on a resident model (1-token completion, alternating, ms):")
-    print("| round | direct p50 | via modelmora p50 | added p50 | direct p95 | via modelmora p95 |")
-    print("|---|---|---|---|---|---|")
+    print("\nproxy overhead on a resident model (1-token completion, in turn, ms; bare = bare_proxy.py):")
+    print(
+        "| round | direct p50 | bare proxy p50 | modelmora p50 | added: bare | added: modelmora | modelmora p95 |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(results["modelmora serve"], 1):
         o = r["proxy"]
+        d = o["direct_p50_ms"]
         print(
-            f"| {i} | {o['direct_p50_ms']:.1f} | {o['proxy_p50_ms']:.1f} | {o['proxy_p50_ms'] - o['direct_p50_ms']:+.1f} "
-            f"| {o['direct_p95_ms']:.1f} | {o['proxy_p95_ms']:.1f} |"
+            f"| {i} | {d:.1f} | {o['bare_p50_ms']:.1f} | {o['proxy_p50_ms']:.1f} | {o['bare_p50_ms'] - d:+.1f} "
+            f"| {o['proxy_p50_ms'] - d:+.1f} | {o['proxy_p95_ms']:.1f} |"
         )
 
 
