@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -237,6 +238,40 @@ def test_headers_and_bodies_are_read_in_bounded_time(
         sock.settimeout(5)
         assert sock.recv(100) == b""
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_the_header_deadline_never_cuts_a_pipelined_request_that_is_running(protocol: str) -> None:
+    """Two requests in one write: the second runs for longer than the header deadline.  Its
+    headers arrived long ago, so the connection must stay open until both are answered."""
+    from modelmora.server import serving
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await anyio.sleep(float(scope["path"].strip("/")))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    options = serving.server_options(read_timeout=0.3)
+    if protocol == "h11":
+        options["http"] = type("Bounded", (serving.BoundedH11Protocol,), {"header_timeout": 0.3})
+    assert protocol.lower() in options["http"].__mro__[1].__name__.lower()
+    with (
+        ThreadedServer(app, lifespan="off", options=options) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as sock,
+    ):
+        sock.sendall(b"GET /0.05 HTTP/1.1\r\nHost: x\r\n\r\nGET /1.0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        received = b""
+        while received.count(b"\r\n\r\nok") < 2:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    assert received.count(b"HTTP/1.1 200") == 2, received
 
 
 # -- 5. oversized chunked bodies -------------------------------------------------------------
