@@ -80,23 +80,23 @@ def _httptools_protocol() -> type[Any] | None:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class BoundedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
-        _in_request = False  # between a request's first byte and its response's end
+        _headers_pending = False  # a request has begun and its headers are not all in
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
+        def on_message_begin(self) -> None:
+            self._headers_pending = True
+            super().on_message_begin()
+
         def on_headers_complete(self) -> None:
+            self._headers_pending = False
             self._disarm()
             super().on_headers_complete()
 
-        def on_message_begin(self) -> None:
-            self._in_request = True
-            super().on_message_begin()
-
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._in_request = False
             if not self.transport.is_closing():
                 self._arm()
 
@@ -105,9 +105,13 @@ def _httptools_protocol() -> type[Any] | None:
             super().connection_lost(exc)
 
         def _idle(self) -> bool:
-            # no request, or one whose headers are still arriving (a started request
-            # disarmed the timer when its headers completed)
-            return self.cycle is None or self.cycle.response_complete or not self._in_request
+            # waiting for a request's headers: either some have begun and are not all in,
+            # or nothing runs and nothing parsed waits its turn (a pipelined request whose
+            # headers are in is running or queued, and is never cut)
+            if self._headers_pending:
+                return True
+            running = self.cycle is not None and not self.cycle.response_complete
+            return not running and not self.pipeline
 
     return BoundedHttpToolsProtocol
 
@@ -121,7 +125,7 @@ def server_options(*, read_timeout: float = 30.0) -> dict[str, Any]:
     """``uvicorn.Config``/``uvicorn.run`` keyword arguments for modelmora's app."""
     base = _httptools_protocol() or BoundedH11Protocol
     protocol = type(base.__name__, (base,), {"header_timeout": read_timeout})
-    return {"http": protocol, "proxy_headers": False}  # nothing here reads the client address
+    return {"http": protocol}
 
 
 __all__ = ["BoundedH11Protocol", "server_options", "uvloop_available"]
