@@ -338,3 +338,30 @@ async def test_a_server_that_logs_its_ready_line_is_ready_without_a_health_reque
         assert provider.running == {}
     finally:
         await provider.aclose()
+
+
+async def test_a_server_that_cannot_start_leaves_our_connections_to_its_port_alone(tmp_path: Path) -> None:
+    """The port a model's server was given belongs to another runtime (a fixed port, a
+    race): the server exits at once, and the clean-up must not shut down this process's
+    connections to that other runtime (say, the proxy's in-flight requests to it)."""
+    other = socket.create_server(("127.0.0.1", 0))
+    port = other.getsockname()[1]
+    ours = socket.create_connection(("127.0.0.1", port))
+    peer, _ = other.accept()
+    cfg = {
+        "budgets": {"cpu": "4GB"},
+        "providers": {"process": {"state_dir": str(tmp_path / "state"), "stop_grace": "5s"}},
+        "models": {"x": {"provider": "process", "target": "x", "device": "cpu", "memory": "10MB",
+                         "options": {"command": [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                                     "port": port, "health": "/", "ready_timeout": "20s"}}},
+    }  # fmt: skip
+    try:
+        async with ModelManager(cfg, probe=StaticProbe({})) as mm:
+            with pytest.raises(LoadFailed, match="exited"):
+                await mm.load("x")
+        ours.sendall(b"still ours")
+        peer.settimeout(5)
+        assert peer.recv(100) == b"still ours"
+    finally:
+        for s in (ours, peer, other):
+            s.close()
