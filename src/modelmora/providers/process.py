@@ -222,7 +222,7 @@ class ProcessProvider(Provider):
 
     async def _stop(self, spec: ModelSpec, running: _Running) -> None:
         try:
-            _drop_connections(self.settings.host, running.port)  # see there: a faster exit
+            self._drop_idle_connections(running)  # see _drop_connections: a faster exit
             stop_command = spec.options.get("stop_command")
             if stop_command:
                 parts = shlex.split(stop_command) if isinstance(stop_command, str) else list(stop_command)
@@ -240,6 +240,17 @@ class ProcessProvider(Provider):
             if not _alive(running.pid):
                 self.running.pop(spec.target, None)
                 self._write_state()
+
+    def _drop_idle_connections(self, running: _Running) -> None:
+        """Shut down our connections to ``running``'s port, only when the port is that
+        server's (its process tree listens on it): a server that could not bind its port
+        (another runtime holds it) must not cost us our connections to that runtime.  Best
+        effort: nothing here may fail the stop."""
+        try:
+            if _listens_on(running.pid, running.port):
+                _drop_connections(self.settings.host, running.port)
+        except Exception:  # an optimisation: the stop itself goes on
+            return
 
     async def _exited(self, running: _Running, timeout: float) -> bool:
         with anyio.move_on_after(timeout):
@@ -380,6 +391,18 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(os.getpgid(pid), sig)
 
 
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether a process of the tree under ``pid`` listens on TCP ``port``."""
+    for member in (pid, *_descendants(pid)):
+        try:
+            connections = psutil.Process(member).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections):
+            return True
+    return False
+
+
 def _drop_connections(host: str, port: int) -> int:
     """Shut down the TCP connections this process holds to the server at ``host:port``
     (about to stop); returns how many.  An idle keep-alive connection (pooled by an HTTP
@@ -392,8 +415,13 @@ def _drop_connections(host: str, port: int) -> int:
     dropped = 0
     for fd in _socket_fds():
         try:
-            sock = socket.socket(fileno=os.dup(fd))
+            duplicate = os.dup(fd)
         except OSError:
+            continue
+        try:
+            sock = socket.socket(fileno=duplicate)
+        except OSError:  # no longer a socket (the descriptor was reused)
+            os.close(duplicate)
             continue
         with sock, contextlib.suppress(OSError):
             peer = sock.getpeername() if sock.type == socket.SOCK_STREAM else None
