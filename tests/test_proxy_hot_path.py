@@ -16,6 +16,8 @@ import httpx
 import pytest
 from conftest import proxy_over
 
+from modelmora.server.proxy import Proxy
+
 # An OpenAI-style server that answers with what it received (body and Accept-Encoding).
 UPSTREAM = textwrap.dedent(
     """
@@ -65,9 +67,16 @@ def counted(url: str, code: str) -> float:
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_a_ready_model_answers_with_the_runtime_bytes_renamed_counted_and_released(proxy: str) -> None:
+def test_a_ready_model_answers_with_the_runtime_bytes_renamed_counted_and_released(
+    proxy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = httpx.post(f"{proxy}/v1/chat/completions", json=CHAT, timeout=60)  # loads it (full path)
     assert first.status_code == 200, first.text
+
+    async def full_path(*args: Any) -> None:
+        raise AssertionError("a plain request for a ready model took the full path")
+
+    monkeypatch.setattr(Proxy, "handle", full_path)  # the app runs in this process (a thread)
     before = counted(proxy, "200")
     reply = httpx.post(
         f"{proxy}/v1/chat/completions",

@@ -102,3 +102,22 @@ async def test_07_a_chain_does_not_unload_a_model_another_caller_is_loading() ->
             f"the chain unloaded 'm', which another caller loaded with a 1 h keep-alive "
             f"(chain's clean-up: {results[0].steps[0].unloaded})"
         )
+
+
+async def test_enter_now_takes_a_ready_model_and_never_waits_or_starts_a_load() -> None:
+    """The proxy's hot path leases with ``enter_now``: a model that is not ready gets None with
+    nothing started (the full path then loads it once, with its own errors), a ready one a
+    lease like any other."""
+    faulty = FaultyProvider()
+    async with faulty_manager(faulty, {"a": model(4)}) as mm:
+        cold = mm.use("a")
+        assert cold.enter_now() is None
+        assert mm.entries() == [] and [c for c in faulty.calls if c.op == "load"] == []
+        await mm.load("a")
+        lease = mm.use("a")
+        handle = lease.enter_now()
+        assert handle is not None and handle.name == "a" and mm.leases("a") == 1
+        with pytest.raises(ModelMoraError):
+            await mm.unload("a")
+        await lease.__aexit__(None, None, None)
+        assert mm.leases("a") == 0 and await mm.unload("a")

@@ -54,6 +54,18 @@ class Lease:
         assert entry.handle is not None
         return entry.handle
 
+    def enter_now(self) -> Handle | None:
+        """Take the lease only where that needs no wait — the model is ready and nobody waits
+        for its memory (the hot path) — and return its handle; None otherwise, with nothing
+        taken and no load started.  A lease taken here is left with ``__aexit__`` as usual."""
+        if self._entry is not None:
+            raise RuntimeError("a Lease cannot be entered twice")
+        entry = self._leases.try_hot(self._name, self._keep_alive)
+        if entry is None:
+            return None
+        self._entry = entry
+        return entry.handle
+
     def _started(self) -> None:
         self.loaded_here = True
 

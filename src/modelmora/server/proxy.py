@@ -249,8 +249,10 @@ class Proxy:
             if routes is not None and path not in routes:
                 return None
             lease = mm.use(name, keep_alive=keep_alive)
-            handle = await lease.__aenter__()
         except ModelMoraError:
+            return None
+        handle = lease.enter_now()  # never waits, never starts a load: those are the full path's
+        if handle is None:
             return None
         try:
             if handle.endpoint is None:
