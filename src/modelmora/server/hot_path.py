@@ -15,6 +15,7 @@ replayed, so every error keeps one answer and one place that writes it.
 
 from __future__ import annotations
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .proxy import ROUTES, Proxy
@@ -37,7 +38,9 @@ class HotPath:
         first = await receive()
         answer = None
         if first["type"] == "http.request" and not first.get("more_body", False):
-            headers = dict(scope["headers"])
+            headers: dict[bytes, bytes] = {}
+            for key, value in scope["headers"]:
+                headers.setdefault(key, value)  # the first of repeated headers, as starlette reads them
             keep_alive = headers.get(b"x-keep-alive")
             answer = await self.proxy.hot(
                 route,
@@ -48,10 +51,14 @@ class HotPath:
         if answer is None:
             await self.app(scope, _replay(first, receive), send)
             return
-        status, reply_headers, content = answer
-        reply_headers.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": reply_headers})
-        await send({"type": "http.response.body", "body": content})
+        try:
+            await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+            async for chunk in answer.body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            with anyio.CancelScope(shield=True):
+                await answer.close()
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -18,6 +18,7 @@ below FastAPI's routing and validation layers (see :mod:`modelmora.server.hot_pa
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -73,6 +74,9 @@ _UNDER_WAY = (State.LOADING, State.WAKING)
 _ENTITY_HEADERS = frozenset(
     {"content-type", "content-encoding", "content-language", "content-disposition", "cache-control", "vary"}
 )
+# the hot path also passes the runtime's length (the bytes are the same); without one the
+# answer goes out chunked
+_PASSED_HEADERS = _ENTITY_HEADERS | {"content-length"}
 
 
 class Proxy:
@@ -112,13 +116,17 @@ class Proxy:
         """One connection pool to the runtimes (made on first use: it needs the running loop).
         Bodies pass through as the runtime sent them, compressed or not."""
         if self._client is None:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self.timeout)
+            # connect: waiting for a pooled connection included; sock_read: between bytes
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=self.timeout, sock_connect=10.0, sock_read=self.timeout
+            )
             self._client = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
         return self._client
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.close()
+            client, self._client = self._client, None
+            await client.close()
 
     def _keep_alive(self, body: _Body, header: str | None) -> float | None:
         raw = body.keep_alive if body.keep_alive is not None else header
@@ -213,8 +221,12 @@ class Proxy:
             reply = await self.client.post(url, json=payload, headers={"accept-encoding": accept})
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(handle, body.model, exc) from None
-        self.metrics.requests.labels(body.model, str(reply.status)).inc()
-        headers = {k: v for k, v in reply.headers.items() if k.lower() in _ENTITY_HEADERS}
+        try:
+            self.metrics.requests.labels(body.model, str(reply.status)).inc()
+            headers = {k: v for k, v in reply.headers.items() if k.lower() in _ENTITY_HEADERS}
+        except BaseException:
+            reply.release()
+            raise
 
         async def close() -> None:
             reply.release()
@@ -229,12 +241,13 @@ class Proxy:
 
     async def hot(
         self, path: str, raw: bytes, keep_alive_header: str | None, accept_encoding: str
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """The answer to a non-streaming request for a registered model that is ready, as
-        (status, headers, body); None when the request needs the full path (anything
-        invalid, a model not ready or parked, a route it may not serve, streaming, an
-        in-process model), which then answers it from the start.  The same lease, keep-alive,
-        metrics and pass-through as the full path; only the framework layers are skipped."""
+    ) -> HotAnswer | None:
+        """The answer to a non-streaming request for a registered model that is ready; None
+        when the request needs the full path (anything invalid, a model not ready or parked,
+        a route it may not serve, streaming, an in-process model), which then answers it from
+        the start.  The same lease, keep-alive, metrics and pass-through as the full path;
+        only the framework layers are skipped.  The caller sends the answer and must close
+        it (that releases the runtime's connection and the lease)."""
         try:
             body = ROUTES[path].model_validate_json(raw)
             keep_alive = self._keep_alive(body, keep_alive_header)
@@ -254,27 +267,36 @@ class Proxy:
         handle = lease.enter_now()  # never waits, never starts a load: those are the full path's
         if handle is None:
             return None
-        try:
-            if handle.endpoint is None:
-                return None
-            url, payload = self._upstream(handle, path, body)
-            try:
-                async with self.client.post(
-                    url, json=payload, headers={"accept-encoding": accept_encoding}
-                ) as reply:
-                    content = await reply.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error = self._unreachable(handle, name, exc)
-                return error.status, [(b"content-type", b"application/json")], _json(error_body(error))
-            self.metrics.requests.labels(name, str(reply.status)).inc()
-            headers = [
-                (k.lower().encode("latin-1"), v.encode("latin-1"))
-                for k, v in reply.headers.items()
-                if k.lower() in _ENTITY_HEADERS
-            ]
-            return reply.status, headers, content
-        finally:
+        if handle.endpoint is None:
             await _release(lease)
+            return None
+        url, payload = self._upstream(handle, path, body)
+        try:
+            reply = await self.client.post(url, json=payload, headers={"accept-encoding": accept_encoding})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await _release(lease)
+            error = self._unreachable(handle, name, exc)
+            content = _json(error_body(error))
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(content)).encode()),
+            ]
+            return HotAnswer(error.status, headers, _once(content), _nothing)
+        except BaseException:
+            await _release(lease)
+            raise
+        self.metrics.requests.labels(name, str(reply.status)).inc()
+        headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in reply.headers.items()
+            if k.lower() in _PASSED_HEADERS
+        ]
+
+        async def close() -> None:
+            reply.release()
+            await _release(lease)
+
+        return HotAnswer(reply.status, headers, reply.content.iter_any(), close)
 
     async def _in_process(self, handle: Handle, path: str, body: _Body) -> Response:
         if path != "embeddings" or not isinstance(body, EmbeddingRequest):
@@ -301,6 +323,26 @@ class Proxy:
         return JSONResponse(
             {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         )  # fmt: skip
+
+
+@dataclasses.dataclass
+class HotAnswer:
+    """A hot-path answer: its status, headers and body (passed through as the runtime sends
+    it, compressed or not, never buffered whole); ``close`` releases the runtime's connection
+    and the lease, however the answer ended."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]
+
+
+async def _once(content: bytes) -> AsyncIterator[bytes]:
+    yield content
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _json(value: Any) -> bytes:
