@@ -365,3 +365,19 @@ async def test_a_server_that_cannot_start_leaves_our_connections_to_its_port_alo
     finally:
         for s in (ours, peer, other):
             s.close()
+
+
+def test_llama_servers_ready_lines_are_not_mistaken_for_others(tmp_path: Path) -> None:
+    from modelmora.providers.llamacpp import READY_LINES
+    from modelmora.providers.process import _LogSays
+
+    log = tmp_path / "server.log"
+    says = _LogSays(log, READY_LINES)
+    log.write_bytes(
+        b"0.00.011 I srv    load_model: loading model '/models/x: model loaded\\n.gguf'\n"
+        b"0.00.012 I clip: no CLIP model loaded\n"
+    )
+    assert not says() and not says.seen
+    with log.open("ab") as f:
+        f.write(b"0.00.038 I srv  llama_server: model loaded\n")
+    assert says() and says.seen

@@ -64,12 +64,13 @@ from .process import (
 from .readiness import wait_until_ready
 
 ENV_BINARY = "MODELMORA_LLAMA_SERVER"
-READY_LINES = (b"model loaded", b"listening on")
+READY_LINES = (b": model loaded\n", b": listening on http")
 """What llama-server logs once it serves: ``tools/server/server.cpp`` (llama.cpp as vendored
 in llama-cpp-python 0.3.36) stores ``ctx_http.is_ready`` — what makes ``/health`` answer
 200 — and then logs ``model loaded`` and ``listening on http://...``; a request that arrives
 before its main loop starts waits in the task queue.  So the server is ready when either
-line appears.  ``/health`` polling every ``poll_interval`` remains the fallback for a build
+line appears (matched with the ``: `` of the logger's prefix and the line's end, so that
+``no CLIP model loaded`` or a path in ``loading model '...'`` cannot pass for it).  ``/health`` polling every ``poll_interval`` remains the fallback for a build
 that words it differently."""
 
 

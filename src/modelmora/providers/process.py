@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,16 +324,24 @@ class _Growth:
     (llama-server: "model loaded", "listening on"), so a new line is the moment to ask its
     health URL.  One ``stat`` a call."""
 
+    every = 0.025  # seconds: at most one health request this often (progress bars log a lot)
+
     def __init__(self, log: Path):
         self.log = log
         self.size = -1
+        self.last = -math.inf
 
     def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
         try:
             size = self.log.stat().st_size
         except OSError:
             return False
         grew, self.size = size != self.size, size
+        if grew:
+            self.last = now
         return grew
 
 

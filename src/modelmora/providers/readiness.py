@@ -24,7 +24,7 @@ async def wait_until_ready(
     interval: float,
     output_label: str = "last output",
     progress: Callable[[], bool] | None = None,
-    progress_interval: float = 0.002,
+    progress_interval: float = 0.005,
 ) -> None:
     """Poll ``ready`` (HTTP errors mean "not yet": servers refuse connections while loading)
     until it holds: at once, then every ``interval`` seconds, and sooner whenever the cheap
