@@ -71,6 +71,7 @@ class _Running:
     command: list[str]
     log: Path
     process: anyio.abc.Process | None = None  # None for an adopted process (not our child)
+    ready: bool = False  # it answered as ready on ``port``, so the port is its own
 
 
 class ProcessProvider(Provider):
@@ -200,6 +201,7 @@ class ProcessProvider(Provider):
             ready, died, output, model=spec.name, provider=self.name, not_ready=f"{health} did not answer 200",
             timeout=timeout, interval=self.settings.poll_interval, progress=progress,
         )  # fmt: skip
+        running.ready = True
 
     def _progress(self, running: _Running) -> Callable[[], bool]:
         """When to ask the health URL before the next poll: the server logged something."""
@@ -245,11 +247,11 @@ class ProcessProvider(Provider):
 
     def _drop_idle_connections(self, running: _Running) -> None:
         """Shut down our connections to ``running``'s port, only when the port is that
-        server's (its process tree listens on it): a server that could not bind its port
-        (another runtime holds it) must not cost us our connections to that runtime.  Best
-        effort: nothing here may fail the stop."""
+        server's: it answered as ready there and is still alive.  A server that never got
+        ready (it could not bind a port another runtime holds) must not cost us our
+        connections to that runtime.  Best effort: nothing here may fail the stop."""
         try:
-            if _listens_on(running.pid, running.port):
+            if running.ready and _alive(running.pid):
                 _drop_connections(self.settings.host, running.port)
         except Exception:  # an optimisation: the stop itself goes on
             return
@@ -399,18 +401,6 @@ def _same_process(pid: int, command: list[str]) -> bool:
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(os.getpgid(pid), sig)
-
-
-def _listens_on(pid: int, port: int) -> bool:
-    """Whether a process of the tree under ``pid`` listens on TCP ``port``."""
-    for member in (pid, *_descendants(pid)):
-        try:
-            connections = psutil.Process(member).net_connections(kind="tcp")
-        except psutil.Error:
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections):
-            return True
-    return False
 
 
 def _drop_connections(host: str, port: int) -> int:
