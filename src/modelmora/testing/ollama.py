@@ -91,7 +91,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -636,6 +636,43 @@ async def _paced(state: OllamaState, words: list[str]) -> AsyncIterator[str]:
         yield w
 
 
+def _usage(prompt: str, text: str) -> dict[str, int]:
+    return {
+        "prompt_tokens": len(prompt.split()),
+        "completion_tokens": len(text.split()),
+        "total_tokens": len(prompt.split()) + len(text.split()),
+    }
+
+
+async def _openai_answer(
+    state: OllamaState,
+    runner: Runner,
+    words: list[str],
+    stream: bool,
+    whole: Callable[[str], dict[str, Any]],
+    piece: Callable[[str | None], dict[str, Any]],
+) -> Response:
+    """An OpenAI-style answer of ``words``, paced like tokens: ``whole(text)`` as one JSON
+    body, or ``piece(word)`` per server-sent event, then ``piece(None)`` (the finish) and
+    ``[DONE]``.  The runner is released however the answer ends."""
+    if not stream:
+        try:
+            text = "".join([w async for w in _paced(state, words)])
+        finally:
+            state.release(runner)
+        return JSONResponse(whole(text))
+
+    async def sse() -> AsyncIterator[bytes]:
+        try:
+            async for word in _paced(state, words):
+                yield f"data: {json.dumps(piece(word))}\n\n".encode()
+            yield f"data: {json.dumps(piece(None))}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            state.release(runner)
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
 def _reply_words(prompt: str) -> list[str]:
     digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
     return ["Echo", " (", digest, "):", *[" " + w for w in prompt.split()[:12]]]
@@ -874,81 +911,42 @@ def build_app(state: OllamaState) -> Starlette:
             raise OpenAIError(400, "[] is too short - 'messages'")
         runner = await state.schedule(model, {}, None)
         last = str(messages[-1].get("content", "")) if isinstance(messages[-1], dict) else ""
-        words = _reply_words(last)
-        created = int(time.time())
-        name = shown(data, model)
+        head = {"id": "chatcmpl-emulated", "created": int(time.time()), "model": shown(data, model),
+                "system_fingerprint": "fp_ollama"}  # fmt: skip
 
-        def tokens() -> AsyncIterator[str]:
-            return _paced(state, words)
+        def whole(text: str) -> dict[str, Any]:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(last, text)}
 
-        if not data.get("stream"):
-            try:
-                text = "".join([w async for w in tokens()])
-            finally:
-                state.release(runner)
-            return JSONResponse({
-                "id": "chatcmpl-emulated", "object": "chat.completion", "created": created, "model": name,
-                "system_fingerprint": "fp_ollama",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": len(last.split()), "completion_tokens": len(text.split()), "total_tokens": len(last.split()) + len(text.split())},
-            })  # fmt: skip
+        def piece(word: str | None) -> dict[str, Any]:
+            delta = {"role": "assistant", "content": word} if word is not None else {}
+            choice = {"index": 0, "delta": delta, "finish_reason": None if word is not None else "stop"}
+            return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-        async def sse() -> AsyncIterator[bytes]:
-            try:
-                async for word in tokens():
-                    piece = {"id": "chatcmpl-emulated", "object": "chat.completion.chunk", "created": created, "model": name,
-                             "system_fingerprint": "fp_ollama",
-                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": word}, "finish_reason": None}]}  # fmt: skip
-                    yield f"data: {json.dumps(piece)}\n\n".encode()
-                end = {"id": "chatcmpl-emulated", "object": "chat.completion.chunk", "created": created, "model": name,
-                       "system_fingerprint": "fp_ollama", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}  # fmt: skip
-                yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode()
-            finally:
-                state.release(runner)
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return await _openai_answer(state, runner, _reply_words(last), bool(data.get("stream")), whole, piece)
 
     async def openai_completions(request: Request) -> Response:
+        """``openai/openai.go`` ``ToCompletion``/``ToCompleteChunk``: ``text_completion`` pieces, then [DONE]."""
         gate()
         data, model = await openai_model(request)
         if model.embedding:
             raise OpenAIError(400, f'"{data.get("model")}" does not support generate')
         runner = await state.schedule(model, {}, None)
         prompt = str(data.get("prompt") or "")
-        words = _reply_words(prompt)
-        created, name = int(time.time()), shown(data, model)
+        head = {"id": "cmpl-emulated", "object": "text_completion", "created": int(time.time()),
+                "model": shown(data, model), "system_fingerprint": "fp_ollama"}  # fmt: skip
 
-        def tokens() -> AsyncIterator[str]:
-            return _paced(state, words)
+        def whole(text: str) -> dict[str, Any]:
+            choice = {"text": text, "index": 0, "finish_reason": "stop"}
+            return {**head, "choices": [choice], "usage": _usage(prompt, text)}
 
-        if not data.get("stream"):
-            try:
-                text = "".join([w async for w in tokens()])
-            finally:
-                state.release(runner)
-            return JSONResponse({
-                "id": "cmpl-emulated", "object": "text_completion", "created": created, "model": name,
-                "system_fingerprint": "fp_ollama",
-                "choices": [{"text": text, "index": 0, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
-                          "total_tokens": len(prompt.split()) + len(text.split())},
-            })  # fmt: skip
+        def piece(word: str | None) -> dict[str, Any]:
+            choice = {"text": word or "", "index": 0, "finish_reason": None if word is not None else "stop"}
+            return {**head, "choices": [choice]}
 
-        async def sse() -> AsyncIterator[bytes]:
-            """``openai/openai.go`` ``ToCompleteChunk``: ``text_completion`` pieces, then [DONE]."""
-            try:
-                async for word in tokens():
-                    piece = {"id": "cmpl-emulated", "object": "text_completion", "created": created, "model": name,
-                             "system_fingerprint": "fp_ollama",
-                             "choices": [{"text": word, "index": 0, "finish_reason": None}]}  # fmt: skip
-                    yield f"data: {json.dumps(piece)}\n\n".encode()
-                end = {"id": "cmpl-emulated", "object": "text_completion", "created": created, "model": name,
-                       "system_fingerprint": "fp_ollama", "choices": [{"text": "", "index": 0, "finish_reason": "stop"}]}  # fmt: skip
-                yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode()
-            finally:
-                state.release(runner)
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return await _openai_answer(
+            state, runner, _reply_words(prompt), bool(data.get("stream")), whole, piece
+        )
 
     async def openai_embeddings(request: Request) -> Response:
         gate()
