@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -166,3 +168,25 @@ def proxy_over(tmp_path: Path, upstream: str, name: str, target: str) -> Iterato
             # a restart adopts them), so the test stops the upstream it started
             unloaded = httpx.post(f"{server.url}/unload-all", json={"force": True}, timeout=30)
             assert unloaded.status_code == 200, unloaded.text
+
+
+def stream_in_background(url: str, body: dict[str, Any]) -> threading.Thread:
+    """POST ``body`` to ``url`` and read the streamed answer to its end, in a thread (a
+    request in flight while the test does something else); join the thread to finish."""
+
+    def run() -> None:
+        with httpx.stream("POST", url, json=body, timeout=30) as r:
+            for _ in r.iter_lines():
+                pass
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Until ``condition()`` holds; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -15,6 +15,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from conftest import stream_in_background, wait_for
 
 from modelmora.testing.ollama import (
     GIB,
@@ -339,23 +340,8 @@ def test_a_model_over_80_percent_of_free_vram_evicts_another(make_ollama: Start)
 # -- 4. time in flight -------------------------------------------------------------------
 
 
-def stream_in_background(url: str, model: str, words: int = 12) -> threading.Thread:
-    def run() -> None:
-        body = {"model": model, "prompt": " ".join(["w"] * words)}
-        with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=30) as r:
-            for _ in r.iter_lines():
-                pass
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+def generating(url: str, model: str) -> threading.Thread:
+    return stream_in_background(f"{url}/api/generate", {"model": model, "prompt": " ".join(["w"] * 12)})
 
 
 def test_keep_alive_0_during_a_request_unloads_when_the_last_request_ends(make_ollama: Start) -> None:
@@ -363,7 +349,7 @@ def test_keep_alive_0_during_a_request_unloads_when_the_last_request_ends(make_o
     (refCount reaches 0 with sessionDuration 0 → unload)."""
     emu = make_ollama(token_delay=0.05)
     httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b"})
-    thread = stream_in_background(emu.url, "qwen2.5:14b")
+    thread = generating(emu.url, "qwen2.5:14b")
     wait_for(lambda: emu.state.runners["qwen2.5:14b"].in_flight == 1)
     r = httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": 0})
     assert r.json()["done_reason"] == "unload" and emu.loaded() == ["qwen2.5:14b"]  # still streaming
@@ -376,7 +362,7 @@ def test_evicting_a_busy_runner_waits_for_its_request(make_ollama: Start) -> Non
     scheduler waits on unloadedCh, which comes only once its refCount is 0."""
     emu = make_ollama(models={"a:1b": "12GB", "b:1b": "12GB"}, vram="24GB", token_delay=0.05)
     httpx.post(f"{emu.url}/api/generate", json={"model": "a:1b"})
-    thread = stream_in_background(emu.url, "a:1b")
+    thread = generating(emu.url, "a:1b")
     wait_for(lambda: emu.state.runners["a:1b"].in_flight == 1)
     started = time.monotonic()
     httpx.post(f"{emu.url}/api/generate", json={"model": "b:1b"}, timeout=30)  # needs a's room

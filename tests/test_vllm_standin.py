@@ -9,13 +9,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import stream_in_background, wait_for
 
 from modelmora import LoadFailed
 from modelmora.errors import ProviderError
@@ -52,23 +52,9 @@ def complete(url: str, prompt: str = "are you awake") -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json={"model": "qwen", "prompt": prompt}, timeout=30)
 
 
-def stream_in_background(url: str) -> threading.Thread:
-    def run() -> None:
-        body = {"model": "qwen", "prompt": " ".join(["w"] * 15), "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-            for _ in r.iter_lines():
-                pass
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+def completing(url: str) -> threading.Thread:
+    body = {"model": "qwen", "prompt": " ".join(["w"] * 15), "stream": True}
+    return stream_in_background(f"{url}/v1/completions", body)
 
 
 # -- the stand-in itself ---------------------------------------------------------------------
@@ -113,7 +99,7 @@ def test_sleeping_with_a_request_in_flight_answers_200_and_kills_the_engine(stan
     """vLLM 0.11's /sleep frees the memory under a running batch and still answers 200;
     /metrics vllm:num_requests_running showed the request."""
     state, url = standin(token_delay=0.05)
-    thread = stream_in_background(url)
+    thread = completing(url)
     wait_for(
         lambda: (
             'vllm:num_requests_running{engine="0",model_name="qwen"} 1.0' in httpx.get(f"{url}/metrics").text
@@ -197,7 +183,7 @@ async def test_wake_after_level_2_reloads_the_weights(standin: Start) -> None:
 @pytest.mark.anyio
 async def test_sleep_waits_for_requests_in_flight_instead_of_crashing_the_engine(standin: Start) -> None:
     state, url = standin(token_delay=0.05)
-    thread = stream_in_background(url)
+    thread = completing(url)
     wait_for(lambda: state.running == 1)
     async with provider() as p:
         await p.sleep(handle_for(url), 1)
@@ -209,7 +195,7 @@ async def test_sleep_waits_for_requests_in_flight_instead_of_crashing_the_engine
 @pytest.mark.anyio
 async def test_sleep_refuses_an_engine_that_stays_busy(standin: Start) -> None:
     state, url = standin(token_delay=0.1)
-    thread = stream_in_background(url)
+    thread = completing(url)
     wait_for(lambda: state.running == 1)
     async with provider(drain_timeout=0.2) as p:
         with pytest.raises(ProviderError, match="in flight"):
