@@ -381,3 +381,33 @@ def test_llama_servers_ready_lines_are_not_mistaken_for_others(tmp_path: Path) -
     with log.open("ab") as f:
         f.write(b"0.00.038 I srv  llama_server: model loaded\n")
     assert says() and says.seen
+
+
+async def test_a_server_on_a_gpu_is_measured_by_what_nvml_says_its_processes_hold(tmp_path: Path) -> None:
+    """On a GPU the memory of a server is its process tree's share in NVML's per-process
+    accounting (the registry's number is only the estimate before the load).  NVML is the
+    one stand-in here: a probe that reports the running server's PID holding 3 GB."""
+    from modelmora.memory import DeviceMemory, MemoryProbe
+    from modelmora.providers.process import ProcessProvider, ProcessSettings
+    from modelmora.spec import ModelSpec
+
+    provider = ProcessProvider("process", ProcessSettings(state_dir=str(tmp_path)))
+
+    class Nvml(MemoryProbe):
+        def read(self) -> list[DeviceMemory]:
+            held = {running.pid: 3 * 10**9 for running in provider.running.values()}
+            other = {1: 5 * 10**9}  # another process on the GPU: not the server's
+            return [DeviceMemory("cuda:0", 80 * 10**9, 8 * 10**9, 72 * 10**9, "nvml", "H100", held | other)]
+
+    provider.gpu_probe = Nvml()
+    spec = ModelSpec(
+        name="m", provider="process", target="m", device="cuda:0", memory={"cuda:0": 10**9},
+        options={"command": [sys.executable, "-m", "http.server", "${PORT}", "--bind", "127.0.0.1"], "health": "/"},
+    )  # fmt: skip
+    try:
+        handle = await provider.load(spec)
+        assert handle.memory == {"cuda:0": 3 * 10**9}
+        assert await provider.unload(handle) == {"cuda:0": 3 * 10**9}
+        assert provider.running == {}
+    finally:
+        await provider.aclose()
