@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,26 @@ class NvmlProbe(MemoryProbe):
                 with contextlib.suppress(Exception):
                     self._nvml.nvmlShutdown()
                 self._nvml = None
+
+
+_shared_nvml: NvmlProbe | None = None
+
+
+def gpu_bytes_of(pids: Collection[int], probe: MemoryProbe | None = None) -> dict[str, int]:
+    """GPU bytes per device (``cuda:N``, NVML's index) that the processes ``pids`` hold, from
+    NVML's per-process accounting (``nvmlDeviceGetComputeRunningProcesses``); empty where
+    there is no NVML or none of them is on a GPU.  Blocking (driver calls): call it off the
+    event loop.  ``probe``: another source of the same readings (tests)."""
+    global _shared_nvml
+    if probe is None:
+        probe = _shared_nvml = _shared_nvml or NvmlProbe()
+    wanted = set(pids)
+    out: dict[str, int] = {}
+    for device in probe.read():
+        used = sum(held for pid, held in device.processes.items() if pid in wanted)
+        if used:
+            out[device.device] = used
+    return out
 
 
 class TorchCudaProbe(MemoryProbe):

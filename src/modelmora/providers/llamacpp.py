@@ -46,6 +46,7 @@ import psutil
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed
+from ..memory import MemoryProbe, gpu_bytes_of
 from ..net import free_port
 from ..spec import Duration, ModelSpec, Size, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
@@ -53,6 +54,7 @@ from .process import (
     ProcessProvider,
     ProcessSettings,
     _alive,
+    _descendants,
     _home,
     _LogSays,
     _Running,
@@ -456,16 +458,33 @@ class LlamaCppRouterProvider(Provider):
                 )
             await anyio.sleep(self.settings.poll_interval)
 
+    gpu_probe: MemoryProbe | None = None  # NVML per process, shared (tests put another here)
+
     def _memory(self, spec: ModelSpec, pid: int | None) -> dict[str, int]:
+        """The model's child process (tree): its RSS on the CPU; on a GPU what NVML says it
+        holds there, else the registry's estimate.  Blocking on a GPU: see ``_measure``."""
         memory = dict(spec.memory)
-        if pid is not None and (spec.device == "cpu" or not memory):
+        if pid is None:
+            return memory
+        if spec.device == "cpu" or not memory:
             memory["cpu"] = _tree_rss(pid)
+        elif spec.device.startswith("cuda"):
+            measured = gpu_bytes_of([pid, *_descendants(pid)], self.gpu_probe)
+            if measured.get(spec.device):
+                memory[spec.device] = measured[spec.device]
         return memory
 
-    def _handle(self, spec: ModelSpec, url: str, model: str, entry: dict[str, Any], owned: bool) -> Handle:
+    async def _measure(self, spec: ModelSpec, pid: int | None) -> dict[str, int]:
+        if spec.device.startswith("cuda") and pid is not None:
+            return await anyio.to_thread.run_sync(self._memory, spec, pid)  # NVML: driver calls
+        return self._memory(spec, pid)
+
+    async def _handle(
+        self, spec: ModelSpec, url: str, model: str, entry: dict[str, Any], owned: bool
+    ) -> Handle:
         pid = self._child(entry)
         return Handle(
-            spec=spec, provider=self.name, endpoint=url, api="openai", memory=self._memory(spec, pid),
+            spec=spec, provider=self.name, endpoint=url, api="openai", memory=await self._measure(spec, pid),
             owned=owned, served_name=model, pid=pid, runtime=entry,
         )  # fmt: skip
 
@@ -490,12 +509,12 @@ class LlamaCppRouterProvider(Provider):
             with anyio.CancelScope(shield=True), contextlib.suppress(httpx.HTTPError):
                 await self._client.post(f"{url}/models/unload", json={"model": model})
             raise
-        return self._handle(spec, url, model, entry, owned=True)
+        return await self._handle(spec, url, model, entry, owned=True)
 
     async def unload(self, handle: Handle) -> dict[str, int]:
         url = self.url or await self._ensure_router(handle.name)
         model = handle.model_name
-        freed = self._memory(handle.spec, handle.pid)
+        freed = await self._measure(handle.spec, handle.pid)
         response = await self._client.post(f"{url}/models/unload", json={"model": model})
         if response.status_code == 200:
             with anyio.fail_after(self.settings.stop_grace + 10):
@@ -532,7 +551,7 @@ class LlamaCppRouterProvider(Provider):
         model = self.target_key(spec.target)
         timeout = parse_duration(spec.options.get("ready_timeout", self.settings.ready_timeout))
         entry = await self._wait_status(spec, url, model, "loaded", timeout)
-        return self._handle(spec, url, model, entry, owned=True)
+        return await self._handle(spec, url, model, entry, owned=True)
 
     async def watch(self, handle: Handle) -> str:
         """The child's PID where this machine runs it, else the router's status."""

@@ -46,6 +46,7 @@ import psutil
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, UnloadFailed
+from ..memory import MemoryProbe, gpu_bytes_of
 from ..net import expand, free_port
 from ..spec import Duration, Interval, ModelSpec, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings
@@ -78,6 +79,7 @@ class ProcessProvider(Provider):
     Settings = ProcessSettings
     settings: ProcessSettings
     capabilities = Capabilities(watch=True, slow_adopt=True)
+    gpu_probe: MemoryProbe | None = None  # NVML per process, shared (tests put another here)
     # a server whose log shows one of its ready lines (see _progress) is ready without a
     # health request: only for servers known to log them once they serve (llama-server)
     log_means_ready = False
@@ -164,13 +166,13 @@ class ProcessProvider(Provider):
             with anyio.CancelScope(shield=True):
                 await self._stop(spec, running)
             raise
-        return self._handle(spec, running)
+        return await self._handle(spec, running)
 
-    def _handle(self, spec: ModelSpec, running: _Running) -> Handle:
-        """The handle for a ready server (started here or adopted)."""
+    async def _handle(self, spec: ModelSpec, running: _Running) -> Handle:
+        """The handle for a ready server (started here or adopted), its memory measured."""
         return Handle(
             spec=spec, provider=self.name, endpoint=self._url(running.port), api="openai",
-            memory=self._memory(spec, running.pid), owned=True,
+            memory=await self._measure(spec, running.pid), owned=True,
             pid=running.pid, runtime=running, served_name=self._served_name(spec),
         )  # fmt: skip
 
@@ -207,11 +209,24 @@ class ProcessProvider(Provider):
         """When to ask the health URL before the next poll: the server logged something."""
         return _Growth(running.log)
 
+    async def _measure(self, spec: ModelSpec, pid: int) -> dict[str, int]:
+        """What the server's process tree holds: its RSS on the CPU (``/proc``, fast, on the
+        loop); on a GPU, NVML's per-process bytes (driver calls, in a worker thread)."""
+        if spec.device.startswith("cuda"):
+            return await anyio.to_thread.run_sync(self._memory, spec, pid)
+        return self._memory(spec, pid)
+
     def _memory(self, spec: ModelSpec, pid: int) -> dict[str, int]:
-        """RSS of the process tree on the CPU; the registry's estimate for other devices."""
+        """Bytes per device: the process tree's RSS on the CPU; on a GPU what NVML says the
+        tree's processes hold there (:func:`~modelmora.memory.gpu_bytes_of`), else the
+        registry's estimate (no NVML, or the server holds nothing there yet)."""
         memory = dict(spec.memory)
         if spec.device == "cpu" or not memory:
             memory["cpu"] = _tree_rss(pid)
+        elif spec.device.startswith("cuda"):
+            measured = gpu_bytes_of([pid, *_descendants(pid)], self.gpu_probe)
+            if measured.get(spec.device):
+                memory[spec.device] = measured[spec.device]
         return memory
 
     async def unload(self, handle: Handle) -> dict[str, int]:
@@ -219,7 +234,7 @@ class ProcessProvider(Provider):
         if running is None:
             handle.close()
             return {}
-        freed = self._memory(handle.spec, running.pid)
+        freed = await self._measure(handle.spec, running.pid)
         await self._stop(handle.spec, running)
         handle.close()
         return freed
@@ -298,7 +313,7 @@ class ProcessProvider(Provider):
         running = self.running[observed.target]
         timeout = parse_duration(spec.options.get("ready_timeout", self.settings.ready_timeout))
         await self._wait_ready(spec, running, timeout)
-        return self._handle(spec, running)
+        return await self._handle(spec, running)
 
     async def watch(self, handle: Handle) -> str:
         """Returns when the server process exits: our child is waited on (and reaped); an

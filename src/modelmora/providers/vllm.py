@@ -45,10 +45,12 @@ from typing import Any
 
 import anyio
 import httpx
+import psutil
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderError, ProviderUnavailable, UnloadFailed
 from ..extras import install_hint
+from ..memory import gpu_bytes_of
 from ..net import expand
 from ..spec import Duration, Interval, ModelSpec, Size, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
@@ -569,30 +571,14 @@ def _logs(container: Any) -> str:
 
 def _nvml_container_usage(container: Any) -> int | None:
     """GPU bytes used by the container's processes, from NVML's per-process accounting
-    (None where there is no NVML or no process of the container on a GPU)."""
+    (None where there is no NVML or no process of the container on a GPU).  Blocking."""
     try:
-        import psutil
-        import pynvml
-
         container.reload()
         root = int(container.attrs["State"]["Pid"])
         pids = {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
-        pynvml.nvmlInit()
     except Exception:
         return None
-    try:
-        used = 0
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            device = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(device):
-                if proc.pid in pids and proc.usedGpuMemory:
-                    used += int(proc.usedGpuMemory)
-        return used or None
-    except Exception:
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
+    return sum(gpu_bytes_of(pids).values()) or None
 
 
 def _nvml_total() -> int | None:
