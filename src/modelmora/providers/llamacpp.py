@@ -46,7 +46,7 @@ import psutil
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed
-from ..memory import MemoryProbe, gpu_bytes_of
+from ..memory import MemoryProbe
 from ..net import free_port
 from ..spec import Duration, ModelSpec, Size, parse_duration
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
@@ -54,7 +54,6 @@ from .process import (
     ProcessProvider,
     ProcessSettings,
     _alive,
-    _descendants,
     _home,
     _LogSays,
     _Running,
@@ -62,6 +61,7 @@ from .process import (
     _signal_group,
     _tail,
     _tree_rss,
+    measure_tree,
 )
 from .readiness import wait_until_ready
 
@@ -460,24 +460,9 @@ class LlamaCppRouterProvider(Provider):
 
     gpu_probe: MemoryProbe | None = None  # NVML per process, shared (tests put another here)
 
-    def _memory(self, spec: ModelSpec, pid: int | None) -> dict[str, int]:
-        """The model's child process (tree): its RSS on the CPU; on a GPU what NVML says it
-        holds there, else the registry's estimate.  Blocking on a GPU: see ``_measure``."""
-        memory = dict(spec.memory)
-        if pid is None:
-            return memory
-        if spec.device == "cpu" or not memory:
-            memory["cpu"] = _tree_rss(pid)
-        elif spec.device.startswith("cuda"):
-            measured = gpu_bytes_of([pid, *_descendants(pid)], self.gpu_probe)
-            if measured.get(spec.device):
-                memory[spec.device] = measured[spec.device]
-        return memory
-
     async def _measure(self, spec: ModelSpec, pid: int | None) -> dict[str, int]:
-        if spec.device.startswith("cuda") and pid is not None:
-            return await anyio.to_thread.run_sync(self._memory, spec, pid)  # NVML: driver calls
-        return self._memory(spec, pid)
+        """The model's child process (tree), as a per-model server is measured."""
+        return dict(spec.memory) if pid is None else await measure_tree(spec, pid, self.gpu_probe)
 
     async def _handle(
         self, spec: ModelSpec, url: str, model: str, entry: dict[str, Any], owned: bool

@@ -210,24 +210,7 @@ class ProcessProvider(Provider):
         return _Growth(running.log)
 
     async def _measure(self, spec: ModelSpec, pid: int) -> dict[str, int]:
-        """What the server's process tree holds: its RSS on the CPU (``/proc``, fast, on the
-        loop); on a GPU, NVML's per-process bytes (driver calls, in a worker thread)."""
-        if spec.device.startswith("cuda"):
-            return await anyio.to_thread.run_sync(self._memory, spec, pid)
-        return self._memory(spec, pid)
-
-    def _memory(self, spec: ModelSpec, pid: int) -> dict[str, int]:
-        """Bytes per device: the process tree's RSS on the CPU; on a GPU what NVML says the
-        tree's processes hold there (:func:`~modelmora.memory.gpu_bytes_of`), else the
-        registry's estimate (no NVML, or the server holds nothing there yet)."""
-        memory = dict(spec.memory)
-        if spec.device == "cpu" or not memory:
-            memory["cpu"] = _tree_rss(pid)
-        elif spec.device.startswith("cuda"):
-            measured = gpu_bytes_of([pid, *_descendants(pid)], self.gpu_probe)
-            if measured.get(spec.device):
-                memory[spec.device] = measured[spec.device]
-        return memory
+        return await measure_tree(spec, pid, self.gpu_probe)
 
     async def unload(self, handle: Handle) -> dict[str, int]:
         running = self.running.get(handle.target)
@@ -388,6 +371,28 @@ class _LogSays:
         found = any(m in text for m in self.markers)
         self.seen = self.seen or found
         return found
+
+
+async def measure_tree(spec: ModelSpec, pid: int, probe: MemoryProbe | None = None) -> dict[str, int]:
+    """Bytes per device a model's server holds, ``pid`` and the processes below it: their
+    RSS on the CPU (``/proc``, fast, on the event loop); on a GPU what NVML's per-process
+    accounting says they hold there (:func:`~modelmora.memory.gpu_bytes_of`: driver calls,
+    in a worker thread), else the registry's estimate (no NVML, or nothing held there yet).
+    ``probe``: another source of NVML's readings (tests)."""
+    if spec.device.startswith("cuda"):
+        return await anyio.to_thread.run_sync(_tree_memory, spec, pid, probe)
+    return _tree_memory(spec, pid, probe)
+
+
+def _tree_memory(spec: ModelSpec, pid: int, probe: MemoryProbe | None) -> dict[str, int]:
+    memory = dict(spec.memory)
+    if spec.device == "cpu" or not memory:
+        memory["cpu"] = _tree_rss(pid)
+    elif spec.device.startswith("cuda"):
+        measured = gpu_bytes_of([pid, *_descendants(pid)], probe)
+        if measured.get(spec.device):
+            memory[spec.device] = measured[spec.device]
+    return memory
 
 
 def _tail(log: Path, lines: int = 8) -> str:
