@@ -22,6 +22,7 @@ from modelmora import ModelManager
 from modelmora import events as ev
 from modelmora.memory import StaticProbe
 from modelmora.net import free_port
+from modelmora.providers.base import Capabilities
 from modelmora.providers.torch import TorchProvider
 from modelmora.testing.faulty import FaultyProvider
 from modelmora.testing.ollama import OllamaEmulator
@@ -193,3 +194,35 @@ async def test_reconcile_does_not_apply_an_observation_older_than_the_entry_it_c
             faulty.release("observe")  # ... and the old answer arrives
         assert faulty.instances["a"].parked_memory is not None
         assert mm.is_parked("a"), "a stale 'active' observation flipped the parked model back to ready"
+
+
+# -- a caller that waited for an adoption that failed -----------------------------------------
+
+
+async def test_a_caller_waiting_on_a_failed_adoption_gets_a_fresh_load_not_its_error() -> None:
+    """The model was found resident at start-up and its adoption is under way when a caller
+    asks for it; the adoption fails (the server found there never got ready).  That was
+    not the caller's load: the caller's request loads the model afresh."""
+    faulty = FaultyProvider()
+    faulty.capabilities = Capabilities(warm_tier=True, refresh=True, slow_adopt=True)  # start-up won't wait
+    faulty.add_foreign("a", {"cuda:0": 4 * 10**9}, owned=True)
+    faulty.hold("adopt", "a", times=1)
+    with anyio.fail_after(30):
+        await _caller_after_failed_adoption(faulty)
+
+
+async def _caller_after_failed_adoption(faulty: FaultyProvider) -> None:
+    async with faulty_manager(faulty, {"a": model(4)}) as mm:
+        await faulty.wait_pending("adopt", "a")
+        async with anyio.create_task_group() as tg:
+            got: list[Any] = []
+
+            async def caller() -> None:
+                async with mm.use("a") as handle:
+                    got.append(handle)
+
+            tg.start_soon(caller)
+            await settle()
+            faulty.release("adopt", "a", error=RuntimeError("the adopted server never got ready"))
+        loads = [c for c in faulty.calls if c.op == "load" and c.target == "a"]
+        assert len(got) == 1 and len(loads) == 1 and loads[0].outcome == "ok"
