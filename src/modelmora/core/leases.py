@@ -180,6 +180,8 @@ class Leases:
             if entry.state is State.READY and core.table.get(name) is entry:
                 entry.holders += 1
                 return entry, loaded_here
+            if entry.adopting and entry.state is State.GONE:
+                continue  # an adoption that failed was not this caller's load: load it afresh
             if entry.error is not None and entry.state in (State.GONE, State.SLEEPING):
                 raise entry.error
 

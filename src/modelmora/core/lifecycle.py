@@ -103,6 +103,7 @@ class Entry:
 
     __slots__ = (
         "_changed",
+        "adopting",
         "attempt",
         "blocking",
         "bypass_left",
@@ -158,6 +159,7 @@ class Entry:
         self.bypass_left = 0  # leases still granted while it blocks someone
         self.unblocked = anyio.Event()
         self.attempt = anyio.Event()  # set when the current load or wake attempt settles
+        self.adopting = False  # the attempt is reconcile's adoption, not a caller's load
         self._changed = anyio.Event()
 
     @property

@@ -110,6 +110,7 @@ class Reconciler:
         asleep = seen.tier is Tier.SLEEPING
         entry.can_park = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
         entry.attempt = anyio.Event()
+        entry.adopting = True
         core.table.add(entry)
         core.task_group().start_soon(
             self._adoption, provider, entry, seen, name=f"modelmora-adopt-{spec.name}"
@@ -141,6 +142,8 @@ class Reconciler:
                 core.lifecycle.apply(entry, Action.LOADED, event, handle=handle)
                 self.transitions.watch(entry)
         finally:
+            if entry.state is not State.GONE:
+                entry.adopting = False
             entry.attempt.set()
 
 
