@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from modelmora import ModelManager
@@ -190,3 +191,18 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def servers_for(target: str) -> list[psutil.Process]:
+    """Live processes whose command line names ``target`` (a model's servers)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if target in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+@pytest.fixture
+def emu(make_ollama: Callable[..., OllamaEmulator]) -> OllamaEmulator:
+    """A strict Ollama emulator with its default catalogue, stopped after the test."""
+    return make_ollama()

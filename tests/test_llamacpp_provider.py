@@ -19,6 +19,7 @@ import anyio
 import httpx
 import psutil
 import pytest
+from conftest import servers_for
 
 from modelmora import LoadFailed, ModelManager
 from modelmora.memory import StaticProbe
@@ -61,14 +62,6 @@ def config(tmp_path: Path, binary: str, target: str, **options: Any) -> dict[str
             }
         },
     }
-
-
-def servers_for(target: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if target in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(p)
-    return found
 
 
 def complete(endpoint: str, model: str) -> str:

@@ -14,6 +14,7 @@ import anyio
 import httpx
 import psutil
 import pytest
+from conftest import servers_for
 
 if importlib.util.find_spec("llama_cpp") is None:  # not imported here: the server runs it
     pytest.skip("bash .ci/setup.sh builds llama-cpp-python[server]", allow_module_level=True)
@@ -58,14 +59,6 @@ def config(tmp_path: Path, target: str, **options: Any) -> dict[str, Any]:
             }
         },
     }
-
-
-def servers_for(target: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if target in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(p)
-    return found
 
 
 async def test_start_serve_and_stop_a_real_llama_cpp_server(gguf_model: Path, tmp_path: Path) -> None:

@@ -53,11 +53,6 @@ def serve() -> Iterator[Callable[..., str]]:
         server.stop()
 
 
-@pytest.fixture
-def emu(make_ollama: Callable[..., OllamaEmulator]) -> OllamaEmulator:
-    return make_ollama()
-
-
 def test_rest_api_loads_lists_and_unloads(serve: Callable[..., str], emu: OllamaEmulator) -> None:
     url = serve(config_for(emu))
     with httpx.Client(base_url=url, timeout=30) as c:

@@ -66,11 +66,6 @@ def serve() -> Iterator[Callable[..., ThreadedServer]]:
         server.stop()
 
 
-@pytest.fixture
-def emu(make_ollama: Callable[..., OllamaEmulator]) -> OllamaEmulator:
-    return make_ollama()
-
-
 # -- 1. cross-origin requests and DNS rebinding, without a token ---------------------------
 
 

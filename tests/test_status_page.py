@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def test_status_page_shows_models_memory_and_events(
-    make_ollama: Callable[..., OllamaEmulator], tmp_path: Path
-) -> None:
+def page_setup(make_ollama: Callable[..., OllamaEmulator]) -> tuple[Any, dict[str, Any]]:
+    """playwright's sync API and a config with one model on a fresh emulator; skips where
+    playwright or chromium is missing."""
     playwright = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright (in the dev extra)"
     )
@@ -32,6 +33,13 @@ def test_status_page_shows_models_memory_and_events(
         "providers": {"ollama": {"base_url": emu.url}},
         "models": {"qwen": {"provider": "ollama", "target": "qwen2.5:14b", "memory": "9GB"}},
     }
+    return playwright, config
+
+
+def test_status_page_shows_models_memory_and_events(
+    make_ollama: Callable[..., OllamaEmulator], tmp_path: Path
+) -> None:
+    playwright, config = page_setup(make_ollama)
     server = ThreadedServer(create_app(config, token="pagetoken", title="test box"))
     with server, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -61,17 +69,7 @@ def test_status_page_shows_models_memory_and_events(
 
 def test_the_page_shows_events_from_before_it_was_opened(make_ollama: Callable[..., OllamaEmulator]) -> None:
     """Issue 16 item 22: the event stream starts with the recent history."""
-    playwright = pytest.importorskip(
-        "playwright.sync_api", reason="pip install playwright (in the dev extra)"
-    )
-    if not Path(CHROMIUM).exists():
-        pytest.skip("no chromium: bash .ci/setup-browser.sh installs Debian's")
-    emu = make_ollama()
-    config = {
-        "budgets": {"cuda:0": "24GB"},
-        "providers": {"ollama": {"base_url": emu.url}},
-        "models": {"qwen": {"provider": "ollama", "target": "qwen2.5:14b", "memory": "9GB"}},
-    }
+    playwright, config = page_setup(make_ollama)
     with ThreadedServer(create_app(config)) as server, playwright.sync_playwright() as p:
         assert httpx.post(f"{server.url}/models/qwen/load", timeout=30).status_code == 200
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
