@@ -1,12 +1,13 @@
-"""The bare baseline for the proxy's added latency: the least a Python proxy can do — one
-raw ASGI function under uvicorn (httptools, uvloop) forwarding each request to one upstream
-with aiohttp, no validation, no leases, no security checks.
+"""The bare baseline for the proxy's added latency: a Python proxy as one usually writes it —
+one raw ASGI function under uvicorn (httptools, uvloop) forwarding each request to one
+upstream with aiohttp — and nothing else: no validation, no leases, no security checks.
 
     python benchmarks/bare_proxy.py UPSTREAM_URL PORT
 
 ``bench_llamacpp_router.py`` runs it beside ``modelmora serve`` against the same
-``llama-server``, so the table shows what modelmora's own work adds over the floor that
-any Python proxy on the machine pays.
+``llama-server``, so the table shows what modelmora adds against the plain way of proxying
+(modelmora's hot path calls the runtime through its own keep-alive pool instead of aiohttp,
+see ``modelmora.server.upstream``).
 """
 
 from __future__ import annotations

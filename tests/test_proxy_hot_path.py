@@ -31,7 +31,8 @@ UPSTREAM = textwrap.dedent(
 
     async def echo(request):
         body = await request.json()
-        seen = {"received": body, "accept_encoding": request.headers.get("accept-encoding")}
+        seen = {"received": body, "accept_encoding": request.headers.get("accept-encoding"),
+                "peer": request.client.port}
         if body.get("stream"):
             async def chunks():
                 yield ("data: " + json.dumps(seen) + "\\n\\n").encode()
@@ -96,6 +97,15 @@ def test_a_ready_model_answers_with_the_runtime_bytes_renamed_counted_and_releas
                         headers={"x-keep-alive": "-1"}, timeout=30)  # fmt: skip
     assert header.status_code == 200 and header.json()["received"]["prompt"] == "x"
     assert status(proxy)["echo"]["expires_in_s"] is None  # forever
+
+
+def test_the_hot_path_keeps_one_connection_to_the_runtime_alive(proxy: str) -> None:
+    """Each request on a new TCP connection to the runtime cost more than the whole rest of
+    the proxy (a connect, and a close the runtime then waits on)."""
+    assert httpx.post(f"{proxy}/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
+    with httpx.Client(timeout=30) as client:
+        peers = {client.post(f"{proxy}/v1/chat/completions", json=CHAT).json()["peer"] for _ in range(5)}
+    assert len(peers) == 1, peers
 
 
 BAD = [
