@@ -16,7 +16,10 @@ a few hooks), every operation here can be stopped half-way and decided by the te
   :meth:`~FaultyProvider.evict` (dropped silently, as Ollama's scheduler or an OOM kill
   would), :meth:`~FaultyProvider.alias` (``x`` listed as ``x:latest``),
   :meth:`~FaultyProvider.add_foreign` (a model someone else loaded), and memory other
-  processes take (:attr:`~FaultyProvider.external`, seen through :attr:`~FaultyProvider.probe`).
+  processes take (:attr:`~FaultyProvider.external`, seen through :attr:`~FaultyProvider.probe`),
+  and memory this process still holds for models already unloaded
+  (:attr:`~FaultyProvider.leaks`: seen by the probe *and* reported by ``leaked()``, as a
+  torch model object somebody still references is).
 
 It keeps the **truth**: the models the runtime really holds (:attr:`~FaultyProvider.instances`)
 and their bytes per device (:meth:`~FaultyProvider.held`), the bytes it has committed to
@@ -118,7 +121,11 @@ class FaultyProbe(MemoryProbe):
         held = self.provider.held()
         out = []
         for device, total in self.devices.items():
-            used = held.get(device, 0) + self.provider.external.get(device, 0)
+            used = (
+                held.get(device, 0)
+                + self.provider.external.get(device, 0)
+                + self.provider.leaks.get(device, 0)
+            )
             out.append(DeviceMemory(device, total, used, max(0, total - used), self.source))
         return out
 
@@ -145,6 +152,7 @@ class FaultyProvider(Provider):
         super().__init__(name, settings)
         self.instances: dict[str, Instance] = {}  # target (before aliasing) → what is held
         self.external: dict[str, int] = {}  # device → bytes other processes hold
+        self.leaks: dict[str, int] = {}  # device → bytes leaked by unloaded models (leaked())
         self.calls: list[Call] = []
         self.pending: list[Call] = []
         self.listeners: list[Callable[[Call], None]] = []
@@ -355,6 +363,11 @@ class FaultyProvider(Provider):
             instance.parked_memory = None
             self._touch()
             return dict(instance.memory)
+
+    def leaked(self) -> dict[str, int]:
+        """Bytes per device set in :attr:`leaks`: held by this process for models already
+        unloaded, and seen by :attr:`probe` like any memory on the device."""
+        return {d: n for d, n in self.leaks.items() if n}
 
     async def observe(self) -> list[Observed]:
         snapshot = self.observed_now()  # computed now, delivered when released: maybe stale

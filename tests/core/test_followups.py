@@ -1,0 +1,34 @@
+"""Follow-ups to issue 15 (gaps left by the core rebuild): wakes of adopted sleeping
+models, half-loaded failed loads, runtime deaths during a park or wake, waiters held up by
+evictions after their load, and leaked bytes on a measured GPU.
+
+Each test failed on the code before its fix, for the reason its docstring gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelmora.core import Admit
+from modelmora.testing.faulty import FaultyProvider, gb
+
+from .support import GB, faulty_manager, model
+
+pytestmark = pytest.mark.anyio
+
+BUDGET = {"cuda:0": 16 * GB}
+
+
+# -- leaked bytes on a measured GPU ------------------------------------------------------------
+
+
+async def test_leaked_bytes_on_a_measured_gpu_are_counted_once() -> None:
+    """A provider's ``leaked()`` bytes are in the device reading too: the headroom on a
+    measured card must count them once, not twice."""
+    faulty = FaultyProvider(devices={"cuda:0": gb(24)})  # a measured 24 GB card, 16 GB budget
+    async with faulty_manager(faulty, {"a": model(10)}, probe=faulty.probe) as mm:
+        faulty.leaks["cuda:0"] = gb(4)  # an unloaded model object somebody still references
+        await mm.status()  # a fresh reading: 4 GB used, all of it the leak
+        headroom = mm.headroom()["cuda:0"]
+        plan = mm.plan("a")
+    assert headroom == gb(12), f"headroom {headroom / GB:g} GB with a 4 GB leak on a 16 GB budget"
+    assert isinstance(plan, Admit) and not plan.evict, plan
