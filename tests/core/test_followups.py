@@ -6,12 +6,13 @@ Each test failed on the code before its fix, for the reason its docstring gives.
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from modelmora.core import Admit
 from modelmora.testing.faulty import FaultyProvider, gb
 
-from .support import GB, faulty_manager, model
+from .support import GB, faulty_manager, hold, model, release_all, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -32,3 +33,27 @@ async def test_leaked_bytes_on_a_measured_gpu_are_counted_once() -> None:
         plan = mm.plan("a")
     assert headroom == gb(12), f"headroom {headroom / GB:g} GB with a 4 GB leak on a 16 GB budget"
     assert isinstance(plan, Admit) and not plan.evict, plan
+
+
+# -- waiters held up by the evictions after their load -----------------------------------------
+
+
+async def test_a_loads_waiters_are_served_before_its_rebalance_evictions_finish() -> None:
+    """A load that measured more than its estimate evicts idle models afterwards
+    (``_rebalance``); the model is ready, so its waiters must not wait for those unrelated
+    unloads (bounded only by ``unload_timeout``)."""
+    faulty = FaultyProvider()
+    faulty.measure("a", {"cuda:0": gb(10)})  # the spec says 4 GB; it takes 10
+    async with faulty_manager(faulty, {"a": model(4), "b": model(8)}) as mm:
+        await mm.load("b")  # idle: 4 + 8 fit, but 10 + 8 do not
+        faulty.hold("unload", "b", times=1)
+        async with anyio.create_task_group() as tg:
+            a = hold(tg, mm, "a")
+            await faulty.wait_pending("unload", "b")  # a is loaded, b's eviction runs
+            await settle()
+            served_during_eviction = a.granted.is_set()
+            faulty.release("unload", "b")
+            await a.granted.wait()
+            await release_all(a)
+        assert not mm.is_loaded("b")
+    assert served_during_eviction, "a is ready but its caller waits until b's unload returns"
