@@ -80,6 +80,7 @@ class Loader:
         core = self.core
         waking = entry.state is State.SLEEPING
         called = False  # the runtime was asked: a failure from here on may leave something
+        ready = False
         try:
             provider = core.provider(entry.provider)
             if not waking:
@@ -128,9 +129,11 @@ class Loader:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 raise
         else:
-            await self._rebalance(entry)
+            ready = True
         finally:
-            entry.attempt.set()
+            entry.attempt.set()  # the waiters are served now, not after the evictions below
+        if ready:
+            await self._rebalance(entry)
 
     async def _bounded(self, call: Awaitable[T], entry: Entry, what: str) -> T:
         timeout = entry.spec.load_timeout
@@ -331,7 +334,10 @@ class Loader:
         )
 
     async def _rebalance(self, entry: Entry) -> None:
-        """A load measured more than it reserved: evict idle models until back in budget."""
+        """A load measured more than it reserved: evict idle models until back in budget.
+
+        Runs after the load's waiters are served: the model is ready, and these unloads
+        (each bounded by ``unload_timeout``) concern other models."""
         plan = self.admission.decide(entry, self.admission.candidate(entry, entry.active.items()))
         if isinstance(plan, Admit) and not plan.evict:
             return
