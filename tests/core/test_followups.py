@@ -10,9 +10,10 @@ import anyio
 import pytest
 
 from modelmora.core import Admit
+from modelmora.providers.base import Tier
 from modelmora.testing.faulty import FaultyProvider, gb
 
-from .support import GB, faulty_manager, hold, model, release_all, settle
+from .support import GB, faulty_manager, hold, model, overcommits, release_all, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +58,29 @@ async def test_a_loads_waiters_are_served_before_its_rebalance_evictions_finish(
             await release_all(a)
         assert not mm.is_loaded("b")
     assert served_during_eviction, "a is ready but its caller waits until b's unload returns"
+
+
+# -- waking an adopted sleeping model ----------------------------------------------------------
+
+
+async def test_waking_an_adopted_unregistered_sleeping_model_reserves_its_awake_footprint() -> None:
+    """A model found asleep (vLLM sleep mode) is adopted with what it holds asleep; its
+    wake must reserve what it holds awake, so a load beside it waits instead of
+    overcommitting the GPU."""
+    faulty = FaultyProvider()
+    faulty.add_foreign("f", {"cuda:0": gb(10)}, tier=Tier.SLEEPING)  # 10 GB once awake
+    async with faulty_manager(faulty, {"b": model(10)}) as mm:
+        assert mm.is_parked("faulty/f")
+        faulty.hold("wake", "f", times=1)
+        async with anyio.create_task_group() as tg:
+            f = hold(tg, mm, "faulty/f")
+            await faulty.wait_pending("wake", "f")
+            b = hold(tg, mm, "b")  # 10 + 10 GB do not fit 16: must wait for f
+            await settle()
+            faulty.release("wake", "f")
+            await f.granted.wait()
+            await release_all(f)
+            await b.granted.wait()
+            await release_all(b)
+    assert overcommits(faulty, BUDGET) == []
+    assert faulty.peak["cuda:0"] <= BUDGET["cuda:0"], f"the GPU held {faulty.peak['cuda:0'] / GB:g} GB"
