@@ -63,11 +63,15 @@ async def test_a_loads_waiters_are_served_before_its_rebalance_evictions_finish(
 # -- waking an adopted sleeping model ----------------------------------------------------------
 
 
-async def test_waking_an_adopted_unregistered_sleeping_model_reserves_its_awake_footprint() -> None:
+@pytest.mark.parametrize("reported", [True, False], ids=["awake-reported", "awake-unknown"])
+async def test_waking_an_adopted_unregistered_sleeping_model_reserves_its_awake_footprint(
+    reported: bool,
+) -> None:
     """A model found asleep (vLLM sleep mode) is adopted with what it holds asleep; its
-    wake must reserve what it holds awake, so a load beside it waits instead of
-    overcommitting the GPU."""
+    wake must reserve what it holds awake (as the runtime reports it, else conservatively),
+    so a load beside it waits instead of overcommitting the GPU."""
     faulty = FaultyProvider()
+    faulty.report_awake = reported
     faulty.add_foreign("f", {"cuda:0": gb(10)}, tier=Tier.SLEEPING)  # 10 GB once awake
     async with faulty_manager(faulty, {"b": model(10)}) as mm:
         assert mm.is_parked("faulty/f")

@@ -106,10 +106,13 @@ class Observed:
     """What a runtime reports as resident: its truth, used for reconciliation."""
 
     target: str
-    memory: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per device it holds now
     tier: Tier = Tier.ACTIVE
     owned: bool = False
     details: Mapping[str, Any] = field(default_factory=dict)
+    # SLEEPING only: bytes per device it will hold once woken, where the runtime knows
+    # (empty: unknown; the manager then reserves conservatively for its wake)
+    awake: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,7 @@ class FaultyProvider(Provider):
         self.instances: dict[str, Instance] = {}  # target (before aliasing) → what is held
         self.external: dict[str, int] = {}  # device → bytes other processes hold
         self.leaks: dict[str, int] = {}  # device → bytes leaked by unloaded models (leaked())
+        self.report_awake = True  # observe() says what a sleeping model holds awake (Observed.awake)
         self.calls: list[Call] = []
         self.pending: list[Call] = []
         self.listeners: list[Callable[[Call], None]] = []
@@ -305,6 +306,7 @@ class FaultyProvider(Provider):
             Observed(
                 target=self.listed_as(i.target), memory=i.held, tier=i.tier, owned=i.owned,
                 details={"instance": i.id},
+                awake=dict(i.memory) if i.tier is Tier.SLEEPING and self.report_awake else {},
             )
             for i in self.instances.values()
         ]  # fmt: skip
