@@ -64,6 +64,7 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 NAMES = sorted(MODELS)
 FOREIGN_TARGET = "f"
+FOREIGN = f"faulty/{FOREIGN_TARGET}"  # the name the manager adopts it under: callers may lease it too
 CONFIG: dict[str, Any] = {
     "budgets": {"cuda:0": "16GB", "cpu": "24GB"},
     "reaper_interval": 1.0,
@@ -467,6 +468,13 @@ class ManagerMachine(RuleBasedStateMachine):
 
         self.step(f"take_lease({name!r}, timeout={timeout})", action)
 
+    @precondition(lambda self: FOREIGN in {name for name, *_ in _table(self.world.mm)})
+    @rule(timeout=st.sampled_from([None, 10.0]))
+    def lease_the_adopted_model(self, timeout: float | None) -> None:
+        """A caller uses the model someone else loaded, once the manager has adopted it
+        (waking it when it was found asleep)."""
+        self.take_lease(FOREIGN, timeout)
+
     @precondition(lambda self: any(r.granted and not r.done for r in self.world.leases.values()))
     @rule(data=st.data())
     def release_lease(self, data: st.DataObject) -> None:
@@ -573,7 +581,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @rule(
         op=st.sampled_from(["load", "unload", "sleep", "wake", "observe"]),
-        name=st.sampled_from(NAMES),
+        name=st.sampled_from([*NAMES, FOREIGN_TARGET]),
     )
     def hold_next_call(self, op: Any, name: str) -> None:
         target = ANY if op == "observe" else name
@@ -628,13 +636,20 @@ class ManagerMachine(RuleBasedStateMachine):
         self.step(f"alias({name!r} as {name + ':latest' if on else 'itself'})", action)
 
     @precondition(lambda self: FOREIGN_TARGET not in self.world.faulty.instances)
-    @rule(asleep=st.booleans())
-    def someone_else_loads(self, asleep: bool) -> None:
+    @rule(asleep=st.booleans(), gb=st.sampled_from([3, 8]), says_awake=st.booleans())
+    def someone_else_loads(self, asleep: bool, gb: int, says_awake: bool) -> None:
+        """A model someone else loaded (asleep: in its warm tier, as vLLM sleep mode leaves
+        it), which the runtime may or may not say the size of once awake."""
+
         async def action(world: World) -> None:
             tier = Tier.SLEEPING if asleep else Tier.ACTIVE
-            world.faulty.add_foreign(FOREIGN_TARGET, {"cuda:0": 3 * GB}, tier=tier)
+            world.faulty.report_awake = says_awake
+            world.faulty.add_foreign(FOREIGN_TARGET, {"cuda:0": gb * GB}, tier=tier)
 
-        self.step(f"someone_else_loads({FOREIGN_TARGET!r}, asleep={asleep})", action)
+        self.step(
+            f"someone_else_loads({FOREIGN_TARGET!r}, {gb} GB, asleep={asleep}, says_awake={says_awake})",
+            action,
+        )
 
     @rule(seconds=st.sampled_from([0.5, 5.0, 31.0, 61.0, 301.0]))
     def time_passes(self, seconds: float) -> None:

@@ -276,8 +276,12 @@ class FaultyProvider(Provider):
         """What it holds plus what pending loads and wakes will hold once they finish."""
         out = self.held()
         for call in self.pending:
-            if call.op == "load" and self._canonical(call.target) not in self.instances:  # else reused
+            reused = self.instances.get(self._canonical(call.target)) if call.op == "load" else None
+            if call.op == "load" and reused is None:
                 _add(out, self._measured.get(call.target) or self._spec_memory(call))
+            elif reused is not None and reused.parked_memory is not None:  # woken by the load
+                _add(out, reused.memory)
+                _add(out, reused.parked_memory, -1)
             elif call.op == "wake" and call.instance is not None:
                 instance = self._by_id(call.instance)
                 if instance is not None and instance.parked_memory is not None:
@@ -336,6 +340,9 @@ class FaultyProvider(Provider):
                 memory = self._measured.get(spec.target) or self._memory_of(spec)
                 instance = Instance(next(self._ids), spec.target, memory, loaded=True)
                 self._put(instance)
+            elif instance.parked_memory is not None:  # reused asleep: the load wakes it
+                instance.parked_memory = None
+                self._touch()
             return self._lend(instance, spec, owned=True)
 
     async def unload(self, handle: Handle) -> dict[str, int]:
