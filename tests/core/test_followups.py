@@ -6,12 +6,15 @@ Each test failed on the code before its fix, for the reason its docstring gives.
 
 from __future__ import annotations
 
+import contextlib
+
 import anyio
 import pytest
 
+from modelmora import ModelManager, ModelMoraError
 from modelmora.core import Admit
 from modelmora.providers.base import Tier
-from modelmora.testing.faulty import FaultyProvider, gb
+from modelmora.testing.faulty import FaultyProvider, Op, gb
 
 from .support import GB, faulty_manager, hold, model, overcommits, release_all, settle
 
@@ -88,3 +91,48 @@ async def test_waking_an_adopted_unregistered_sleeping_model_reserves_its_awake_
             await release_all(b)
     assert overcommits(faulty, BUDGET) == []
     assert faulty.peak["cuda:0"] <= BUDGET["cuda:0"], f"the GPU held {faulty.peak['cuda:0'] / GB:g} GB"
+
+
+# -- a runtime death reported while a model is in transition -----------------------------------
+
+
+@pytest.mark.parametrize("op", ["sleep", "wake", "unload"])
+async def test_a_death_reported_during_a_park_wake_or_unload_is_applied_when_it_finishes(op: Op) -> None:
+    """The runtime of ``p`` dies while its sleep, wake or unload is running, and reports it
+    (``report_lost``).  When that call then answers (sleep/wake: it did its work before
+    the crash; unload: it fails), the death must still be applied: ``p`` leaves the table,
+    and a caller waiting for the wake gets a live model (a fresh load) or a clear error."""
+    faulty = FaultyProvider()
+    async with faulty_manager(faulty, {"p": model(8, warm_tier=True)}) as mm:
+        await mm.load("p")
+        if op == "wake":
+            assert await mm.park("p")
+        faulty.hold(op, "p", times=1)
+        async with anyio.create_task_group() as tg:
+            if op == "sleep":
+                tg.start_soon(mm.park, "p")
+            elif op == "unload":
+                tg.start_soon(_unload_quietly, mm, "p")
+            waker = hold(tg, mm, "p") if op == "wake" else None
+            await faulty.wait_pending(op, "p")
+            await faulty.crash("p", answered=True)
+            error = RuntimeError("the runtime is gone") if op == "unload" else None
+            faulty.release(op, "p", error=error)
+            await settle()
+            served = ""
+            if waker is not None:
+                handle = waker.handle if waker.granted.is_set() else None
+                live = handle is not None and faulty.instance_of(handle) is not None
+                served = f"granted: {waker.granted.is_set()}, a live model: {live}, error: {waker.error!r}"
+            rows = {e.name: e.state.value for e in mm.entries()}
+            truth = faulty.describe()
+            tg.cancel_scope.cancel()  # the waker, if it still waits
+    if waker is not None:
+        assert live or waker.error is not None, f"the caller waiting for p's wake: {served} ({truth})"
+    else:
+        assert "p" not in rows, f"p is {rows['p']} in the table after its runtime died: {truth}"
+
+
+async def _unload_quietly(mm: ModelManager, name: str) -> None:
+    with contextlib.suppress(ModelMoraError):
+        await mm.unload(name)

@@ -170,6 +170,7 @@ class FaultyProvider(Provider):
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._specs: dict[int, ModelSpec] = {}  # pending load → its spec
+        self._answered: dict[int, Instance] = {}  # pending call → the crashed instance it answers for
         self._changed: anyio.Event | None = None
 
     # -- controls -----------------------------------------------------------------------
@@ -251,9 +252,20 @@ class FaultyProvider(Provider):
         self._touch()
         return instance
 
-    async def crash(self, target: str, reason: str = "the runtime crashed") -> Instance | None:
+    async def crash(
+        self, target: str, reason: str = "the runtime crashed", *, answered: bool = False
+    ) -> Instance | None:
         """The runtime of ``target`` dies.  The provider sees it, and reports each handle it
-        lent for it through ``report_lost`` where the manager offers that."""
+        lent for it through ``report_lost`` where the manager offers that.
+
+        ``answered``: the ``sleep`` and ``wake`` calls pending on it still succeed when
+        released, as a runtime that answered them and died right after (the answer and
+        the death report reach the manager in either order)."""
+        instance = self.instances.get(self._canonical(target))
+        if instance is not None and answered:
+            for call in self.pending:
+                if call.instance == instance.id and call.op in ("sleep", "wake"):
+                    self._answered[call.seq] = instance
         instance = self.evict(target)
         report = getattr(self, "report_lost", None)
         if instance is not None and callable(report):
@@ -358,8 +370,8 @@ class FaultyProvider(Provider):
 
     async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         instance_id = self._of_handle.get(handle)
-        async with self._call("sleep", handle.target, instance=instance_id, handle=handle):
-            instance = self._alive(handle, instance_id)
+        async with self._call("sleep", handle.target, instance=instance_id, handle=handle) as call:
+            instance = self._alive(handle, instance_id, call)
             if instance.parked_memory is None:
                 instance.parked_memory = Footprint(instance.memory).parked().as_dict()
                 self._touch()
@@ -367,8 +379,8 @@ class FaultyProvider(Provider):
 
     async def wake(self, handle: Handle) -> dict[str, int]:
         instance_id = self._of_handle.get(handle)
-        async with self._call("wake", handle.target, instance=instance_id, handle=handle):
-            instance = self._alive(handle, instance_id)
+        async with self._call("wake", handle.target, instance=instance_id, handle=handle) as call:
+            instance = self._alive(handle, instance_id, call)
             instance.parked_memory = None
             self._touch()
             return dict(instance.memory)
@@ -450,6 +462,7 @@ class FaultyProvider(Provider):
             self.pending.remove(call)
         self._gates.pop(call.seq, None)
         self._specs.pop(call.seq, None)
+        self._answered.pop(call.seq, None)
         self._touch()
 
     def _notify(self, call: Call) -> None:
@@ -509,8 +522,9 @@ class FaultyProvider(Provider):
         self._handles.setdefault(instance.id, []).append(handle)
         return handle
 
-    def _alive(self, handle: Handle, instance_id: int | None) -> Instance:
+    def _alive(self, handle: Handle, instance_id: int | None, call: Call) -> Instance:
         instance = self._by_id(instance_id) if instance_id is not None else None
+        instance = instance or self._answered.pop(call.seq, None)  # crashed, answering anyway
         if instance is None:
             raise LoadFailed(
                 f"faulty runtime no longer has {handle.target!r}", model=handle.name, provider=self.name
