@@ -87,6 +87,10 @@ class Loader:
                 entry.spec = await provider.prepare(entry.spec)
                 core.lifecycle.update(entry, estimate=Footprint(entry.spec.memory))
             await self._admit(entry)
+            if waking and entry.died is not None:  # its runtime died while we made room
+                core.lifecycle.apply(entry, Action.REQUEUE)
+                self.transitions.settle(entry)
+                raise Superseded
             started = core.clock()
             called = True
             if waking:
@@ -98,6 +102,8 @@ class Loader:
                     ev.Woke(model=entry.name, duration_s=core.clock() - started, memory=dict(woke)),
                     measured=Footprint(woke) if woke else entry.active,
                 )
+                if self.transitions.settle(entry):  # it died meanwhile: the waiters load afresh
+                    raise Superseded
             else:
                 core.bus.emit(
                     ev.Loading(model=entry.name, provider=entry.provider, estimate=entry.estimate.as_dict())
@@ -154,6 +160,7 @@ class Loader:
             self.transitions.leave(entry, Action.FAIL)
         elif entry.state is State.WAKING:
             core.lifecycle.apply(entry, Action.REQUEUE)  # never left the warm tier
+            self.transitions.settle(entry)
         if isinstance(exc, Superseded):
             entry.error = None  # nothing failed: the waiters take the model afresh
             return
@@ -237,6 +244,7 @@ class Loader:
                         return
                     if entry.state in (State.LOADING, State.WAKING):
                         core.lifecycle.apply(entry, Action.REQUEUE)  # the world moved: start over
+                        self.transitions.settle(entry)  # a death meanwhile: Superseded next
                     if reconciled and isinstance(plan, Admit):
                         # reserve ours and claim the victims' memory in one step: no await
                         victims = [v for v in (core.table.get(n) for n in plan.evict) if v is not None]
@@ -256,6 +264,7 @@ class Loader:
                     core.lifecycle.update(entry, claims=())
                     if failures:
                         core.lifecycle.apply(entry, Action.REQUEUE)
+                        self.transitions.settle(entry)
                         name, exc = failures[0]
                         raise InsufficientMemory(
                             f"cannot make room for {entry.name!r}: evicting {name!r} failed ({exc})",

@@ -10,6 +10,9 @@ table never counts the same bytes twice (loads and wakes: :mod:`modelmora.core.l
   becomes an unload;
 * a model whose runtime dies (``Provider.watch`` returns, ``Provider.report_lost``)
   leaves the table at once with a ``Vanished`` event; its holders' handles are closed.
+  A death reported while the model parks, wakes or unloads is kept (``Entry.died``) and
+  applied as soon as that transition settles (:meth:`Transitions.settle`), whatever the
+  runtime's call answered.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..footprint import Footprint
 from ..providers.base import Handle
 from ..spec import format_duration
 from .context import Core
-from .lifecycle import STABLE, Action, Entry
+from .lifecycle import STABLE, Action, Entry, State
 
 log = logging.getLogger("modelmora")
 T = TypeVar("T")
@@ -79,6 +82,8 @@ class Transitions:
                     )
         except Exception as exc:
             core.lifecycle.apply(entry, Action.UNLOAD_FAILED)
+            if self.settle(entry):  # its runtime died meanwhile: nothing is left to unload
+                return held
             self.watch(entry)
             if isinstance(exc, UnloadFailed):
                 raise
@@ -125,8 +130,10 @@ class Transitions:
                         f"parking took longer than {format_duration(core.config.unload_timeout)}"
                     )
         except Exception as exc:
-            log.warning("parking %s failed (%s); unloading it instead", entry.name, exc)
             core.lifecycle.apply(entry, Action.PARK_FAILED)
+            if self.settle(entry):  # its runtime died meanwhile: nothing is left to unload
+                return
+            log.warning("parking %s failed (%s); unloading it instead", entry.name, exc)
             self.begin_unload(entry, reason=f"{reason}; warm tier failed", evicted_for=evicted_for)
             await self.finish_unload(entry)
             return
@@ -139,6 +146,7 @@ class Transitions:
             ),
             parked=parked,
         )
+        self.settle(entry)
 
     async def park(self, entry: Entry, *, reason: str) -> None:
         self.begin_park(entry)
@@ -165,8 +173,14 @@ class Transitions:
     # -- runtime deaths -------------------------------------------------------------------------
 
     def vanish(self, entry: Entry, reason: str) -> None:
-        """The runtime no longer has ``entry`` (crashed, evicted behind our back)."""
-        if entry.state not in STABLE or self.core.table.get(entry.name) is not entry:
+        """The runtime no longer has ``entry`` (crashed, evicted behind our back).  While
+        it parks, wakes or unloads, the death is kept and applied by :meth:`settle` once
+        that transition is over."""
+        if self.core.table.get(entry.name) is not entry or entry.state is State.GONE:
+            return
+        if entry.state not in STABLE:
+            log.warning("%s is gone from its runtime while %s: %s", entry.name, entry.state.value, reason)
+            entry.died = reason
             return
         if entry.handle is not None:
             entry.handle.close()
@@ -174,6 +188,15 @@ class Transitions:
         self.leave(
             entry, Action.VANISH, ev.Vanished(model=entry.name, provider=entry.provider, leased=entry.holders)
         )
+
+    def settle(self, entry: Entry) -> bool:
+        """Apply a death reported while ``entry`` was in transition, now that it is READY
+        or SLEEPING again; True when it left the table."""
+        if entry.died is None or entry.state not in STABLE:
+            return False
+        reason, entry.died = entry.died, None
+        self.vanish(entry, reason)
+        return entry.state is State.GONE
 
     def lost(self, handle: Handle, reason: str) -> None:
         """``Provider.report_lost``: find the entry that holds ``handle`` and drop it."""
