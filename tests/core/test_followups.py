@@ -136,3 +136,31 @@ async def test_a_death_reported_during_a_park_wake_or_unload_is_applied_when_it_
 async def _unload_quietly(mm: ModelManager, name: str) -> None:
     with contextlib.suppress(ModelMoraError):
         await mm.unload(name)
+
+
+async def test_a_model_found_again_asleep_is_not_reserved_at_the_size_it_had_before() -> None:
+    """``f`` was adopted awake at 3 GB (a spec made up for it), dropped, and found again
+    asleep at 10 GB with no awake size reported: its wake must not reserve the 3 GB of the
+    spec made up the first time."""
+    faulty = FaultyProvider()
+    faulty.report_awake = False
+    faulty.add_foreign("f", {"cuda:0": gb(3)})
+    async with faulty_manager(faulty, {"b": model(10)}) as mm:
+        faulty.evict("f")
+        await mm.reconcile()  # f left the runtime: it leaves the table
+        faulty.add_foreign("f", {"cuda:0": gb(10)}, tier=Tier.SLEEPING)
+        await mm.reconcile()
+        await settle()  # the adoption
+        assert mm.is_parked("faulty/f")
+        faulty.hold("wake", "f", times=1)
+        async with anyio.create_task_group() as tg:
+            f = hold(tg, mm, "faulty/f")
+            await faulty.wait_pending("wake", "f")
+            b = hold(tg, mm, "b")
+            await settle()
+            faulty.release("wake", "f")
+            await f.granted.wait()
+            await release_all(f)
+            await b.granted.wait()
+            await release_all(b)
+    assert overcommits(faulty, BUDGET) == []
