@@ -92,13 +92,19 @@ class Reconciler:
             lifecycle.update(entry, parked=memory)
 
     def _spec_for(self, provider: str, seen: Observed, key: str) -> ModelSpec:
+        """The registry's spec for what ``seen`` shows, else one made up from it (bytes as
+        observed; asleep: :func:`awake_footprint`).  A spec made up earlier (an earlier
+        adoption, an inline ``provider/target`` name) is made up again from this answer:
+        the model found now may not be the size it was."""
+        name = f"{provider}/{seen.target}"
         for spec in self.core.specs.values():
             if spec.provider == provider and self.core.key(spec) == key:
-                return spec
+                if spec.name in self.core.config.models:
+                    return spec
+                name = spec.name
+                break
         memory = seen.memory if seen.tier is Tier.ACTIVE else awake_footprint(seen, None, self.core.budgets)
-        spec = ModelSpec(
-            name=f"{provider}/{seen.target}", provider=provider, target=seen.target, memory=dict(memory)
-        )
+        spec = ModelSpec(name=name, provider=provider, target=seen.target, memory=dict(memory))
         self.core.specs[spec.name] = spec
         return spec
 
