@@ -155,6 +155,10 @@ class LeaseCount(Violation):
     pass
 
 
+class DeathDropped(Violation):
+    pass
+
+
 class NeverAnswered(Violation):
     pass
 
@@ -214,6 +218,7 @@ class World:
     ops: dict[int, OpRec] = field(default_factory=dict)
     violations: list[tuple[type[Violation], str]] = field(default_factory=list)
     runtime_lost: set[int] = field(default_factory=set)  # instances crashed or evicted by the runtime
+    reported_lost: set[int] = field(default_factory=set)  # crashed ones, told through report_lost
     forcing: int = 0
     checked_calls: int = 0
     host_error: BaseException | None = None
@@ -230,6 +235,16 @@ def _table(mm: ModelManager) -> list[tuple[str, str, str, dict[str, int], int]]:
     """(name, target, state, memory, leases) per table row: the one place that reads the
     manager's rows (adapt here when the table's read-only view changes)."""
     return [(e.name, e.target, str(e.state.value), dict(e.memory), int(e.leases)) for e in mm.entries()]
+
+
+def _settled_instances(mm: ModelManager, faulty: FaultyProvider) -> dict[str, int | None]:
+    """name → the runtime instance behind each ready or sleeping row (the manager's
+    handles are not in its read-only views, so this reads its table)."""
+    return {
+        e.name: faulty.instance_id(e.handle) if e.handle is not None else None
+        for e in mm._core.table
+        if e.state.value in ("ready", "sleeping")
+    }
 
 
 def _nonzero(memory: dict[str, int]) -> dict[str, int]:
@@ -385,6 +400,15 @@ class ManagerMachine(RuleBasedStateMachine):
         for name, _, _, _, leases in _table(mm):
             if leases < 0:
                 world.violate(LeaseCount, f"{name} has {leases} leases")
+        # deaths: a runtime that reported its death never stays behind a settled row
+        for name, instance in _settled_instances(mm, faulty).items():
+            if instance in world.reported_lost:
+                world.violate(
+                    DeathDropped,
+                    f"{name} is ready or sleeping on instance {instance}, whose runtime reported "
+                    f"its death ({self._describe(world)})",
+                )
+                world.reported_lost.discard(instance)  # report once
 
     def _check_truth(self, world: World) -> None:
         """The table equals the runtime: call only right after a reconcile on a quiet state."""
@@ -605,8 +629,10 @@ class ManagerMachine(RuleBasedStateMachine):
         self.step(f"fail_next_call({op}, {target}, {how})", action)
 
     @precondition(lambda self: bool(self.world.faulty.instances))
-    @rule(data=st.data(), crash=st.booleans())
-    def runtime_drops_a_model(self, data: st.DataObject, crash: bool) -> None:
+    @rule(data=st.data(), how=st.sampled_from(["evict", "crash", "crash-answered"]))
+    def runtime_drops_a_model(self, data: st.DataObject, how: str) -> None:
+        """The runtime drops a model silently (evict), or dies and says so (crash); a
+        runtime that dies may first answer the sleep or wake it was doing (answered)."""
         target = data.draw(st.sampled_from(sorted(self.world.faulty.instances)), label="target")
 
         async def action(world: World) -> None:
@@ -614,12 +640,39 @@ class ManagerMachine(RuleBasedStateMachine):
             if instance is None:
                 return
             world.runtime_lost.add(instance.id)
-            if crash:
-                await world.faulty.crash(target)
-            else:
+            if how == "evict":
                 world.faulty.evict(target)
+            else:
+                world.reported_lost.add(instance.id)
+                await world.faulty.crash(target, answered=how == "crash-answered")
 
-        self.step(f"runtime_drops_a_model({target!r}, {'crash' if crash else 'evict'})", action)
+        self.step(f"runtime_drops_a_model({target!r}, {how})", action)
+
+    @precondition(
+        lambda self: any(
+            c.op in ("sleep", "wake", "unload") and c.target in self.world.faulty.instances
+            for c in self.world.faulty.pending
+        )
+    )
+    @rule(data=st.data(), answered=st.booleans())
+    def runtime_dies_mid_call(self, data: st.DataObject, answered: bool) -> None:
+        """The runtime of a model dies while its sleep, wake or unload is pending (and may
+        still answer it): the death report and the call's answer race."""
+        pending = sorted(
+            {c.target for c in self.world.faulty.pending if c.op in ("sleep", "wake", "unload")}
+            & set(self.world.faulty.instances)
+        )
+        target = data.draw(st.sampled_from(pending), label="target")
+
+        async def action(world: World) -> None:
+            instance = world.faulty.instances.get(target)
+            if instance is None:
+                return
+            world.runtime_lost.add(instance.id)
+            world.reported_lost.add(instance.id)
+            await world.faulty.crash(target, answered=answered)
+
+        self.step(f"runtime_dies_mid_call({target!r}, answered={answered})", action)
 
     @rule(gb=st.sampled_from([0, 2, 6]))
     def other_processes_take(self, gb: int) -> None:
