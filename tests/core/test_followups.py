@@ -11,7 +11,7 @@ import contextlib
 import anyio
 import pytest
 
-from modelmora import ModelManager, ModelMoraError
+from modelmora import LoadFailed, ModelManager, ModelMoraError
 from modelmora.core import Admit
 from modelmora.providers.base import Tier
 from modelmora.testing.faulty import FaultyProvider, Op, gb
@@ -164,3 +164,44 @@ async def test_a_model_found_again_asleep_is_not_reserved_at_the_size_it_had_bef
             await b.granted.wait()
             await release_all(b)
     assert overcommits(faulty, BUDGET) == []
+
+
+# -- a load that fails partway -----------------------------------------------------------------
+
+
+async def test_a_load_that_fails_partway_is_cleaned_up() -> None:
+    """The runtime holds ``b`` (a process started, memory taken) when its load raises: the
+    manager asks the provider to clean up, and the caller gets the load's error."""
+    faulty = FaultyProvider()
+    async with faulty_manager(faulty, {"b": model(10)}) as mm:
+        faulty.fail_partway("b")
+        with pytest.raises(LoadFailed, match="partway"):
+            await mm.load("b")
+        truth = faulty.describe()
+        rows = [e.name for e in mm.entries()]
+    assert "b" not in faulty.instances, f"a failed load of b left it in the runtime: {truth}; table {rows}"
+
+
+async def test_a_load_that_fails_partway_stays_counted_until_its_cleanup_is_done() -> None:
+    """While the cleanup of a half-loaded ``b`` runs, its bytes stay reserved: a load of
+    ``c`` beside it waits instead of overcommitting the GPU; a cleanup that fails is
+    logged, not raised to the caller."""
+    faulty = FaultyProvider()
+    async with faulty_manager(faulty, {"b": model(10), "c": model(10)}) as mm:
+        faulty.hold("load", "b", times=1)
+        faulty.hold("unload", "b", times=1)  # the cleanup, once it comes
+        async with anyio.create_task_group() as tg:
+            b = hold(tg, mm, "b")
+            await faulty.wait_pending("load", "b")
+            faulty.release("load", "b", error=LoadFailed("the server died loading b"), partway=True)
+            await settle()
+            hold(tg, mm, "c")  # 10 GB of b are still on the GPU
+            await settle()
+            faulty.release("unload", "b", error=RuntimeError("the runtime will not let go"))
+            await settle()
+            faulty.release("unload", "b")  # the next attempt, if any, succeeds
+            await settle()
+            b_error = b.error
+            tg.cancel_scope.cancel()  # c, if it still waits: b may be left behind for reconcile
+    assert overcommits(faulty, BUDGET) == []
+    assert isinstance(b_error, LoadFailed) and "died loading b" in str(b_error), b_error

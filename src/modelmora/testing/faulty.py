@@ -92,6 +92,7 @@ class Call:
     handle: Handle | None = field(default=None, repr=False)
     outcome: str = "pending"
     committed: dict[str, int] = field(default_factory=dict)  # after a load/wake started: see committed()
+    partway: BaseException | None = None  # a load that raises this once the runtime holds the model
     external: dict[str, int] = field(default_factory=dict)  # other processes' bytes at that moment
 
 
@@ -170,6 +171,7 @@ class FaultyProvider(Provider):
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._specs: dict[int, ModelSpec] = {}  # pending load → its spec
+        self._partway: dict[str, list[BaseException]] = {}  # target → errors of loads failing partway
         self._answered: dict[int, Instance] = {}  # pending call → the crashed instance it answers for
         self._changed: anyio.Event | None = None
 
@@ -192,15 +194,21 @@ class FaultyProvider(Provider):
         *,
         error: BaseException | None = None,
         seq: int | None = None,
+        partway: bool = False,
     ) -> list[Call]:
         """Let pending calls matching ``op``/``target`` (or the one numbered ``seq``)
-        finish, or raise ``error``."""
+        finish, or raise ``error`` (``partway``: a load raises it once the runtime holds
+        the model, see :meth:`fail_partway`)."""
         released = []
         for call in list(self.pending):
             if (op is None or call.op == op) and target in (ANY, call.target) and seq in (None, call.seq):
                 gate = self._gates.get(call.seq)
                 if gate is not None:
-                    gate.error = error
+                    if partway and call.op == "load" and error is not None:
+                        call.partway, error_here = error, None
+                    else:
+                        error_here = error
+                    gate.error = error_here
                     gate.event.set()
                 released.append(call)
         return released
@@ -211,6 +219,13 @@ class FaultyProvider(Provider):
         """Make the next ``times`` calls of ``op`` on ``target`` raise ``error`` at once."""
         exc = error or LoadFailed(f"faulty runtime: {op} of {target!r} failed", provider=self.name)
         self._fail_next.setdefault((op, target), []).extend([exc] * times)
+
+    def fail_partway(self, target: str = ANY, error: BaseException | None = None, *, times: int = 1) -> None:
+        """Make the next ``times`` loads of ``target`` fail *partway*: the runtime holds the
+        model (its memory, as a started process would) and the load raises ``error``
+        anyway, leaving it behind for whoever cleans up."""
+        exc = error or LoadFailed(f"faulty runtime: load of {target!r} failed partway", provider=self.name)
+        self._partway.setdefault(target, []).extend([exc] * times)
 
     def fail_always(self, op: Op, target: str = ANY, error: BaseException | None = None) -> None:
         """Make every call of ``op`` on ``target`` raise ``error`` until :meth:`heal`."""
@@ -224,6 +239,10 @@ class FaultyProvider(Provider):
             for key in list(table):
                 if op is None or key == (op, target):
                     del table[key]
+        if op in (None, "load"):
+            for name in list(self._partway):
+                if op is None or name == target:
+                    del self._partway[name]
 
     def measure(self, target: str, memory: Mapping[str, int]) -> None:
         """What the next loads of ``target`` really take, whatever the spec says."""
@@ -346,7 +365,7 @@ class FaultyProvider(Provider):
     # -- provider -----------------------------------------------------------------------
 
     async def load(self, spec: ModelSpec) -> Handle:
-        async with self._call("load", spec.target, spec=spec):
+        async with self._call("load", spec.target, spec=spec) as call:
             instance = self.instances.get(self._canonical(spec.target))
             if instance is None:  # a resident target is reused, as Ollama does
                 memory = self._measured.get(spec.target) or self._memory_of(spec)
@@ -355,6 +374,8 @@ class FaultyProvider(Provider):
             elif instance.parked_memory is not None:  # reused asleep: the load wakes it
                 instance.parked_memory = None
                 self._touch()
+            if call.partway is not None:
+                raise call.partway
             return self._lend(instance, spec, owned=True)
 
     async def unload(self, handle: Handle) -> dict[str, int]:
@@ -449,6 +470,12 @@ class FaultyProvider(Provider):
                         self._holds[key] = left - 1
                 gate = self._gates[call.seq] = _Gate()
                 break
+        if op == "load":
+            for name in (target, ANY):
+                partway = self._partway.get(name)
+                if partway:
+                    call.partway = partway.pop(0)
+                    break
         self.pending.append(call)
         if op in ("load", "wake"):
             call.committed = self.committed()
