@@ -6,7 +6,9 @@
   :attr:`Admission.turn`); victims are claimed in the same step, and the load starts
   only once they are gone;
 * a load or wake that fails after the runtime was called is *discarded* (a best-effort,
-  shielded unload), so nothing half-loaded stays behind;
+  shielded unload of its handle, or ``Provider.discard`` when a load returned none), so
+  nothing half-loaded stays behind; its memory stays reserved until that cleanup is
+  done, and when the cleanup fails a reconcile adopts whatever the runtime still holds;
 * a timeout names the limit that fired: the manager's ``load_timeout``, or the
   provider's own message when its own limit fired;
 * a failed load cools down (``failure_cooldown`` doubling to ``failure_cooldown_max``)
@@ -154,10 +156,14 @@ class Loader:
 
     async def _failed(self, entry: Entry, exc: BaseException, *, waking: bool, called: bool) -> None:
         core = self.core
-        if called and entry.handle is not None and entry.state in (State.LOADING, State.WAKING):
-            await self.transitions.discard(entry)
+        cleaned = True
+        if called and entry.state in (State.LOADING, State.WAKING):
+            cleaned = await self.transitions.discard(entry)  # still reserved meanwhile
         if entry.state in (State.QUEUED, State.LOADING) or (entry.state is State.WAKING and called):
             self.transitions.leave(entry, Action.FAIL)
+            if not cleaned:  # count what the runtime may still hold (reconcile never raises)
+                with anyio.move_on_after(core.config.unload_timeout):
+                    await self.reconcile()
         elif entry.state is State.WAKING:
             core.lifecycle.apply(entry, Action.REQUEUE)  # never left the warm tier
             self.transitions.settle(entry)

@@ -152,17 +152,30 @@ class Transitions:
         self.begin_park(entry)
         await self.finish_park(entry, reason=reason)
 
-    async def discard(self, entry: Entry) -> None:
-        """Best-effort unload of a model whose runtime state is unknown after a failure."""
+    async def discard(self, entry: Entry) -> bool:
+        """Best-effort cleanup of a model whose runtime state is unknown after a failed
+        load or wake: ``Provider.unload`` of its handle, or ``Provider.discard`` of its
+        spec when the load never returned one.  Shielded, bounded by ``unload_timeout``
+        (seconds); the entry keeps its memory counted meanwhile (the caller moves it on
+        afterwards).  Never raises: returns False when the cleanup failed or timed out
+        (logged), so the runtime may still hold the model."""
         handle = entry.handle
-        if handle is None:
-            return
+        provider = self.core.provider(entry.provider)
+        done = False
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.core.config.unload_timeout):
             try:
-                await self.core.provider(entry.provider).unload(handle)
+                if handle is not None:
+                    await provider.unload(handle)
+                else:
+                    await provider.discard(entry.spec)
+                done = True
             except Exception as exc:
                 log.warning("cleaning up %s after a failure also failed: %s", entry.name, exc)
-        handle.close()
+        if not done:
+            log.warning("%s may still be held by its runtime after a failure", entry.name)
+        if handle is not None:
+            handle.close()
+        return done
 
     def leave(self, entry: Entry, action: Action, event: ev.Event | None = None) -> None:
         """A transition to GONE: the entry leaves the table in the same step."""
