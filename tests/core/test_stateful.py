@@ -159,6 +159,10 @@ class DeathDropped(Violation):
     pass
 
 
+class HalfLoaded(Violation):
+    pass
+
+
 class NeverAnswered(Violation):
     pass
 
@@ -219,6 +223,7 @@ class World:
     violations: list[tuple[type[Violation], str]] = field(default_factory=list)
     runtime_lost: set[int] = field(default_factory=set)  # instances crashed or evicted by the runtime
     reported_lost: set[int] = field(default_factory=set)  # crashed ones, told through report_lost
+    orphans_reported: set[int] = field(default_factory=set)  # HalfLoaded: reported once per load call
     forcing: int = 0
     checked_calls: int = 0
     host_error: BaseException | None = None
@@ -400,6 +405,23 @@ class ManagerMachine(RuleBasedStateMachine):
         for name, _, _, _, leases in _table(mm):
             if leases < 0:
                 world.violate(LeaseCount, f"{name} has {leases} leases")
+        # half-loaded: on a quiet state, nothing a load put in the runtime is left unknown to
+        # the manager, unless cleaning it up failed (then the next reconcile adopts it)
+        if self._quiet(world):
+            for instance in faulty.instances.values():
+                if not instance.loaded or instance.lent or instance.born in world.orphans_reported:
+                    continue
+                cleanup_failed = any(
+                    c.seq > instance.born and c.op in ("observe", "adopt", "unload") and c.outcome != "ok"
+                    for c in faulty.calls
+                )
+                if not cleanup_failed:
+                    world.orphans_reported.add(instance.born)
+                    world.violate(
+                        HalfLoaded,
+                        f"{instance.target}#{instance.id} is held by the runtime, put there by a load that "
+                        f"failed, and the manager neither counts nor cleaned it up ({self._describe(world)})",
+                    )
         # deaths: a runtime that reported its death never stays behind a settled row
         for name, instance in _settled_instances(mm, faulty).items():
             if instance in world.reported_lost:
@@ -592,14 +614,18 @@ class ManagerMachine(RuleBasedStateMachine):
     # -- runtime actions --------------------------------------------------------------------
 
     @precondition(lambda self: bool(self.world.faulty.pending))
-    @rule(data=st.data(), how=st.sampled_from(["ok", "modelmora", "oserror", "connect"]))
-    def finish_pending_call(self, data: st.DataObject, how: str) -> None:
+    @rule(
+        data=st.data(), how=st.sampled_from(["ok", "modelmora", "oserror", "connect"]), partway=st.booleans()
+    )
+    def finish_pending_call(self, data: st.DataObject, how: str, partway: bool) -> None:
+        """A pending call answers or fails; a load may fail ``partway``: with the model
+        already held by the runtime."""
         pending = [(c.seq, c.op, c.target) for c in self.world.faulty.pending]
         seq, op, target = data.draw(st.sampled_from(pending), label="call")
 
         async def action(world: World) -> None:
             error = None if how == "ok" else injected_error(how, f"injected: {op} of {target} failed")
-            world.faulty.release(seq=seq, error=error)
+            world.faulty.release(seq=seq, error=error, partway=partway)
 
         self.step(f"finish_pending_call({op} {target}, {how})", action)
 
@@ -616,15 +642,23 @@ class ManagerMachine(RuleBasedStateMachine):
         self.step(f"hold_next_call({op}, {target})", action)
 
     @rule(
-        op=st.sampled_from(["load", "unload", "sleep", "wake", "observe", "adopt", "refresh"]),
+        op=st.sampled_from(
+            ["load", "unload", "sleep", "wake", "observe", "adopt", "refresh", "load-partway"]
+        ),
         name=st.sampled_from(NAMES),
         how=st.sampled_from(["modelmora", "oserror", "connect"]),
     )
     def fail_next_call(self, op: Any, name: str, how: str) -> None:
+        """The next call fails at once; ``load-partway``: the next load fails once the
+        runtime holds the model."""
         target = ANY if op in ("observe", "adopt") else name
 
         async def action(world: World) -> None:
-            world.faulty.fail_next(op, target, injected_error(how, f"injected: {op} of {target} failed"))
+            error = injected_error(how, f"injected: {op} of {target} failed")
+            if op == "load-partway":
+                world.faulty.fail_partway(target, error)
+            else:
+                world.faulty.fail_next(op, target, error)
 
         self.step(f"fail_next_call({op}, {target}, {how})", action)
 

@@ -70,6 +70,7 @@ class Instance:
     parked_memory: dict[str, int] | None = None  # bytes while in the warm tier; None: active
     loaded: bool = False  # by a load() call (else someone else put it there)
     lent: int = 0  # handles lent for it (load or adopt)
+    born: int = 0  # the number of the call that put it there (0: someone else did)
 
     @property
     def tier(self) -> Tier:
@@ -369,7 +370,7 @@ class FaultyProvider(Provider):
             instance = self.instances.get(self._canonical(spec.target))
             if instance is None:  # a resident target is reused, as Ollama does
                 memory = self._measured.get(spec.target) or self._memory_of(spec)
-                instance = Instance(next(self._ids), spec.target, memory, loaded=True)
+                instance = Instance(next(self._ids), spec.target, memory, loaded=True, born=call.seq)
                 self._put(instance)
             elif instance.parked_memory is not None:  # reused asleep: the load wakes it
                 instance.parked_memory = None
