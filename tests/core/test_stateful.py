@@ -715,6 +715,16 @@ class ManagerMachine(RuleBasedStateMachine):
 
         self.step(f"other_processes_take({gb} GB)", action)
 
+    @rule(gb=st.sampled_from([0, 2]))
+    def memory_leaks(self, gb: int) -> None:
+        """Models already unloaded still hold ``gb`` GB in this process (a model object
+        somebody references): the device reading sees it and ``leaked()`` reports it."""
+
+        async def action(world: World) -> None:
+            world.faulty.leaks["cuda:0"] = gb * GB
+
+        self.step(f"memory_leaks({gb} GB)", action)
+
     @rule(name=st.sampled_from(NAMES), on=st.booleans())
     def alias(self, name: str, on: bool) -> None:
         async def action(world: World) -> None:

@@ -94,7 +94,8 @@ class Call:
     outcome: str = "pending"
     committed: dict[str, int] = field(default_factory=dict)  # after a load/wake started: see committed()
     partway: BaseException | None = None  # a load that raises this once the runtime holds the model
-    external: dict[str, int] = field(default_factory=dict)  # other processes' bytes at that moment
+    # bytes no model of the runtime holds at that moment: other processes' and leaks
+    external: dict[str, int] = field(default_factory=dict)
 
 
 class _Gate:
@@ -480,7 +481,9 @@ class FaultyProvider(Provider):
         self.pending.append(call)
         if op in ("load", "wake"):
             call.committed = self.committed()
-            call.external = dict(self.external)
+            call.external = {
+                d: self.external.get(d, 0) + self.leaks.get(d, 0) for d in {*self.external, *self.leaks}
+            }
         self._notify(call)
         return call, gate
 
