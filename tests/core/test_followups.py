@@ -205,3 +205,18 @@ async def test_a_load_that_fails_partway_stays_counted_until_its_cleanup_is_done
             tg.cancel_scope.cancel()  # c, if it still waits: b may be left behind for reconcile
     assert overcommits(faulty, BUDGET) == []
     assert isinstance(b_error, LoadFailed) and "died loading b" in str(b_error), b_error
+
+
+async def test_a_rebalance_parks_what_the_planner_would_park() -> None:
+    """``b`` measures 10 GB against a 6 GB estimate beside an idle 8 GB ``p`` with a warm
+    tier: the planner makes room by parking ``p``, and the rebalance must do it, not
+    leave the GPU 2 GB over its budget."""
+    faulty = FaultyProvider()
+    faulty.measure("b", {"cuda:0": gb(10)})
+    async with faulty_manager(faulty, {"p": model(8, warm_tier=True), "b": model(6)}) as mm:
+        await mm.load("p")
+        await mm.load("b")
+        await settle()  # the rebalance
+        states = {e.name: e.state.value for e in mm.entries()}
+    held = faulty.held().get("cuda:0", 0)
+    assert held <= BUDGET["cuda:0"], f"the GPU holds {held / GB:g} GB on a 16 GB budget: {states}"
