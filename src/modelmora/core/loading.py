@@ -349,22 +349,27 @@ class Loader:
         )
 
     async def _rebalance(self, entry: Entry) -> None:
-        """A load measured more than it reserved: evict idle models until back in budget.
+        """A load measured more than it reserved: evict or park idle models (as the planner
+        chooses) until back in budget; warn when only busy models could make room.
 
         Runs after the load's waiters are served: the model is ready, and these unloads
         (each bounded by ``unload_timeout``) concern other models."""
         plan = self.admission.decide(entry, self.admission.candidate(entry, entry.active.items()))
-        if isinstance(plan, Admit) and not plan.evict:
+        if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
             return
         if isinstance(plan, Admit):
-            victims = [
-                v for v in (self.core.table.get(n) for n in plan.evict) if v is not None and v.is_evictable()
-            ]
+            table = self.core.table
+            victims = [v for v in (table.get(n) for n in plan.evict) if v is not None and v.is_evictable()]
+            sleepers = [s for s in (table.get(n) for n in plan.sleep) if s is not None and s.is_evictable()]
             for v in victims:
                 self.transitions.begin_unload(
                     v, reason="evicted: measured size over estimate", evicted_for=entry
                 )
-            await self._finish_all(victims, [], reason={})
+            for s in sleepers:
+                self.transitions.begin_park(s, evicted_for=entry)
+            await self._finish_all(
+                victims, sleepers, reason={s.name: "measured size over estimate" for s in sleepers}
+            )
         else:
             log.warning(
                 "%s measured %s, more than its estimate; the budget is exceeded until something is released",
