@@ -4,21 +4,29 @@ Hypothesis drives a :class:`ModelManager` over :class:`FaultyProvider` with user
 (leases held in background tasks, released or cancelled while waiting; load, pinned load,
 unload with and without force, unload_all, park, reconcile, status) and runtime actions
 (finish or fail a pending load/unload/sleep/wake/observe, with a modelmora or a foreign
-exception; hold the next call; crash or evict a model behind the manager's back; memory
-other processes take; ``x`` listed as ``x:latest``; a model someone else loaded; time
+exception, a load possibly failing *partway* with the model already held; hold the next
+call; crash or evict a model behind the manager's back, a crash possibly mid-call and
+still answering the sleep or wake it was doing; memory other processes take and memory
+unloaded models leak; ``x`` listed as ``x:latest``; a model someone else loaded, awake or
+asleep, which callers then use; a model that measures more than its estimate; time
 passing).  After every step it checks, against a reference model built from the runtime's
 truth and the test's own record of who holds what:
 
 1. **budget** — every load and wake the runtime started fit: what it held, plus what its
-   pending loads and wakes will hold, plus other processes' memory, within every budget;
+   pending loads and wakes will hold, plus other processes' memory and leaks, within every
+   budget (less what pending loads take beyond their estimate: nobody can foresee that);
 2. **leases** — no unload or park of a model a caller holds unless a forced call was in
    progress, and no holder's handle closed under it unless forced or its runtime died;
 3. **truth** — right after a reconcile on a quiet state the table is the runtime: one entry
    per model it holds, same tier, same bytes;
 4. **alive** — the manager's task group still runs; no caller ever got a foreign exception;
-5. **waiters** — a waiting caller is served or gets a ModelMoraError by its timeout; lease
-   counts are never negative;
-6. **the end** — once everything is released and time passes, every caller has its answer,
+5. **waiters** — a waiting caller is served or gets a ModelMoraError by its timeout, and
+   never waits for a model that is ready and blocks no admission; lease counts are never
+   negative;
+6. **deaths** — no ready or sleeping row stands on a runtime that reported its death;
+7. **half-loaded** — on a quiet state nothing a failed load put in the runtime is left
+   there unknown to the manager, unless cleaning it up failed;
+8. **the end** — once everything is released and time passes, every caller has its answer,
    lease counts are 0, and ``unload_all(force=True)`` leaves the runtime empty.
 
 Determinism: the manager runs in an anyio blocking portal whose event loop has a *virtual
@@ -26,6 +34,7 @@ clock* (time moves only in the ``time_passes`` rule), thread offloads run inline
 step ends when every task is blocked.  Nothing depends on wall-clock time.
 
 The default run is short; ``MODELMORA_STATEFUL_STEPS=20000`` (the soak job) runs long.
+Interleavings the search reaches only rarely are replayed on every run (``REPLAYS``).
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ GB = 10**9
 BUDGETS = {"cuda:0": 16 * GB, "cpu": 24 * GB}
 MODELS: dict[str, dict[str, Any]] = {
     "a": {"memory": "8GB", "warm_tier": True},
-    "b": {"memory": "6GB"},
+    "b": {"memory": "6GB", "options": {"actual_memory": {"cuda:0": 10 * GB}}},  # measures over its estimate
     "c": {"memory": "4GB", "group": "heavy"},
     "d": {"memory": "10GB", "group": "heavy", "warm_tier": True},
 }
@@ -163,6 +172,10 @@ class HalfLoaded(Violation):
     pass
 
 
+class WaiterOnReady(Violation):
+    pass
+
+
 class NeverAnswered(Violation):
     pass
 
@@ -196,6 +209,7 @@ class LeaseRec:
     instance: int | None = None
     outcome: str = "waiting"
     exposed: bool = False  # a forced call ran while it was held: its handle may close
+    flagged: bool = False  # reported waiting on a ready model (once)
 
     @property
     def waiting(self) -> bool:
@@ -250,6 +264,12 @@ def _settled_instances(mm: ModelManager, faulty: FaultyProvider) -> dict[str, in
         for e in mm._core.table
         if e.state.value in ("ready", "sleeping")
     }
+
+
+def _ready_for_anyone(mm: ModelManager) -> set[str]:
+    """Names of ready rows that no admission waits for (new leases on them are granted at
+    once): read from the manager's table, like :func:`_settled_instances`."""
+    return {e.name for e in mm._core.table if e.state.value == "ready" and not e.blocking}
 
 
 def _nonzero(memory: dict[str, int]) -> dict[str, int]:
@@ -374,7 +394,13 @@ class ManagerMachine(RuleBasedStateMachine):
         for call in new:
             if call.op in ("load", "wake"):
                 for device, budget in BUDGETS.items():
-                    total = call.committed.get(device, 0) + call.external.get(device, 0)
+                    # less what pending loads take beyond their estimate: no manager can see it
+                    # coming (a load that measures more is rebalanced once it is known)
+                    total = (
+                        call.committed.get(device, 0)
+                        + call.external.get(device, 0)
+                        - call.surprise.get(device, 0)
+                    )
                     if total > budget:
                         world.violate(
                             OverBudget,
@@ -405,6 +431,16 @@ class ManagerMachine(RuleBasedStateMachine):
         for name, _, _, _, leases in _table(mm):
             if leases < 0:
                 world.violate(LeaseCount, f"{name} has {leases} leases")
+        # waiters: nobody still waits for a model that is ready and blocks no admission
+        ready = _ready_for_anyone(mm)
+        for rec in world.leases.values():
+            if rec.waiting and rec.name in ready and not rec.flagged:
+                world.violate(
+                    WaiterOnReady,
+                    f"lease #{rec.id} on {rec.name} still waits, though {rec.name} is ready and no "
+                    f"admission waits for it ({self._describe(world)})",
+                )
+                rec.flagged = True
         # half-loaded: on a quiet state, nothing a load put in the runtime is left unknown to
         # the manager, unless cleaning it up failed (then the next reconcile adopts it)
         if self._quiet(world):
@@ -629,6 +665,14 @@ class ManagerMachine(RuleBasedStateMachine):
 
         self.step(f"finish_pending_call({op} {target}, {how})", action)
 
+    def finish_pending_call_now(self, op: str) -> None:
+        """Let every pending ``op`` call answer (a step of its own; replays use it)."""
+
+        async def action(world: World) -> None:
+            world.faulty.release(op)  # type: ignore[arg-type]
+
+        self.step(f"finish_pending_call_now({op})", action)
+
     @rule(
         op=st.sampled_from(["load", "unload", "sleep", "wake", "observe"]),
         name=st.sampled_from([*NAMES, FOREIGN_TARGET]),
@@ -696,7 +740,10 @@ class ManagerMachine(RuleBasedStateMachine):
             {c.target for c in self.world.faulty.pending if c.op in ("sleep", "wake", "unload")}
             & set(self.world.faulty.instances)
         )
-        target = data.draw(st.sampled_from(pending), label="target")
+        self.crash(data.draw(st.sampled_from(pending), label="target"), answered=answered)
+
+    def crash(self, target: str, *, answered: bool) -> None:
+        """The runtime of ``target`` dies and reports it (a step of its own)."""
 
         async def action(world: World) -> None:
             instance = world.faulty.instances.get(target)
@@ -861,3 +908,57 @@ def test_manager_against_a_faulty_runtime() -> None:
 def test_manager_against_a_faulty_runtime_long() -> None:
     ManagerMachine.TestCase.settings = _settings(LONG, derandomize=False)
     ManagerMachine.TestCase().runTest()
+
+
+# Interleavings the random search found (or reaches only rarely), replayed on every run: each
+# broke an invariant on the code before the fix named.
+REPLAYS: dict[str, Callable[[ManagerMachine], None]] = {
+    # 1007526: the wake of a model adopted asleep reserved only its sleeping footprint
+    "wake-of-adopted-sleeper": lambda m: (
+        m.someone_else_loads(asleep=True, gb=8, says_awake=False),
+        m.reconcile(),
+        m.load("a", pin=False),
+        m.load("c", pin=False),
+        m.lease_the_adopted_model(timeout=None),
+    ),
+    # f80349b: a death reported while unloading was lost when the unload then failed
+    "death-during-unload": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("unload", "a"),
+        m.unload("a", force=False),
+        m.crash("a", answered=False),
+        m.time_passes(61.0),
+    ),
+    # f80349b: a death reported while parking was lost when the sleep call still answered
+    "death-during-park": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("sleep", "a"),
+        m.park("a"),
+        m.crash("a", answered=True),
+        m.finish_pending_call_now("sleep"),
+    ),
+    # 683c0cd: a load that failed partway left the model in the runtime, uncounted
+    "load-fails-partway": lambda m: (
+        m.fail_next_call("load-partway", "a", "modelmora"),
+        m.load("a", pin=False),
+    ),
+    # 70575ef: b's caller waited for the park and unload of a that b's measurement called for
+    "waiters-through-rebalance": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("sleep", "a"),
+        m.hold_next_call("unload", "a"),
+        m.take_lease("b", timeout=None),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYS))
+def test_manager_against_a_faulty_runtime_replays(name: str) -> None:
+    machine = ManagerMachine()
+    try:
+        REPLAYS[name](machine)
+    except BaseException:
+        machine.failed = True
+        raise
+    finally:
+        machine.teardown()

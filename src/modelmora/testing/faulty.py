@@ -94,6 +94,7 @@ class Call:
     outcome: str = "pending"
     committed: dict[str, int] = field(default_factory=dict)  # after a load/wake started: see committed()
     partway: BaseException | None = None  # a load that raises this once the runtime holds the model
+    surprise: dict[str, int] = field(default_factory=dict)  # after a load/wake started: see surprise()
     # bytes no model of the runtime holds at that moment: other processes' and leaks
     external: dict[str, int] = field(default_factory=dict)
 
@@ -322,6 +323,19 @@ class FaultyProvider(Provider):
                     _add(out, instance.parked_memory, -1)
         return {d: n for d, n in out.items()}
 
+    def surprise(self) -> dict[str, int]:
+        """Bytes per device the pending loads will hold beyond their spec's estimate
+        (``options.actual_memory``, :meth:`measure`): part of :meth:`committed` that a
+        manager reserving the estimate cannot foresee before the load measures it."""
+        out: dict[str, int] = {}
+        for call in self.pending:
+            spec = self._specs.get(call.seq)
+            if call.op != "load" or spec is None or self._canonical(call.target) in self.instances:
+                continue
+            actual = self._measured.get(call.target) or self._memory_of(spec)
+            _add(out, {d: n - spec.memory.get(d, 0) for d, n in actual.items() if n > spec.memory.get(d, 0)})
+        return out
+
     def instance_of(self, handle: Handle) -> Instance | None:
         """The instance ``handle`` was lent for, while the runtime still holds it."""
         instance_id = self._of_handle.get(handle)
@@ -481,6 +495,7 @@ class FaultyProvider(Provider):
         self.pending.append(call)
         if op in ("load", "wake"):
             call.committed = self.committed()
+            call.surprise = self.surprise()
             call.external = {
                 d: self.external.get(d, 0) + self.leaks.get(d, 0) for d in {*self.external, *self.leaks}
             }
