@@ -160,10 +160,10 @@ class Transitions:
         afterwards).  Never raises: returns False when the cleanup failed or timed out
         (logged), so the runtime may still hold the model."""
         handle = entry.handle
-        provider = self.core.provider(entry.provider)
         done = False
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.core.config.unload_timeout):
             try:
+                provider = self.core.provider(entry.provider)
                 if handle is not None:
                     await provider.unload(handle)
                 else:
