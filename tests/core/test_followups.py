@@ -220,3 +220,31 @@ async def test_a_rebalance_parks_what_the_planner_would_park() -> None:
         states = {e.name: e.state.value for e in mm.entries()}
     held = faulty.held().get("cuda:0", 0)
     assert held <= BUDGET["cuda:0"], f"the GPU holds {held / GB:g} GB on a 16 GB budget: {states}"
+
+
+async def test_waking_a_model_found_asleep_reserves_what_it_measured_when_it_was_last_loaded() -> None:
+    """``f`` (registry estimate 6 GB) measured 10 GB when this manager loaded it; unloaded,
+    then found asleep (loaded and parked by someone else, its awake size not reported), its
+    wake must reserve the 10 GB it measured, not the 6 GB estimate."""
+    faulty = FaultyProvider()
+    faulty.report_awake = False
+    faulty.measure("f", {"cuda:0": gb(10)})
+    async with faulty_manager(faulty, {"f": model(6), "b": model(8)}) as mm:
+        await mm.load("f")
+        await mm.unload("f")
+        faulty.add_foreign("f", {"cuda:0": gb(10)}, tier=Tier.SLEEPING)
+        await mm.reconcile()
+        await settle()  # the adoption
+        assert mm.is_parked("f")
+        faulty.hold("wake", "f", times=1)
+        async with anyio.create_task_group() as tg:
+            f = hold(tg, mm, "f")
+            await faulty.wait_pending("wake", "f")
+            b = hold(tg, mm, "b")  # 10 + 8 GB do not fit 16: must wait for f
+            await settle()
+            faulty.release("wake", "f")
+            await f.granted.wait()
+            await release_all(f)
+            await b.granted.wait()
+            await release_all(b)
+    assert overcommits(faulty, BUDGET) == []
