@@ -148,6 +148,7 @@ class Reconciler:
             )
             if seen.tier is Tier.SLEEPING:
                 awake = awake_footprint(seen, entry.spec, core.budgets)
+                before = core.history.get(entry.name)  # what it measured when we last loaded it
                 core.lifecycle.apply(
                     entry,
                     Action.SLEPT_BEHIND,
@@ -155,7 +156,7 @@ class Reconciler:
                     handle=handle,
                     parked=Footprint(seen.memory) if seen.memory else awake.parked(),
                     estimate=awake,  # what its wake reserves, like a load
-                    measured=Footprint(seen.awake) if seen.awake else None,
+                    measured=Footprint(seen.awake) if seen.awake else before[0] if before else None,
                 )
             else:
                 core.lifecycle.apply(entry, Action.LOADED, event, handle=handle)
