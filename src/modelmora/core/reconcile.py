@@ -175,8 +175,9 @@ def awake_footprint(seen: Observed, spec: ModelSpec | None, budgets: Mapping[str
     estimate (``spec.memory``; ``spec`` None or without memory: none); else, unknown, the
     conservative answer: the *whole budget* of every accelerator it may wake on (those it
     holds bytes on asleep, else ``spec.device``), so its wake evicts or waits for
-    everything else there rather than overcommit the device.  A wake measures what the
-    model really took, which replaces this."""
+    everything else there rather than overcommit the device.  What the model measured
+    when this manager last loaded it is kept beside this as its measurement (the wake
+    reserves the larger), and a wake measures what it really took, which replaces both."""
     asleep = Footprint(seen.memory)
     if seen.awake:
         return Footprint(seen.awake)
