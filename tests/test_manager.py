@@ -307,7 +307,12 @@ async def test_measured_size_replaces_estimate_and_rebalances(sim: SimulatedProv
     }
     async with make_manager(sim, models) as mm:
         await mm.load("a")
+        evicted = anyio.Event()
+        mm.events.subscribe(
+            lambda e: evicted.set() if isinstance(e, ev.Unloaded) and e.model == "a" else None
+        )
         await mm.load("b")  # estimate fits beside a; the measurement does not
+        await evicted.wait()  # the rebalance runs once b's callers are served
         assert mm.loaded() == ["b"]
         assert mm.usage() == {"cuda:0": 12 * GB}
 
@@ -438,9 +443,11 @@ async def test_a_victim_leased_while_another_is_evicted_is_not_unloaded(sim: Sim
     unloaded_while_leased: list[str] = []
     async with make_manager(sim, models, budgets={"cuda:0": "16GB"}, idle_ttl=60) as mm:
         mm.events.subscribe(
-            lambda e: unloaded_while_leased.append(e.model)
-            if isinstance(e, ev.Unloading) and not e.forced and mm.leases(e.model)
-            else None
+            lambda e: (
+                unloaded_while_leased.append(e.model)
+                if isinstance(e, ev.Unloading) and not e.forced and mm.leases(e.model)
+                else None
+            )
         )
         await mm.load("a")
         await mm.load("b")

@@ -109,3 +109,57 @@ async def test_aliases_foreign_models_and_crashes() -> None:
     assert lost == [(handle, "the runtime crashed")] and "x" not in faulty.instances
     with pytest.raises(LoadFailed):
         await faulty.sleep(handle)
+
+
+async def test_a_load_failing_partway_leaves_the_model_held_and_unlent() -> None:
+    faulty = FaultyProvider()
+    faulty.fail_partway("a")
+    with pytest.raises(LoadFailed, match="partway"):
+        await faulty.load(spec("a", 4))
+    instance = faulty.instances["a"]
+    assert faulty.held() == {"cuda:0": gb(4)} and instance.lent == 0 and instance.born > 0
+    (seen,) = await faulty.observe()
+    await faulty.unload(await faulty.adopt(seen, spec("a", 4)))  # Provider.discard's default
+    assert faulty.instances == {}
+
+
+async def test_a_crash_that_answered_still_finishes_the_pending_sleep() -> None:
+    faulty = FaultyProvider()
+    handle = await faulty.load(spec("a", 4))
+    faulty.hold("sleep", "a")
+    slept: list[dict[str, int]] = []
+    async with anyio.create_task_group() as tg:
+
+        async def sleep() -> None:
+            slept.append(await faulty.sleep(handle))
+
+        tg.start_soon(sleep)
+        await faulty.wait_pending("sleep", "a")
+        await faulty.crash("a", answered=True)
+        faulty.release("sleep", "a")
+    assert slept == [{"cpu": gb(4)}] and faulty.instances == {} and faulty.held() == {}
+
+
+async def test_leaks_are_read_by_the_probe_and_reported_and_sleepers_say_their_awake_size() -> None:
+    faulty = FaultyProvider(devices={"cuda:0": gb(24)})
+    faulty.leaks["cuda:0"] = gb(2)
+    assert faulty.leaked() == {"cuda:0": gb(2)}
+    assert faulty.probe.read()[0].used == gb(2)
+    faulty.add_foreign("f", {"cuda:0": gb(3)}, tier=Tier.SLEEPING)
+    (seen,) = await faulty.observe()
+    assert seen.awake == {"cuda:0": gb(3)} and seen.memory == {"cpu": gb(3)}
+    faulty.report_awake = False
+    (seen,) = await faulty.observe()
+    assert seen.awake == {}
+
+
+async def test_surprise_is_what_pending_loads_take_beyond_their_estimate() -> None:
+    faulty = FaultyProvider()
+    faulty.measure("a", {"cuda:0": gb(6)})
+    faulty.hold("load", "a")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(faulty.load, spec("a", 4))
+        (call,) = await faulty.wait_pending("load", "a")
+        assert call.surprise == {"cuda:0": gb(2)} and faulty.surprise() == {"cuda:0": gb(2)}
+        faulty.release("load", "a")
+    assert faulty.surprise() == {}

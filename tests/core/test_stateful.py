@@ -4,21 +4,29 @@ Hypothesis drives a :class:`ModelManager` over :class:`FaultyProvider` with user
 (leases held in background tasks, released or cancelled while waiting; load, pinned load,
 unload with and without force, unload_all, park, reconcile, status) and runtime actions
 (finish or fail a pending load/unload/sleep/wake/observe, with a modelmora or a foreign
-exception; hold the next call; crash or evict a model behind the manager's back; memory
-other processes take; ``x`` listed as ``x:latest``; a model someone else loaded; time
+exception, a load possibly failing *partway* with the model already held; hold the next
+call; crash or evict a model behind the manager's back, a crash possibly mid-call and
+still answering the sleep or wake it was doing; memory other processes take and memory
+unloaded models leak; ``x`` listed as ``x:latest``; a model someone else loaded, awake or
+asleep, which callers then use; a model that measures more than its estimate; time
 passing).  After every step it checks, against a reference model built from the runtime's
 truth and the test's own record of who holds what:
 
 1. **budget** — every load and wake the runtime started fit: what it held, plus what its
-   pending loads and wakes will hold, plus other processes' memory, within every budget;
+   pending loads and wakes will hold, plus other processes' memory and leaks, within every
+   budget (less what pending loads take beyond their estimate: nobody can foresee that);
 2. **leases** — no unload or park of a model a caller holds unless a forced call was in
    progress, and no holder's handle closed under it unless forced or its runtime died;
 3. **truth** — right after a reconcile on a quiet state the table is the runtime: one entry
    per model it holds, same tier, same bytes;
 4. **alive** — the manager's task group still runs; no caller ever got a foreign exception;
-5. **waiters** — a waiting caller is served or gets a ModelMoraError by its timeout; lease
-   counts are never negative;
-6. **the end** — once everything is released and time passes, every caller has its answer,
+5. **waiters** — a waiting caller is served or gets a ModelMoraError by its timeout, and
+   never waits for a model that is ready and blocks no admission; lease counts are never
+   negative;
+6. **deaths** — no ready or sleeping row stands on a runtime that reported its death;
+7. **half-loaded** — on a quiet state nothing a failed load put in the runtime is left
+   there unknown to the manager, unless cleaning it up failed;
+8. **the end** — once everything is released and time passes, every caller has its answer,
    lease counts are 0, and ``unload_all(force=True)`` leaves the runtime empty.
 
 Determinism: the manager runs in an anyio blocking portal whose event loop has a *virtual
@@ -26,6 +34,7 @@ clock* (time moves only in the ``time_passes`` rule), thread offloads run inline
 step ends when every task is blocked.  Nothing depends on wall-clock time.
 
 The default run is short; ``MODELMORA_STATEFUL_STEPS=20000`` (the soak job) runs long.
+Interleavings the search reaches only rarely are replayed on every run (``REPLAYS``).
 """
 
 from __future__ import annotations
@@ -58,12 +67,13 @@ GB = 10**9
 BUDGETS = {"cuda:0": 16 * GB, "cpu": 24 * GB}
 MODELS: dict[str, dict[str, Any]] = {
     "a": {"memory": "8GB", "warm_tier": True},
-    "b": {"memory": "6GB"},
+    "b": {"memory": "6GB", "options": {"actual_memory": {"cuda:0": 10 * GB}}},  # measures over its estimate
     "c": {"memory": "4GB", "group": "heavy"},
     "d": {"memory": "10GB", "group": "heavy", "warm_tier": True},
 }
 NAMES = sorted(MODELS)
 FOREIGN_TARGET = "f"
+FOREIGN = f"faulty/{FOREIGN_TARGET}"  # the name the manager adopts it under: callers may lease it too
 CONFIG: dict[str, Any] = {
     "budgets": {"cuda:0": "16GB", "cpu": "24GB"},
     "reaper_interval": 1.0,
@@ -154,6 +164,18 @@ class LeaseCount(Violation):
     pass
 
 
+class DeathDropped(Violation):
+    pass
+
+
+class HalfLoaded(Violation):
+    pass
+
+
+class WaiterOnReady(Violation):
+    pass
+
+
 class NeverAnswered(Violation):
     pass
 
@@ -187,6 +209,7 @@ class LeaseRec:
     instance: int | None = None
     outcome: str = "waiting"
     exposed: bool = False  # a forced call ran while it was held: its handle may close
+    flagged: bool = False  # reported waiting on a ready model (once)
 
     @property
     def waiting(self) -> bool:
@@ -213,6 +236,8 @@ class World:
     ops: dict[int, OpRec] = field(default_factory=dict)
     violations: list[tuple[type[Violation], str]] = field(default_factory=list)
     runtime_lost: set[int] = field(default_factory=set)  # instances crashed or evicted by the runtime
+    reported_lost: set[int] = field(default_factory=set)  # crashed ones, told through report_lost
+    orphans_reported: set[int] = field(default_factory=set)  # HalfLoaded: reported once per load call
     forcing: int = 0
     checked_calls: int = 0
     host_error: BaseException | None = None
@@ -229,6 +254,22 @@ def _table(mm: ModelManager) -> list[tuple[str, str, str, dict[str, int], int]]:
     """(name, target, state, memory, leases) per table row: the one place that reads the
     manager's rows (adapt here when the table's read-only view changes)."""
     return [(e.name, e.target, str(e.state.value), dict(e.memory), int(e.leases)) for e in mm.entries()]
+
+
+def _settled_instances(mm: ModelManager, faulty: FaultyProvider) -> dict[str, int | None]:
+    """name → the runtime instance behind each ready or sleeping row (the manager's
+    handles are not in its read-only views, so this reads its table)."""
+    return {
+        e.name: faulty.instance_id(e.handle) if e.handle is not None else None
+        for e in mm._core.table
+        if e.state.value in ("ready", "sleeping")
+    }
+
+
+def _ready_for_anyone(mm: ModelManager) -> set[str]:
+    """Names of ready rows that no admission waits for (new leases on them are granted at
+    once): read from the manager's table, like :func:`_settled_instances`."""
+    return {e.name for e in mm._core.table if e.state.value == "ready" and not e.blocking}
 
 
 def _nonzero(memory: dict[str, int]) -> dict[str, int]:
@@ -353,7 +394,13 @@ class ManagerMachine(RuleBasedStateMachine):
         for call in new:
             if call.op in ("load", "wake"):
                 for device, budget in BUDGETS.items():
-                    total = call.committed.get(device, 0) + call.external.get(device, 0)
+                    # less what pending loads take beyond their estimate: no manager can see it
+                    # coming (a load that measures more is rebalanced once it is known)
+                    total = (
+                        call.committed.get(device, 0)
+                        + call.external.get(device, 0)
+                        - call.surprise.get(device, 0)
+                    )
                     if total > budget:
                         world.violate(
                             OverBudget,
@@ -384,6 +431,42 @@ class ManagerMachine(RuleBasedStateMachine):
         for name, _, _, _, leases in _table(mm):
             if leases < 0:
                 world.violate(LeaseCount, f"{name} has {leases} leases")
+        # waiters: nobody still waits for a model that is ready and blocks no admission
+        ready = _ready_for_anyone(mm)
+        for rec in world.leases.values():
+            if rec.waiting and rec.name in ready and not rec.flagged:
+                world.violate(
+                    WaiterOnReady,
+                    f"lease #{rec.id} on {rec.name} still waits, though {rec.name} is ready and no "
+                    f"admission waits for it ({self._describe(world)})",
+                )
+                rec.flagged = True
+        # half-loaded: on a quiet state, nothing a load put in the runtime is left unknown to
+        # the manager, unless cleaning it up failed (then the next reconcile adopts it)
+        if self._quiet(world):
+            for instance in faulty.instances.values():
+                if not instance.loaded or instance.lent or instance.born in world.orphans_reported:
+                    continue
+                cleanup_failed = any(
+                    c.seq > instance.born and c.op in ("observe", "adopt", "unload") and c.outcome != "ok"
+                    for c in faulty.calls
+                )
+                if not cleanup_failed:
+                    world.orphans_reported.add(instance.born)
+                    world.violate(
+                        HalfLoaded,
+                        f"{instance.target}#{instance.id} is held by the runtime, put there by a load that "
+                        f"failed, and the manager neither counts nor cleaned it up ({self._describe(world)})",
+                    )
+        # deaths: a runtime that reported its death never stays behind a settled row
+        for name, instance in _settled_instances(mm, faulty).items():
+            if instance in world.reported_lost:
+                world.violate(
+                    DeathDropped,
+                    f"{name} is ready or sleeping on instance {instance}, whose runtime reported "
+                    f"its death ({self._describe(world)})",
+                )
+                world.reported_lost.discard(instance)  # report once
 
     def _check_truth(self, world: World) -> None:
         """The table equals the runtime: call only right after a reconcile on a quiet state."""
@@ -466,6 +549,13 @@ class ManagerMachine(RuleBasedStateMachine):
             self._spawn(holder)
 
         self.step(f"take_lease({name!r}, timeout={timeout})", action)
+
+    @precondition(lambda self: FOREIGN in {name for name, *_ in _table(self.world.mm)})
+    @rule(timeout=st.sampled_from([None, 10.0]))
+    def lease_the_adopted_model(self, timeout: float | None) -> None:
+        """A caller uses the model someone else loaded, once the manager has adopted it
+        (waking it when it was found asleep)."""
+        self.take_lease(FOREIGN, timeout)
 
     @precondition(lambda self: any(r.granted and not r.done for r in self.world.leases.values()))
     @rule(data=st.data())
@@ -560,20 +650,32 @@ class ManagerMachine(RuleBasedStateMachine):
     # -- runtime actions --------------------------------------------------------------------
 
     @precondition(lambda self: bool(self.world.faulty.pending))
-    @rule(data=st.data(), how=st.sampled_from(["ok", "modelmora", "oserror", "connect"]))
-    def finish_pending_call(self, data: st.DataObject, how: str) -> None:
+    @rule(
+        data=st.data(), how=st.sampled_from(["ok", "modelmora", "oserror", "connect"]), partway=st.booleans()
+    )
+    def finish_pending_call(self, data: st.DataObject, how: str, partway: bool) -> None:
+        """A pending call answers or fails; a load may fail ``partway``: with the model
+        already held by the runtime."""
         pending = [(c.seq, c.op, c.target) for c in self.world.faulty.pending]
         seq, op, target = data.draw(st.sampled_from(pending), label="call")
 
         async def action(world: World) -> None:
             error = None if how == "ok" else injected_error(how, f"injected: {op} of {target} failed")
-            world.faulty.release(seq=seq, error=error)
+            world.faulty.release(seq=seq, error=error, partway=partway)
 
         self.step(f"finish_pending_call({op} {target}, {how})", action)
 
+    def finish_pending_call_now(self, op: str) -> None:
+        """Let every pending ``op`` call answer (a step of its own; replays use it)."""
+
+        async def action(world: World) -> None:
+            world.faulty.release(op)  # type: ignore[arg-type]
+
+        self.step(f"finish_pending_call_now({op})", action)
+
     @rule(
         op=st.sampled_from(["load", "unload", "sleep", "wake", "observe"]),
-        name=st.sampled_from(NAMES),
+        name=st.sampled_from([*NAMES, FOREIGN_TARGET]),
     )
     def hold_next_call(self, op: Any, name: str) -> None:
         target = ANY if op == "observe" else name
@@ -584,21 +686,31 @@ class ManagerMachine(RuleBasedStateMachine):
         self.step(f"hold_next_call({op}, {target})", action)
 
     @rule(
-        op=st.sampled_from(["load", "unload", "sleep", "wake", "observe", "adopt", "refresh"]),
+        op=st.sampled_from(
+            ["load", "unload", "sleep", "wake", "observe", "adopt", "refresh", "load-partway"]
+        ),
         name=st.sampled_from(NAMES),
         how=st.sampled_from(["modelmora", "oserror", "connect"]),
     )
     def fail_next_call(self, op: Any, name: str, how: str) -> None:
+        """The next call fails at once; ``load-partway``: the next load fails once the
+        runtime holds the model."""
         target = ANY if op in ("observe", "adopt") else name
 
         async def action(world: World) -> None:
-            world.faulty.fail_next(op, target, injected_error(how, f"injected: {op} of {target} failed"))
+            error = injected_error(how, f"injected: {op} of {target} failed")
+            if op == "load-partway":
+                world.faulty.fail_partway(target, error)
+            else:
+                world.faulty.fail_next(op, target, error)
 
         self.step(f"fail_next_call({op}, {target}, {how})", action)
 
     @precondition(lambda self: bool(self.world.faulty.instances))
-    @rule(data=st.data(), crash=st.booleans())
-    def runtime_drops_a_model(self, data: st.DataObject, crash: bool) -> None:
+    @rule(data=st.data(), how=st.sampled_from(["evict", "crash", "crash-answered"]))
+    def runtime_drops_a_model(self, data: st.DataObject, how: str) -> None:
+        """The runtime drops a model silently (evict), or dies and says so (crash); a
+        runtime that dies may first answer the sleep or wake it was doing (answered)."""
         target = data.draw(st.sampled_from(sorted(self.world.faulty.instances)), label="target")
 
         async def action(world: World) -> None:
@@ -606,12 +718,42 @@ class ManagerMachine(RuleBasedStateMachine):
             if instance is None:
                 return
             world.runtime_lost.add(instance.id)
-            if crash:
-                await world.faulty.crash(target)
-            else:
+            if how == "evict":
                 world.faulty.evict(target)
+            else:
+                world.reported_lost.add(instance.id)
+                await world.faulty.crash(target, answered=how == "crash-answered")
 
-        self.step(f"runtime_drops_a_model({target!r}, {'crash' if crash else 'evict'})", action)
+        self.step(f"runtime_drops_a_model({target!r}, {how})", action)
+
+    @precondition(
+        lambda self: any(
+            c.op in ("sleep", "wake", "unload") and c.target in self.world.faulty.instances
+            for c in self.world.faulty.pending
+        )
+    )
+    @rule(data=st.data(), answered=st.booleans())
+    def runtime_dies_mid_call(self, data: st.DataObject, answered: bool) -> None:
+        """The runtime of a model dies while its sleep, wake or unload is pending (and may
+        still answer it): the death report and the call's answer race."""
+        pending = sorted(
+            {c.target for c in self.world.faulty.pending if c.op in ("sleep", "wake", "unload")}
+            & set(self.world.faulty.instances)
+        )
+        self.crash(data.draw(st.sampled_from(pending), label="target"), answered=answered)
+
+    def crash(self, target: str, *, answered: bool) -> None:
+        """The runtime of ``target`` dies and reports it (a step of its own)."""
+
+        async def action(world: World) -> None:
+            instance = world.faulty.instances.get(target)
+            if instance is None:
+                return
+            world.runtime_lost.add(instance.id)
+            world.reported_lost.add(instance.id)
+            await world.faulty.crash(target, answered=answered)
+
+        self.step(f"runtime_dies_mid_call({target!r}, answered={answered})", action)
 
     @rule(gb=st.sampled_from([0, 2, 6]))
     def other_processes_take(self, gb: int) -> None:
@@ -619,6 +761,16 @@ class ManagerMachine(RuleBasedStateMachine):
             world.faulty.external["cuda:0"] = gb * GB
 
         self.step(f"other_processes_take({gb} GB)", action)
+
+    @rule(gb=st.sampled_from([0, 2]))
+    def memory_leaks(self, gb: int) -> None:
+        """Models already unloaded still hold ``gb`` GB in this process (a model object
+        somebody references): the device reading sees it and ``leaked()`` reports it."""
+
+        async def action(world: World) -> None:
+            world.faulty.leaks["cuda:0"] = gb * GB
+
+        self.step(f"memory_leaks({gb} GB)", action)
 
     @rule(name=st.sampled_from(NAMES), on=st.booleans())
     def alias(self, name: str, on: bool) -> None:
@@ -628,13 +780,20 @@ class ManagerMachine(RuleBasedStateMachine):
         self.step(f"alias({name!r} as {name + ':latest' if on else 'itself'})", action)
 
     @precondition(lambda self: FOREIGN_TARGET not in self.world.faulty.instances)
-    @rule(asleep=st.booleans())
-    def someone_else_loads(self, asleep: bool) -> None:
+    @rule(asleep=st.booleans(), gb=st.sampled_from([3, 8]), says_awake=st.booleans())
+    def someone_else_loads(self, asleep: bool, gb: int, says_awake: bool) -> None:
+        """A model someone else loaded (asleep: in its warm tier, as vLLM sleep mode leaves
+        it), which the runtime may or may not say the size of once awake."""
+
         async def action(world: World) -> None:
             tier = Tier.SLEEPING if asleep else Tier.ACTIVE
-            world.faulty.add_foreign(FOREIGN_TARGET, {"cuda:0": 3 * GB}, tier=tier)
+            world.faulty.report_awake = says_awake
+            world.faulty.add_foreign(FOREIGN_TARGET, {"cuda:0": gb * GB}, tier=tier)
 
-        self.step(f"someone_else_loads({FOREIGN_TARGET!r}, asleep={asleep})", action)
+        self.step(
+            f"someone_else_loads({FOREIGN_TARGET!r}, {gb} GB, asleep={asleep}, says_awake={says_awake})",
+            action,
+        )
 
     @rule(seconds=st.sampled_from([0.5, 5.0, 31.0, 61.0, 301.0]))
     def time_passes(self, seconds: float) -> None:
@@ -749,3 +908,57 @@ def test_manager_against_a_faulty_runtime() -> None:
 def test_manager_against_a_faulty_runtime_long() -> None:
     ManagerMachine.TestCase.settings = _settings(LONG, derandomize=False)
     ManagerMachine.TestCase().runTest()
+
+
+# Interleavings the random search found (or reaches only rarely), replayed on every run: each
+# broke an invariant on the code before the fix named.
+REPLAYS: dict[str, Callable[[ManagerMachine], None]] = {
+    # 1007526: the wake of a model adopted asleep reserved only its sleeping footprint
+    "wake-of-adopted-sleeper": lambda m: (
+        m.someone_else_loads(asleep=True, gb=8, says_awake=False),
+        m.reconcile(),
+        m.load("a", pin=False),
+        m.load("c", pin=False),
+        m.lease_the_adopted_model(timeout=None),
+    ),
+    # f80349b: a death reported while unloading was lost when the unload then failed
+    "death-during-unload": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("unload", "a"),
+        m.unload("a", force=False),
+        m.crash("a", answered=False),
+        m.time_passes(61.0),
+    ),
+    # f80349b: a death reported while parking was lost when the sleep call still answered
+    "death-during-park": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("sleep", "a"),
+        m.park("a"),
+        m.crash("a", answered=True),
+        m.finish_pending_call_now("sleep"),
+    ),
+    # 683c0cd: a load that failed partway left the model in the runtime, uncounted
+    "load-fails-partway": lambda m: (
+        m.fail_next_call("load-partway", "a", "modelmora"),
+        m.load("a", pin=False),
+    ),
+    # 70575ef: b's caller waited for the park and unload of a that b's measurement called for
+    "waiters-through-rebalance": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("sleep", "a"),
+        m.hold_next_call("unload", "a"),
+        m.take_lease("b", timeout=None),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYS))
+def test_manager_against_a_faulty_runtime_replays(name: str) -> None:
+    machine = ManagerMachine()
+    try:
+        REPLAYS[name](machine)
+    except BaseException:
+        machine.failed = True
+        raise
+    finally:
+        machine.teardown()

@@ -59,6 +59,7 @@ class Core:
         self.budgets: dict[str, int] = {}
         self.readings: list[DeviceMemory] = []
         self.ours_at_reading: Footprint = EMPTY  # what our rows held when ``readings`` were taken
+        self.leaked_at_reading: Footprint = EMPTY  # what providers reported leaked right after
         self.history: dict[str, tuple[Footprint, float]] = {}  # last load: measured, seconds
         self.failures: dict[str, Failure] = {}
         self.problems: dict[str, str] = {}
@@ -146,20 +147,35 @@ class Core:
         # only rows settled for the whole reading: a load finishing meanwhile may be missing
         # from it, and subtracting it would hide what other processes hold
         self.ours_at_reading = total(e.held() for e, g in settled.items() if e.generation == g)
+        # taken after the reading: a leak that appeared meanwhile is memory the reading saw
+        # (as the unloading row's or as the leak), so it is subtracted once, never twice
+        self.leaked_at_reading = self.leaked()
         self.monitor.note_usage(self.table.usage())
 
+    def leaked(self) -> Footprint:
+        """Bytes per device providers report leaked (models unloaded whose objects are
+        still referenced): held by this process, not by any row."""
+        return total(p.leaked() for p in self.providers.values())
+
     def external(self) -> Footprint:
-        """Bytes per device held by others: on measured GPUs, what the last reading saw beyond
-        what our rows held when it was taken; on every device, memory a provider reports as
-        leaked (a model object still referenced after its unload)."""
+        """Bytes per device held by others, counting memory a provider reports as leaked (a
+        model object still referenced after its unload) as others' too.
+
+        On measured GPUs the last reading already includes the leak as it was then, so
+        what the reading saw beyond our rows and that leak is other processes', and the
+        leak as it is *now* is added once: ``max(0, used - ours - leaked_then) + leaked_now``
+        (bytes).  On devices not measured, the leak is added to nothing."""
+        leaked = self.leaked()
         measured = Footprint(
             {
-                r.device: max(0, r.used - self.ours_at_reading.on(r.device))
+                r.device: max(
+                    0, r.used - self.ours_at_reading.on(r.device) - self.leaked_at_reading.on(r.device)
+                )
                 for r in self.readings
                 if r.device.startswith("cuda:") and r.device in self.budgets
             }
         )
-        return measured + total(p.leaked() for p in self.providers.values())
+        return measured + leaked
 
     def usage(self) -> Footprint:
         return self.table.usage()

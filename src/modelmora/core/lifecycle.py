@@ -109,6 +109,7 @@ class Entry:
         "bypass_left",
         "can_park",
         "claims",
+        "died",
         "error",
         "estimate",
         "forced",
@@ -160,6 +161,7 @@ class Entry:
         self.unblocked = anyio.Event()
         self.attempt = anyio.Event()  # set when the current load or wake attempt settles
         self.adopting = False  # the attempt is reconcile's adoption, not a caller's load
+        self.died: str | None = None  # its runtime died mid-transition: applied once it settles
         self._changed = anyio.Event()
 
     @property

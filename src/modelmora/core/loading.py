@@ -6,7 +6,9 @@
   :attr:`Admission.turn`); victims are claimed in the same step, and the load starts
   only once they are gone;
 * a load or wake that fails after the runtime was called is *discarded* (a best-effort,
-  shielded unload), so nothing half-loaded stays behind;
+  shielded unload of its handle, or ``Provider.discard`` when a load returned none), so
+  nothing half-loaded stays behind; its memory stays reserved until that cleanup is
+  done, and when the cleanup fails a reconcile adopts whatever the runtime still holds;
 * a timeout names the limit that fired: the manager's ``load_timeout``, or the
   provider's own message when its own limit fired;
 * a failed load cools down (``failure_cooldown`` doubling to ``failure_cooldown_max``)
@@ -80,12 +82,17 @@ class Loader:
         core = self.core
         waking = entry.state is State.SLEEPING
         called = False  # the runtime was asked: a failure from here on may leave something
+        ready = False
         try:
             provider = core.provider(entry.provider)
             if not waking:
                 entry.spec = await provider.prepare(entry.spec)
                 core.lifecycle.update(entry, estimate=Footprint(entry.spec.memory))
             await self._admit(entry)
+            if waking and entry.died is not None:  # its runtime died while we made room
+                core.lifecycle.apply(entry, Action.REQUEUE)
+                self.transitions.settle(entry)
+                raise Superseded
             started = core.clock()
             called = True
             if waking:
@@ -97,6 +104,8 @@ class Loader:
                     ev.Woke(model=entry.name, duration_s=core.clock() - started, memory=dict(woke)),
                     measured=Footprint(woke) if woke else entry.active,
                 )
+                if self.transitions.settle(entry):  # it died meanwhile: the waiters load afresh
+                    raise Superseded
             else:
                 core.bus.emit(
                     ev.Loading(model=entry.name, provider=entry.provider, estimate=entry.estimate.as_dict())
@@ -128,9 +137,11 @@ class Loader:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 raise
         else:
-            await self._rebalance(entry)
+            ready = True
         finally:
-            entry.attempt.set()
+            entry.attempt.set()  # the waiters are served now, not after the evictions below
+        if ready:
+            await self._rebalance(entry)
 
     async def _bounded(self, call: Awaitable[T], entry: Entry, what: str) -> T:
         timeout = entry.spec.load_timeout
@@ -145,12 +156,17 @@ class Loader:
 
     async def _failed(self, entry: Entry, exc: BaseException, *, waking: bool, called: bool) -> None:
         core = self.core
-        if called and entry.handle is not None and entry.state in (State.LOADING, State.WAKING):
-            await self.transitions.discard(entry)
+        cleaned = True
+        if called and entry.state in (State.LOADING, State.WAKING):
+            cleaned = await self.transitions.discard(entry)  # still reserved meanwhile
         if entry.state in (State.QUEUED, State.LOADING) or (entry.state is State.WAKING and called):
             self.transitions.leave(entry, Action.FAIL)
+            if not cleaned:  # count what the runtime may still hold (reconcile never raises)
+                with anyio.move_on_after(core.config.unload_timeout):
+                    await self.reconcile()
         elif entry.state is State.WAKING:
             core.lifecycle.apply(entry, Action.REQUEUE)  # never left the warm tier
+            self.transitions.settle(entry)
         if isinstance(exc, Superseded):
             entry.error = None  # nothing failed: the waiters take the model afresh
             return
@@ -234,6 +250,7 @@ class Loader:
                         return
                     if entry.state in (State.LOADING, State.WAKING):
                         core.lifecycle.apply(entry, Action.REQUEUE)  # the world moved: start over
+                        self.transitions.settle(entry)  # a death meanwhile: Superseded next
                     if reconciled and isinstance(plan, Admit):
                         # reserve ours and claim the victims' memory in one step: no await
                         victims = [v for v in (core.table.get(n) for n in plan.evict) if v is not None]
@@ -253,6 +270,7 @@ class Loader:
                     core.lifecycle.update(entry, claims=())
                     if failures:
                         core.lifecycle.apply(entry, Action.REQUEUE)
+                        self.transitions.settle(entry)
                         name, exc = failures[0]
                         raise InsufficientMemory(
                             f"cannot make room for {entry.name!r}: evicting {name!r} failed ({exc})",
@@ -331,19 +349,27 @@ class Loader:
         )
 
     async def _rebalance(self, entry: Entry) -> None:
-        """A load measured more than it reserved: evict idle models until back in budget."""
+        """A load measured more than it reserved: evict or park idle models (as the planner
+        chooses) until back in budget; warn when only busy models could make room.
+
+        Runs after the load's waiters are served: the model is ready, and these unloads
+        (each bounded by ``unload_timeout``) concern other models."""
         plan = self.admission.decide(entry, self.admission.candidate(entry, entry.active.items()))
-        if isinstance(plan, Admit) and not plan.evict:
+        if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
             return
         if isinstance(plan, Admit):
-            victims = [
-                v for v in (self.core.table.get(n) for n in plan.evict) if v is not None and v.is_evictable()
-            ]
+            table = self.core.table
+            victims = [v for v in (table.get(n) for n in plan.evict) if v is not None and v.is_evictable()]
+            sleepers = [s for s in (table.get(n) for n in plan.sleep) if s is not None and s.is_evictable()]
             for v in victims:
                 self.transitions.begin_unload(
                     v, reason="evicted: measured size over estimate", evicted_for=entry
                 )
-            await self._finish_all(victims, [], reason={})
+            for s in sleepers:
+                self.transitions.begin_park(s, evicted_for=entry)
+            await self._finish_all(
+                victims, sleepers, reason={s.name: "measured size over estimate" for s in sleepers}
+            )
         else:
             log.warning(
                 "%s measured %s, more than its estimate; the budget is exceeded until something is released",

@@ -16,6 +16,7 @@ never raises.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import anyio
 
@@ -91,12 +92,19 @@ class Reconciler:
             lifecycle.update(entry, parked=memory)
 
     def _spec_for(self, provider: str, seen: Observed, key: str) -> ModelSpec:
+        """The registry's spec for what ``seen`` shows, else one made up from it (bytes as
+        observed; asleep: :func:`awake_footprint`).  A spec made up earlier (an earlier
+        adoption, an inline ``provider/target`` name) is made up again from this answer:
+        the model found now may not be the size it was."""
+        name = f"{provider}/{seen.target}"
         for spec in self.core.specs.values():
             if spec.provider == provider and self.core.key(spec) == key:
-                return spec
-        spec = ModelSpec(
-            name=f"{provider}/{seen.target}", provider=provider, target=seen.target, memory=dict(seen.memory)
-        )
+                if spec.name in self.core.config.models:
+                    return spec
+                name = spec.name
+                break
+        memory = seen.memory if seen.tier is Tier.ACTIVE else awake_footprint(seen, None, self.core.budgets)
+        spec = ModelSpec(name=name, provider=provider, target=seen.target, memory=dict(memory))
         self.core.specs[spec.name] = spec
         return spec
 
@@ -108,6 +116,8 @@ class Reconciler:
         entry.measured = Footprint(seen.memory) if seen.memory else entry.measured
         entry.owned = seen.owned
         asleep = seen.tier is Tier.SLEEPING
+        if asleep and seen.memory:
+            entry.estimate = Footprint(seen.memory)  # until adopted: what it holds asleep
         entry.can_park = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
         entry.attempt = anyio.Event()
         entry.adopting = True
@@ -137,7 +147,17 @@ class Reconciler:
                 model=entry.name, provider=provider.name, memory=dict(seen.memory), owned=seen.owned
             )
             if seen.tier is Tier.SLEEPING:
-                core.lifecycle.apply(entry, Action.SLEPT_BEHIND, event, handle=handle, parked=entry.active)
+                awake = awake_footprint(seen, entry.spec, core.budgets)
+                before = core.history.get(entry.name)  # what it measured when we last loaded it
+                core.lifecycle.apply(
+                    entry,
+                    Action.SLEPT_BEHIND,
+                    event,
+                    handle=handle,
+                    parked=Footprint(seen.memory) if seen.memory else awake.parked(),
+                    estimate=awake,  # what its wake reserves, like a load
+                    measured=Footprint(seen.awake) if seen.awake else before[0] if before else None,
+                )
             else:
                 core.lifecycle.apply(entry, Action.LOADED, event, handle=handle)
                 self.transitions.watch(entry)
@@ -147,4 +167,25 @@ class Reconciler:
             entry.attempt.set()
 
 
-__all__ = ["Reconciler"]
+def awake_footprint(seen: Observed, spec: ModelSpec | None, budgets: Mapping[str, int]) -> Footprint:
+    """Bytes per device a model the runtime reports asleep will hold once woken: what its
+    wake reserves, through the same admission as a load.
+
+    In order: what the runtime reports for it awake (``Observed.awake``); the registry's
+    estimate (``spec.memory``; ``spec`` None or without memory: none); else, unknown, the
+    conservative answer: the *whole budget* of every accelerator it may wake on (those it
+    holds bytes on asleep, else ``spec.device``), so its wake evicts or waits for
+    everything else there rather than overcommit the device.  What the model measured
+    when this manager last loaded it is kept beside this as its measurement (the wake
+    reserves the larger), and a wake measures what it really took, which replaces both."""
+    asleep = Footprint(seen.memory)
+    if seen.awake:
+        return Footprint(seen.awake)
+    if spec is not None and spec.memory:
+        return Footprint(spec.memory)
+    device = spec.device if spec is not None else "cuda:0"
+    accelerators = [d for d in asleep if d != "cpu"] or ([device] if device != "cpu" else [])
+    return asleep.maximum({d: budgets[d] for d in accelerators if d in budgets})
+
+
+__all__ = ["Reconciler", "awake_footprint"]

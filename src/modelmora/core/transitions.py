@@ -10,6 +10,9 @@ table never counts the same bytes twice (loads and wakes: :mod:`modelmora.core.l
   becomes an unload;
 * a model whose runtime dies (``Provider.watch`` returns, ``Provider.report_lost``)
   leaves the table at once with a ``Vanished`` event; its holders' handles are closed.
+  A death reported while the model parks, wakes or unloads is kept (``Entry.died``) and
+  applied as soon as that transition settles (:meth:`Transitions.settle`), whatever the
+  runtime's call answered.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..footprint import Footprint
 from ..providers.base import Handle
 from ..spec import format_duration
 from .context import Core
-from .lifecycle import STABLE, Action, Entry
+from .lifecycle import STABLE, Action, Entry, State
 
 log = logging.getLogger("modelmora")
 T = TypeVar("T")
@@ -79,6 +82,8 @@ class Transitions:
                     )
         except Exception as exc:
             core.lifecycle.apply(entry, Action.UNLOAD_FAILED)
+            if self.settle(entry):  # its runtime died meanwhile: nothing is left to unload
+                return held
             self.watch(entry)
             if isinstance(exc, UnloadFailed):
                 raise
@@ -125,8 +130,10 @@ class Transitions:
                         f"parking took longer than {format_duration(core.config.unload_timeout)}"
                     )
         except Exception as exc:
-            log.warning("parking %s failed (%s); unloading it instead", entry.name, exc)
             core.lifecycle.apply(entry, Action.PARK_FAILED)
+            if self.settle(entry):  # its runtime died meanwhile: nothing is left to unload
+                return
+            log.warning("parking %s failed (%s); unloading it instead", entry.name, exc)
             self.begin_unload(entry, reason=f"{reason}; warm tier failed", evicted_for=evicted_for)
             await self.finish_unload(entry)
             return
@@ -139,22 +146,36 @@ class Transitions:
             ),
             parked=parked,
         )
+        self.settle(entry)
 
     async def park(self, entry: Entry, *, reason: str) -> None:
         self.begin_park(entry)
         await self.finish_park(entry, reason=reason)
 
-    async def discard(self, entry: Entry) -> None:
-        """Best-effort unload of a model whose runtime state is unknown after a failure."""
+    async def discard(self, entry: Entry) -> bool:
+        """Best-effort cleanup of a model whose runtime state is unknown after a failed
+        load or wake: ``Provider.unload`` of its handle, or ``Provider.discard`` of its
+        spec when the load never returned one.  Shielded, bounded by ``unload_timeout``
+        (seconds); the entry keeps its memory counted meanwhile (the caller moves it on
+        afterwards).  Never raises: returns False when the cleanup failed or timed out
+        (logged), so the runtime may still hold the model."""
         handle = entry.handle
-        if handle is None:
-            return
+        done = False
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.core.config.unload_timeout):
             try:
-                await self.core.provider(entry.provider).unload(handle)
+                provider = self.core.provider(entry.provider)
+                if handle is not None:
+                    await provider.unload(handle)
+                else:
+                    await provider.discard(entry.spec)
+                done = True
             except Exception as exc:
                 log.warning("cleaning up %s after a failure also failed: %s", entry.name, exc)
-        handle.close()
+        if not done:
+            log.warning("%s may still be held by its runtime after a failure", entry.name)
+        if handle is not None:
+            handle.close()
+        return done
 
     def leave(self, entry: Entry, action: Action, event: ev.Event | None = None) -> None:
         """A transition to GONE: the entry leaves the table in the same step."""
@@ -165,8 +186,14 @@ class Transitions:
     # -- runtime deaths -------------------------------------------------------------------------
 
     def vanish(self, entry: Entry, reason: str) -> None:
-        """The runtime no longer has ``entry`` (crashed, evicted behind our back)."""
-        if entry.state not in STABLE or self.core.table.get(entry.name) is not entry:
+        """The runtime no longer has ``entry`` (crashed, evicted behind our back).  While
+        it parks, wakes or unloads, the death is kept and applied by :meth:`settle` once
+        that transition is over."""
+        if self.core.table.get(entry.name) is not entry or entry.state is State.GONE:
+            return
+        if entry.state not in STABLE:
+            log.warning("%s is gone from its runtime while %s: %s", entry.name, entry.state.value, reason)
+            entry.died = reason
             return
         if entry.handle is not None:
             entry.handle.close()
@@ -174,6 +201,15 @@ class Transitions:
         self.leave(
             entry, Action.VANISH, ev.Vanished(model=entry.name, provider=entry.provider, leased=entry.holders)
         )
+
+    def settle(self, entry: Entry) -> bool:
+        """Apply a death reported while ``entry`` was in transition, now that it is READY
+        or SLEEPING again; True when it left the table."""
+        if entry.died is None or entry.state not in STABLE:
+            return False
+        reason, entry.died = entry.died, None
+        self.vanish(entry, reason)
+        return entry.state is State.GONE
 
     def lost(self, handle: Handle, reason: str) -> None:
         """``Provider.report_lost``: find the entry that holds ``handle`` and drop it."""

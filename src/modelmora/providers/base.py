@@ -5,7 +5,9 @@ holds no policy (that is the manager's and the planner's); it tells the truth ab
 runtime.  Contract, which the manager relies on:
 
 * ``load`` either returns a :class:`Handle` for a ready model or raises, leaving nothing
-  half-loaded behind (no process, container or runner it started).
+  half-loaded behind (no process, container or runner it started).  Because a load can
+  also be cancelled half-way (a timeout), the manager calls ``discard`` after every load
+  that failed once the runtime was asked, before it stops counting the model's memory.
 * ``unload`` returns only when the runtime has actually released the model.
 * ``observe`` reports what is resident *now*, including models this process never loaded.
 * errors are mapped to :mod:`modelmora.errors` at this boundary.
@@ -106,10 +108,13 @@ class Observed:
     """What a runtime reports as resident: its truth, used for reconciliation."""
 
     target: str
-    memory: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per device it holds now
     tier: Tier = Tier.ACTIVE
     owned: bool = False
     details: Mapping[str, Any] = field(default_factory=dict)
+    # SLEEPING only: bytes per device it will hold once woken, where the runtime knows
+    # (empty: unknown; the manager then reserves conservatively for its wake)
+    awake: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,21 @@ class Provider(ABC):
     @abstractmethod
     async def observe(self) -> list[Observed]:
         """Models the runtime reports as resident right now."""
+
+    async def discard(self, spec: ModelSpec) -> None:
+        """Release whatever a load of ``spec`` that failed or was cancelled left in the
+        runtime (a process started, memory taken), best effort.  The manager calls it
+        after such a load, bounded by its ``unload_timeout``, keeps the model's memory
+        counted until it returns, and logs what it raises.
+
+        The default asks :meth:`observe`; if the runtime reports the target resident, it
+        is adopted and unloaded.  Override where the runtime knows better (or where
+        ``load`` is known to clean up after itself)."""
+        key = self.target_key(spec.target)
+        for seen in await self.observe():
+            if self.target_key(seen.target) == key:
+                await self.unload(await self.adopt(seen, spec))
+                return
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
         """Refine a spec before admission (e.g. pick a context length and grow the memory

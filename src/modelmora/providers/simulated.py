@@ -228,6 +228,7 @@ class SimulatedProvider(Provider):
                 memory=dict(r.asleep if r.asleep is not None else r.memory),
                 owned=r.owned,
                 tier=Tier.SLEEPING if r.asleep is not None else Tier.ACTIVE,
+                awake=dict(r.memory) if r.asleep is not None else {},
             )
             for t, r in self.resident.items()
         ]

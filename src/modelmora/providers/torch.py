@@ -281,6 +281,7 @@ class TorchProvider(Provider):
                     memory={} if parked else dict(handle.memory),
                     owned=True,
                     tier=Tier.SLEEPING if parked else Tier.ACTIVE,
+                    awake=dict(handle.memory) if parked else {},
                 )
             )
         return out

@@ -514,6 +514,7 @@ class VLLMProvider(Provider):
                     self._lost(held, "its engine is dead (/health answers 503)")
                 continue
             asleep = await self._is_sleeping(f"http://{self.settings.host}:{port}") if port else False
+            awake = dict(memory) if asleep else {}  # the estimate it was started with
             if asleep:
                 spec = self._held[name].spec if name in self._held else None
                 level = self._slept.get(name, self._level(spec) if spec is not None else 2)
@@ -523,7 +524,7 @@ class VLLMProvider(Provider):
             out.append(
                 Observed(
                     target=labels.get("modelmora.target", ""), memory=memory, owned=True,
-                    tier=Tier.SLEEPING if asleep else Tier.ACTIVE,
+                    tier=Tier.SLEEPING if asleep else Tier.ACTIVE, awake=awake,
                     details={"container": c.id, "model": labels.get("modelmora.model"), "port": port},
                 )
             )  # fmt: skip

@@ -16,7 +16,10 @@ a few hooks), every operation here can be stopped half-way and decided by the te
   :meth:`~FaultyProvider.evict` (dropped silently, as Ollama's scheduler or an OOM kill
   would), :meth:`~FaultyProvider.alias` (``x`` listed as ``x:latest``),
   :meth:`~FaultyProvider.add_foreign` (a model someone else loaded), and memory other
-  processes take (:attr:`~FaultyProvider.external`, seen through :attr:`~FaultyProvider.probe`).
+  processes take (:attr:`~FaultyProvider.external`, seen through :attr:`~FaultyProvider.probe`),
+  and memory this process still holds for models already unloaded
+  (:attr:`~FaultyProvider.leaks`: seen by the probe *and* reported by ``leaked()``, as a
+  torch model object somebody still references is).
 
 It keeps the **truth**: the models the runtime really holds (:attr:`~FaultyProvider.instances`)
 and their bytes per device (:meth:`~FaultyProvider.held`), the bytes it has committed to
@@ -67,6 +70,7 @@ class Instance:
     parked_memory: dict[str, int] | None = None  # bytes while in the warm tier; None: active
     loaded: bool = False  # by a load() call (else someone else put it there)
     lent: int = 0  # handles lent for it (load or adopt)
+    born: int = 0  # the number of the call that put it there (0: someone else did)
 
     @property
     def tier(self) -> Tier:
@@ -89,7 +93,10 @@ class Call:
     handle: Handle | None = field(default=None, repr=False)
     outcome: str = "pending"
     committed: dict[str, int] = field(default_factory=dict)  # after a load/wake started: see committed()
-    external: dict[str, int] = field(default_factory=dict)  # other processes' bytes at that moment
+    partway: BaseException | None = None  # a load that raises this once the runtime holds the model
+    surprise: dict[str, int] = field(default_factory=dict)  # after a load/wake started: see surprise()
+    # bytes no model of the runtime holds at that moment: other processes' and leaks
+    external: dict[str, int] = field(default_factory=dict)
 
 
 class _Gate:
@@ -118,7 +125,11 @@ class FaultyProbe(MemoryProbe):
         held = self.provider.held()
         out = []
         for device, total in self.devices.items():
-            used = held.get(device, 0) + self.provider.external.get(device, 0)
+            used = (
+                held.get(device, 0)
+                + self.provider.external.get(device, 0)
+                + self.provider.leaks.get(device, 0)
+            )
             out.append(DeviceMemory(device, total, used, max(0, total - used), self.source))
         return out
 
@@ -145,6 +156,8 @@ class FaultyProvider(Provider):
         super().__init__(name, settings)
         self.instances: dict[str, Instance] = {}  # target (before aliasing) → what is held
         self.external: dict[str, int] = {}  # device → bytes other processes hold
+        self.leaks: dict[str, int] = {}  # device → bytes leaked by unloaded models (leaked())
+        self.report_awake = True  # observe() says what a sleeping model holds awake (Observed.awake)
         self.calls: list[Call] = []
         self.pending: list[Call] = []
         self.listeners: list[Callable[[Call], None]] = []
@@ -161,6 +174,8 @@ class FaultyProvider(Provider):
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._specs: dict[int, ModelSpec] = {}  # pending load → its spec
+        self._partway: dict[str, list[BaseException]] = {}  # target → errors of loads failing partway
+        self._answered: dict[int, Instance] = {}  # pending call → the crashed instance it answers for
         self._changed: anyio.Event | None = None
 
     # -- controls -----------------------------------------------------------------------
@@ -182,15 +197,21 @@ class FaultyProvider(Provider):
         *,
         error: BaseException | None = None,
         seq: int | None = None,
+        partway: bool = False,
     ) -> list[Call]:
         """Let pending calls matching ``op``/``target`` (or the one numbered ``seq``)
-        finish, or raise ``error``."""
+        finish, or raise ``error`` (``partway``: a load raises it once the runtime holds
+        the model, see :meth:`fail_partway`)."""
         released = []
         for call in list(self.pending):
             if (op is None or call.op == op) and target in (ANY, call.target) and seq in (None, call.seq):
                 gate = self._gates.get(call.seq)
                 if gate is not None:
-                    gate.error = error
+                    if partway and call.op == "load" and error is not None:
+                        call.partway, error_here = error, None
+                    else:
+                        error_here = error
+                    gate.error = error_here
                     gate.event.set()
                 released.append(call)
         return released
@@ -201,6 +222,13 @@ class FaultyProvider(Provider):
         """Make the next ``times`` calls of ``op`` on ``target`` raise ``error`` at once."""
         exc = error or LoadFailed(f"faulty runtime: {op} of {target!r} failed", provider=self.name)
         self._fail_next.setdefault((op, target), []).extend([exc] * times)
+
+    def fail_partway(self, target: str = ANY, error: BaseException | None = None, *, times: int = 1) -> None:
+        """Make the next ``times`` loads of ``target`` fail *partway*: the runtime holds the
+        model (its memory, as a started process would) and the load raises ``error``
+        anyway, leaving it behind for whoever cleans up."""
+        exc = error or LoadFailed(f"faulty runtime: load of {target!r} failed partway", provider=self.name)
+        self._partway.setdefault(target, []).extend([exc] * times)
 
     def fail_always(self, op: Op, target: str = ANY, error: BaseException | None = None) -> None:
         """Make every call of ``op`` on ``target`` raise ``error`` until :meth:`heal`."""
@@ -214,6 +242,10 @@ class FaultyProvider(Provider):
             for key in list(table):
                 if op is None or key == (op, target):
                     del table[key]
+        if op in (None, "load"):
+            for name in list(self._partway):
+                if op is None or name == target:
+                    del self._partway[name]
 
     def measure(self, target: str, memory: Mapping[str, int]) -> None:
         """What the next loads of ``target`` really take, whatever the spec says."""
@@ -242,9 +274,20 @@ class FaultyProvider(Provider):
         self._touch()
         return instance
 
-    async def crash(self, target: str, reason: str = "the runtime crashed") -> Instance | None:
+    async def crash(
+        self, target: str, reason: str = "the runtime crashed", *, answered: bool = False
+    ) -> Instance | None:
         """The runtime of ``target`` dies.  The provider sees it, and reports each handle it
-        lent for it through ``report_lost`` where the manager offers that."""
+        lent for it through ``report_lost`` where the manager offers that.
+
+        ``answered``: the ``sleep`` and ``wake`` calls pending on it still succeed when
+        released, as a runtime that answered them and died right after (the answer and
+        the death report reach the manager in either order)."""
+        instance = self.instances.get(self._canonical(target))
+        if instance is not None and answered:
+            for call in self.pending:
+                if call.instance == instance.id and call.op in ("sleep", "wake"):
+                    self._answered[call.seq] = instance
         instance = self.evict(target)
         report = getattr(self, "report_lost", None)
         if instance is not None and callable(report):
@@ -267,14 +310,31 @@ class FaultyProvider(Provider):
         """What it holds plus what pending loads and wakes will hold once they finish."""
         out = self.held()
         for call in self.pending:
-            if call.op == "load" and self._canonical(call.target) not in self.instances:  # else reused
+            reused = self.instances.get(self._canonical(call.target)) if call.op == "load" else None
+            if call.op == "load" and reused is None:
                 _add(out, self._measured.get(call.target) or self._spec_memory(call))
+            elif reused is not None and reused.parked_memory is not None:  # woken by the load
+                _add(out, reused.memory)
+                _add(out, reused.parked_memory, -1)
             elif call.op == "wake" and call.instance is not None:
                 instance = self._by_id(call.instance)
                 if instance is not None and instance.parked_memory is not None:
                     _add(out, instance.memory)
                     _add(out, instance.parked_memory, -1)
         return {d: n for d, n in out.items()}
+
+    def surprise(self) -> dict[str, int]:
+        """Bytes per device the pending loads will hold beyond their spec's estimate
+        (``options.actual_memory``, :meth:`measure`): part of :meth:`committed` that a
+        manager reserving the estimate cannot foresee before the load measures it."""
+        out: dict[str, int] = {}
+        for call in self.pending:
+            spec = self._specs.get(call.seq)
+            if call.op != "load" or spec is None or self._canonical(call.target) in self.instances:
+                continue
+            actual = self._measured.get(call.target) or self._memory_of(spec)
+            _add(out, {d: n - spec.memory.get(d, 0) for d, n in actual.items() if n > spec.memory.get(d, 0)})
+        return out
 
     def instance_of(self, handle: Handle) -> Instance | None:
         """The instance ``handle`` was lent for, while the runtime still holds it."""
@@ -297,6 +357,7 @@ class FaultyProvider(Provider):
             Observed(
                 target=self.listed_as(i.target), memory=i.held, tier=i.tier, owned=i.owned,
                 details={"instance": i.id},
+                awake=dict(i.memory) if i.tier is Tier.SLEEPING and self.report_awake else {},
             )
             for i in self.instances.values()
         ]  # fmt: skip
@@ -320,12 +381,17 @@ class FaultyProvider(Provider):
     # -- provider -----------------------------------------------------------------------
 
     async def load(self, spec: ModelSpec) -> Handle:
-        async with self._call("load", spec.target, spec=spec):
+        async with self._call("load", spec.target, spec=spec) as call:
             instance = self.instances.get(self._canonical(spec.target))
             if instance is None:  # a resident target is reused, as Ollama does
                 memory = self._measured.get(spec.target) or self._memory_of(spec)
-                instance = Instance(next(self._ids), spec.target, memory, loaded=True)
+                instance = Instance(next(self._ids), spec.target, memory, loaded=True, born=call.seq)
                 self._put(instance)
+            elif instance.parked_memory is not None:  # reused asleep: the load wakes it
+                instance.parked_memory = None
+                self._touch()
+            if call.partway is not None:
+                raise call.partway
             return self._lend(instance, spec, owned=True)
 
     async def unload(self, handle: Handle) -> dict[str, int]:
@@ -341,8 +407,8 @@ class FaultyProvider(Provider):
 
     async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:
         instance_id = self._of_handle.get(handle)
-        async with self._call("sleep", handle.target, instance=instance_id, handle=handle):
-            instance = self._alive(handle, instance_id)
+        async with self._call("sleep", handle.target, instance=instance_id, handle=handle) as call:
+            instance = self._alive(handle, instance_id, call)
             if instance.parked_memory is None:
                 instance.parked_memory = Footprint(instance.memory).parked().as_dict()
                 self._touch()
@@ -350,11 +416,16 @@ class FaultyProvider(Provider):
 
     async def wake(self, handle: Handle) -> dict[str, int]:
         instance_id = self._of_handle.get(handle)
-        async with self._call("wake", handle.target, instance=instance_id, handle=handle):
-            instance = self._alive(handle, instance_id)
+        async with self._call("wake", handle.target, instance=instance_id, handle=handle) as call:
+            instance = self._alive(handle, instance_id, call)
             instance.parked_memory = None
             self._touch()
             return dict(instance.memory)
+
+    def leaked(self) -> dict[str, int]:
+        """Bytes per device set in :attr:`leaks`: held by this process for models already
+        unloaded, and seen by :attr:`probe` like any memory on the device."""
+        return {d: n for d, n in self.leaks.items() if n}
 
     async def observe(self) -> list[Observed]:
         snapshot = self.observed_now()  # computed now, delivered when released: maybe stale
@@ -415,10 +486,19 @@ class FaultyProvider(Provider):
                         self._holds[key] = left - 1
                 gate = self._gates[call.seq] = _Gate()
                 break
+        if op == "load":
+            for name in (target, ANY):
+                partway = self._partway.get(name)
+                if partway:
+                    call.partway = partway.pop(0)
+                    break
         self.pending.append(call)
         if op in ("load", "wake"):
             call.committed = self.committed()
-            call.external = dict(self.external)
+            call.surprise = self.surprise()
+            call.external = {
+                d: self.external.get(d, 0) + self.leaks.get(d, 0) for d in {*self.external, *self.leaks}
+            }
         self._notify(call)
         return call, gate
 
@@ -428,6 +508,7 @@ class FaultyProvider(Provider):
             self.pending.remove(call)
         self._gates.pop(call.seq, None)
         self._specs.pop(call.seq, None)
+        self._answered.pop(call.seq, None)
         self._touch()
 
     def _notify(self, call: Call) -> None:
@@ -487,8 +568,9 @@ class FaultyProvider(Provider):
         self._handles.setdefault(instance.id, []).append(handle)
         return handle
 
-    def _alive(self, handle: Handle, instance_id: int | None) -> Instance:
+    def _alive(self, handle: Handle, instance_id: int | None, call: Call) -> Instance:
         instance = self._by_id(instance_id) if instance_id is not None else None
+        instance = instance or self._answered.pop(call.seq, None)  # crashed, answering anyway
         if instance is None:
             raise LoadFailed(
                 f"faulty runtime no longer has {handle.target!r}", model=handle.name, provider=self.name
