@@ -66,6 +66,22 @@ async def test_a_loads_waiters_are_served_before_its_rebalance_evictions_finish(
 # -- waking an adopted sleeping model ----------------------------------------------------------
 
 
+async def wake_beside_a_load(mm: ModelManager, faulty: FaultyProvider, sleeper: str) -> None:
+    """Wake ``sleeper`` (runtime target ``f``) with its wake held, ask for ``b`` meanwhile (it
+    does not fit beside f awake: it must wait), then let the wake finish and both go."""
+    faulty.hold("wake", "f", times=1)
+    async with anyio.create_task_group() as tg:
+        f = hold(tg, mm, sleeper)
+        await faulty.wait_pending("wake", "f")
+        b = hold(tg, mm, "b")
+        await settle()
+        faulty.release("wake", "f")
+        await f.granted.wait()
+        await release_all(f)
+        await b.granted.wait()
+        await release_all(b)
+
+
 @pytest.mark.parametrize("reported", [True, False], ids=["awake-reported", "awake-unknown"])
 async def test_waking_an_adopted_unregistered_sleeping_model_reserves_its_awake_footprint(
     reported: bool,
@@ -78,17 +94,7 @@ async def test_waking_an_adopted_unregistered_sleeping_model_reserves_its_awake_
     faulty.add_foreign("f", {"cuda:0": gb(10)}, tier=Tier.SLEEPING)  # 10 GB once awake
     async with faulty_manager(faulty, {"b": model(10)}) as mm:
         assert mm.is_parked("faulty/f")
-        faulty.hold("wake", "f", times=1)
-        async with anyio.create_task_group() as tg:
-            f = hold(tg, mm, "faulty/f")
-            await faulty.wait_pending("wake", "f")
-            b = hold(tg, mm, "b")  # 10 + 10 GB do not fit 16: must wait for f
-            await settle()
-            faulty.release("wake", "f")
-            await f.granted.wait()
-            await release_all(f)
-            await b.granted.wait()
-            await release_all(b)
+        await wake_beside_a_load(mm, faulty, "faulty/f")  # 10 + 10 GB do not fit 16
     assert overcommits(faulty, BUDGET) == []
     assert faulty.peak["cuda:0"] <= BUDGET["cuda:0"], f"the GPU held {faulty.peak['cuda:0'] / GB:g} GB"
 
@@ -236,15 +242,5 @@ async def test_waking_a_model_found_asleep_reserves_what_it_measured_when_it_was
         await mm.reconcile()
         await settle()  # the adoption
         assert mm.is_parked("f")
-        faulty.hold("wake", "f", times=1)
-        async with anyio.create_task_group() as tg:
-            f = hold(tg, mm, "f")
-            await faulty.wait_pending("wake", "f")
-            b = hold(tg, mm, "b")  # 10 + 8 GB do not fit 16: must wait for f
-            await settle()
-            faulty.release("wake", "f")
-            await f.granted.wait()
-            await release_all(f)
-            await b.granted.wait()
-            await release_all(b)
+        await wake_beside_a_load(mm, faulty, "f")  # 10 + 8 GB do not fit 16
     assert overcommits(faulty, BUDGET) == []
