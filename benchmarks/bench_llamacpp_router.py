@@ -154,34 +154,31 @@ def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
 
 def proxy_overhead(base: str, root: int, model: str, n: int = 100) -> dict[str, float]:
     """The same 1-token request to a resident model, in turn straight to its llama-server,
-    through the bare baseline (``bare_proxy.py``: the least any Python proxy does) and
-    through modelmora's proxy: medians and p95 of each, in ms."""
+    through a byte relay (``tcp_relay.py``: the floor under any Python hop), through the
+    bare baseline (``bare_proxy.py``: uvicorn + aiohttp, nothing else) and through
+    modelmora's proxy: medians and p95 of each, in ms."""
     port = None
     for child in psutil.Process(root).children(recursive=True):
         cmdline = child.cmdline()
         if "--alias" in cmdline and cmdline[cmdline.index("--alias") + 1] == model:
             port = cmdline[cmdline.index("--port") + 1]
     assert port is not None, f"{model} is not resident"
-    bare_port = free_port()
-    bare = subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("bare_proxy.py")),
-            f"http://127.0.0.1:{port}",
-            str(bare_port),
-        ],
-        start_new_session=True,  # stop() signals its process group
-    )
+    here = Path(__file__).parent
+    ports = {"relay": free_port(), "bare": free_port()}
+    helpers = [
+        subprocess.Popen([sys.executable, str(here / "tcp_relay.py"), port, str(ports["relay"])], start_new_session=True),
+        subprocess.Popen([sys.executable, str(here / "bare_proxy.py"), f"http://127.0.0.1:{port}", str(ports["bare"])],
+                         start_new_session=True),  # stop() signals its process group
+    ]  # fmt: skip
     body = {"model": model, "prompt": "Hello", "max_tokens": 1}
-    times: dict[str, list[float]] = {"direct": [], "bare": [], "proxy": []}
+    times: dict[str, list[float]] = {"direct": [], "relay": [], "bare": [], "proxy": []}
     try:
-        wait_http(f"http://127.0.0.1:{bare_port}/health")
-        with (
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as a,
-            httpx.Client(base_url=f"http://127.0.0.1:{bare_port}", timeout=60) as b,
-            httpx.Client(base_url=base, timeout=60) as c,
-        ):
-            clients = {"direct": a, "bare": b, "proxy": c}
+        for name in ("relay", "bare"):
+            wait_http(f"http://127.0.0.1:{ports[name]}/health")
+        with contextlib.ExitStack() as stack:
+            urls = {"direct": f"http://127.0.0.1:{port}", "relay": f"http://127.0.0.1:{ports['relay']}",
+                    "bare": f"http://127.0.0.1:{ports['bare']}", "proxy": base}  # fmt: skip
+            clients = {name: stack.enter_context(httpx.Client(base_url=url, timeout=60)) for name, url in urls.items()}
             for client in [*clients.values()] * 2:  # warm every connection
                 client.post("/v1/completions", json=body)
             for _ in range(n):
@@ -190,7 +187,8 @@ def proxy_overhead(base: str, root: int, model: str, n: int = 100) -> dict[str, 
                     client.post("/v1/completions", json=body).raise_for_status()
                     times[name].append((time.perf_counter() - t0) * 1000)
     finally:
-        stop(bare)
+        for helper in helpers:
+            stop(helper)
     out = {}
     for name, values in times.items():
         values.sort()
@@ -292,19 +290,18 @@ def main() -> None:
         for r in runs:
             for why, count in r["errors"].items():
                 print(f"{system}: {count}x {why}")
-    print("\nproxy overhead on a resident model (1-token completion, in turn, ms; bare = bare_proxy.py):")
-    print(
-        "| round | direct p50 | bare proxy p50 | modelmora p50 | added: bare | added: modelmora | modelmora p95 |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("\nproxy overhead on a resident model (1-token completion, in turn, p50 ms; relay = tcp_relay.py, "
+          "bare = bare_proxy.py):")  # fmt: skip
+    print("| round | direct | relay | bare proxy | modelmora | added: relay | added: bare | added: modelmora | modelmora p95 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(results["modelmora serve"], 1):
         o = r["proxy"]
         d = o["direct_p50_ms"]
         print(
-            f"| {i} | {d:.1f} | {o['bare_p50_ms']:.1f} | {o['proxy_p50_ms']:.1f} | {o['bare_p50_ms'] - d:+.1f} "
-            f"| {o['proxy_p50_ms'] - d:+.1f} | {o['proxy_p95_ms']:.1f} |"
+            f"| {i} | {d:.1f} | {o['relay_p50_ms']:.1f} | {o['bare_p50_ms']:.1f} | {o['proxy_p50_ms']:.1f} "
+            f"| {o['relay_p50_ms'] - d:+.2f} | {o['bare_p50_ms'] - d:+.2f} | {o['proxy_p50_ms'] - d:+.2f} "
+            f"| {o['proxy_p95_ms']:.1f} |"
         )
-
 
 if __name__ == "__main__":
     main()
