@@ -21,6 +21,7 @@ from modelmora import (
     UnknownModel,
 )
 from modelmora import events as ev
+from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
 
 pytestmark = pytest.mark.anyio
@@ -175,7 +176,7 @@ async def test_exclusive_group_one_heavy_model_at_a_time(heavy_light: ModelManag
 async def test_failed_load_wakes_every_waiter_and_cools_down(sim: SimulatedProvider) -> None:
     sim.fail_next("m", times=1)
     async with make_manager(
-        sim, {"m": {"memory": "1GB", "options": {"load_time": 0.05}}}, failure_cooldown=0.3
+        sim, {"m": {"memory": "1GB", "options": {"load_time": 0.05}}}, failure_cooldown=30
     ) as mm:
         errors: list[BaseException] = []
 
@@ -193,7 +194,7 @@ async def test_failed_load_wakes_every_waiter_and_cools_down(sim: SimulatedProvi
         assert sim.stats.loads == 1
         with pytest.raises(RecentlyFailed, match="next attempt allowed in") as info:
             await mm.load("m")
-        assert 0 < info.value.retry_after <= 0.3
+        assert 0 < info.value.retry_after <= 30
         assert sim.stats.loads == 1
         await mm.load("m", retry=True)  # explicit retry skips the cool-down
         assert mm.is_loaded("m") and sim.stats.loads == 2
@@ -202,18 +203,28 @@ async def test_failed_load_wakes_every_waiter_and_cools_down(sim: SimulatedProvi
 
 async def test_cool_down_expires_and_grows(sim: SimulatedProvider) -> None:
     sim.fail_next("m", times=2)
-    async with make_manager(sim, {"m": {"memory": "1GB"}}, failure_cooldown=0.05) as mm:
-        with pytest.raises(LoadFailed):
-            await mm.load("m")
-        await anyio.sleep(0.06)
+    now = [1000.0]  # the manager's clock, moved by the test alone (a slow machine moves no cool-down)
+    config = {"budgets": {"cuda:0": "16GB"}, "failure_cooldown": 4, "models": {"m": {"memory": "1GB"}}}
+    async with ModelManager(
+        config, providers={"simulated": sim}, probe=StaticProbe({}), clock=lambda: now[0]
+    ) as mm:
         with pytest.raises(LoadFailed):
             await mm.load("m")
         with pytest.raises(RecentlyFailed) as info:
             await mm.load("m")
-        assert info.value.retry_after > 0.05  # second failure: doubled back-off
-        await anyio.sleep(0.11)
+        assert info.value.retry_after == 4
+        now[0] += 4
+        with pytest.raises(LoadFailed):
+            await mm.load("m")
+        with pytest.raises(RecentlyFailed) as info:
+            await mm.load("m")
+        assert info.value.retry_after == 8  # second failure: doubled back-off
+        now[0] += 7.5
+        with pytest.raises(RecentlyFailed):
+            await mm.load("m")
+        now[0] += 0.5
         await mm.load("m")
-        assert mm.is_loaded("m")
+        assert mm.is_loaded("m") and sim.stats.loads == 3
 
 
 async def test_cancelled_waiter_leaves_no_stray_lease(sim: SimulatedProvider) -> None:
@@ -438,9 +449,11 @@ async def test_a_victim_leased_while_another_is_evicted_is_not_unloaded(sim: Sim
     unloaded_while_leased: list[str] = []
     async with make_manager(sim, models, budgets={"cuda:0": "16GB"}, idle_ttl=60) as mm:
         mm.events.subscribe(
-            lambda e: unloaded_while_leased.append(e.model)
-            if isinstance(e, ev.Unloading) and not e.forced and mm.leases(e.model)
-            else None
+            lambda e: (
+                unloaded_while_leased.append(e.model)
+                if isinstance(e, ev.Unloading) and not e.forced and mm.leases(e.model)
+                else None
+            )
         )
         await mm.load("a")
         await mm.load("b")
