@@ -555,22 +555,28 @@ async def test_a_load_given_up_on_is_unloaded_when_ollama_finishes_it(make_ollam
     # the keep_alive: 0 sent on the way out is lost (here: Ollama answers it 503), and Ollama
     # finishes the load anyway.  The next observe() must let go of that model rather than
     # offer it for adoption as somebody else's.
-    emu = make_ollama(load_delay=0.6)
+    # (given up on once Ollama is loading, not after a fixed time: on a slow machine the
+    # load's request had not even reached the emulator when a 0.25 s timeout ran out)
+    emu = make_ollama(load_delay=2.0)
     async with provider(emu, retries=1) as p:
-        async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as give_up:
+            async with anyio.create_task_group() as tg:
 
-            async def busy_soon() -> None:
-                await anyio.sleep(0.1)
-                emu.busy(1)  # the next request, the clean-up unload, is refused
+                async def give_up_once_loading() -> None:
+                    with anyio.fail_after(30):
+                        while not (runner := emu.state.runners.get("qwen2.5:14b")) or not runner.loading:
+                            await anyio.sleep(0.01)
+                    emu.busy(1)  # the next request, the clean-up unload, is refused
+                    give_up.cancel()
 
-            tg.start_soon(busy_soon)
-            with pytest.raises(TimeoutError):
-                with anyio.fail_after(0.25):
-                    await p.load(spec("qwen2.5:14b"))
-        with anyio.fail_after(5):
+                tg.start_soon(give_up_once_loading)
+                await p.load(spec("qwen2.5:14b"))
+                pytest.fail("the load ended before it was given up on")
+        assert give_up.cancelled_caught
+        with anyio.fail_after(30):
             while "qwen2.5:14b" not in emu.loaded():  # Ollama finishes the load anyway
                 await anyio.sleep(0.05)
         assert await p.observe() == []  # not offered for adoption: this provider gave up on it
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             while emu.loaded():
                 await anyio.sleep(0.05)
