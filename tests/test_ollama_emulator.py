@@ -357,6 +357,21 @@ def test_keep_alive_0_during_a_request_unloads_when_the_last_request_ends(make_o
     assert emu.loaded() == []
 
 
+def test_a_held_load_finishes_when_the_test_lets_it(make_ollama: Start) -> None:
+    emu = make_ollama()
+    with emu.loads_held():
+        thread = threading.Thread(
+            target=httpx.post,
+            args=(f"{emu.url}/api/generate",),
+            kwargs={"json": {"model": "qwen2.5:14b"}, "timeout": 30},
+        )
+        thread.start()
+        wait_for(lambda: "qwen2.5:14b" in emu.state.runners, timeout=30)
+        assert emu.state.runners["qwen2.5:14b"].loading and emu.loaded() == [] and thread.is_alive()
+    thread.join()
+    assert emu.loaded() == ["qwen2.5:14b"] and emu.stats.loads == 1
+
+
 def test_evicting_a_busy_runner_waits_for_its_request(make_ollama: Start) -> None:
     """server/sched.go processPending: the victim's sessionDuration is set to 0 and the
     scheduler waits on unloadedCh, which comes only once its refCount is 0."""
