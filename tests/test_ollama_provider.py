@@ -242,16 +242,18 @@ async def test_unload_waits_for_a_request_in_flight(server: Server) -> None:
         body = {"model": server.llm, "prompt": "count from one to twenty", "options": handle.request_options,
                 "keep_alive": handle.keep_alive}  # fmt: skip
         done: list[float] = []
+        generating = anyio.Event()
         async with httpx.AsyncClient(timeout=120) as http, anyio.create_task_group() as tg:
 
             async def generate() -> None:
                 async with http.stream("POST", f"{server.url}/api/generate", json=body) as r:
                     async for _ in r.aiter_lines():
-                        pass
+                        generating.set()
                 done.append(time.monotonic())
 
             tg.start_soon(generate)
-            await anyio.sleep(0.1)
+            with anyio.fail_after(60):  # not a fixed 0.1 s: a slow machine sent the unload first
+                await generating.wait()
             await p.unload(handle)
             unloaded = time.monotonic()
         assert done and done[0] <= unloaded and handle.closed
@@ -273,11 +275,16 @@ async def test_an_unload_that_times_out_leaves_the_model_held_under_its_target(m
             "options": handle.request_options,
         }
         async with httpx.AsyncClient(timeout=30) as http, anyio.create_task_group() as tg:
-            tg.start_soon(partial(http.post, f"{emu.url}/api/generate", json=body))
-            await anyio.sleep(0.1)
-            with pytest.raises(UnloadFailed, match="last request"):
-                await p.unload(handle)
-            assert [o.target for o in await p.observe()] == ["Qwen2.5:14B"] and not lost
+            # the request stays in flight through the unload and the observation, however slow
+            # the machine (a 0.5 s request, 0.1 s after it was sent, was too narrow a window)
+            with emu.generation_held():
+                tg.start_soon(partial(http.post, f"{emu.url}/api/generate", json=body))
+                with anyio.fail_after(30):
+                    while not (runner := emu.state.runners.get("qwen2.5:14b")) or not runner.in_flight:
+                        await anyio.sleep(0.01)
+                with pytest.raises(UnloadFailed, match="last request"):
+                    await p.unload(handle)
+                assert [o.target for o in await p.observe()] == ["Qwen2.5:14B"] and not lost
         assert await p.observe() == []  # gone once the request ended: reported, with why
         assert lost == ["Ollama no longer lists 'Qwen2.5:14B' in /api/ps: the unload that timed out took effect "
                         "(Ollama waited for its last request)"]  # fmt: skip
