@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
+from typing import Any
 
 import anyio
 import pytest
@@ -144,6 +146,52 @@ async def test_waiters_are_served_in_fifo_order(sim: SimulatedProvider) -> None:
                 tg.start_soon(user)
                 await anyio.sleep(0.02)
         assert served == ["b", "c", "d"]
+
+
+async def test_memory_freed_while_a_later_waiter_looks_again_goes_to_the_one_before_it(
+    sim: SimulatedProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the flake audit: the test above failed as ['d', 'b', 'c'] under CPU load.  An
+    admission reads the devices (in a worker thread) while it holds the admission turn, and
+    memory freed meanwhile went to whoever held the turn: a later waiter overtook the one
+    queued before it.  Here a's lease ends exactly while d's admission, waiting behind b's,
+    looks again."""
+    models = {n: {"memory": "10GB"} for n in ("a", "b", "d")}
+    async with make_manager(sim, models) as mm:
+        core, loader = mm._core, mm._leases.loader
+        admitting: contextvars.ContextVar[str] = contextvars.ContextVar("admitting")
+        admit, refresh = loader._admit, core.refresh_readings
+        holder = mm.use("a")
+        await holder.__aenter__()
+        freed = anyio.Event()
+        waiting = record(mm)
+
+        async def admit_naming_it(entry: Any) -> None:
+            admitting.set(entry.name)
+            await admit(entry)
+
+        async def refresh_freeing_a() -> None:
+            d_waits = any(isinstance(e, ev.Waiting) and e.model == "d" for e in waiting)
+            if admitting.get(None) == "d" and d_waits and not freed.is_set():
+                freed.set()
+                await holder.__aexit__(None, None, None)  # a's memory frees while d reads
+            await refresh()
+
+        monkeypatch.setattr(loader, "_admit", admit_naming_it)
+        monkeypatch.setattr(core, "refresh_readings", refresh_freeing_a)
+        served: list[str] = []
+
+        async def user(name: str) -> None:
+            async with mm.use(name):
+                served.append(name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(user, "b")
+            with anyio.fail_after(30):
+                while not any(isinstance(e, ev.Waiting) and e.model == "b" for e in waiting):
+                    await anyio.sleep(0.01)
+            tg.start_soon(user, "d")
+        assert freed.is_set() and served == ["b", "d"]
 
 
 async def test_too_big_is_refused_with_what_holds_memory(sim: SimulatedProvider) -> None:
