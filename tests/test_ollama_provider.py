@@ -347,9 +347,11 @@ async def test_retries_on_busy_and_refused_connections(make_ollama: Start) -> No
             emu.start()
 
         emu.stop()
-        async with anyio.create_task_group() as tg:
+        # attempts for seconds, not the default 4 (about 0.4 s of back-off, which a slow
+        # machine's restart of the emulator 0.3 s from now could outlast)
+        async with provider(emu, retries=10) as patient, anyio.create_task_group() as tg:
             tg.start_soon(restart_later)
-            assert await p.observe() == []  # refused, refused, ..., then answered
+            assert await patient.observe() == []  # refused, refused, ..., then answered
         emu.busy(10)
         with pytest.raises(ProviderUnavailable, match="busy"):
             await p.observe()  # attempts run out: a clear error
