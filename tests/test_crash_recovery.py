@@ -105,9 +105,9 @@ async def test_a_killed_manager_leaves_nothing_a_new_one_cannot_take_back(
     docker = pytest.importorskip("docker")
     emu = make_ollama()
     cfg = config(emu, tmp_path / "state", docker_url, image)
-    await anyio.to_thread.run_sync(run_and_kill, cfg, emu)
     client = docker.DockerClient(base_url=docker_url)
-    try:
+    try:  # the clean-up below also when the killed manager never got to READY
+        await anyio.to_thread.run_sync(run_and_kill, cfg, emu)
         assert [c.name for c in client.containers.list(filters={"label": "modelmora.provider=vllm"})] == [
             "modelmora-vllm-vllm"
         ]

@@ -164,16 +164,19 @@ def test_models_expire_on_their_timer_and_unload_is_answered_before_memory_is_fr
     make_ollama: Start,
 ) -> None:
     emu = make_ollama(unload_delay=0.3)
-    httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": 0.2})
-    assert emu.loaded() == ["qwen2.5:14b"]
-    deadline = time.monotonic() + 5
+    httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": 1})
+    assert emu.loaded() == ["qwen2.5:14b"]  # for 1.3 s: 1 s of keep-alive, then the unload's 0.3 s
+    deadline = time.monotonic() + 30
     while emu.loaded() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert emu.loaded() == []
-    httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b"})
-    r = httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": 0}).json()
+    assert emu.loaded() == [] and emu.stats.unloads == 1
+    # an unload that takes a minute: still listed after the answer, however slow the machine
+    slow = make_ollama(unload_delay=60)
+    httpx.post(f"{slow.url}/api/generate", json={"model": "qwen2.5:14b"})
+    r = httpx.post(f"{slow.url}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": 0}).json()
     assert r["done_reason"] == "unload"
-    assert emu.loaded() == ["qwen2.5:14b"]  # still listed: the runner is shutting down
+    assert slow.loaded() == ["qwen2.5:14b"]  # still listed: the runner is shutting down
+    assert slow.state.runners["qwen2.5:14b"].unloading_until is not None
 
 
 def test_max_loaded_models_and_victim_choice(make_ollama: Start) -> None:
@@ -349,12 +352,28 @@ def test_keep_alive_0_during_a_request_unloads_when_the_last_request_ends(make_o
     (refCount reaches 0 with sessionDuration 0 → unload)."""
     emu = make_ollama(token_delay=0.05)
     httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b"})
-    thread = generating(emu.url, "qwen2.5:14b")
-    wait_for(lambda: emu.state.runners["qwen2.5:14b"].in_flight == 1)
-    r = httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": 0})
-    assert r.json()["done_reason"] == "unload" and emu.loaded() == ["qwen2.5:14b"]  # still streaming
+    with emu.generation_held():  # the request stays in flight until the checks are done
+        thread = generating(emu.url, "qwen2.5:14b")
+        wait_for(lambda: emu.state.runners["qwen2.5:14b"].in_flight == 1, timeout=30)
+        r = httpx.post(f"{emu.url}/api/generate", json={"model": "qwen2.5:14b", "keep_alive": 0})
+        assert r.json()["done_reason"] == "unload" and emu.loaded() == ["qwen2.5:14b"]  # still streaming
     thread.join()
     assert emu.loaded() == []
+
+
+def test_a_held_load_finishes_when_the_test_lets_it(make_ollama: Start) -> None:
+    emu = make_ollama()
+    with emu.loads_held():
+        thread = threading.Thread(
+            target=httpx.post,
+            args=(f"{emu.url}/api/generate",),
+            kwargs={"json": {"model": "qwen2.5:14b"}, "timeout": 30},
+        )
+        thread.start()
+        wait_for(lambda: "qwen2.5:14b" in emu.state.runners, timeout=30)
+        assert emu.state.runners["qwen2.5:14b"].loading and emu.loaded() == [] and thread.is_alive()
+    thread.join()
+    assert emu.loaded() == ["qwen2.5:14b"] and emu.stats.loads == 1
 
 
 def test_evicting_a_busy_runner_waits_for_its_request(make_ollama: Start) -> None:
@@ -362,13 +381,20 @@ def test_evicting_a_busy_runner_waits_for_its_request(make_ollama: Start) -> Non
     scheduler waits on unloadedCh, which comes only once its refCount is 0."""
     emu = make_ollama(models={"a:1b": "12GB", "b:1b": "12GB"}, vram="24GB", token_delay=0.05)
     httpx.post(f"{emu.url}/api/generate", json={"model": "a:1b"})
-    thread = generating(emu.url, "a:1b")
-    wait_for(lambda: emu.state.runners["a:1b"].in_flight == 1)
-    started = time.monotonic()
-    httpx.post(f"{emu.url}/api/generate", json={"model": "b:1b"}, timeout=30)  # needs a's room
-    assert time.monotonic() - started > 0.3 and not thread.is_alive()  # a finished first
-    assert emu.loaded() == ["b:1b"]
+    with emu.generation_held():  # a's request stays in flight until the checks are done
+        thread = generating(emu.url, "a:1b")
+        wait_for(lambda: emu.state.runners["a:1b"].in_flight == 1, timeout=30)
+        b: list[httpx.Response] = []
+        loading_b = threading.Thread(
+            target=lambda: b.append(httpx.post(f"{emu.url}/api/generate", json={"model": "b:1b"}, timeout=30))
+        )
+        loading_b.start()  # needs a's room
+        wait_for(lambda: emu.state.runners["a:1b"].evicting, timeout=30)  # a was chosen to make room
+        assert loading_b.is_alive() and emu.loaded() == ["a:1b"] and "b:1b" not in emu.state.runners
+        assert emu.state.runners["a:1b"].in_flight == 1  # a's request runs on
     thread.join()
+    loading_b.join()
+    assert b[0].json()["done_reason"] == "load" and emu.loaded() == ["b:1b"]
 
 
 def test_runtime_oom_during_generation_expires_every_runner(make_ollama: Start) -> None:

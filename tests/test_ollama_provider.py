@@ -242,16 +242,18 @@ async def test_unload_waits_for_a_request_in_flight(server: Server) -> None:
         body = {"model": server.llm, "prompt": "count from one to twenty", "options": handle.request_options,
                 "keep_alive": handle.keep_alive}  # fmt: skip
         done: list[float] = []
+        generating = anyio.Event()
         async with httpx.AsyncClient(timeout=120) as http, anyio.create_task_group() as tg:
 
             async def generate() -> None:
                 async with http.stream("POST", f"{server.url}/api/generate", json=body) as r:
                     async for _ in r.aiter_lines():
-                        pass
+                        generating.set()
                 done.append(time.monotonic())
 
             tg.start_soon(generate)
-            await anyio.sleep(0.1)
+            with anyio.fail_after(60):  # not a fixed 0.1 s: a slow machine sent the unload first
+                await generating.wait()
             await p.unload(handle)
             unloaded = time.monotonic()
         assert done and done[0] <= unloaded and handle.closed
@@ -273,11 +275,16 @@ async def test_an_unload_that_times_out_leaves_the_model_held_under_its_target(m
             "options": handle.request_options,
         }
         async with httpx.AsyncClient(timeout=30) as http, anyio.create_task_group() as tg:
-            tg.start_soon(partial(http.post, f"{emu.url}/api/generate", json=body))
-            await anyio.sleep(0.1)
-            with pytest.raises(UnloadFailed, match="last request"):
-                await p.unload(handle)
-            assert [o.target for o in await p.observe()] == ["Qwen2.5:14B"] and not lost
+            # the request stays in flight through the unload and the observation, however slow
+            # the machine (a 0.5 s request, 0.1 s after it was sent, was too narrow a window)
+            with emu.generation_held():
+                tg.start_soon(partial(http.post, f"{emu.url}/api/generate", json=body))
+                with anyio.fail_after(30):
+                    while not (runner := emu.state.runners.get("qwen2.5:14b")) or not runner.in_flight:
+                        await anyio.sleep(0.01)
+                with pytest.raises(UnloadFailed, match="last request"):
+                    await p.unload(handle)
+                assert [o.target for o in await p.observe()] == ["Qwen2.5:14B"] and not lost
         assert await p.observe() == []  # gone once the request ended: reported, with why
         assert lost == ["Ollama no longer lists 'Qwen2.5:14B' in /api/ps: the unload that timed out took effect "
                         "(Ollama waited for its last request)"]  # fmt: skip
@@ -340,9 +347,11 @@ async def test_retries_on_busy_and_refused_connections(make_ollama: Start) -> No
             emu.start()
 
         emu.stop()
-        async with anyio.create_task_group() as tg:
+        # attempts for seconds, not the default 4 (about 0.4 s of back-off, which a slow
+        # machine's restart of the emulator 0.3 s from now could outlast)
+        async with provider(emu, retries=10) as patient, anyio.create_task_group() as tg:
             tg.start_soon(restart_later)
-            assert await p.observe() == []  # refused, refused, ..., then answered
+            assert await patient.observe() == []  # refused, refused, ..., then answered
         emu.busy(10)
         with pytest.raises(ProviderUnavailable, match="busy"):
             await p.observe()  # attempts run out: a clear error
@@ -555,22 +564,28 @@ async def test_a_load_given_up_on_is_unloaded_when_ollama_finishes_it(make_ollam
     # the keep_alive: 0 sent on the way out is lost (here: Ollama answers it 503), and Ollama
     # finishes the load anyway.  The next observe() must let go of that model rather than
     # offer it for adoption as somebody else's.
-    emu = make_ollama(load_delay=0.6)
+    # (given up on once Ollama is loading, not after a fixed time: on a slow machine the
+    # load's request had not even reached the emulator when a 0.25 s timeout ran out)
+    emu = make_ollama(load_delay=2.0)
     async with provider(emu, retries=1) as p:
-        async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as give_up:
+            async with anyio.create_task_group() as tg:
 
-            async def busy_soon() -> None:
-                await anyio.sleep(0.1)
-                emu.busy(1)  # the next request, the clean-up unload, is refused
+                async def give_up_once_loading() -> None:
+                    with anyio.fail_after(30):
+                        while not (runner := emu.state.runners.get("qwen2.5:14b")) or not runner.loading:
+                            await anyio.sleep(0.01)
+                    emu.busy(1)  # the next request, the clean-up unload, is refused
+                    give_up.cancel()
 
-            tg.start_soon(busy_soon)
-            with pytest.raises(TimeoutError):
-                with anyio.fail_after(0.25):
-                    await p.load(spec("qwen2.5:14b"))
-        with anyio.fail_after(5):
+                tg.start_soon(give_up_once_loading)
+                await p.load(spec("qwen2.5:14b"))
+                pytest.fail("the load ended before it was given up on")
+        assert give_up.cancelled_caught
+        with anyio.fail_after(30):
             while "qwen2.5:14b" not in emu.loaded():  # Ollama finishes the load anyway
                 await anyio.sleep(0.05)
         assert await p.observe() == []  # not offered for adoption: this provider gave up on it
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             while emu.loaded():
                 await anyio.sleep(0.05)

@@ -97,9 +97,10 @@ async def test_a_server_that_never_gets_ready_is_killed(tmp_path: Path) -> None:
         "import time; print('warming up', flush=True); time.sleep(120)",
         "${PORT}",
     ]
-    cfg = config(tmp_path, "sleepy", command=sleeper, ready_timeout="1.5s")
+    # 3 s: long enough for a loaded machine to start Python and print before the deadline
+    cfg = config(tmp_path, "sleepy", command=sleeper, ready_timeout="3s")
     async with ModelManager(cfg, probe=StaticProbe({})) as mm:
-        with pytest.raises(LoadFailed, match=r"did not answer 200 within 2s; last output: warming up"):
+        with pytest.raises(LoadFailed, match=r"did not answer 200 within 3s; last output: warming up"):
             await mm.load("tiny")
     assert not [
         p for p in psutil.process_iter(["cmdline"]) if "time.sleep(120)" in " ".join(p.info["cmdline"] or [])
@@ -232,7 +233,10 @@ def test_tree_rss_counts_every_descendant(
     child.write_text(
         "import subprocess, time\nsubprocess.Popen(['sleep', '30'])\nprint('up', flush=True)\ntime.sleep(30)\n"
     )
-    parent = subprocess.Popen(["sh", "-c", f"{sys.executable} {child} & sleep 30"], stdout=subprocess.PIPE)
+    # sh starts its sleep before the Python child, so by the child's "up" all four are there
+    parent = subprocess.Popen(
+        ["sh", "-c", f"sleep 30 & {sys.executable} {child} & wait"], stdout=subprocess.PIPE
+    )
     try:
         assert parent.stdout is not None and parent.stdout.readline() == b"up\n"
         root = psutil.Process(parent.pid)

@@ -158,7 +158,7 @@ def test_keep_alive_header_and_queue_full(
 ) -> None:
     """The queue limit counts, per model, requests waiting for a load that has not started;
     requests joining a load under way pass, within the bytes all waiting bodies may hold."""
-    slow = make_ollama(load_delay=1.5)
+    slow = make_ollama()
     config = config_for(slow)
     for name in ("qwen", "mistral"):
         config["models"][name]["group"] = "heavy"
@@ -180,21 +180,24 @@ def test_keep_alive_header_and_queue_full(
             assert time.monotonic() < deadline, f"the queue never reached {depth}"
             time.sleep(0.02)
 
-    waiting = [send("first", "qwen", headers={"X-Keep-Alive": "0"})]
-    wait_for_depth(1)
-    waiting.append(send("joins", "qwen"))  # qwen's load is under way: no swap, no limit
-    wait_for_depth(2)
-    waiting.append(send("next", "mistral"))  # waits for the group: the one mistral slot
-    wait_for_depth(3)
-    full = httpx.post(f"{url}/v1/chat/completions", json={"model": "mistral", **body}, timeout=30)
-    assert full.status_code == 503 and full.headers["retry-after"] == "5"
-    assert (
-        full.json()["error"]["code"] == "queue_full"
-        and "wait for 'mistral'" in full.json()["error"]["message"]
-    )
-    big = {"model": "qwen", "messages": [{"role": "user", "content": "x" * 3950}]}
-    heavy = httpx.post(f"{url}/v1/chat/completions", json=big, timeout=30)
-    assert heavy.status_code == 503 and "bytes" in heavy.json()["error"]["message"]
+    # qwen's load lasts until the checks are done (a fixed 1.5 s load ended half-way
+    # through them on a slow machine, and the waiting requests they count were gone)
+    with slow.loads_held():
+        waiting = [send("first", "qwen", headers={"X-Keep-Alive": "0"})]
+        wait_for_depth(1)
+        waiting.append(send("joins", "qwen"))  # qwen's load is under way: no swap, no limit
+        wait_for_depth(2)
+        waiting.append(send("next", "mistral"))  # waits for the group: the one mistral slot
+        wait_for_depth(3)
+        full = httpx.post(f"{url}/v1/chat/completions", json={"model": "mistral", **body}, timeout=30)
+        assert full.status_code == 503 and full.headers["retry-after"] == "5"
+        assert (
+            full.json()["error"]["code"] == "queue_full"
+            and "wait for 'mistral'" in full.json()["error"]["message"]
+        )
+        big = {"model": "qwen", "messages": [{"role": "user", "content": "x" * 3950}]}
+        heavy = httpx.post(f"{url}/v1/chat/completions", json=big, timeout=30)
+        assert heavy.status_code == 503 and "bytes" in heavy.json()["error"]["message"]
     for thread in waiting:
         thread.join()
     assert [results[k].status_code for k in ("first", "joins", "next")] == [200, 200, 200]

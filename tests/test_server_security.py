@@ -219,24 +219,23 @@ def test_headers_and_bodies_are_read_in_bounded_time(
     serve: Callable[..., ThreadedServer], emu: OllamaEmulator
 ) -> None:
     server = serve(config_for(emu), read_timeout=1.0)
+    # the drips would take 26 s and 30 s; a close within 10 s (10 read timeouts) is a cut-off
     headers = f"POST /unload-all HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Padding: {'a' * 200}\r\n\r\n"
-    started = time.monotonic()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         closed, _ = _closed_within(sock, headers.encode(), 10)
-    assert closed and time.monotonic() - started < 5, "slow headers were not cut off"
+    assert closed, "slow headers were not cut off"
     request = (
         f"POST /unload-all HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
         "Content-Type: application/json\r\nContent-Length: 300\r\n\r\n"
     )
-    started = time.monotonic()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(request.encode())
         closed, answer = _closed_within(sock, b"{" + b" " * 298 + b"}", 10)
-    assert closed and time.monotonic() - started < 5, "a slow body was not cut off"
+    assert closed, "a slow body was not cut off"
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     # a fresh connection that sends nothing at all is closed as well
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.settimeout(5)
+        sock.settimeout(10)
         assert sock.recv(100) == b""
     assert httpx.get(f"{server.url}/health").status_code == 200
 

@@ -18,13 +18,14 @@ queued for its memory.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import anyio
 
 from .context import Core
 from .lifecycle import Entry, State
-from .planner import Candidate, Plan, plan_admission
+from .planner import Admit, Candidate, Plan, plan_admission
 
 
 class Admission:
@@ -33,6 +34,10 @@ class Admission:
         # Decisions are taken one at a time, first come first served: a fresh reading, the
         # plan and the reservation it leads to.  Never held while waiting or evicting.
         self.turn = anyio.Lock()
+        # admissions under way by arrival: memory that frees while one of them holds the turn
+        # goes to the first in line that can take it, not to whoever holds the turn
+        self._arrivals = itertools.count()
+        self._queue: dict[Entry, int] = {}
 
     def candidate(self, entry: Entry, memory: Iterable[tuple[str, int]] | None = None) -> Candidate:
         """What ``entry`` will hold once admitted: a load's reservation, or for a wake the
@@ -57,6 +62,32 @@ class Admission:
         )
 
     # -- fairness ---------------------------------------------------------------------------
+
+    def arrive(self, entry: Entry) -> None:
+        self._queue.setdefault(entry, next(self._arrivals))
+
+    def leave(self, entry: Entry) -> None:
+        self._queue.pop(entry, None)
+
+    def first_in_line(self, entry: Entry) -> Entry | None:
+        """An admission that arrived before ``entry``, is still wanted and could be admitted
+        now: what it can take is its first (FIFO).  None when ``entry`` may go ahead, which
+        it may past any earlier admission that still cannot be admitted (no head-of-line
+        blocking)."""
+        mine = self._queue.get(entry)
+        if mine is None:
+            return None
+        for other, ticket in sorted(self._queue.items(), key=lambda item: item[1]):
+            if ticket >= mine:
+                break
+            if (
+                other.state in (State.QUEUED, State.SLEEPING)
+                and other.leases > 0
+                and self.core.table.get(other.name) is other
+                and isinstance(self.decide(other), Admit)
+            ):
+                return other
+        return None
 
     def block(self, names: Iterable[str]) -> list[Entry]:
         """``names`` hold memory a waiting admission needs: from now on each may grant

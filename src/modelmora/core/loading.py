@@ -42,7 +42,7 @@ from ..spec import format_duration, format_size
 from .admission import Admission
 from .context import Core, Failure
 from .lifecycle import Action, Entry, State
-from .planner import Admit, Refuse
+from .planner import Admit, Refuse, Wait
 from .transitions import Transitions
 
 log = logging.getLogger("modelmora")
@@ -235,6 +235,7 @@ class Loader:
         reconciled = False
         blocked: list[Entry] = []
         last: tuple[str, ...] | None = None
+        self.admission.arrive(entry)
         try:
             while True:
                 self._check_wanted(entry)
@@ -244,6 +245,10 @@ class Loader:
                     await core.refresh_readings()
                     self._check_wanted(entry)
                     plan = self.admission.decide(entry)  # our own reservation is not counted
+                    if isinstance(plan, Admit) and (first := self.admission.first_in_line(entry)):
+                        # memory freed while we held the turn: an admission waiting since
+                        # before us takes it first (it was woken, and decides after us)
+                        plan = Wait(blockers=(), reason=f"{first.name!r} waits for memory since before")
                     if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
                         if entry.state in (State.QUEUED, State.SLEEPING):
                             self._reserve(entry)
@@ -295,6 +300,7 @@ class Loader:
                 await core.changed(min(remaining, core.config.reaper_interval))
         finally:
             self.admission.unblock(blocked)
+            self.admission.leave(entry)
 
     def _check_wanted(self, entry: Entry) -> None:
         """Still ours to load or wake: in the table, not being unloaded, and wanted."""

@@ -540,12 +540,20 @@ class LlamaCppRouterProvider(Provider):
 
     async def watch(self, handle: Handle) -> str:
         """The child's PID where this machine runs it, else the router's status."""
+        url = handle.endpoint
+        assert url is not None
         if handle.pid is not None:
             while _alive(handle.pid):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
+            # the router sees its child's exit a moment later, and until then refuses to load
+            # the model again ("model is already running"): the table follows the router
+            with anyio.move_on_after(self.settings.stop_grace + 10), contextlib.suppress(httpx.HTTPError):
+                while True:
+                    entry = (await self._models(url)).get(handle.model_name) or {}
+                    if (entry.get("status") or {}).get("value") not in RESIDENT:
+                        break
+                    await anyio.sleep(self.settings.poll_interval)
             return f"llama-server for {handle.model_name!r} (pid {handle.pid}) exited"
-        url = handle.endpoint
-        assert url is not None
         while True:
             await anyio.sleep(1.0)
             with contextlib.suppress(httpx.HTTPError):

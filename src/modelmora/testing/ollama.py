@@ -331,6 +331,8 @@ class OllamaState:
         self.stats = EmulatorStats()
         self.journal: list[tuple[str, dict[str, Any]]] = []  # (path, JSON body) of every request with one
         self.busy = 0  # next N requests answer 503
+        self.loads_held = False  # loads do not finish while set (OllamaEmulator.loads_held)
+        self.generation_held = False  # no token is generated while set (OllamaEmulator.generation_held)
         self.oom: dict[str, int] = {}  # next N loads of these fail out of memory
         self.oom_generation: set[str] = set()  # the next generation of these fails out of memory
         self.lock = threading.RLock()
@@ -517,6 +519,8 @@ class OllamaState:
         try:
             if self.load_delay:
                 await anyio.sleep(self.load_delay)
+            while self.loads_held:  # noqa: ASYNC110 - set from the test's thread, not this loop
+                await anyio.sleep(0.01)
         except BaseException:
             with self.lock:
                 self.runners.pop(model.name, None)
@@ -794,6 +798,8 @@ def build_app(state: OllamaState) -> Starlette:
                 if fails and n == len(words) // 2:
                     state.runtime_oom()
                     raise OllamaError(500, RUNTIME_OOM)
+                while state.generation_held:  # noqa: ASYNC110 - set from the test's thread, not this loop
+                    await anyio.sleep(0.01)
                 if state.token_delay:
                     await anyio.sleep(state.token_delay)
                 else:
@@ -1043,8 +1049,10 @@ class OllamaEmulator:
     ``OLLAMA_NUM_PARALLEL``, ``OLLAMA_GPU_OVERHEAD``); default: this process's.
 
     Fault injection: :meth:`refuse_connections` (the port closes), :meth:`busy`
-    (next requests answer 503), :meth:`oom_next` (the next load fails out of memory),
-    :meth:`oom_during_generation` (the next generation fails out of memory),
+    (next requests answer 503), :meth:`loads_held` and :meth:`generation_held` (loads
+    finish, and requests generate, only when the test lets them), :meth:`oom_next` (the next
+    load fails out of memory), :meth:`oom_during_generation` (the next generation fails out
+    of memory),
     :meth:`evict` (a model disappears, as if another client or an OOM kill took it).
     """
 
@@ -1142,6 +1150,27 @@ class OllamaEmulator:
 
     def busy(self, requests: int = 1) -> None:
         self.state.busy += requests
+
+    @contextmanager
+    def loads_held(self) -> Iterator[None]:
+        """Loads under way or starting do not finish for the duration (after their
+        ``load_delay``): a load that lasts exactly as long as a test needs, however slow
+        the machine."""
+        self.state.loads_held = True
+        try:
+            yield
+        finally:
+            self.state.loads_held = False
+
+    @contextmanager
+    def generation_held(self) -> Iterator[None]:
+        """Requests generate no token for the duration: they stay in flight (holding their
+        runner) for exactly as long as a test needs, however slow the machine."""
+        self.state.generation_held = True
+        try:
+            yield
+        finally:
+            self.state.generation_held = False
 
     def oom_next(self, model: str, times: int = 1) -> None:
         """The next ``times`` loads of ``model`` fail out of memory (a retry after evicting
