@@ -252,6 +252,38 @@ def test_metrics_and_events(serve: Callable[..., str], emu: OllamaEmulator) -> N
     assert seen[1]["model"] == "qwen" and "loaded qwen" in seen[1]["text"]
 
 
+def test_lease_events_reach_only_the_event_clients_that_ask_for_them(
+    serve: Callable[..., str], emu: OllamaEmulator
+) -> None:
+    url = serve(config_for(emu))
+    kinds: dict[str, list[str]] = {"?leases=true": [], "": []}
+    connected = {query: threading.Event() for query in kinds}
+
+    def listen(query: str) -> None:
+        with httpx.stream("GET", f"{url}/events{query}", timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith(": connected"):
+                    connected[query].set()
+                elif line.startswith("data: "):
+                    kinds[query].append(json.loads(line[6:])["kind"])
+                    if kinds[query][-1] == "Unloaded":
+                        return
+
+    listeners = [threading.Thread(target=listen, args=(query,)) for query in kinds]
+    for listener in listeners:
+        listener.start()
+    for event in connected.values():
+        assert event.wait(30)
+    chat = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):  # a load (full path), then a resident model (hot path)
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30).status_code == 200
+    httpx.post(f"{url}/models/qwen/unload", timeout=30)
+    for listener in listeners:
+        listener.join(timeout=10)
+    assert kinds["?leases=true"].count("LeaseAcquired") == 2 and kinds["?leases=true"].count("LeaseReleased") == 2
+    assert "Loaded" in kinds[""] and not {"LeaseAcquired", "LeaseReleased"} & set(kinds[""])
+
+
 def test_cli_remote_mode(serve: Callable[..., str], emu: OllamaEmulator) -> None:
     url = serve(config_for(emu))
     runner = CliRunner()

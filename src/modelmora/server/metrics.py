@@ -30,7 +30,7 @@ class Metrics:
         self.requests = Counter(
             "modelmora_proxy_requests", "OpenAI-proxy requests by outcome.", ["model", "status"], registry=r
         )
-        manager.events.subscribe(self._on_event)
+        manager.events.subscribe(self._on_event, leases=False)  # counts none of them
 
     def _on_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.Loaded):
