@@ -97,6 +97,9 @@ def test_a_ready_model_answers_with_the_runtime_bytes_renamed_counted_and_releas
                         headers={"x-keep-alive": "-1"}, timeout=30)  # fmt: skip
     assert header.status_code == 200 and header.json()["received"]["prompt"] == "x"
     assert status(proxy)["echo"]["expires_in_s"] is None  # forever
+    long = "word " * 100_000  # an answer of ~500 kB: many chunks from the runtime, passed on in order
+    big = httpx.post(f"{proxy}/v1/completions", json={"model": "echo", "prompt": long}, timeout=30)
+    assert big.status_code == 200 and big.json()["received"]["prompt"] == long
 
 
 def test_the_hot_path_keeps_one_connection_to_the_runtime_alive(proxy: str) -> None:

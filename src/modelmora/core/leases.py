@@ -72,6 +72,11 @@ class Lease:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give the lease back (what ``__aexit__`` does, without an ``await``, so no
+        cancellation can come between); idempotent: a second call does nothing."""
         entry, self._entry = self._entry, None
         if entry is not None:
             self._leases.release(entry)

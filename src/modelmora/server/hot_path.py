@@ -15,7 +15,6 @@ replayed, so every error keeps one answer and one place that writes it.
 
 from __future__ import annotations
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .proxy import ROUTES, Proxy
@@ -53,12 +52,14 @@ class HotPath:
             return
         try:
             await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+            held = b""  # one chunk held back, so that the last goes out with the end of the body
             async for chunk in answer.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if held:
+                    await send({"type": "http.response.body", "body": held, "more_body": True})
+                held = chunk
+            await send({"type": "http.response.body", "body": held, "more_body": False})
         finally:
-            with anyio.CancelScope(shield=True):
-                await answer.close()
+            answer.close()  # no await: nothing can cancel it
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -31,6 +31,15 @@ class Metrics:
             "modelmora_proxy_requests", "OpenAI-proxy requests by outcome.", ["model", "status"], registry=r
         )
         manager.events.subscribe(self._on_event, leases=False)  # counts none of them
+        self._request_children: dict[tuple[str, int | str], Counter] = {}
+
+    def count_request(self, model: str, status: int | str) -> None:
+        """One proxied request for ``model`` answered ``status``.  The labelled child is kept:
+        ``labels()`` takes a lock and builds its key on every call, on the proxy's hot path."""
+        child = self._request_children.get((model, status))
+        if child is None:
+            child = self._request_children[(model, status)] = self.requests.labels(model, str(status))
+        child.inc()
 
     def _on_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.Loaded):

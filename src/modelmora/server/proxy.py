@@ -159,7 +159,7 @@ class Proxy:
         else:
             why = ""
         if why:
-            self.metrics.requests.labels(name, "503").inc()
+            self.metrics.count_request(name, 503)
             raise api_error(503, f"{why}; try again shortly", "queue_full", retry_after=5)
         self.queued[name] += 1
         self.queued_bytes += size
@@ -183,7 +183,7 @@ class Proxy:
             message = f"model {name!r} runs on the {spec.provider!r} provider, a simulated runtime that answers no requests"  # fmt: skip
         else:
             message = f"model {name!r} serves {', '.join(f'/v1/{r}' for r in sorted(routes))} only"
-        self.metrics.requests.labels(name, "400").inc()
+        self.metrics.count_request(name, 400)
         raise api_error(400, message, "unsupported_endpoint")
 
     async def handle(self, request: Request, path: str, body: _Body) -> Response:
@@ -194,7 +194,7 @@ class Proxy:
         try:
             lease, handle = await self._lease(name, keep_alive, len(await request.body()))
         except ModelMoraError as exc:
-            self.metrics.requests.labels(name, str(http_status(self.manager, exc))).inc()
+            self.metrics.count_request(name, http_status(self.manager, exc))
             raise
         try:
             if handle.endpoint is None:
@@ -227,7 +227,7 @@ class Proxy:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(handle, body.model, exc) from None
         try:
-            self.metrics.requests.labels(body.model, str(reply.status)).inc()
+            self.metrics.count_request(body.model, reply.status)
             headers = {k: v for k, v in reply.headers.items() if k.lower() in _ENTITY_HEADERS}
         except BaseException:
             reply.release()
@@ -240,7 +240,7 @@ class Proxy:
         return _LeasedStream(reply.content.iter_any(), close, status_code=reply.status, headers=headers)
 
     def _unreachable(self, handle: Handle, name: str, exc: BaseException) -> APIError:
-        self.metrics.requests.labels(name, "502").inc()
+        self.metrics.count_request(name, 502)
         why = str(exc) or type(exc).__name__
         return api_error(502, f"{handle.provider} did not answer for {name!r}: {why}", "upstream_unreachable")
 
@@ -273,7 +273,7 @@ class Proxy:
         if handle is None:
             return None
         if handle.endpoint is None:
-            await _release(lease)
+            lease.release()
             return None
         url, payload = self._upstream(handle, path, body)
         try:
@@ -281,7 +281,7 @@ class Proxy:
                 url, _json(payload), [(b"Accept-Encoding", accept_encoding.encode("latin-1"))]
             )
         except UpstreamError as exc:
-            await _release(lease)
+            lease.release()
             error = self._unreachable(handle, name, exc)
             content = _json(error_body(error))
             headers = [
@@ -290,17 +290,17 @@ class Proxy:
             ]
             return HotAnswer(error.status, headers, _once(content), _nothing)
         except BaseException:
-            await _release(lease)
+            lease.release()
             raise
         if reply is None:  # not a plain-HTTP runtime: the full path calls it with aiohttp
-            await _release(lease)
+            lease.release()
             return None
-        self.metrics.requests.labels(name, str(reply.status)).inc()
+        self.metrics.count_request(name, reply.status)
         headers = [(k, v) for k, v in reply.headers if k in _PASSED_HEADERS_B]
 
-        async def close() -> None:
+        def close() -> None:
             reply.release()
-            await _release(lease)
+            lease.release()
 
         return HotAnswer(reply.status, headers, reply.body, close)
 
@@ -324,7 +324,7 @@ class Proxy:
             {"object": "embedding", "index": i, "embedding": [float(x) for x in v]}
             for i, v in enumerate(vectors)
         ]
-        self.metrics.requests.labels(body.model, "200").inc()
+        self.metrics.count_request(body.model, 200)
         tokens = sum(len(t.split()) for t in texts)
         return JSONResponse(
             {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -340,14 +340,14 @@ class HotAnswer:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: AsyncIterator[bytes]
-    close: Callable[[], Awaitable[None]]
+    close: Callable[[], None]
 
 
 async def _once(content: bytes) -> AsyncIterator[bytes]:
     yield content
 
 
-async def _nothing() -> None:
+def _nothing() -> None:
     return None
 
 
