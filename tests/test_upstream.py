@@ -217,3 +217,17 @@ async def test_a_large_answer_pauses_reading_instead_of_buffering_it_all() -> No
         assert await read(pool, rt.url) == (200, b"x" * size)  # and the connection was reusable
         assert rt.connections == 1
         pool.close()
+
+
+async def test_an_interim_1xx_answer_is_skipped_and_never_shifts_answers_onto_later_requests() -> None:
+    async def early(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(answer(request.split(b"\r\n\r\n", 1)[1]))
+
+    async for rt in runtime(early):
+        pool = UpstreamPool(timeout=5)
+        assert await read(pool, rt.url, b'{"n":1}') == (200, b'{"n":1}')
+        assert await read(pool, rt.url, b'{"n":2}') == (200, b'{"n":2}')
+        pool.close()
