@@ -48,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.framed = False  # Content-Length or chunked: the end is known without a close
+        self.interim = False  # the message being parsed is a 1xx, skipped (RFC 9110 §15.2)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -91,7 +92,12 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # interim: the answer follows on this connection
+            self.interim = True
+            self.headers, self.framed = [], False
+            return
+        self.status = status
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -102,6 +108,9 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.keep_alive = self.parser.should_keep_alive()  # only valid inside the callback
         self.complete = True
 
