@@ -231,3 +231,26 @@ async def test_an_interim_1xx_answer_is_skipped_and_never_shifts_answers_onto_la
         assert await read(pool, rt.url, b'{"n":1}') == (200, b'{"n":1}')
         assert await read(pool, rt.url, b'{"n":2}') == (200, b'{"n":2}')
         pool.close()
+
+
+async def test_bytes_the_runtime_sends_past_its_answer_never_reach_the_next_request() -> None:
+    async def stray(request: bytes, writer: asyncio.StreamWriter) -> None:
+        body = request.split(b"\r\n\r\n", 1)[1]
+        if b'"same-write"' in request:  # a second answer in the same segment as the first
+            writer.write(answer(body) + answer(b"STRAY"))
+            return
+        writer.write(answer(body))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(answer(b"STRAY"))  # arrives while the connection is idle in the pool
+
+    async for rt in runtime(stray):
+        pool = UpstreamPool(timeout=5)
+        assert await read(pool, rt.url, b'{"n":1}') == (200, b'{"n":1}')
+        await asyncio.sleep(0.2)
+        assert await read(pool, rt.url, b'{"n":2}') == (200, b'{"n":2}')
+        await asyncio.sleep(0.2)  # its stray answer too has come (after a new request it would pass as its answer)
+        assert await read(pool, rt.url, b'{"same-write":3}') == (200, b'{"same-write":3}')
+        await asyncio.sleep(0.2)
+        assert await read(pool, rt.url, b'{"n":4}') == (200, b'{"n":4}')
+        pool.close()
