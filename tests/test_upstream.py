@@ -249,7 +249,7 @@ async def test_bytes_the_runtime_sends_past_its_answer_never_reach_the_next_requ
         assert await read(pool, rt.url, b'{"n":1}') == (200, b'{"n":1}')
         await asyncio.sleep(0.2)
         assert await read(pool, rt.url, b'{"n":2}') == (200, b'{"n":2}')
-        await asyncio.sleep(0.2)  # its stray answer too has come (after a new request it would pass as its answer)
+        await asyncio.sleep(0.2)  # its stray answer has come too (after a request: taken as the answer)
         assert await read(pool, rt.url, b'{"same-write":3}') == (200, b'{"same-write":3}')
         await asyncio.sleep(0.2)
         assert await read(pool, rt.url, b'{"n":4}') == (200, b'{"n":4}')

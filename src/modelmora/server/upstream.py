@@ -71,7 +71,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = UpstreamError(f"the runtime's answer could not be parsed: {exc}")
+            self.error = self.error or UpstreamError(f"the runtime's answer could not be parsed: {exc}")
             assert self.transport is not None
             self.transport.close()
         self._wake()
@@ -84,6 +84,11 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a message after the answer, before the next request: untrustworthy
+            self.error = UpstreamError("the runtime sent more than one answer to a request")
+            raise self.error  # the parser stops; data_received closes the connection
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
