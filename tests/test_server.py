@@ -334,3 +334,29 @@ def test_in_process_embeddings_answer_through_the_proxy(serve: Callable[..., str
         timeout=60,
     )
     assert chat.status_code == 400 and "serves /v1/embeddings only" in chat.json()["error"]["message"]
+
+
+def test_an_error_in_the_checks_or_the_hot_path_is_answered_in_the_api_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The security checks and the hot path run in front of FastAPI's own error layer: a bug
+    there is still answered as every other internal error is (JSON, ``internal_error``)."""
+    import anyio
+
+    from modelmora.server.proxy import Proxy
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Proxy, "hot", broken)
+    config = {"budgets": {"cuda:0": "24GB"}, "models": {"m": {"provider": "simulated", "target": "x", "memory": "1GB"}}}  # fmt: skip
+    app = create_app(config)
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+
+    reply = anyio.run(post)
+    assert reply.status_code == 500
+    assert reply.json()["error"]["code"] == "internal_error", reply.text

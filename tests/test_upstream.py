@@ -217,3 +217,40 @@ async def test_a_large_answer_pauses_reading_instead_of_buffering_it_all() -> No
         assert await read(pool, rt.url) == (200, b"x" * size)  # and the connection was reusable
         assert rt.connections == 1
         pool.close()
+
+
+async def test_an_interim_1xx_answer_is_skipped_and_never_shifts_answers_onto_later_requests() -> None:
+    async def early(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(answer(request.split(b"\r\n\r\n", 1)[1]))
+
+    async for rt in runtime(early):
+        pool = UpstreamPool(timeout=5)
+        assert await read(pool, rt.url, b'{"n":1}') == (200, b'{"n":1}')
+        assert await read(pool, rt.url, b'{"n":2}') == (200, b'{"n":2}')
+        pool.close()
+
+
+async def test_bytes_the_runtime_sends_past_its_answer_never_reach_the_next_request() -> None:
+    async def stray(request: bytes, writer: asyncio.StreamWriter) -> None:
+        body = request.split(b"\r\n\r\n", 1)[1]
+        if b'"same-write"' in request:  # a second answer in the same segment as the first
+            writer.write(answer(body) + answer(b"STRAY"))
+            return
+        writer.write(answer(body))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(answer(b"STRAY"))  # arrives while the connection is idle in the pool
+
+    async for rt in runtime(stray):
+        pool = UpstreamPool(timeout=5)
+        assert await read(pool, rt.url, b'{"n":1}') == (200, b'{"n":1}')
+        await asyncio.sleep(0.2)
+        assert await read(pool, rt.url, b'{"n":2}') == (200, b'{"n":2}')
+        await asyncio.sleep(0.2)  # its stray answer has come too (after a request: taken as the answer)
+        assert await read(pool, rt.url, b'{"same-write":3}') == (200, b'{"same-write":3}')
+        await asyncio.sleep(0.2)
+        assert await read(pool, rt.url, b'{"n":4}') == (200, b'{"n":4}')
+        pool.close()

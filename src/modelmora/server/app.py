@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -86,7 +87,7 @@ class _App(FastAPI):
     request for a resident model is checked and answered without them, which took ~0.1 ms
     of CPU a request off the proxy (``benchmarks/bench_llamacpp_router.py``).  Everything
     else passes the same checks and then goes through FastAPI unchanged.  An exception in
-    the checks or the hot path is answered 500 by uvicorn, as FastAPI would."""
+    the checks or the hot path is answered 500 in the API's shape, as FastAPI would."""
 
     front: ASGIApp | None = None
 
@@ -157,9 +158,9 @@ def create_app(
         front = CORSMiddleware(
             front, allow_origins=list(allow_origins), allow_methods=["*"], allow_headers=["*"]
         )
-    app.front = TrustedHostMiddleware(
-        front, allowed_hosts=allowed_hosts(token, allow_hosts), www_redirect=False
-    )
+    front = TrustedHostMiddleware(front, allowed_hosts=allowed_hosts(token, allow_hosts), www_redirect=False)
+    # a bug in the checks or the hot path is answered as FastAPI answers any other (JSON)
+    app.front = ServerErrorMiddleware(front, handler=handle_internal_error)
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(ModelMoraError, handle_modelmora_error)
     app.add_exception_handler(Exception, handle_internal_error)

@@ -48,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.framed = False  # Content-Length or chunked: the end is known without a close
+        self.interim = False  # the message being parsed is a 1xx, skipped (RFC 9110 §15.2)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -70,7 +71,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = UpstreamError(f"the runtime's answer could not be parsed: {exc}")
+            self.error = self.error or UpstreamError(f"the runtime's answer could not be parsed: {exc}")
             assert self.transport is not None
             self.transport.close()
         self._wake()
@@ -84,6 +85,11 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a message after the answer, before the next request: untrustworthy
+            self.error = UpstreamError("the runtime sent more than one answer to a request")
+            raise self.error  # the parser stops; data_received closes the connection
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
@@ -91,7 +97,12 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # interim: the answer follows on this connection
+            self.interim = True
+            self.headers, self.framed = [], False
+            return
+        self.status = status
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -102,6 +113,9 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.keep_alive = self.parser.should_keep_alive()  # only valid inside the callback
         self.complete = True
 
