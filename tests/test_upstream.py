@@ -171,10 +171,23 @@ async def test_urls_and_headers_it_does_not_send_are_declined() -> None:
     pool = UpstreamPool(timeout=5)
     assert await pool.post("https://127.0.0.1:1/v1/completions", b"{}", []) is None
     assert await pool.post("http://user:pw@127.0.0.1:1/v1/completions", b"{}", []) is None
+    assert await pool.post("http://127.0.0.1:1/v1/modèle", b"{}", []) is None  # aiohttp encodes IRIs
     assert (
         await pool.post("http://127.0.0.1:1/v1/x", b"{}", [(b"Accept-Encoding", b"gzip\r\nX-Evil: 1")])
         is None
     )
+
+
+async def test_answers_released_after_the_pool_closed_close_their_connection() -> None:
+    async for rt in runtime(echo):
+        pool = UpstreamPool(timeout=5)
+        reply = await pool.post(rt.url, b"{}", [])
+        assert reply is not None
+        assert b"".join([chunk async for chunk in reply.body]) == b"{}"
+        pool.close()
+        reply.release()
+        assert not any(pool._idle.values()) and reply._conn.transport is not None
+        assert reply._conn.transport.is_closing()
 
 
 async def test_a_cancelled_request_closes_its_connection() -> None:

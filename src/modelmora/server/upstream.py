@@ -219,7 +219,10 @@ def _target(url: str) -> tuple[str, int, bytes, bytes] | None:
     except ValueError:
         return None
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.hostname, port, target.encode("ascii", "strict"), parts.netloc.encode("ascii", "strict")
+    try:
+        return parts.hostname, port, target.encode("ascii"), parts.netloc.encode("ascii")
+    except UnicodeEncodeError:  # an IRI: aiohttp on the full path encodes it
+        return None
 
 
 class UpstreamPool:
@@ -230,6 +233,7 @@ class UpstreamPool:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._closed = False  # after close(): answers released later close their connection
 
     async def post(self, url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> UpstreamReply | None:
         """POST ``body`` (JSON) to ``url`` with ``headers``; the answer's head has arrived when
@@ -289,7 +293,7 @@ class UpstreamPool:
 
     def _put(self, key: tuple[str, int], conn: _Connection) -> None:
         idle = self._idle.setdefault(key, [])
-        if len(idle) >= _IDLE_PER_HOST:
+        if self._closed or len(idle) >= _IDLE_PER_HOST:
             conn.close()
         else:
             idle.append(conn)
@@ -297,6 +301,7 @@ class UpstreamPool:
 
     def close(self) -> None:
         """Close every idle connection (answers in flight close theirs when released)."""
+        self._closed = True
         for idle in self._idle.values():
             for conn in list(idle):
                 conn.idle_in = None
