@@ -158,17 +158,7 @@ async def test_a_model_found_again_asleep_is_not_reserved_at_the_size_it_had_bef
         await mm.reconcile()
         await settle()  # the adoption
         assert mm.is_parked("faulty/f")
-        faulty.hold("wake", "f", times=1)
-        async with anyio.create_task_group() as tg:
-            f = hold(tg, mm, "faulty/f")
-            await faulty.wait_pending("wake", "f")
-            b = hold(tg, mm, "b")
-            await settle()
-            faulty.release("wake", "f")
-            await f.granted.wait()
-            await release_all(f)
-            await b.granted.wait()
-            await release_all(b)
+        await wake_beside_a_load(mm, faulty, "faulty/f")
     assert overcommits(faulty, BUDGET) == []
 
 
