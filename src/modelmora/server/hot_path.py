@@ -18,6 +18,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .proxy import ROUTES, Proxy
+from .security import header
 
 _PATHS = {f"/v1/{route}": route for route in ROUTES}
 
@@ -37,15 +38,12 @@ class HotPath:
         first = await receive()
         answer = None
         if first["type"] == "http.request" and not first.get("more_body", False):
-            headers: dict[bytes, bytes] = {}
-            for key, value in scope["headers"]:
-                headers.setdefault(key, value)  # the first of repeated headers, as starlette reads them
-            keep_alive = headers.get(b"x-keep-alive")
+            keep_alive = header(scope, b"x-keep-alive")
             answer = await self.proxy.hot(
                 route,
                 bytes(first.get("body", b"")),
                 keep_alive.decode("latin-1") if keep_alive is not None else None,
-                headers.get(b"accept-encoding", b"identity").decode("latin-1"),
+                (header(scope, b"accept-encoding") or b"identity").decode("latin-1"),
             )
         if answer is None:
             await self.app(scope, _replay(first, receive), send)

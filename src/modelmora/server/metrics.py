@@ -31,9 +31,9 @@ class Metrics:
             "modelmora_proxy_requests", "OpenAI-proxy requests by outcome.", ["model", "status"], registry=r
         )
         manager.events.subscribe(self._on_event, leases=False)  # counts none of them
-        self._request_children: dict[tuple[str, int | str], Counter] = {}
+        self._request_children: dict[tuple[str, int], Counter] = {}
 
-    def count_request(self, model: str, status: int | str) -> None:
+    def count_request(self, model: str, status: int) -> None:
         """One proxied request for ``model`` answered ``status``.  The labelled child is kept:
         ``labels()`` takes a lock and builds its key on every call, on the proxy's hot path."""
         child = self._request_children.get((model, status))

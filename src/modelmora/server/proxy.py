@@ -199,11 +199,11 @@ class Proxy:
         try:
             if handle.endpoint is None:
                 response: Response = await self._in_process(handle, path, body)
-                await _release(lease)
+                lease.release()
                 return response
             return await self._forward(lease, handle, path, body, request)
         except BaseException:
-            await _release(lease)
+            lease.release()
             raise
 
     def _upstream(self, handle: Handle, path: str, body: _Body) -> tuple[str, dict[str, Any]]:
@@ -235,7 +235,7 @@ class Proxy:
 
         async def close() -> None:
             reply.release()
-            await _release(lease)
+            lease.release()
 
         return _LeasedStream(reply.content.iter_any(), close, status_code=reply.status, headers=headers)
 
@@ -353,13 +353,6 @@ def _nothing() -> None:
 
 def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
-
-
-async def _release(lease: Lease) -> None:
-    """Shielded, and idempotent like ``Lease.__aexit__``: a client that hangs up mid-stream
-    still releases exactly once."""
-    with anyio.CancelScope(shield=True):
-        await lease.__aexit__(None, None, None)
 
 
 class _LeasedStream(StreamingResponse):

@@ -66,7 +66,8 @@ async def _reply(
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case bytes), as starlette reads it."""
     for key, value in scope.get("headers") or []:
         if key == name:
             return bytes(value)
@@ -99,7 +100,7 @@ class Guard:
     def _authorised(self, scope: Scope) -> bool:
         if self.token is None:
             return True
-        scheme, _, given = (_header(scope, b"authorization") or b"").strip().partition(b" ")
+        scheme, _, given = (header(scope, b"authorization") or b"").strip().partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
             return True
         if scope["method"] == "GET" and scope["path"] in QUERY_TOKEN_PATHS:
@@ -115,15 +116,15 @@ class Guard:
         """Why a state-changing request from a web page of another site is refused, or None."""
         if scope["method"] in SAFE_METHODS:
             return None
-        origin = _header(scope, b"origin")
+        origin = header(scope, b"origin")
         if origin is not None:
             origin = origin.rstrip(b"/")
-            host = _header(scope, b"host") or b""
+            host = header(scope, b"host") or b""
             if origin in self.allow_origins or origin in (b"http://" + host, b"https://" + host):
                 return None
             shown = origin.decode("latin-1")[:100]
             return f"cross-origin request from {shown!r} refused; start the server with --allow-origin {shown} to allow it"
-        if (_header(scope, b"sec-fetch-site") or b"").lower() in (b"cross-site", b"same-site"):
+        if (header(scope, b"sec-fetch-site") or b"").lower() in (b"cross-site", b"same-site"):
             return "cross-origin request refused (Sec-Fetch-Site); start the server with --allow-origin to allow a web app"
         return None
 
@@ -140,14 +141,14 @@ class Guard:
         if refused is not None:
             await _reply(send, 403, refused)
             return
-        length = _header(scope, b"content-length")
-        has_body = _header(scope, b"transfer-encoding") is not None or (
+        length = header(scope, b"content-length")
+        has_body = header(scope, b"transfer-encoding") is not None or (
             length is not None and length.strip() not in (b"", b"0")
         )
         if not has_body:
             await self.app(scope, receive, send)
             return
-        if scope["method"] not in SAFE_METHODS and not _is_json(_header(scope, b"content-type") or b""):
+        if scope["method"] not in SAFE_METHODS and not _is_json(header(scope, b"content-type") or b""):
             await _reply(send, 415, "request bodies must be JSON (Content-Type: application/json)")
             return
         if length is not None and length.strip().isdigit() and int(length) > self.max_body:
@@ -200,4 +201,4 @@ def is_loopback(host: str) -> bool:
     return host in {"127.0.0.1", "::1", "localhost"} or host.startswith("127.")
 
 
-__all__ = ["AUTHORISED", "LOOPBACK_HOSTS", "Guard", "allowed_hosts", "is_loopback"]
+__all__ = ["AUTHORISED", "LOOPBACK_HOSTS", "Guard", "allowed_hosts", "header", "is_loopback"]
