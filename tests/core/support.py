@@ -112,7 +112,7 @@ def overcommits(faulty: FaultyProvider, budgets: Mapping[str, int]) -> list[str]
     wakes will hold, and other processes' memory exceeded a budget."""
     out = []
     for call in faulty.calls:
-        if call.op not in ("load", "wake"):
+        if call.op not in ("load", "wake", "sleep"):
             continue
         for device, budget in budgets.items():
             total = call.committed.get(device, 0) + call.external.get(device, 0)

@@ -398,7 +398,7 @@ async def test_09_a_refusal_names_the_model_whose_unload_left_memory_held() -> N
 
     def leak(call: Call) -> None:
         if call.op == "unload" and call.target == "leaky":
-            faulty.leaks["cuda:0"] = gb(10)
+            faulty.leak("leaky", {"cuda:0": gb(10)})  # the provider knows whose unload left it
 
     async with faulty_manager(faulty, {"leaky": model(10), "next-model": model(10)}) as mm:
         await mm.load("leaky")

@@ -58,24 +58,29 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from modelmora import Handle, ModelManager, ModelMoraError
 from modelmora import events as ev
+from modelmora.providers import ProviderRegistry
 from modelmora.providers.base import Tier
 from modelmora.testing.faulty import ANY, Call, FaultyProvider, injected_error
 
 T = TypeVar("T")
 GB = 10**9
 
-BUDGETS = {"cuda:0": 16 * GB, "cpu": 24 * GB}
+BUDGETS = {"cuda:0": 16 * GB, "cpu": 12 * GB}  # host RAM small enough for warm copies to fill it
 MODELS: dict[str, dict[str, Any]] = {
     "a": {"memory": "8GB", "warm_tier": True},
     "b": {"memory": "6GB", "options": {"actual_memory": {"cuda:0": 10 * GB}}},  # measures over its estimate
     "c": {"memory": "4GB", "group": "heavy"},
     "d": {"memory": "10GB", "group": "heavy", "warm_tier": True},
+    "e": {"memory": {"cuda:0": "2GB", "cpu": "6GB"}},  # VRAM and host RAM
+    "u": {"options": {"actual_memory": {"cuda:0": 5 * GB}}},  # no estimate: its size is unknown
 }
+SURPRISE = {"b": {"cuda:0": 4 * GB}}  # what an active model holds beyond its estimate
+UNKNOWN = "u"
 NAMES = sorted(MODELS)
 FOREIGN_TARGET = "f"
 FOREIGN = f"faulty/{FOREIGN_TARGET}"  # the name the manager adopts it under: callers may lease it too
 CONFIG: dict[str, Any] = {
-    "budgets": {"cuda:0": "16GB", "cpu": "24GB"},
+    "budgets": {"cuda:0": "16GB", "cpu": "12GB"},
     "reaper_interval": 1.0,
     "reconcile_interval": 30.0,
     "idle_ttl": 60.0,
@@ -84,6 +89,10 @@ CONFIG: dict[str, Any] = {
     "failure_cooldown": 5.0,
     "models": {n: {"provider": "faulty", "load_timeout": 300, **spec} for n, spec in MODELS.items()},
 }
+# a caller with no timeout of its own is answered within this (admission, a load, the
+# evictions and clean-ups around it, each bounded by the config above), twice over
+ANSWER_BOUND = 2 * (120.0 + 300.0 + 4 * 60.0)
+COOLDOWN = 5.0  # failure_cooldown: no new load of a model this soon after its load failed
 
 
 # -- a deterministic event loop ------------------------------------------------------------------
@@ -184,6 +193,22 @@ class LeftLoaded(Violation):
     pass
 
 
+class UnknownNotAlone(Violation):
+    pass
+
+
+class CoolDown(Violation):
+    pass
+
+
+class Unanswered(Violation):
+    pass
+
+
+class ShutdownUnclean(Violation):
+    pass
+
+
 def raise_violations(violations: list[tuple[type[Violation], str]], prefix: str = "") -> None:
     """Raise the first kind of violation found, with every message of that kind."""
     if violations:
@@ -208,6 +233,7 @@ class LeaseRec:
     handle: Handle | None = None
     instance: int | None = None
     outcome: str = "waiting"
+    unanswered: bool = False  # reported waiting past ANSWER_BOUND (once)
     exposed: bool = False  # a forced call ran while it was held: its handle may close
     flagged: bool = False  # reported waiting on a ready model (once)
 
@@ -221,8 +247,10 @@ class OpRec:
     id: int
     what: str
     forced: bool
+    started: float = 0.0
     done: bool = False
     outcome: str = "running"
+    unanswered: bool = False
 
 
 @dataclass
@@ -240,6 +268,12 @@ class World:
     orphans_reported: set[int] = field(default_factory=set)  # HalfLoaded: reported once per load call
     forcing: int = 0
     checked_calls: int = 0
+    failed_at: dict[int, float] = field(default_factory=dict)  # failed load call → when seen failed
+    cooled: set[int] = field(default_factory=set)  # failed load calls already reported
+    unseen: dict[int, int] = field(default_factory=dict)  # call → host RAM of models not adopted yet
+    unknown_measured: bool = False  # the size-unknown model has loaded once: its size is known
+    unknown_reserved: int = 0  # what its last load reserved (all it could know of its size)
+    left: bool = False  # the manager was left (with work in flight); every later step is a no-op
     host_error: BaseException | None = None
     host_done: bool = False
     stop: anyio.Event = field(default_factory=anyio.Event)
@@ -269,7 +303,29 @@ def _settled_instances(mm: ModelManager, faulty: FaultyProvider) -> dict[str, in
 def _ready_for_anyone(mm: ModelManager) -> set[str]:
     """Names of ready rows that no admission waits for (new leases on them are granted at
     once): read from the manager's table, like :func:`_settled_instances`."""
-    return {e.name for e in mm._core.table if e.state.value == "ready" and not e.blocking}
+    return {e.name for e in mm._core.table if e.state.value == "ready" and _gate_of(e) is None}
+
+
+def _gate_of(e: Any) -> Any:
+    """The row's gate (admissions waiting for its memory); ``blocking`` before issue 22."""
+    return getattr(e, "gate", None) or (True if getattr(e, "blocking", 0) else None)
+
+
+def _devices_of(call: Call) -> set[str]:
+    """The devices where ``call`` adds memory: a park, host RAM (its warm copy); a load or
+    wake, where its model holds memory when active (someone else's model: cuda:0)."""
+    if call.op == "sleep":
+        return {"cpu"}
+    spec = MODELS.get(call.target)
+    if spec is None:
+        return {"cuda:0"}
+    actual = spec.get("options", {}).get("actual_memory")
+    memory = spec.get("memory", {})
+    return set(actual or {}) | (set(memory) if isinstance(memory, dict) else {"cuda:0"})
+
+
+def now_of(world: World) -> float:
+    return world.loop.now
 
 
 def _nonzero(memory: dict[str, int]) -> dict[str, int]:
@@ -307,10 +363,13 @@ class ManagerMachine(RuleBasedStateMachine):
         loop = asyncio.get_running_loop()
         assert isinstance(loop, VirtualClockLoop)
         faulty = FaultyProvider(devices={"cuda:0": 24 * GB})  # a measured 24 GB card
+        faulty.finish_cancelled_loads = True  # as Ollama: a load whose request went away lands
+        registry = ProviderRegistry()  # the manager builds the provider, so it must close it
+        registry.register("faulty", lambda name, settings: faulty)
         ticks = itertools.count(1)
         mm = ModelManager(
             CONFIG,
-            providers={"faulty": faulty},
+            registry=registry,
             probe=faulty.probe,
             clock=lambda: loop.now + next(ticks) * 1e-9,  # strictly increasing, like a real clock
         )
@@ -340,6 +399,8 @@ class ManagerMachine(RuleBasedStateMachine):
     def step(self, label: str, action: Callable[[World], Awaitable[None]]) -> None:
         async def run() -> list[tuple[type[Violation], str]]:
             world = self.world
+            if world.left:  # the manager is gone: nothing more happens
+                return []
             world.steps.append(label)
             await action(world)
             await settle()
@@ -357,6 +418,44 @@ class ManagerMachine(RuleBasedStateMachine):
     # -- what the runtime sees --------------------------------------------------------------
 
     def _on_call(self, world: World, call: Call) -> None:
+        if call.op in ("load", "wake", "sleep") and call.outcome == "pending":
+            # host RAM is not measured here: a model someone else put in the runtime that the
+            # manager has not adopted yet is memory it cannot know of, like other processes'
+            known = {row[1] for row in _table(world.mm)}
+            world.unseen[call.seq] = sum(
+                i.held.get("cpu", 0)
+                for i in world.faulty.instances.values()
+                if i.born == 0 and world.faulty.listed_as(i.target) not in known and i.target not in known
+            )
+        if call.outcome.startswith("failed: the client has been closed"):
+            world.violate(
+                ShutdownUnclean, f"{call.op} of {call.target} after the manager closed the provider"
+            )
+        if call.op == "load":
+            for earlier in world.faulty.calls:  # a load the runtime failed starts a cool-down
+                if (
+                    earlier.seq < call.seq
+                    and earlier.op == "load"
+                    and earlier.target == call.target
+                    and earlier.outcome.startswith("failed")
+                ):
+                    failed_at = world.failed_at.setdefault(earlier.seq, world.loop.now)
+                    if world.loop.now < failed_at + COOLDOWN and earlier.seq not in world.cooled:
+                        world.cooled.add(earlier.seq)
+                        world.violate(
+                            CoolDown,
+                            f"load of {call.target} {world.loop.now - failed_at:g}s after its load failed, "
+                            f"within the {COOLDOWN:g}s cool-down",
+                        )
+        if call.op in ("load", "wake") and call.outcome == "pending" and not world.unknown_measured:
+            beside = [c for c in world.faulty.pending if c is not call and c.op in ("load", "wake")]
+            unknown_loading = [c for c in beside if c.op == "load" and c.target == UNKNOWN]
+            if (call.target == UNKNOWN and call.op == "load" and beside) or unknown_loading:
+                world.violate(
+                    UnknownNotAlone,
+                    f"{call.op} of {call.target} started beside {[f'{c.op} {c.target}' for c in beside]}, "
+                    f"while {UNKNOWN}, whose size nobody knows, loads",
+                )
         if call.op not in ("unload", "sleep") or call.instance is None:
             return
         holders = [r for r in world.leases.values() if r.active and r.instance == call.instance]
@@ -371,6 +470,28 @@ class ManagerMachine(RuleBasedStateMachine):
                 )
 
     def _on_event(self, world: World, event: ev.Event) -> None:
+        if isinstance(event, ev.Loaded) and event.model == UNKNOWN:
+            world.unknown_measured = True
+        if isinstance(event, ev.Loading) and event.model == UNKNOWN:
+            world.unknown_reserved = event.estimate.get("cuda:0", 0)
+        if isinstance(event, ev.Unloading) and not event.forced and not world.forcing:
+            if not event.reason.startswith("evicted"):  # no admission these callers yield to
+                waiting = [r.id for r in world.leases.values() if r.waiting and r.name == event.model]
+                if waiting:
+                    world.violate(
+                        LeasedUnload,
+                        f"Unloading {event.model} ({event.reason}) while leases {waiting} wait for it",
+                    )
+            entry = world.mm._core.table.get(event.model)
+            if entry is not None:
+                gate = getattr(entry, "gate", None)
+                yielding = gate.queued if gate is not None else 0
+                if entry.waiters - yielding > 0:
+                    world.violate(
+                        LeasedUnload,
+                        f"Unloading {event.model} ({event.reason}) while {entry.waiters - yielding} caller(s) "
+                        "wait for it",
+                    )
         if isinstance(event, ev.Unloading) and not event.forced and not world.forcing:
             live = {i.id for i in world.faulty.instances.values()} - world.runtime_lost
             held = [
@@ -386,20 +507,26 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def _check(self, world: World) -> None:
         mm, faulty = world.mm, world.faulty
+        for call in faulty.calls[-40:]:
+            if call.op == "load" and call.outcome.startswith("failed"):
+                world.failed_at.setdefault(call.seq, world.loop.now)
         # alive
-        if world.host_done:
+        if world.host_done and not world.left:
             world.violate(ManagerDied, f"the manager died: {world.host_error!r}")
         # budget
         new, world.checked_calls = faulty.calls[world.checked_calls :], len(faulty.calls)
         for call in new:
-            if call.op in ("load", "wake"):
+            if call.op in ("load", "wake", "sleep"):
                 for device, budget in BUDGETS.items():
+                    if device not in _devices_of(call):
+                        continue  # a call is checked where it adds memory (a park: host RAM)
                     # less what pending loads take beyond their estimate: no manager can see it
                     # coming (a load that measures more is rebalanced once it is known)
                     total = (
                         call.committed.get(device, 0)
                         + call.external.get(device, 0)
                         - call.surprise.get(device, 0)
+                        - (world.unseen.get(call.seq, 0) if device == "cpu" else 0)
                     )
                     if total > budget:
                         world.violate(
@@ -407,6 +534,37 @@ class ManagerMachine(RuleBasedStateMachine):
                             f"{call.op} of {call.target} started with {total / GB:g} GB committed on {device} "
                             f"(budget {budget / GB:g} GB, other processes {call.external.get(device, 0) / GB:g} GB)",
                         )
+        # budget, after every step, on every device (host RAM the warm tier fills included):
+        # what the manager put in the runtime — all but models someone else loaded, less what
+        # a model holds beyond its estimate (no manager can foresee that) — within the budget
+        ours: dict[str, int] = {}
+        for instance in faulty.instances.values():
+            if instance.born == 0:
+                continue
+            for device, n in instance.held.items():
+                surprise = SURPRISE.get(instance.target, {})
+                if instance.target == UNKNOWN:  # beyond what it reserved: unknowable before it loaded
+                    surprise = {"cuda:0": max(0, instance.memory.get("cuda:0", 0) - world.unknown_reserved)}
+                beyond = surprise.get(device, 0) if instance.parked_memory is None else 0
+                ours[device] = ours.get(device, 0) + n - beyond
+        for device, budget in BUDGETS.items():
+            if ours.get(device, 0) > budget:
+                world.violate(
+                    OverBudget,
+                    f"the runtime holds {ours[device] / GB:g} GB the manager put there on {device} "
+                    f"against a {budget / GB:g} GB budget ({self._describe(world)})",
+                )
+        # answered: a caller with no timeout of its own is answered within the bounds the
+        # config sets (admission by wait_timeout, a load by load_timeout, ...)
+        for rec in [*world.leases.values(), *world.ops.values()]:
+            started = rec.started
+            waiting = rec.waiting if isinstance(rec, LeaseRec) else not rec.done
+            if waiting and now_of(world) - started > ANSWER_BOUND and not rec.unanswered:
+                world.violate(
+                    Unanswered,
+                    f"{rec!r} has waited {now_of(world) - started:g}s for an answer ({self._describe(world)})",
+                )
+                rec.unanswered = True
         # leases: handles closed under their holders
         for rec in world.leases.values():
             if rec.active and rec.handle is not None and rec.handle.closed:
@@ -581,7 +739,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def _op(self, label: str, forced: bool, fn: Callable[[ModelManager], Awaitable[Any]]) -> None:
         async def action(world: World) -> None:
-            rec = OpRec(next(self._ids), label, forced)
+            rec = OpRec(next(self._ids), label, forced, world.loop.now)
             world.ops[rec.id] = rec
 
             async def run() -> None:
@@ -631,6 +789,8 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @rule()
     def reconcile(self) -> None:
+        if self.world.left:
+            return
         before, calls = len(self.world.ops), len(self.world.faulty.calls)
         self._op("reconcile()", False, lambda mm: mm.reconcile())
         rec = list(self.world.ops.values())[before]
@@ -664,6 +824,14 @@ class ManagerMachine(RuleBasedStateMachine):
             world.faulty.release(seq=seq, error=error, partway=partway)
 
         self.step(f"finish_pending_call({op} {target}, {how})", action)
+
+    def fail_pending_call_now(self, op: str) -> None:
+        """Make every pending ``op`` call fail (a step of its own; replays use it)."""
+
+        async def action(world: World) -> None:
+            world.faulty.release(op, error=injected_error("modelmora", f"injected: {op} failed"))  # type: ignore[arg-type]
+
+        self.step(f"fail_pending_call_now({op})", action)
 
     def finish_pending_call_now(self, op: str) -> None:
         """Let every pending ``op`` call answer (a step of its own; replays use it)."""
@@ -802,6 +970,54 @@ class ManagerMachine(RuleBasedStateMachine):
 
         self.step(f"time_passes({seconds:g}s)", action)
 
+    @precondition(
+        lambda self: bool(self.world.faulty.pending) or any(r.waiting for r in self.world.leases.values())
+    )
+    @rule(now=st.sampled_from([True, False, False]))
+    def leave_the_manager(self, now: bool) -> None:
+        """The user leaves ``async with ModelManager(...)`` with work in flight: loads, wakes,
+        parks, callers waiting.  Shutdown must answer every waiting caller, let the
+        in-flight work finish or clean up while the provider is still open, close the
+        provider it built last, and raise nothing.  Later steps do nothing."""
+        if not now:
+            return
+
+        async def action(world: World) -> None:
+            world.stop.set()
+            for _ in range(12):  # clean-ups are bounded by unload_timeout: let time pass
+                await settle()
+                if world.host_done:
+                    break
+                world.loop.now += 61.0
+            world.left = True
+            if not world.host_done:
+                world.violate(ShutdownUnclean, f"leaving the manager never ended ({self._describe(world)})")
+            elif world.host_error is not None:
+                world.violate(ShutdownUnclean, f"leaving the manager raised {world.host_error!r}")
+            if not world.faulty.closed:
+                world.violate(ShutdownUnclean, "the manager did not close the provider it built")
+            stuck = [r for r in world.leases.values() if r.waiting] + [
+                o for o in world.ops.values() if not o.done
+            ]
+            if stuck:
+                world.violate(NeverAnswered, f"never answered once the manager was left: {stuck}")
+            for instance in world.faulty.instances.values():
+                if not instance.loaded or instance.lent or instance.born in world.orphans_reported:
+                    continue
+                cleanup_failed = any(
+                    c.seq > instance.born and c.op in ("observe", "adopt", "unload") and c.outcome != "ok"
+                    for c in world.faulty.calls
+                )
+                if not cleanup_failed:
+                    world.orphans_reported.add(instance.born)
+                    world.violate(
+                        HalfLoaded,
+                        f"{instance.target}#{instance.id} was left in the runtime by a load the shutdown "
+                        f"cancelled, and nobody cleaned it up ({world.faulty.describe()})",
+                    )
+
+        self.step("leave_the_manager()", action)
+
     # -- the end ----------------------------------------------------------------------------
 
     def teardown(self) -> None:
@@ -815,6 +1031,11 @@ class ManagerMachine(RuleBasedStateMachine):
         world = self.world
         world.steps.append("teardown")
         faulty = world.faulty
+        if world.left:  # checked when it was left; the held leases just go
+            for rec in world.leases.values():
+                rec.release.set()
+            await settle()
+            return []
         faulty.heal()
         faulty.unhold()
         for rec in world.leases.values():
@@ -941,6 +1162,55 @@ REPLAYS: dict[str, Callable[[ManagerMachine], None]] = {
     "load-fails-partway": lambda m: (
         m.fail_next_call("load-partway", "a", "modelmora"),
         m.load("a", pin=False),
+    ),
+    # issue 22, 1: parking a kept e beside its warm copy: 14 GB of host RAM on a 12 GB budget
+    "park-overfills-ram": lambda m: (
+        m.load("e", pin=False),
+        m.load("a", pin=False),
+        m.load("d", pin=False),
+    ),
+    # issue 22, 2: a load started beside the load of u, whose size nothing tells
+    "unknown-size-loads-alone": lambda m: (
+        m.hold_next_call("load", "u"),
+        m.take_lease("u", timeout=None),
+        m.take_lease("c", timeout=None),
+        m.finish_pending_call_now("load"),
+    ),
+    # issue 22, 3: the manager was left with a load in flight that the runtime finishes anyway
+    "leave-with-a-load-in-flight": lambda m: (
+        m.hold_next_call("load", "a"),
+        m.take_lease("a", timeout=None),
+        m.leave_the_manager(now=True),
+    ),
+    # issue 22, 4: left while a failed load's clean-up hangs; the reconcile after it adopted
+    "leave-during-a-failed-loads-cleanup": lambda m: (
+        m.fail_next_call("load-partway", "a", "modelmora"),
+        m.hold_next_call("observe", "a"),
+        m.take_lease("a", timeout=None),
+        m.leave_the_manager(now=True),
+    ),
+    # issue 22, 5: a failed park unloaded a model a caller waited for
+    "failed-park-keeps-a-waited-for-model": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("sleep", "a"),
+        m.park("a"),
+        m.take_lease("a", timeout=None),
+        m.fail_pending_call_now("sleep"),
+    ),
+    # issue 22, 6: a load right after a failed one, before the failure was recorded
+    "cooldown-right-after-a-failure": lambda m: (
+        m.fail_next_call("load-partway", "a", "modelmora"),
+        m.fail_next_call("observe", "a", "modelmora"),
+        m.hold_next_call("observe", "a"),
+        m.take_lease("a", timeout=None),
+        m.take_lease("a", timeout=None),
+    ),
+    # issue 22, 7: an admission that must evict waited on an observe() that never answers
+    "admission-bounded-by-its-deadline": lambda m: (
+        m.load("a", pin=False),
+        m.hold_next_call("observe", "a"),
+        m.take_lease("d", timeout=None),
+        *(m.time_passes(301.0) for _ in range(5)),
     ),
     # 70575ef: b's caller waited for the park and unload of a that b's measurement called for
     "waiters-through-rebalance": lambda m: (

@@ -157,7 +157,11 @@ class FaultyProvider(Provider):
         self.instances: dict[str, Instance] = {}  # target (before aliasing) → what is held
         self.external: dict[str, int] = {}  # device → bytes other processes hold
         self.leaks: dict[str, int] = {}  # device → bytes leaked by unloaded models (leaked())
+        self.leaked_by: dict[str, dict[str, int]] = {}  # model → its part of leaks, where known
         self.report_awake = True  # observe() says what a sleeping model holds awake (Observed.awake)
+        self.finish_cancelled_loads = False  # a cancelled load still lands, as Ollama's does
+        self.closed = False  # aclose() was called: every call then fails as a closed client's
+        self.calls_after_close: list[Call] = []
         self.calls: list[Call] = []
         self.pending: list[Call] = []
         self.listeners: list[Callable[[Call], None]] = []
@@ -247,6 +251,13 @@ class FaultyProvider(Provider):
                 if op is None or name == target:
                     del self._partway[name]
 
+    def leak(self, model: str, memory: Mapping[str, int]) -> None:
+        """``model``'s unload left ``memory`` (bytes per device) held by this process, as a
+        torch model object somebody still references: added to :attr:`leaks` and
+        reported by ``leaked_models()`` under the model's name."""
+        _add(self.leaks, memory)
+        _add(self.leaked_by.setdefault(model, {}), memory)
+
     def measure(self, target: str, memory: Mapping[str, int]) -> None:
         """What the next loads of ``target`` really take, whatever the spec says."""
         self._measured[target] = dict(memory)
@@ -307,7 +318,8 @@ class FaultyProvider(Provider):
         return out
 
     def committed(self) -> dict[str, int]:
-        """What it holds plus what pending loads and wakes will hold once they finish."""
+        """What it holds plus what pending loads and wakes will hold once they finish, and the
+        host RAM pending sleeps will add (their warm copies)."""
         out = self.held()
         for call in self.pending:
             reused = self.instances.get(self._canonical(call.target)) if call.op == "load" else None
@@ -321,6 +333,11 @@ class FaultyProvider(Provider):
                 if instance is not None and instance.parked_memory is not None:
                     _add(out, instance.memory)
                     _add(out, instance.parked_memory, -1)
+            elif call.op == "sleep" and call.instance is not None:  # its warm copy: host RAM grows
+                instance = self._by_id(call.instance)
+                if instance is not None and instance.parked_memory is None:
+                    parked = Footprint(instance.memory).parked()
+                    _add(out, {d: n - instance.memory.get(d, 0) for d, n in parked.items()})
         return {d: n for d, n in out.items()}
 
     def surprise(self) -> dict[str, int]:
@@ -427,6 +444,10 @@ class FaultyProvider(Provider):
         unloaded, and seen by :attr:`probe` like any memory on the device."""
         return {d: n for d, n in self.leaks.items() if n}
 
+    def leaked_models(self) -> dict[str, dict[str, int]]:
+        """:attr:`leaks` by model, where a test names the model (:attr:`leaked_by`)."""
+        return {name: dict(memory) for name, memory in self.leaked_by.items() if memory}
+
     async def observe(self) -> list[Observed]:
         snapshot = self.observed_now()  # computed now, delivered when released: maybe stale
         async with self._call("observe", ANY):
@@ -446,7 +467,23 @@ class FaultyProvider(Provider):
         async with self._call("refresh", handle.target, instance=instance_id, handle=handle):
             return
 
+    async def aclose(self) -> None:
+        """Close the client: calls still pending fail, as requests in flight on a closed
+        HTTP client do, and every call from now on fails (:attr:`calls_after_close`)."""
+        self.closed = True
+        self.release(error=RuntimeError("faulty runtime: the client has been closed"))
+
     # -- plumbing -----------------------------------------------------------------------
+
+    def _landed_anyway(self, call: Call) -> None:
+        """A load cancelled while pending still lands in the runtime
+        (:attr:`finish_cancelled_loads`), as Ollama finishes a load whose request went away."""
+        spec = self._specs.get(call.seq)
+        if call.op != "load" or not self.finish_cancelled_loads or spec is None:
+            return
+        if self._canonical(spec.target) not in self.instances:
+            memory = self._measured.get(spec.target) or self._memory_of(spec)
+            self._put(Instance(next(self._ids), spec.target, memory, loaded=True, born=call.seq))
 
     def _call(
         self,
@@ -466,6 +503,11 @@ class FaultyProvider(Provider):
         if spec is not None:
             self._specs[call.seq] = spec
         self.calls.append(call)
+        if self.closed:  # as an HTTP client used after aclose() raises
+            self.calls_after_close.append(call)
+            call.outcome = "failed: the client has been closed"
+            self._notify(call)
+            raise RuntimeError(f"faulty runtime: {op} of {target!r} after the client was closed")
         for key in ((op, target), (op, ANY)):
             errors = self._fail_next.get(key)
             exc = errors.pop(0) if errors else self._fail_always.get(key)
@@ -493,7 +535,7 @@ class FaultyProvider(Provider):
                     call.partway = partway.pop(0)
                     break
         self.pending.append(call)
-        if op in ("load", "wake"):
+        if op in ("load", "wake", "sleep"):
             call.committed = self.committed()
             call.surprise = self.surprise()
             call.external = {
@@ -610,6 +652,7 @@ class _CallScope:
             try:
                 await gate.event.wait()
             except BaseException:
+                self.provider._landed_anyway(call)
                 self.provider._finish(call, "cancelled")
                 raise
             if gate.error is not None:
