@@ -55,6 +55,9 @@ class HotPath:
                 if held:
                     await send({"type": "http.response.body", "body": held, "more_body": True})
                 held = chunk
+            # the runtime has answered in full: the lease ends before the client can have the
+            # last byte, so "answer read → unload" never finds its own request holding it
+            answer.close()
             await send({"type": "http.response.body", "body": held, "more_body": False})
         finally:
             answer.close()  # no await: nothing can cancel it

@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -233,11 +233,20 @@ class Proxy:
             reply.release()
             raise
 
-        async def close() -> None:
+        def close() -> None:
             reply.release()
             lease.release()
 
-        return _LeasedStream(reply.content.iter_any(), close, status_code=reply.status, headers=headers)
+        async def content() -> AsyncIterator[bytes]:
+            # the lease ends before the last byte goes out: at once when the runtime's answer
+            # is complete with this chunk, else before the end of the body is sent
+            async for chunk in reply.content.iter_any():
+                if reply.content.at_eof():
+                    lease.release()
+                yield chunk
+            lease.release()
+
+        return _LeasedStream(content(), close, status_code=reply.status, headers=headers)
 
     def _unreachable(self, handle: Handle, name: str, exc: BaseException) -> APIError:
         self.metrics.count_request(name, 502)
@@ -359,7 +368,7 @@ class _LeasedStream(StreamingResponse):
     """Streams the runtime's bytes untouched; closes upstream and releases the lease however
     the response ends (finished, client gone before the first byte, or mid-stream)."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any):
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any):
         super().__init__(content, **kwargs)
         self._on_close = on_close
 
@@ -367,8 +376,7 @@ class _LeasedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._on_close()
+            self._on_close()  # no await: nothing can cancel it
 
 
 def router(proxy: Proxy) -> APIRouter:
