@@ -230,7 +230,17 @@ class Provider(ABC):
     def leaked(self) -> dict[str, int]:
         """Bytes per device the runtime still holds for models already unloaded (an
         in-process model object somebody still references).  Admission counts them as
-        memory used by others until they are really gone."""
+        memory used by others until they are really gone.  Default: the sum of
+        :meth:`leaked_models`."""
+        out: dict[str, int] = {}
+        for memory in self.leaked_models().values():
+            for device, n in memory.items():
+                out[device] = out.get(device, 0) + n
+        return out
+
+    def leaked_models(self) -> dict[str, dict[str, int]]:
+        """The same bytes by the model whose unload left them (model name → bytes per
+        device), so a refusal can name where memory really is."""
         return {}
 
     async def sleep(self, handle: Handle, level: int | None = None) -> dict[str, int]:

@@ -286,15 +286,14 @@ class TorchProvider(Provider):
             )
         return out
 
-    def leaked(self) -> dict[str, int]:
-        """Bytes per device of unloaded models something still references."""
-        out: dict[str, int] = {}
+    def leaked_models(self) -> dict[str, dict[str, int]]:
+        """Bytes per device of unloaded models something still references, by model."""
+        out: dict[str, dict[str, int]] = {}
         for name, (ref, memory) in list(self._leaked.items()):
             if ref() is None:
                 del self._leaked[name]
                 continue
-            for device, n in memory.items():
-                out[device] = out.get(device, 0) + n
+            out[name] = dict(memory)
         return out
 
     async def watch(self, handle: Handle) -> str:
