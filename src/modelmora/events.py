@@ -41,6 +41,7 @@ class Waiting(Event):
 class Loading(Event):
     provider: str
     estimate: dict[str, int] = field(default_factory=dict)
+    note: str = ""  # why the reservation is what it is, when that is not the estimate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,6 +208,8 @@ def describe(event: Event) -> str:
 
     match event:
         case Loading():
+            if event.note:
+                return f"loading {event.model} on {event.provider}: {event.note}"
             return f"loading {event.model} on {event.provider} (estimate: {mem(event.estimate)})"
         case Loaded():
             return f"loaded {event.model} in {event.duration_s:.2f}s ({mem(event.memory)})"

@@ -11,21 +11,29 @@ answers, so a preview and the real admission can never disagree.
 Waiting holds no lock: a waiting admission sleeps until the table changes, so a load that
 fits is admitted at once even while another waits for memory (no head-of-line blocking).
 While an admission waits for memory held by busy models, each of those models may grant
-at most ``lease_bypass_limit`` new leases; after that new leases queue behind the waiter
-(:meth:`Admission.may_bypass`), so traffic on a resident model cannot starve a model
+at most ``lease_bypass_limit`` new leases; after that new leases queue at its
+:class:`~modelmora.core.gate.Gate`, so traffic on a resident model cannot starve a model
 queued for its memory.
+
+A load whose size nothing tells (no estimate, no past measurement) is admitted alone on
+its device: it waits while other loads or wakes are in flight there, reserves the free
+headroom it finds, and keeps every other load there waiting until it has measured.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable
 
 import anyio
 
 from .context import Core
+from .gate import Gate
 from .lifecycle import Entry, State
-from .planner import Admit, Candidate, Plan, plan_admission
+from .planner import Admit, Candidate, Plan, PlanError, Refuse, check_plan, plan_admission
+
+log = logging.getLogger("modelmora")
 
 
 class Admission:
@@ -48,18 +56,34 @@ class Admission:
             need = entry.reservation.maximum(entry.warm).as_dict()
         else:
             need = entry.reservation.as_dict()
-        return Candidate(entry.name, need, entry.spec.group, key=f"{entry.provider}/{entry.key}")
+        unknown = (entry.spec.device,) if entry.size_unknown and memory is None else ()
+        return Candidate(
+            entry.name, need, entry.spec.group, key=f"{entry.provider}/{entry.key}", unknown=unknown
+        )
 
     def decide(self, entry: Entry, candidate: Candidate | None = None) -> Plan:
-        """The plan for admitting ``entry`` now (pure: reads the snapshot, changes nothing)."""
+        """The plan for admitting ``entry`` now (pure: reads the snapshot, changes nothing),
+        checked against every budget before anyone can execute it: a plan that does not
+        fit is a bug, logged and answered with a refusal, never carried out."""
         core = self.core
-        return plan_admission(
-            core.table.residents(exclude=entry),
-            candidate or self.candidate(entry),
+        residents = core.table.residents(exclude=entry, deciding=entry.name)
+        candidate = candidate or self.candidate(entry)
+        external = core.external()
+        max_loaded = core.config.max_loaded_models
+        plan = plan_admission(
+            residents,
+            candidate,
             core.budgets,
-            max_loaded=core.config.max_loaded_models,
-            external=core.external(),
+            max_loaded=max_loaded,
+            external=external,
+            external_detail=core.external_detail() if external else None,
         )
+        try:
+            check_plan(residents, candidate, plan, core.budgets, max_loaded=max_loaded, external=external)
+        except PlanError as exc:
+            log.error("modelmora's planner made a plan that does not fit (a bug; refused): %s", exc)
+            return Refuse(f"internal error, the load is refused rather than overcommit: {exc}")
+        return plan
 
     # -- fairness ---------------------------------------------------------------------------
 
@@ -89,36 +113,29 @@ class Admission:
                 return other
         return None
 
-    def block(self, names: Iterable[str]) -> list[Entry]:
-        """``names`` hold memory a waiting admission needs: from now on each may grant
-        only ``lease_bypass_limit`` more leases before new ones queue behind the waiter."""
+    def block(self, admission: Entry, names: Iterable[str]) -> list[Entry]:
+        """``names`` hold memory the waiting ``admission`` needs: from now on each may grant
+        only ``lease_bypass_limit`` more leases before new ones queue at its gate."""
         blocked = []
         for name in names:
             e = self.core.table.get(name)
             if e is None:
                 continue
-            if e.blocking == 0:
-                e.bypass_left = self.core.config.lease_bypass_limit
-                e.unblocked = anyio.Event()
-            e.blocking += 1
+            if e.gate is None:
+                e.gate = Gate(self.core.config.lease_bypass_limit)
+            e.gate.admissions.add(admission.name)
             blocked.append(e)
         return blocked
 
-    def unblock(self, entries: Iterable[Entry]) -> None:
+    def unblock(self, admission: Entry, entries: Iterable[Entry]) -> None:
         for e in entries:
-            e.blocking -= 1
-            if e.blocking == 0:
-                e.unblocked.set()
-
-    @staticmethod
-    def may_bypass(entry: Entry) -> bool:
-        """Whether a new lease on ``entry`` may be granted now (see the module docstring)."""
-        if entry.blocking == 0:
-            return True
-        if entry.bypass_left > 0:
-            entry.bypass_left -= 1
-            return True
-        return False
+            gate = e.gate
+            if gate is None:
+                continue
+            gate.admissions.discard(admission.name)
+            if not gate.admissions:
+                e.gate = None
+                gate.opened.set()
 
 
 __all__ = ["Admission"]

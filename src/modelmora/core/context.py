@@ -6,8 +6,9 @@ the modules named after it (admission, transitions, leases, reaper, reconcile).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -20,7 +21,7 @@ from ..footprint import EMPTY, Footprint, total
 from ..memory import DeviceMemory, MemoryMonitor
 from ..providers import ProviderRegistry
 from ..providers.base import Provider
-from ..spec import ModelSpec
+from ..spec import ModelSpec, format_size
 from .lifecycle import STABLE, Entry, Lifecycle, State
 from .table import Table
 
@@ -64,6 +65,15 @@ class Core:
         self.failures: dict[str, Failure] = {}
         self.problems: dict[str, str] = {}
         self.tg: anyio.abc.TaskGroup | None = None
+        self.running = False  # from the start of the task group until shutdown begins
+        self.closing = False  # shutdown has begun: no new work, every waiter is answered
+        self._work: set[anyio.CancelScope] = set()  # loads, wakes, adoptions, idle unloads
+        self._work_done = anyio.Event()
+        self._work_done.set()
+        self._waits: set[anyio.CancelScope] = set()  # callers waiting for a model
+        self._transitions = 0  # unloads and parks under way (callers' and evictions')
+        self._transitions_done = anyio.Event()
+        self._transitions_done.set()
         self._changed = anyio.Event()
         self._waiting = 0
 
@@ -114,7 +124,7 @@ class Core:
     def new_entry(self, spec: ModelSpec, state: State = State.QUEUED) -> Entry:
         """A row for ``spec``, not yet in the table, that remembers the last measurement
         (a reload reserves what the model really took, not only its estimate)."""
-        entry = Entry(spec, spec.provider, self.key(spec), now=self.clock(), state=state)
+        entry = Entry(spec, self.key(spec), now=self.clock(), state=state)
         if spec.name in self.history:
             entry.measured = self.history[spec.name][0]
         provider = self.providers.get(spec.provider)
@@ -126,12 +136,87 @@ class Core:
         provider = self.providers.get(spec.provider)
         return provider.target_key(spec.target) if provider is not None else spec.target
 
-    def task_group(self) -> anyio.abc.TaskGroup:
-        if self.tg is None:
+    def check_open(self) -> None:
+        """Raise :class:`ManagerClosed` unless the manager runs and is not shutting down."""
+        if not self.running:
+            if self.closing:
+                raise ManagerClosed("the ModelManager is shutting down")
             raise ManagerClosed(
                 "the ModelManager is not running: use it inside `async with ModelManager(...)`"
             )
-        return self.tg
+
+    # -- structured background work ------------------------------------------------------------
+
+    def spawn(self, fn: Callable[[], Awaitable[None]], *, name: str, service: bool = False) -> None:
+        """Start background work in the manager's task group: the one place it is started.
+
+        Work (loads, wakes, adoptions, idle unloads) is refused once shutdown has begun
+        (:class:`ManagerClosed`), and shutdown cancels it and waits for it to finish *while
+        the providers are still open*; services (watchers) run until the task group ends.
+        An exception from either is reported as a problem and never ends the task group."""
+        if self.tg is None or (self.closing and not service):
+            raise ManagerClosed("the ModelManager is shutting down: no new work is started")
+        scope = anyio.CancelScope()
+        if not service:
+            self._work.add(scope)
+            self._work_done = anyio.Event()
+        self.tg.start_soon(self._guarded, fn, scope, name, name=name)
+
+    async def _guarded(self, fn: Callable[[], Awaitable[None]], scope: anyio.CancelScope, name: str) -> None:
+        try:
+            with scope:
+                await fn()
+        except Exception as exc:  # a bug or a provider's error: never the task group's end
+            log.exception("%s failed", name)
+            self.problem(name, exc)
+        finally:
+            self._work.discard(scope)
+            if not self._work:
+                self._work_done.set()
+
+    @contextlib.contextmanager
+    def transition(self) -> Iterator[None]:
+        """An unload or park calls its runtime inside this block: shutdown waits for it
+        (each is bounded by ``unload_timeout``) before it closes the providers."""
+        self._transitions += 1
+        if self._transitions == 1:
+            self._transitions_done = anyio.Event()
+        try:
+            yield
+        finally:
+            self._transitions -= 1
+            if not self._transitions:
+                self._transitions_done.set()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A caller waits for a model inside this block; shutdown answers it with
+        :class:`ManagerClosed` (its wait is cancelled, never left hanging)."""
+        self.check_open()
+        scope = anyio.CancelScope()
+        self._waits.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._waits.discard(scope)
+        if scope.cancelled_caught:
+            raise ManagerClosed("the ModelManager shut down while this call waited for a model")
+
+    async def wind_down(self) -> None:
+        """Shutdown's first half: accept no new work, answer every waiting caller
+        (ManagerClosed), cancel in-flight loads, wakes and adoptions, and wait until they
+        and the unloads and parks under way have finished (providers still open).  Never
+        raises."""
+        self.running, self.closing = False, True
+        for scope in list(self._waits):
+            scope.cancel()
+        for scope in list(self._work):
+            scope.cancel()
+        self.notify()
+        with anyio.CancelScope(shield=True):
+            await self._work_done.wait()
+            await self._transitions_done.wait()
 
     # -- memory -----------------------------------------------------------------------------
 
@@ -180,6 +265,31 @@ class Core:
     def usage(self) -> Footprint:
         return self.table.usage()
 
+    def external_detail(self) -> dict[str, str]:
+        """Per device where others hold memory, where it really is: this process's leaks
+        named by the model whose unload left them, and the rest as other processes'."""
+        external = self.external()
+        by_model: dict[str, dict[str, int]] = {}
+        for provider in self.providers.values():
+            for model, memory in provider.leaked_models().items():
+                by_model[model] = memory
+        leaked = self.leaked()
+        out = {}
+        for device, n in external.items():
+            parts = [
+                f"{format_size(m[device])} still held by this process after unloading {name}"
+                for name, m in by_model.items()
+                if m.get(device)
+            ]
+            unnamed = leaked.on(device) - sum(m.get(device, 0) for m in by_model.values())
+            if unnamed > 0:
+                parts.append(f"{format_size(unnamed)} still held by this process after unloads")
+            others = n - leaked.on(device)
+            if others > 0:
+                parts.append(f"{format_size(others)} used by other processes")
+            out[device] = ", ".join(parts)
+        return out
+
     # -- signals ----------------------------------------------------------------------------
 
     def notify(self) -> None:
@@ -208,8 +318,6 @@ class Core:
         self.problems.pop(component, None)
 
     def describe_holders(self, names: tuple[str, ...]) -> str:
-        from ..spec import format_size
-
         out = []
         for name in names:
             e = self.table.get(name)

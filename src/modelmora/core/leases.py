@@ -11,8 +11,9 @@ the model from being unloaded without force.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
 import anyio
 
@@ -20,10 +21,13 @@ from .. import events as ev
 from ..errors import ModelMoraTimeout
 from ..providers.base import Handle
 from ..spec import format_duration
-from .admission import Admission
 from .context import Core
+from .gate import Gate
 from .lifecycle import Entry, State
 from .loading import Loader
+from .outcome import Result
+
+T = TypeVar("T")
 
 
 class Lease:
@@ -98,7 +102,7 @@ class Leases:
         None when the slow path is needed."""
         core = self.core
         entry = core.table.get(name)
-        if entry is None or entry.state is not State.READY or entry.blocking or core.tg is None:
+        if entry is None or entry.state is not State.READY or entry.gate is not None or not core.running:
             return None
         entry.holders += 1
         entry.total_leases += 1
@@ -123,7 +127,7 @@ class Leases:
         ``on_start`` is called when this call starts the load, before waiting for it."""
         core = self.core
         found = core.table.get(name)
-        if found is not None and found.state is State.READY and not found.blocking and core.tg is not None:
+        if found is not None and found.state is State.READY and found.gate is None and core.running:
             entry = found
             entry.holders += 1  # hot path: resident, nobody waits for its memory
             loaded_here = False
@@ -149,46 +153,59 @@ class Leases:
 
     async def _slow(self, name: str, retry: bool, on_start: Callable[[], None] | None) -> tuple[Entry, bool]:
         core = self.core
-        core.task_group()
+        core.check_open()
         spec = core.spec(name)
         loaded_here = False
-        while True:
-            entry = core.table.get(name)
-            if entry is None:
-                core.provider(spec.provider)  # fail fast when its runtime is unavailable
-                self.loader.check_backoff(name, retry)
-                entry = core.new_entry(spec)
-                core.table.add(entry)
-                self.loader.start_load(entry)
-                loaded_here = True
-                if on_start is not None:
-                    on_start()
-            elif entry.state is State.READY:
-                if Admission.may_bypass(entry):
+        with core.waiting():  # shutdown answers this wait with ManagerClosed
+            while True:
+                core.check_open()
+                entry = core.table.get(name)
+                if entry is None:
+                    core.provider(spec.provider)  # fail fast when its runtime is unavailable
+                    self.loader.check_backoff(name, retry)
+                    entry = core.new_entry(spec)
+                    core.table.add(entry)
+                    self.loader.start_load(entry)
+                    loaded_here = True
+                    if on_start is not None:
+                        on_start()
+                elif entry.state is State.READY:
+                    gate = entry.gate
+                    if gate is None or gate.may_pass():
+                        entry.holders += 1
+                        return entry, loaded_here
+                    await self._wait(entry, gate.opened.wait(), gate)  # behind the admission
+                    continue
+                elif entry.state is State.SLEEPING and entry.attempt.done:
+                    self.loader.start_load(entry)  # wake it through admission
+                elif entry.state in (State.UNLOADING, State.PARKING):
+                    await self._wait(entry, entry.changed())
+                    continue
+                attempt = entry.attempt
+                result = await self._wait(entry, attempt.wait())
+                if result is Result.READY and entry.state is State.READY and core.table.get(name) is entry:
                     entry.holders += 1
                     return entry, loaded_here
-                await entry.unblocked.wait()  # queue behind the admission that waits for it
-                continue
-            elif entry.state is State.SLEEPING and entry.attempt.is_set():
-                self.loader.start_load(entry)  # wake it through admission
-            elif entry.state in (State.UNLOADING, State.PARKING):
-                await entry.changed()
-                continue
-            attempt = entry.attempt
-            entry.waiters += 1
-            try:
-                await attempt.wait()
-            finally:
-                entry.waiters -= 1
-                if entry.leases == 0:
-                    core.notify()  # an admission may be waiting for nobody now
-            if entry.state is State.READY and core.table.get(name) is entry:
-                entry.holders += 1
-                return entry, loaded_here
-            if entry.adopting and entry.state is State.GONE:
-                continue  # an adoption that failed was not this caller's load: load it afresh
-            if entry.error is not None and entry.state in (State.GONE, State.SLEEPING):
-                raise entry.error
+                if result is Result.FAILED:
+                    assert attempt.error is not None
+                    raise attempt.error
+                # AGAIN, or ready and then gone before this caller ran: look afresh
+
+    async def _wait(self, entry: Entry, event: Awaitable[T], gate: Gate | None = None) -> T:
+        """Wait for ``entry`` counted as one of its leases (``waiters``; at its gate also
+        ``gate.queued``), whatever its state: nobody may unload, park, evict or reap a
+        model a caller waits for."""
+        entry.waiters += 1
+        if gate is not None:
+            gate.queued += 1
+        try:
+            return await event
+        finally:
+            entry.waiters -= 1
+            if gate is not None:
+                gate.queued -= 1
+            if entry.holders == 0:
+                self.core.notify()  # an admission may be waiting for nobody now
 
     def release(self, entry: Entry) -> None:
         core = self.core
@@ -198,9 +215,11 @@ class Leases:
         entry.last_used = core.clock()
         if core.bus.wants_leases:
             core.bus.emit(ev.LeaseReleased(model=entry.name, leases=entry.holders))
-        if entry.leases == 0:
+        if entry.holders == 0:
+            # an admission waits for nobody now (callers still queued at the model's gate
+            # yield to the admissions they queue behind)
             core.notify()
-            if entry.state is State.READY and entry.ttl(core.config.idle_ttl) == 0:
+            if entry.waiters == 0 and entry.state is State.READY and entry.ttl(core.config.idle_ttl) == 0:
                 self.on_idle(entry)
 
 

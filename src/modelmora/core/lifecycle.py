@@ -32,6 +32,8 @@ import anyio
 from .. import events as ev
 from ..footprint import EMPTY, Footprint
 from ..spec import ModelSpec
+from .gate import Gate
+from .outcome import Attempt
 
 if TYPE_CHECKING:
     from ..providers.base import Handle
@@ -103,16 +105,12 @@ class Entry:
 
     __slots__ = (
         "_changed",
-        "adopting",
         "attempt",
-        "blocking",
-        "bypass_left",
         "can_park",
         "claims",
         "died",
-        "error",
         "estimate",
-        "forced",
+        "gate",
         "generation",
         "handle",
         "holders",
@@ -125,23 +123,20 @@ class Entry:
         "parked",
         "pinned",
         "prior",
-        "provider",
         "spec",
         "state",
         "total_leases",
-        "unblocked",
         "waiters",
     )
 
-    def __init__(self, spec: ModelSpec, provider: str, key: str, *, now: float, state: State = State.QUEUED):
+    def __init__(self, spec: ModelSpec, key: str, *, now: float, state: State = State.QUEUED):
         self.spec = spec
-        self.provider = provider
         self.key = key  # the runtime's identity for the target (Provider.target_key)
         self.state = state
         self.prior = state
         self.generation = 0
         self.holders = 0  # leases granted
-        self.waiters = 0  # callers waiting for it to load or wake
+        self.waiters = 0  # callers waiting for it: to load, wake, park, unload, or at its gate
         self.total_leases = 0
         self.last_used = now
         self.loaded_at: float | None = None
@@ -153,14 +148,9 @@ class Entry:
         self.parked: Footprint | None = None  # warm-tier footprint once measured
         self.can_park = False
         self.handle: Handle | None = None
-        self.error: BaseException | None = None
-        self.forced = False
         self.claims: tuple[Entry, ...] = ()  # models being evicted or parked to make room for it
-        self.blocking = 0  # admissions waiting for memory this entry holds
-        self.bypass_left = 0  # leases still granted while it blocks someone
-        self.unblocked = anyio.Event()
-        self.attempt = anyio.Event()  # set when the current load or wake attempt settles
-        self.adopting = False  # the attempt is reconcile's adoption, not a caller's load
+        self.gate: Gate | None = None  # while admissions wait for its memory (admission.py)
+        self.attempt = Attempt(settled=True)  # the current load, wake or adoption's outcome
         self.died: str | None = None  # its runtime died mid-transition: applied once it settles
         self._changed = anyio.Event()
 
@@ -169,8 +159,14 @@ class Entry:
         return self.spec.name
 
     @property
+    def provider(self) -> str:
+        return self.spec.provider
+
+    @property
     def leases(self) -> int:
-        """Holders and callers waiting for it: nobody may unload it without force."""
+        """Holders and callers waiting for it, in any state: nobody may unload, park or
+        evict it without force (see :class:`~modelmora.core.gate.Gate` for the one
+        exception)."""
         return self.holders + self.waiters
 
     # -- memory ---------------------------------------------------------------------------
@@ -185,6 +181,16 @@ class Entry:
         """What admission reserves for a load or wake: the larger of estimate and the last
         measurement, per device."""
         return self.estimate.maximum(self.measured)
+
+    @property
+    def size_unknown(self) -> bool:
+        """Nothing tells what a load of it will take: no estimate and no measurement."""
+        return not self.spec.memory and self.measured is None
+
+    @property
+    def in_flight(self) -> bool:
+        """A load or wake is under way (memory reserved, the runtime may be allocating)."""
+        return self.state in (S.LOADING, S.WAKING)
 
     @property
     def warm(self) -> Footprint:

@@ -38,10 +38,11 @@ from ..errors import (
     UnloadFailed,
 )
 from ..footprint import Footprint
-from ..spec import format_duration, format_size
+from ..spec import format_duration, format_memory, format_size
 from .admission import Admission
 from .context import Core, Failure
 from .lifecycle import Action, Entry, State
+from .outcome import Attempt
 from .planner import Admit, Refuse, Wait
 from .transitions import Transitions
 
@@ -72,17 +73,17 @@ class Loader:
     # -- load and wake --------------------------------------------------------------------
 
     def start_load(self, entry: Entry) -> None:
-        """Run the load (QUEUED) or wake (SLEEPING) of ``entry`` as a task of the manager."""
-        entry.attempt = anyio.Event()
-        entry.error = None
+        """Run the load (QUEUED) or wake (SLEEPING) of ``entry`` as work of the manager:
+        its outcome is a fresh :class:`Attempt` that every waiter reads."""
         kind = "wake" if entry.state is State.SLEEPING else "load"
-        self.core.task_group().start_soon(self._load, entry, name=f"modelmora-{kind}-{entry.name}")
+        attempt = Attempt()
+        self.core.spawn(lambda: self._load(entry, attempt), name=f"modelmora-{kind}-{entry.name}")
+        entry.attempt = attempt
 
-    async def _load(self, entry: Entry) -> None:
+    async def _load(self, entry: Entry, attempt: Attempt) -> None:
         core = self.core
         waking = entry.state is State.SLEEPING
         called = False  # the runtime was asked: a failure from here on may leave something
-        ready = False
         try:
             provider = core.provider(entry.provider)
             if not waking:
@@ -104,11 +105,18 @@ class Loader:
                     ev.Woke(model=entry.name, duration_s=core.clock() - started, memory=dict(woke)),
                     measured=Footprint(woke) if woke else entry.active,
                 )
-                if self.transitions.settle(entry):  # it died meanwhile: the waiters load afresh
-                    raise Superseded
+                if self.transitions.settle(entry):
+                    attempt.again()  # it died meanwhile: the waiters load afresh
+                else:
+                    attempt.ready()
             else:
                 core.bus.emit(
-                    ev.Loading(model=entry.name, provider=entry.provider, estimate=entry.estimate.as_dict())
+                    ev.Loading(
+                        model=entry.name,
+                        provider=entry.provider,
+                        estimate=entry.estimate.as_dict(),
+                        note=self._unknown_note(entry),
+                    )
                 )
                 handle = await self._bounded(provider.load(entry.spec), entry, "loading")
                 seconds = core.clock() - started
@@ -127,21 +135,31 @@ class Loader:
                     measured=measured,
                     handle=handle,
                 )
+                core.failures.pop(entry.name, None)
+                attempt.ready()  # the same step: the waiters are served now, not after the evictions
                 self.transitions.watch(entry)
             entry.last_used = core.clock()
-            core.failures.pop(entry.name, None)
             core.monitor.note_usage(core.usage())
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                await self._failed(entry, exc, waking=waking, called=called)
+                await self._failed(entry, attempt, exc, waking=waking, called=called)
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 raise
-        else:
-            ready = True
+            return
         finally:
-            entry.attempt.set()  # the waiters are served now, not after the evictions below
-        if ready:
+            attempt.again()  # never left unsettled (no-op once settled)
+        if entry.state is State.READY:
             await self._rebalance(entry)
+
+    @staticmethod
+    def _unknown_note(entry: Entry) -> str:
+        if not entry.size_unknown:
+            return ""
+        return (
+            f"size unknown (no memory estimate, never measured): reserved the free "
+            f"{format_memory(entry.estimate.as_dict(), 'nothing')} and loads alone on {entry.spec.device} "
+            "until it has measured"
+        )
 
     async def _bounded(self, call: Awaitable[T], entry: Entry, what: str) -> T:
         timeout = entry.spec.load_timeout
@@ -154,35 +172,56 @@ class Loader:
             provider=entry.provider,
         )
 
-    async def _failed(self, entry: Entry, exc: BaseException, *, waking: bool, called: bool) -> None:
+    async def _failed(
+        self, entry: Entry, attempt: Attempt, exc: BaseException, *, waking: bool, called: bool
+    ) -> None:
+        """Clean up after a load or wake that did not happen, then settle ``attempt``, in
+        the same step as the row leaves the table (or goes back to its warm tier), with
+        the failure recorded for the cool-down in that step too."""
         core = self.core
         cleaned = True
         if called and entry.state in (State.LOADING, State.WAKING):
             cleaned = await self.transitions.discard(entry)  # still reserved meanwhile
+        superseded = isinstance(exc, Superseded)
+        error = None if superseded else self._load_error(entry, exc)
+        retry_after: float | None = None
+        if error is not None and self._cools_down(exc):
+            retry_after = self._record_failure(entry.name, error)
         if entry.state in (State.QUEUED, State.LOADING) or (entry.state is State.WAKING and called):
             self.transitions.leave(entry, Action.FAIL)
-            if not cleaned:  # count what the runtime may still hold (reconcile never raises)
-                with anyio.move_on_after(core.config.unload_timeout):
-                    await self.reconcile()
         elif entry.state is State.WAKING:
             core.lifecycle.apply(entry, Action.REQUEUE)  # never left the warm tier
-            self.transitions.settle(entry)
-        if isinstance(exc, Superseded):
-            entry.error = None  # nothing failed: the waiters take the model afresh
-            return
-        error = self._load_error(entry, exc)
-        entry.error = error
-        if isinstance(
-            exc, InsufficientMemory | ModelMoraTimeout | UnknownModel | ConfigError | TransientError
-        ):
-            core.bus.emit(ev.LoadFailed(model=entry.name, provider=entry.provider, error=str(error)))
-        elif not isinstance(exc, Abandoned | anyio.get_cancelled_exc_class()):
-            retry_after = self._record_failure(entry.name, error)
+            if self.transitions.settle(entry):
+                superseded = True  # it died meanwhile: nothing of it is left to wake
+        if superseded or error is None:
+            attempt.again()  # nothing failed: the waiters take the model afresh
+        else:
+            attempt.failed(error)
+        if error is not None and not isinstance(exc, Abandoned | anyio.get_cancelled_exc_class()):
             core.bus.emit(
                 ev.LoadFailed(
                     model=entry.name, provider=entry.provider, error=str(error), retry_after_s=retry_after
                 )
             )
+        if not cleaned and not core.closing:  # count what the runtime may still hold
+            with anyio.move_on_after(core.config.unload_timeout):
+                await self.reconcile()  # never raises
+
+    @staticmethod
+    def _cools_down(exc: BaseException) -> bool:
+        """Whether a failure starts the cool-down: the runtime failed the model, not
+        admission, a deadline, the configuration, a transient outage or a shutdown."""
+        return not isinstance(
+            exc,
+            InsufficientMemory
+            | ModelMoraTimeout
+            | UnknownModel
+            | ConfigError
+            | TransientError
+            | Abandoned
+            | ManagerClosed
+            | anyio.get_cancelled_exc_class(),
+        )
 
     def _load_error(self, entry: Entry, exc: BaseException) -> BaseException:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -229,7 +268,23 @@ class Loader:
 
         Returns with ``entry`` reserved (LOADING or WAKING) by a decision taken on a fresh
         reading with nothing left to evict: after evictions the plan is made again, so
-        memory someone took while they ran is seen before the runtime is called."""
+        memory someone took while they ran is seen before the runtime is called.  The
+        whole admission — readings, the reconcile before evicting, evictions, waiting — is
+        bounded by ``wait_timeout`` (ModelMoraTimeout), so a runtime that does not answer
+        cannot hold a caller past its deadline."""
+        core = self.core
+        timeout = core.config.wait_timeout
+        why = ["no decision yet"]
+        with anyio.move_on_after(timeout if math.isfinite(timeout) else None) as scope:
+            await self._admission_loop(entry, why)
+            return
+        assert scope.cancelled_caught
+        raise ModelMoraTimeout(
+            f"timed out after {format_duration(timeout)} waiting for memory to load {entry.name!r}: {why[0]}",
+            model=entry.name,
+        )
+
+    async def _admission_loop(self, entry: Entry, why: list[str]) -> None:
         core = self.core
         deadline = core.clock() + core.config.wait_timeout
         reconciled = False
@@ -241,6 +296,7 @@ class Loader:
                 self._check_wanted(entry)
                 victims: list[Entry] = []
                 sleepers: list[Entry] = []
+                why[0] = "reading the devices' memory"
                 async with self.admission.turn:  # first come, first served; never held to wait
                     await core.refresh_readings()
                     self._check_wanted(entry)
@@ -251,7 +307,7 @@ class Loader:
                         plan = Wait(blockers=(), reason=f"{first.name!r} waits for memory since before")
                     if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
                         if entry.state in (State.QUEUED, State.SLEEPING):
-                            self._reserve(entry)
+                            self._reserve(entry, plan)
                         return
                     if entry.state in (State.LOADING, State.WAKING):
                         core.lifecycle.apply(entry, Action.REQUEUE)  # the world moved: start over
@@ -260,7 +316,7 @@ class Loader:
                         # reserve ours and claim the victims' memory in one step: no await
                         victims = [v for v in (core.table.get(n) for n in plan.evict) if v is not None]
                         sleepers = [s for s in (core.table.get(n) for n in plan.sleep) if s is not None]
-                        self._reserve(entry, claims=(*victims, *sleepers))
+                        self._reserve(entry, plan, claims=(*victims, *sleepers))
                         for v in victims:
                             reason = f"evicted: {plan.reasons.get(v.name, '')}"
                             self.transitions.begin_unload(v, reason=reason, evicted_for=entry)
@@ -268,9 +324,11 @@ class Loader:
                             self.transitions.begin_park(s, evicted_for=entry)
                 if not reconciled:
                     reconciled = True  # runtime truth before evicting, waiting or refusing
+                    why[0] = "the runtimes did not answer what they hold (reconcile)"
                     await self.reconcile()
                     continue
                 if isinstance(plan, Admit):
+                    why[0] = f"evicting {', '.join((*plan.evict, *plan.sleep))}"
                     failures = await self._finish_all(victims, sleepers, reason=plan.reasons)
                     core.lifecycle.update(entry, claims=())
                     if failures:
@@ -285,21 +343,22 @@ class Loader:
                     continue  # decide again on a fresh reading before calling the runtime
                 if isinstance(plan, Refuse):
                     raise self._refusal(entry, plan)
+                why[0] = f"{plan.reason} (held by {core.describe_holders(plan.blockers)})"
                 if plan.blockers != last:
                     core.bus.emit(ev.Waiting(model=entry.name, blockers=plan.blockers, reason=plan.reason))
-                    self.admission.unblock(blocked)
-                    blocked, last = self.admission.block(plan.blockers), plan.blockers
+                    self.admission.unblock(entry, blocked)
+                    blocked, last = self.admission.block(entry, plan.blockers), plan.blockers
                 remaining = deadline - core.clock()
                 if remaining <= 0:
                     raise ModelMoraTimeout(
                         f"timed out after {format_duration(core.config.wait_timeout)} waiting for memory to "
-                        f"load {entry.name!r}: {plan.reason} (held by {core.describe_holders(plan.blockers)})",
+                        f"load {entry.name!r}: {why[0]}",
                         model=entry.name,
                     )
                 # memory other processes free changes no row: look again now and then
                 await core.changed(min(remaining, core.config.reaper_interval))
         finally:
-            self.admission.unblock(blocked)
+            self.admission.unblock(entry, blocked)
             self.admission.leave(entry)
 
     def _check_wanted(self, entry: Entry) -> None:
@@ -312,9 +371,14 @@ class Loader:
         if entry.leases == 0:
             raise Abandoned
 
-    def _reserve(self, entry: Entry, claims: tuple[Entry, ...] = ()) -> None:
+    def _reserve(self, entry: Entry, plan: Admit, claims: tuple[Entry, ...] = ()) -> None:
+        """QUEUED → LOADING or SLEEPING → WAKING, with what the plan reserves for a model
+        of unknown size (the device's free headroom: ``Admit.reserve``)."""
         action = Action.WAKE if entry.state is State.SLEEPING else Action.ADMIT
-        self.core.lifecycle.apply(entry, action, claims=claims)
+        if plan.reserve and action is Action.ADMIT:
+            self.core.lifecycle.apply(entry, action, claims=claims, estimate=Footprint(plan.reserve))
+        else:
+            self.core.lifecycle.apply(entry, action, claims=claims)
 
     async def _finish_all(
         self, victims: list[Entry], sleepers: list[Entry], reason: Mapping[str, str]

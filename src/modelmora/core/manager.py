@@ -12,7 +12,6 @@ leased model is never unloaded unless forced** (every unload re-checks leases wi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
+import anyio.abc
 
 from .. import events as ev
 from ..config import ManagerConfig
@@ -43,6 +43,8 @@ from .reconcile import Reconciler
 from .status import ManagerStatus, UnloadAllResult, manager_status
 from .table import EntryView, resident
 from .transitions import Transitions
+
+log = logging.getLogger("modelmora")
 
 
 class ModelManager:
@@ -79,12 +81,12 @@ class ModelManager:
         self._registry = registry or default_registry
         self._injected = dict(providers or {})
         self._core = Core(config, self.events, self.monitor, clock)
-        self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._stack is not None:
+        if self._tg is not None:
             raise RuntimeError("this ModelManager is already running")
         core = self._core = Core(self.config, self.events, self.monitor, self._clock)
         core.build_providers(self._registry, self._injected)
@@ -99,42 +101,75 @@ class ModelManager:
         self._admission = admission
         for provider in core.providers.values():
             provider.bind(transitions.lost)
-        await core.refresh_readings()
-        core.budgets = resolve_budgets(self.config.budgets, self.config.reserve, core.readings)
-        async with contextlib.AsyncExitStack() as stack:
-            core.tg = await stack.enter_async_context(anyio.create_task_group())
-            stack.push_async_callback(self._shutdown)
+        try:
+            await core.refresh_readings()
+            core.budgets = resolve_budgets(self.config.budgets, self.config.reserve, core.readings)
+        except BaseException:
+            await self._close_providers()
+            raise
+        # the task group lives from here to the end of __aexit__; everything in the
+        # background is started through Core.spawn and ends before the providers close
+        tg = self._tg = anyio.create_task_group()
+        await tg.__aenter__()
+        core.tg, core.running = tg, True
+        try:
             await self._reconciler.run(wait_for_adoptions=True)
-            await core.tg.start(self._reaper.run)
-            self._stack = stack.pop_all()
+            await tg.start(self._reaper.run)
+        except BaseException:
+            await self._shutdown()
+            raise
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            # the body's own exception is not handed to the task group, so callers see
-            # UnknownModel & co. themselves rather than wrapped in an ExceptionGroup
-            await stack.__aexit__(None, None, None)
+        # the body's own exception is not handed to the task group, so callers see
+        # UnknownModel & co. themselves rather than wrapped in an ExceptionGroup
+        await self._shutdown()
 
     async def _shutdown(self) -> None:
-        core = self._core
+        """Structured shutdown, in order: accept no new work and answer every waiting caller
+        (ManagerClosed); cancel in-flight loads, wakes and adoptions and wait for their
+        clean-up; ``unload_on_exit``: unload everything; end the background services and
+        the task group; only then close the providers.  Never raises an error of its own:
+        what fails is logged."""
+        core, tg = self._core, self._tg
+        if tg is None:
+            return
+        # shielded, each part bounded (unload_timeout): a caller cancelled while leaving
+        # still gets a clean exit; the task group itself is left outside any other scope
+        with anyio.CancelScope(shield=True):
+            try:
+                await core.wind_down()
+                if self.unload_on_exit:
+                    await self._unload_all(force=True)
+            except Exception:
+                log.exception("shutting the ModelManager down")
+        tg.cancel_scope.cancel()
+        cancelled: BaseException | None = None
         try:
-            if self.unload_on_exit:
-                with anyio.CancelScope(shield=True):
-                    await self.unload_all(force=True)
+            await tg.__aexit__(None, None, None)
+        except anyio.get_cancelled_exc_class() as exc:  # the caller's own cancellation: goes on
+            cancelled = exc
+        except BaseException as exc:  # nothing of ours may escape (Core.spawn guards work)
+            log.error("the ModelManager's background work ended with %r", exc)
         finally:
-            tg, core.tg = core.tg, None
-            if tg is not None:
-                tg.cancel_scope.cancel()
+            self._tg = core.tg = None
             with anyio.CancelScope(shield=True):
-                for name, provider in core.providers.items():
-                    provider.bind(None)
-                    if name not in self._injected:
-                        with contextlib.suppress(Exception):
-                            await provider.aclose()
-            self.monitor.close()
+                await self._close_providers()
+        if cancelled is not None:
+            raise cancelled
+
+    async def _close_providers(self) -> None:
+        core = self._core
+        for name, provider in core.providers.items():
+            provider.bind(None)
+            if name not in self._injected:
+                try:
+                    await provider.aclose()
+                except Exception as exc:
+                    log.warning("closing provider %s failed: %s", name, exc)
+        self.monitor.close()
 
     def provider(self, name: str) -> Provider:
         """The provider instance called ``name``."""
@@ -166,7 +201,7 @@ class ModelManager:
         )
 
     def _leases_or_closed(self) -> Leases:
-        self._core.task_group()  # ManagerClosed outside `async with`
+        self._core.check_open()  # ManagerClosed outside `async with`, or shutting down
         return self._leases
 
     async def load(
@@ -192,11 +227,19 @@ class ModelManager:
         return handle
 
     async def unload(self, name: str, *, force: bool = False) -> bool:
-        """Unload ``name``; False when it was not resident.  A leased model raises
-        :class:`ModelInUse` unless ``force``, which closes the holders' handles.  Leases are
-        checked again after every wait, so a lease taken meanwhile is never broken."""
+        """Unload ``name``; False when it was not resident.  A leased model — held, or a
+        caller waiting for it in any state — raises :class:`ModelInUse` unless ``force``,
+        which closes the holders' handles.  Leases are checked again after every wait, so
+        a lease taken meanwhile is never broken."""
+        self._core.check_open()
+        return await self._unload(name, force=force)
+
+    async def _unload(self, name: str, *, force: bool, shutdown: bool = False) -> bool:
+        """``shutdown``: the shutdown's own unload (``unload_on_exit``); any other call
+        starts no unload once shutdown has begun (ManagerClosed)."""
         core = self._core
-        core.task_group()
+        if not shutdown:
+            core.check_open()
         entry = core.table.get(name)
         if entry is None:
             self.spec(name)  # unknown names still get a clear error
@@ -208,7 +251,13 @@ class ModelManager:
                 break
             if entry.state is State.GONE or core.table.get(name) is not entry:
                 return False
-            await entry.changed()
+            if shutdown:
+                await entry.changed()  # in-flight work has ended: this is never a long wait
+            else:
+                with core.waiting():
+                    await entry.changed()
+        if not shutdown:
+            core.check_open()  # shutdown began while this call waited: no new unload
         reason = "forced" if force and entry.leases else "manual"
         await self._transitions.unload(entry, reason=reason, force=force)
         return True
@@ -216,13 +265,17 @@ class ModelManager:
     async def unload_all(self, *, force: bool = False) -> UnloadAllResult:
         """Unload every resident model; without ``force`` leased and pinned ones stay.  Every
         model is attempted: the failures are listed in ``failed``, not raised."""
+        self._core.check_open()
+        return await self._unload_all(force=force)
+
+    async def _unload_all(self, *, force: bool, shutdown: bool = False) -> UnloadAllResult:
         result = UnloadAllResult([], [], [], {})
         for entry in self._core.table:
             if not force and entry.pinned:
                 result.pinned.append(entry.name)
                 continue
             try:
-                if await self.unload(entry.name, force=force):
+                if await self._unload(entry.name, force=force, shutdown=shutdown):
                     result.unloaded.append(entry.name)
             except ModelInUse:
                 result.in_use.append(entry.name)
@@ -234,7 +287,7 @@ class ModelManager:
         """Move a resident, unleased model to its warm tier now; False when it cannot park
         (no warm tier, leased, not ready, or its warm copy would not fit the RAM budget).
         The next use wakes it."""
-        self._core.task_group()
+        self._core.check_open()
         entry = self._core.table.get(name)
         provider = self._core.providers.get(entry.provider) if entry is not None else None
         if entry is None or provider is None or not provider.capabilities.warm_tier:
@@ -341,7 +394,7 @@ class ModelManager:
         )
         used = core.usage()
         mem = ", ".join(f"{d} {format_size(used.on(d))}/{format_size(b)}" for d, b in core.budgets.items())
-        state = "running" if core.tg is not None else "stopped"
+        state = "running" if core.running else "stopped"
         return f"<ModelManager {state} [{len(core.table)} resident: {rows or '-'} | {mem or 'no budgets'}]>"
 
 

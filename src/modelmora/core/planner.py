@@ -39,6 +39,8 @@ class Resident:
     settled: bool = True  # False while loading, parking, waking or unloading
     key: str | None = None  # the runtime's identity of its target (one runner per key)
     queued: bool = False  # waiting for admission: holds nothing yet
+    in_flight: bool = False  # loading or waking: the runtime may be allocating
+    unknown_on: tuple[str, ...] = ()  # in flight with nothing telling its size: loads alone there
 
     def is_evictable(self) -> bool:
         return self.settled and self.leases == 0 and not self.pinned
@@ -60,6 +62,7 @@ class Candidate:
     memory: Mapping[str, int] = field(default_factory=dict)
     group: str | None = None
     key: str | None = None  # models with the same key are one runner: they replace each other
+    unknown: tuple[str, ...] = ()  # devices it loads on with nothing telling its size
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class Admit:
     evict: tuple[str, ...] = ()
     reasons: Mapping[str, str] = field(default_factory=dict)
     sleep: tuple[str, ...] = ()  # park these in their warm tier first
+    reserve: Mapping[str, int] = field(default_factory=dict)  # a size-unknown load's reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +106,23 @@ def _deficits(
     candidate: Candidate,
     caps: Mapping[str, int],
     max_loaded: int | None,
+    before: Mapping[str, int],
 ) -> tuple[dict[str, int], int]:
+    """Bytes per device by which ``holding`` plus ``candidate`` exceed what is allowed, and
+    by how many models the count cap is exceeded.  Allowed: the cap on every device the
+    candidate needs; elsewhere the cap, or what was held ``before`` the plan when that was
+    already more (a plan never pushes a device over its budget, nor makes one that others
+    pushed over it worse — parks move bytes to host RAM, so every device is checked)."""
     used = usage(holding)
-    memory = {
-        d: used.get(d, 0) + candidate.memory.get(d, 0) - cap
-        for d, cap in caps.items()
-        if candidate.memory.get(d, 0) > 0
-    }
+    memory = {}
+    for d, cap in caps.items():
+        need = candidate.memory.get(d, 0)
+        limit = cap if need > 0 else max(cap, before.get(d, 0))
+        over = used.get(d, 0) + need - limit
+        if over > 0:
+            memory[d] = over
     count = len(holding) + 1 - max_loaded if max_loaded is not None else 0
-    return {d: n for d, n in memory.items() if n > 0}, max(count, 0)
+    return memory, max(count, 0)
 
 
 def _helps(r: Resident, memory_deficit: Mapping[str, int], count_deficit: int) -> bool:
@@ -124,12 +136,49 @@ def plan_admission(
     *,
     max_loaded: int | None = None,
     external: Mapping[str, int] | None = None,
+    external_detail: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide how ``candidate`` gets in.  ``budgets`` are bytes per device (devices without
-    a budget are not limited); ``external`` is memory held by other processes."""
+    a budget are not limited); ``external`` is memory held by others (other processes,
+    and this process's leftovers of unloaded models); ``external_detail`` says per
+    device where it is, for messages."""
     external = external or {}
     caps = {d: b - external.get(d, 0) for d, b in budgets.items()}
     others = [r for r in residents if r.name != candidate.name and r.holds_memory]
+    before = usage(others)
+
+    # 0. A load of unknown size loads alone on its devices, and nothing loads beside it.
+    alone = [
+        r for r in others
+        if r.in_flight and any(r.memory.get(d, 0) > 0 or d in r.unknown_on for d in candidate.unknown)
+    ]  # fmt: skip
+    unknown_here = [
+        r for r in others
+        if r not in alone and any(d in r.unknown_on for d in [*candidate.memory, *candidate.unknown])
+    ]  # fmt: skip
+    if alone or unknown_here:
+        waits_alone: list[str] = []
+        if alone:
+            waits_alone.append(
+                f"{candidate.name}'s size is unknown: it loads alone on {', '.join(candidate.unknown)}, "
+                f"after {', '.join(r.name for r in alone)}"
+            )
+        if unknown_here:
+            waits_alone.append(
+                f"{', '.join(r.name for r in unknown_here)} of unknown size "
+                f"{'is' if len(unknown_here) == 1 else 'are'} loading there until measured"
+            )
+        return Wait(
+            blockers=tuple(dict.fromkeys(r.name for r in [*alone, *unknown_here])),
+            reason="; ".join(waits_alone),
+        )
+
+    if candidate.unknown:
+        # nothing tells its size, but it takes more than nothing: it needs some free memory
+        # on its devices (idle models make room, busy ones are waited for), then reserves
+        # all that is free there
+        floor = {d: max(candidate.memory.get(d, 0), 1) for d in candidate.unknown}
+        candidate = replace(candidate, memory={**candidate.memory, **floor})
 
     # 1. Can it ever fit?
     pinned = [r for r in others if r.pinned]
@@ -138,18 +187,19 @@ def plan_admission(
             continue
         cap = caps[device]
         if need > cap:
-            ext = (
-                f" ({format_size(external[device])} used by other processes)" if external.get(device) else ""
-            )
+            detail = (external_detail or {}).get(
+                device
+            ) or f"{format_size(external.get(device, 0))} used by other processes"
+            ext = f" ({detail})" if external.get(device) else ""
             return Refuse(
-                f"{candidate.name} needs {format_size(need)} on {device} but the budget is "
+                f"{candidate.name} needs {_need(candidate, device, need)} but the budget is "
                 f"{format_size(budgets[device])}{ext}",
                 device=device, needed=need, available=cap,
             )  # fmt: skip
         held = {r.name: r.memory.get(device, 0) for r in pinned if r.memory.get(device, 0)}
         if need + sum(held.values()) > cap:
             return Refuse(
-                f"{candidate.name} needs {format_size(need)} on {device}; pinned models hold "
+                f"{candidate.name} needs {_need(candidate, device, need)}; pinned models hold "
                 f"{format_size(sum(held.values()))} of the {format_size(cap)} budget "
                 f"({', '.join(held)}); unpin one or unload it with force",
                 device=device, needed=need, available=cap - sum(held.values()), holders=held,
@@ -194,7 +244,7 @@ def plan_admission(
 
     # 3. LRU among idle models until memory and the count cap are satisfied: park where a
     #    warm tier frees enough, else unload.  A second pass may unload parked models.
-    mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
+    mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded, before)
     for second_pass in (False, True):
         pool = sorted((r for r in remaining if r.is_evictable()), key=lambda r: r.last_used)
         for r in pool:
@@ -217,7 +267,7 @@ def plan_admission(
                 victims.append(r)
             else:
                 continue
-            mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded)
+            mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded, before)
         if not mem_def and not count_def:
             break
 
@@ -247,14 +297,14 @@ def plan_admission(
         if r.name in member_names:
             continue
         trial = [*remaining, r]
-        if _deficits(trial, candidate, caps, max_loaded) == ({}, 0):
+        if _deficits(trial, candidate, caps, max_loaded, before) == ({}, 0):
             victims.remove(r)
             remaining = trial
     for r in reversed(list(sleepers)):
         if r.name in member_names:
             continue
         trial = [x if x.name != r.name else r for x in remaining]
-        if _deficits(trial, candidate, caps, max_loaded) == ({}, 0):
+        if _deficits(trial, candidate, caps, max_loaded, before) == ({}, 0):
             sleepers.remove(r)
             remaining = trial
     for r in [*victims, *sleepers]:
@@ -265,7 +315,82 @@ def plan_admission(
     sleep = [r.name for r in members if r in sleepers] + [
         r.name for r in sleepers if r.name not in member_names
     ]
-    return Admit(evict=tuple(evict), reasons=reasons, sleep=tuple(sleep))
+    used = usage(remaining)
+    reserve = {d: max(0, caps[d] - used.get(d, 0)) for d in candidate.unknown if d in caps}
+    return Admit(
+        evict=tuple(evict),
+        reasons=reasons,
+        sleep=tuple(sleep),
+        reserve={d: n for d, n in reserve.items() if n},
+    )
+
+
+class PlanError(RuntimeError):
+    """The planner returned a plan that breaks a budget or a rule: a bug in modelmora,
+    never executed (admission logs it and refuses the load)."""
+
+
+def check_plan(
+    residents: Iterable[Resident],
+    candidate: Candidate,
+    plan: Plan,
+    budgets: Mapping[str, int],
+    *,
+    max_loaded: int | None = None,
+    external: Mapping[str, int] | None = None,
+) -> None:
+    """Apply ``plan`` to the snapshot and check it, independently of how it was made:
+    every device's budget (host RAM that parks fill included; a device others already
+    pushed over its budget may not get worse), the count cap, and that only idle,
+    unpinned, settled models are evicted or parked.  Raises :class:`PlanError`."""
+    if not isinstance(plan, Admit):
+        return
+    external = external or {}
+    others = [r for r in residents if r.name != candidate.name and r.holds_memory]
+    by_name = {r.name: r for r in others}
+    problems = []
+    for name in (*plan.evict, *plan.sleep):
+        r = by_name.get(name)
+        if r is None:
+            problems.append(f"{name} is not resident")
+        elif not r.is_evictable():
+            problems.append(f"{name} is leased, pinned or in transition")
+    for name in plan.sleep:
+        r = by_name.get(name)
+        if r is not None and (r.sleep_memory is None or r.sleeping):
+            problems.append(f"{name} cannot be parked")
+    after: list[Resident] = []
+    for r in others:
+        if r.name in plan.evict:
+            continue
+        after.append(r.parked() if r.name in plan.sleep else r)
+    before = usage(others)
+    used = usage(after)
+    need = dict(candidate.memory)
+    for d, n in plan.reserve.items():
+        need[d] = max(need.get(d, 0), n)
+    for d, budget in budgets.items():
+        cap = budget - external.get(d, 0)
+        total_after = used.get(d, 0) + need.get(d, 0)
+        limit = cap if need.get(d, 0) > 0 else max(cap, before.get(d, 0))
+        if total_after > limit:
+            problems.append(
+                f"{d} would hold {format_size(total_after)} of {format_size(cap)} "
+                f"(before the plan: {format_size(before.get(d, 0))})"
+            )
+    if max_loaded is not None and len(after) + 1 > max_loaded:
+        problems.append(f"{len(after) + 1} models loaded against a cap of {max_loaded}")
+    if problems:
+        raise PlanError(
+            f"plan for {candidate.name} (evict {list(plan.evict)}, park {list(plan.sleep)}): "
+            + "; ".join(problems)
+        )
+
+
+def _need(candidate: Candidate, device: str, need: int) -> str:
+    if device in candidate.unknown:
+        return f"free memory on {device} (its size is unknown)"
+    return f"{format_size(need)} on {device}"
 
 
 def can_park_within(
@@ -311,10 +436,12 @@ __all__ = [
     "Admit",
     "Candidate",
     "Plan",
+    "PlanError",
     "Refuse",
     "Resident",
     "Wait",
     "can_park_within",
+    "check_plan",
     "plan_admission",
     "usage",
 ]

@@ -70,8 +70,8 @@ class Reaper:
 
     def schedule_idle(self, entry: Entry) -> None:
         """A lease with keep-alive 0 ended: let the model go now, in the background."""
-        if self.core.tg is not None and entry.owned and not entry.pinned:
-            self.core.tg.start_soon(self.unload_idle, entry)
+        if self.core.running and entry.owned and not entry.pinned:
+            self.core.spawn(lambda: self.unload_idle(entry), name=f"modelmora-idle-{entry.name}")
 
     async def unload_idle(self, entry: Entry) -> None:
         core = self.core

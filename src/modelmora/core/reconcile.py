@@ -26,6 +26,7 @@ from ..providers.base import Observed, Provider, Tier
 from ..spec import ModelSpec
 from .context import Core
 from .lifecycle import STABLE, Action, Entry, State
+from .outcome import Attempt
 from .transitions import Transitions
 
 log = logging.getLogger("modelmora")
@@ -66,8 +67,8 @@ class Reconciler:
                 self.transitions.vanish(entry, "the runtime no longer reports it")
             else:
                 self._apply(entry, seen)
-        if moved:
-            return []  # adopt from a fresh answer next time
+        if moved or core.closing:
+            return []  # adopt from a fresh answer next time; nothing new once shutting down
         known = {provider.target_key(e.spec.target) for e in core.table.of_provider(name)}
         adopted = []
         for key, seen in by_key.items():
@@ -119,15 +120,18 @@ class Reconciler:
         if asleep and seen.memory:
             entry.estimate = Footprint(seen.memory)  # until adopted: what it holds asleep
         entry.can_park = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
-        entry.attempt = anyio.Event()
-        entry.adopting = True
-        core.table.add(entry)
-        core.task_group().start_soon(
-            self._adoption, provider, entry, seen, name=f"modelmora-adopt-{spec.name}"
+        attempt = Attempt(adoption=True)
+        core.spawn(
+            lambda: self._adoption(provider, entry, seen, attempt), name=f"modelmora-adopt-{spec.name}"
         )
+        entry.attempt = attempt
+        core.table.add(entry)
         return entry
 
-    async def _adoption(self, provider: Provider, entry: Entry, seen: Observed) -> None:
+    async def _adoption(self, provider: Provider, entry: Entry, seen: Observed, attempt: Attempt) -> None:
+        """Adopt ``entry``; its attempt settles in the same step as the row becomes ready,
+        goes to its warm tier or leaves the table.  Callers waiting for it take it when
+        ready, and otherwise look afresh (an adoption that failed was not their load)."""
         core = self.core
         try:
             try:
@@ -137,9 +141,8 @@ class Reconciler:
                     handle = await provider.adopt(seen, entry.spec)
             except Exception as exc:
                 core.problem(f"adopt:{entry.name}", exc, entry.name)
-                entry.error = exc
-                core.table.remove(entry)
-                core.lifecycle.apply(entry, Action.FAIL)
+                self.transitions.leave(entry, Action.FAIL)
+                attempt.again()
                 return
             core.recovered(f"adopt:{entry.name}")
             entry.loaded_at = core.clock()
@@ -158,13 +161,15 @@ class Reconciler:
                     estimate=awake,  # what its wake reserves, like a load
                     measured=Footprint(seen.awake) if seen.awake else before[0] if before else None,
                 )
+                attempt.again()  # its callers wake it, through admission
             else:
                 core.lifecycle.apply(entry, Action.LOADED, event, handle=handle)
+                attempt.ready()
                 self.transitions.watch(entry)
         finally:
-            if entry.state is not State.GONE:
-                entry.adopting = False
-            entry.attempt.set()
+            if not attempt.done:  # cancelled (shutdown): the row goes, the runtime keeps it
+                self.transitions.leave(entry, Action.FAIL)
+                attempt.again()
 
 
 def awake_footprint(seen: Observed, spec: ModelSpec | None, budgets: Mapping[str, int]) -> Footprint:

@@ -24,7 +24,8 @@ class EntryView:
     target: str
     state: State
     holders: int
-    waiters: int
+    waiters: int  # callers waiting for it, in any state (those queued at its gate too)
+    queued: int  # of the waiters, those queued at its gate behind an admission: they yield to it
     pinned: bool
     owned: bool
     group: str | None
@@ -77,19 +78,23 @@ class Table:
         load starts only once it is free, so this is never below what runtimes hold)."""
         return total(e.planned() for e in self._rows.values())
 
-    def residents(self, exclude: Entry | None = None) -> list[Resident]:
-        """The planner's snapshot of every row but ``exclude``."""
-        return [resident(e) for e in self._rows.values() if e is not exclude]
+    def residents(self, exclude: Entry | None = None, deciding: str | None = None) -> list[Resident]:
+        """The planner's snapshot of every row but ``exclude``, as seen by the admission of
+        ``deciding``: callers queued at a row's gate behind that admission yield to it."""
+        return [resident(e, deciding) for e in self._rows.values() if e is not exclude]
 
     def views(self) -> list[EntryView]:
         return [view(e) for e in self._rows.values()]
 
 
-def resident(e: Entry) -> Resident:
+def resident(e: Entry, deciding: str | None = None) -> Resident:
+    leases = e.leases
+    if deciding is not None and e.gate is not None and deciding in e.gate.admissions:
+        leases -= e.gate.queued  # they queue behind this admission: they yield to it
     return Resident(
         name=e.name,
         memory=e.planned(),
-        leases=e.leases,
+        leases=leases,
         pinned=e.pinned,
         group=e.spec.group,
         last_used=e.last_used,
@@ -98,6 +103,8 @@ def resident(e: Entry) -> Resident:
         settled=e.state in STABLE,
         key=f"{e.provider}/{e.key}",
         queued=e.state is State.QUEUED,
+        in_flight=e.in_flight,
+        unknown_on=(e.spec.device,) if e.in_flight and e.size_unknown else (),
     )
 
 
@@ -109,6 +116,7 @@ def view(e: Entry) -> EntryView:
         state=e.state,
         holders=e.holders,
         waiters=e.waiters,
+        queued=e.gate.queued if e.gate is not None else 0,
         pinned=e.pinned,
         owned=e.owned,
         group=e.spec.group,

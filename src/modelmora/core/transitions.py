@@ -42,6 +42,7 @@ class Transitions:
         self._watchers: dict[Entry, anyio.CancelScope] = {}
         self._unload_reason: dict[Entry, str] = {}
         self._evicted_for: dict[Entry, Entry | None] = {}
+        self._forced: set[Entry] = set()  # unloads that break leases
 
     # -- unload, park, discard --------------------------------------------------------------------
 
@@ -54,23 +55,26 @@ class Transitions:
         evicted_for: Entry | None = None,
     ) -> None:
         """READY/SLEEPING → UNLOADING; ``finish_unload`` completes it."""
-        entry.forced = force and entry.leases > 0
+        forced = force and entry.leases > 0
+        if forced:
+            self._forced.add(entry)
         if evicted_for is not None:
             self.core.bus.emit(ev.Evicted(model=entry.name, for_model=evicted_for.name, reason=reason))
         self.unwatch(entry)
         self.core.lifecycle.apply(
-            entry, Action.UNLOAD, ev.Unloading(model=entry.name, reason=reason, forced=entry.forced)
+            entry, Action.UNLOAD, ev.Unloading(model=entry.name, reason=reason, forced=forced)
         )
-        entry.error = None
         self._unload_reason[entry] = reason
 
     async def finish_unload(self, entry: Entry) -> Footprint:
         core = self.core
         reason = self._unload_reason.pop(entry, "")
+        forced = entry in self._forced
+        self._forced.discard(entry)
         started = core.clock()
         held = entry.held()
         try:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), core.transition():
                 with anyio.move_on_after(core.config.unload_timeout) as scope:
                     freed = await core.provider(entry.provider).unload(entry.handle) if entry.handle else {}
                 if scope.cancelled_caught:
@@ -100,7 +104,7 @@ class Transitions:
                 reason=reason,
                 duration_s=core.clock() - started,
                 freed=dict(freed) or held.as_dict(),
-                forced=entry.forced,
+                forced=forced,
             ),
         )
         return Footprint(freed) if freed else held
@@ -115,14 +119,16 @@ class Transitions:
         self.core.lifecycle.apply(entry, Action.PARK)
         self._evicted_for[entry] = evicted_for
 
-    async def finish_park(self, entry: Entry, *, reason: str) -> None:
-        """PARKING → SLEEPING; if the runtime cannot, unload the model instead."""
+    async def finish_park(self, entry: Entry, *, reason: str) -> bool:
+        """PARKING → SLEEPING; True once parked.  If the runtime cannot, the model is
+        unloaded instead — unless a caller now waits for it: then it stays ready (False),
+        and whoever wanted its memory decides again."""
         core = self.core
         evicted_for = self._evicted_for.pop(entry, None)
         started = core.clock()
         assert entry.handle is not None
         try:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), core.transition():
                 with anyio.move_on_after(core.config.unload_timeout) as scope:
                     held = await core.provider(entry.provider).sleep(entry.handle)
                 if scope.cancelled_caught:
@@ -132,11 +138,14 @@ class Transitions:
         except Exception as exc:
             core.lifecycle.apply(entry, Action.PARK_FAILED)
             if self.settle(entry):  # its runtime died meanwhile: nothing is left to unload
-                return
+                return True
+            if entry.leases:
+                log.warning("parking %s failed (%s); kept ready: a caller waits for it", entry.name, exc)
+                return False
             log.warning("parking %s failed (%s); unloading it instead", entry.name, exc)
             self.begin_unload(entry, reason=f"{reason}; warm tier failed", evicted_for=evicted_for)
             await self.finish_unload(entry)
-            return
+            return True
         parked = Footprint(held) if held else entry.active.parked()
         core.lifecycle.apply(
             entry,
@@ -147,10 +156,11 @@ class Transitions:
             parked=parked,
         )
         self.settle(entry)
+        return True
 
-    async def park(self, entry: Entry, *, reason: str) -> None:
+    async def park(self, entry: Entry, *, reason: str) -> bool:
         self.begin_park(entry)
-        await self.finish_park(entry, reason=reason)
+        return await self.finish_park(entry, reason=reason)
 
     async def discard(self, entry: Entry) -> bool:
         """Best-effort cleanup of a model whose runtime state is unknown after a failed
@@ -220,16 +230,14 @@ class Transitions:
     def watch(self, entry: Entry) -> None:
         """Notice at once when the runtime behind ``entry`` dies (``Capabilities.watch``)."""
         provider = self.core.providers.get(entry.provider)
-        if (
-            provider is None
-            or not provider.capabilities.watch
-            or entry.handle is None
-            or self.core.tg is None
-        ):
+        handle = entry.handle
+        if provider is None or not provider.capabilities.watch or handle is None or self.core.tg is None:
             return
         self.unwatch(entry)
         scope = self._watchers[entry] = anyio.CancelScope()
-        self.core.tg.start_soon(self._watch, entry, entry.handle, scope, name=f"modelmora-watch-{entry.name}")
+        self.core.spawn(
+            lambda: self._watch(entry, handle, scope), name=f"modelmora-watch-{entry.name}", service=True
+        )
 
     def unwatch(self, entry: Entry) -> None:
         scope = self._watchers.pop(entry, None)
