@@ -353,3 +353,51 @@ def logged_buffers(text: str) -> dict[str, float]:
     for kind, mib in re.findall(r"(model|KV|compute|output) buffer size = +([0-9.]+) MiB", text):
         out[kind] = out.get(kind, 0.0) + float(mib) * 2**20
     return out
+
+
+# -- after the load: the estimate's error -------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_loaded_events_and_status_carry_the_estimate_and_its_error() -> None:
+    from modelmora import ModelManager
+    from modelmora import events as ev
+    from modelmora.memory import StaticProbe
+
+    config = {
+        "budgets": {"cpu": "10GB"},
+        "models": {
+            "m": {
+                "provider": "simulated",
+                "device": "cpu",
+                "memory": "1GB",
+                "options": {"actual_memory": {"cpu": 1_250_000_000}},
+            }
+        },
+    }
+    seen: list[ev.Loaded] = []
+    async with ModelManager(config, probe=StaticProbe({})) as mm:
+        mm.events.subscribe(lambda e: seen.append(e) if isinstance(e, ev.Loaded) else None)
+        await mm.load("m")
+        (status,) = (await mm.status()).models
+    (loaded,) = seen
+    assert loaded.estimate == {"cpu": 1_000_000_000} and loaded.memory == {"cpu": 1_250_000_000}
+    assert loaded.estimate_error == pytest.approx(0.8)
+    assert status.estimate == {"cpu": 1_000_000_000} and status.estimate_error == pytest.approx(0.8)
+    assert status.to_dict()["estimate_error"] == pytest.approx(0.8)
+
+
+@pytest.mark.anyio
+async def test_torch_prepare_reads_a_local_folders_safetensors(tmp_path: Path) -> None:
+    from modelmora.providers.torch import TorchProvider
+
+    save(tmp_path / "model.safetensors", {"w": np.zeros((1000, 10), np.float32)})
+    provider = TorchProvider("torch")
+    spec = ModelSpec(
+        name="t", provider="torch", target=str(tmp_path), device="cpu", options={"dtype": "float16"}
+    )
+    prepared = await provider.prepare(spec)
+    assert prepared.memory == {"cpu": 10_000 * 2}
+    factory = spec.model_copy(update={"target": "package.module:factory", "options": {}})
+    assert (await provider.prepare(factory)).memory == {}
+    await provider.aclose()
