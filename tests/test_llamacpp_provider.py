@@ -22,6 +22,7 @@ import pytest
 from conftest import servers_for
 
 from modelmora import LoadFailed, ModelManager
+from modelmora.estimate import gguf_estimate
 from modelmora.memory import StaticProbe
 from modelmora.providers import create_provider
 from modelmora.providers.llamacpp import LlamaCppProvider, find_llama_server
@@ -78,7 +79,9 @@ async def test_registered_and_estimated_from_the_gguf(gguf_model: Path, tmp_path
     assert isinstance(provider, LlamaCppProvider)
     spec = ModelManager(config(tmp_path, "/x", str(gguf_model)), probe=StaticProbe({})).spec("tiny")
     prepared = await provider.prepare(spec)
-    assert prepared.memory == {"cpu": size}
+    # the GGUF's estimate (issue 23): its weights, the KV cache of ctx_size 256 and the buffers
+    expected = gguf_estimate(gguf_model, ctx=256, parallel=1)
+    assert prepared.memory == {"cpu": expected.total} and expected.total > size > expected.weights
     command = provider._command(spec, 1234)
     assert command[:3] == ["/nowhere/llama-server", "-m", str(gguf_model)]
     assert "--ctx-size" in command and "-ngl" in command

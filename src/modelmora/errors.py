@@ -3,6 +3,7 @@
 ```
 ModelMoraError
 ├── ConfigError                 bad YAML / dict / environment / CLI input
+│   └── ModelFileError          a model file (GGUF, safetensors) that cannot be read
 ├── UnknownModel                a name that is not in the registry (with a did-you-mean)
 ├── ModelInUse                  unload refused because leases are held (use force=True)
 ├── InsufficientMemory          can never fit, or what would have to be evicted is held
@@ -47,6 +48,11 @@ class TransientError(ModelMoraError):
 
 class ConfigError(ModelMoraError):
     """Configuration (file, dict, environment or command line) is invalid."""
+
+
+class ModelFileError(ConfigError):
+    """A model file whose header or metadata cannot be read (truncated, corrupt, not the
+    format its name says); the message names the file and what is wrong."""
 
 
 class UnknownModel(ModelMoraError):
@@ -142,6 +148,7 @@ __all__ = [
     "InsufficientMemory",
     "LoadFailed",
     "ManagerClosed",
+    "ModelFileError",
     "ModelInUse",
     "ModelMoraError",
     "ModelMoraTimeout",

@@ -46,9 +46,19 @@ class Loading(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Loaded(Event):
+    """``memory`` as measured, ``estimate`` what admission planned with (bytes per device);
+    :attr:`estimate_error` compares them."""
+
     provider: str
     duration_s: float
     memory: dict[str, int] = field(default_factory=dict)
+    estimate: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def estimate_error(self) -> float | None:
+        """estimate ÷ measured over all devices (None when either is unknown)."""
+        measured, estimated = sum(self.memory.values()), sum(self.estimate.values())
+        return estimated / measured if measured and estimated else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1096,6 +1096,9 @@ def _duration_opt(flag: str, value: str | None) -> float | None:
         raise typer.BadParameter(str(exc), param_hint=flag) from None
 
 
+from . import estimate as _estimate  # noqa: E402, F401  (registers `modelmora estimate` on app)
+
+
 def main() -> None:
     app(prog_name="modelmora")
 

@@ -131,6 +131,7 @@ class Loader:
                         provider=entry.provider,
                         duration_s=seconds,
                         memory=measured.as_dict(),
+                        estimate=entry.estimate.as_dict(),
                     ),
                     measured=measured,
                     handle=handle,

@@ -25,6 +25,8 @@ class ModelStatus:
     expires_in_s: float | None
     loaded_for_s: float | None
     total_leases: int
+    estimate: dict[str, int] = field(default_factory=dict)  # bytes per device admission planned with
+    estimate_error: float | None = None  # estimate ÷ measured, once a load measured it
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -89,7 +91,15 @@ def model_status(core: Core, e: Entry, now: float) -> ModelStatus:
         expires_in_s=e.expires_in(now, core.config.idle_ttl),
         loaded_for_s=None if e.loaded_at is None else now - e.loaded_at,
         total_leases=e.total_leases,
+        estimate=e.estimate.as_dict(),
+        estimate_error=_error(e),
     )
+
+
+def _error(e: Entry) -> float | None:
+    measured = sum(e.measured.as_dict().values()) if e.measured is not None else 0
+    estimated = sum(e.estimate.as_dict().values())
+    return estimated / measured if measured and estimated else None
 
 
 def manager_status(core: Core) -> ManagerStatus:

@@ -26,6 +26,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import HandleClosed
+from ..estimate import Estimate
 from ..spec import ModelSpec
 
 
@@ -156,6 +157,17 @@ class Provider(ABC):
         self.name = name
         self.settings = settings if settings is not None else self.Settings()
         self._lost_listener: LostListener | None = None
+        self.estimates: dict[str, Estimate] = {}  # model name → the last estimate prepare() made
+
+    def estimated(self, spec: ModelSpec, estimate: Estimate | None) -> ModelSpec:
+        """Record ``estimate`` (shown beside the registry's figure and compared with what the
+        load measures) and, where the registry gives no ``memory``, make it the spec's."""
+        if estimate is None:
+            return spec
+        self.estimates[spec.name] = estimate
+        if spec.memory:
+            return spec
+        return spec.model_copy(update={"memory": estimate.memory()})
 
     def bind(self, on_lost: LostListener | None) -> None:
         """Called by the manager that owns this provider: ``on_lost(handle, reason)`` is how

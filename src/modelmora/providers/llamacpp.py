@@ -175,9 +175,11 @@ class LlamaCppProvider(ProcessProvider):
         return _LogSays(running.log, READY_LINES)
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
-        """The GGUF's size as the estimate where the registry has none (the weights are a
-        floor for what the server holds; the measured RSS replaces it after the load)."""
-        return await _with_gguf_size(spec)
+        """The estimate from the GGUF (weights + KV cache for ``ctx_size`` and ``parallel``
+        + the server's buffers, :func:`modelmora.estimate.gguf_estimate`) where the registry
+        has none; the file's size where the GGUF cannot be read.  The measured RSS replaces
+        it after the load."""
+        return await _with_gguf_estimate(self, spec, [*self.settings.args, *(spec.options.get("args") or [])])
 
     async def load(self, spec: ModelSpec) -> Handle:
         if not await anyio.Path(spec.target).is_file():
@@ -476,7 +478,7 @@ class LlamaCppRouterProvider(Provider):
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
         if not spec.target.endswith(".gguf"):  # a name the router knows, not a file
             return spec
-        return await _with_gguf_size(spec)
+        return await _with_gguf_estimate(self, spec, self.settings.args)
 
     async def load(self, spec: ModelSpec) -> Handle:
         model = self.target_key(spec.target)
@@ -574,6 +576,52 @@ class LlamaCppRouterProvider(Provider):
                     with anyio.CancelScope(shield=True):
                         await self._stop_router(router)
         await self._client.aclose()
+
+
+def _flag(args: list[str], *names: str) -> str | None:
+    """The value after the last of ``names`` in a command line (``--x v`` or ``--x=v``)."""
+    found = None
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in names:
+            found = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return found
+
+
+def gguf_options(spec: ModelSpec, args: list[str]) -> dict[str, Any]:
+    """The llama-server settings a GGUF estimate depends on, from the model's options and
+    the server's arguments: context, slots, KV cache types, micro-batch, unified cache."""
+    args = [str(a) for a in args]
+    ctx = spec.options.get("ctx_size") or _flag(args, "-c", "--ctx-size")
+    parallel = spec.options.get("parallel") or _flag(args, "-np", "--parallel")
+    out: dict[str, Any] = {
+        "ctx": int(ctx) if ctx else None,
+        "parallel": int(parallel) if parallel and int(parallel) > 0 else None,
+        "cache_type_k": _flag(args, "-ctk", "--cache-type-k") or "f16",
+        "cache_type_v": _flag(args, "-ctv", "--cache-type-v") or "f16",
+        "ubatch": int(_flag(args, "-ub", "--ubatch-size") or 512),
+    }
+    if "--kv-unified" in args or "-kvu" in args:
+        out["unified"] = True
+    if (_flag(args, "-fa", "--flash-attn") or "auto") == "off":
+        out["flash_attn"] = False
+    return out
+
+
+async def _with_gguf_estimate(provider: Provider, spec: ModelSpec, args: list[str]) -> ModelSpec:
+    """``spec`` with the GGUF estimate recorded (and as its memory where it has none); the
+    file's size where the GGUF cannot be read (the load then says what is wrong)."""
+    from ..errors import ModelFileError
+    from ..estimate import gguf_estimate
+
+    try:
+        options = gguf_options(spec, args)
+        estimate = await anyio.to_thread.run_sync(
+            lambda: gguf_estimate(spec.target, device=spec.device, **options)
+        )
+    except (ModelFileError, ValueError):
+        return await _with_gguf_size(spec)
+    return provider.estimated(spec, estimate)
 
 
 async def _with_gguf_size(spec: ModelSpec) -> ModelSpec:

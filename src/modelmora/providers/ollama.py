@@ -56,6 +56,7 @@ from ..errors import (
     TransientError,
     UnloadFailed,
 )
+from ..estimate import Estimate, ollama_estimate, show_kv_per_token
 from ..spec import Duration, Interval, ModelSpec
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings
 
@@ -99,16 +100,6 @@ def ollama_name_key(name: str) -> str:
     else:
         shown = f"{model}:{tag}"
     return shown.lower()
-
-
-def graph_surcharge(context: int) -> int:
-    """Bytes a completion model's automatic batch adds (``server/sched.go``
-    ``generationBatchForContext`` and ``generationBatchSurcharge``) for ``context`` tokens."""
-    if context > 32768:
-        return 2 * GIB
-    if context > 4096:
-        return 768 * MIB
-    return 0
 
 
 def _default_base_url() -> str:
@@ -339,18 +330,13 @@ class OllamaProvider(Provider):
 
     async def _architecture(self, spec: ModelSpec) -> tuple[int, int]:
         """(trained context in tokens, KV-cache bytes per token of context) from
-        ``/api/show``: 2 (K, V) x layers x KV heads x head size x 2 bytes (f16), as
-        ``PredictServerVRAM`` computes it; ``kv_bytes_per_token`` in the options wins."""
+        ``/api/show``, by the one KV formula of :func:`modelmora.estimate.show_kv_per_token`
+        (f16: 2 × layers × KV heads × head size × 2 bytes, as ``PredictServerVRAM``
+        computes it); ``kv_bytes_per_token`` in the options wins."""
         info: Mapping[str, Any] = (await self._show(spec)).get("model_info") or {}
         arch = str(info.get("general.architecture", ""))
         native = int(info.get(f"{arch}.context_length", 0) or 0)
-        layers = int(info.get(f"{arch}.block_count", 0) or 0)
-        embed = int(info.get(f"{arch}.embedding_length", 0) or 0)
-        heads = int(info.get(f"{arch}.attention.head_count", 0) or 0)
-        kv_heads = int(info.get(f"{arch}.attention.head_count_kv", 0) or heads)
-        per_token = int(spec.options.get("kv_bytes_per_token", 0)) or (
-            2 * layers * max(1, kv_heads) * (embed // heads) * 2 if heads else 0
-        )
+        per_token = int(spec.options.get("kv_bytes_per_token", 0)) or show_kv_per_token(info)
         return native, per_token
 
     async def _with_context(self, spec: ModelSpec) -> ModelSpec:
@@ -365,15 +351,21 @@ class OllamaProvider(Provider):
                 num_ctx = int(value.strip())
         return spec.model_copy(update={"options": {**spec.options, "num_ctx": num_ctx}})
 
-    def _predict(self, spec: ModelSpec, weights: int, num_ctx: int, native: int, per_token: int) -> int:
-        """Bytes Ollama will hold for ``spec`` with ``num_ctx`` tokens of context."""
-        context = min(num_ctx, native) if native else num_ctx  # effectiveContext
-        embedding = spec.options.get("kind") == "embedding"
-        parallel = 1 if embedding else self.settings.num_parallel
-        total = weights + per_token * context * parallel
-        if not embedding and "num_batch" not in self.runner_options(spec):
-            total += graph_surcharge(context * parallel)
-        return total
+    async def estimate(self, spec: ModelSpec, weights: int, num_ctx: int) -> Estimate:
+        """What Ollama will hold for ``spec`` with ``num_ctx`` tokens of context
+        (:func:`modelmora.estimate.ollama_estimate`), on the device its VRAM share counts on."""
+        _, per_token = await self._architecture(spec)
+        return self._estimate(spec, weights, num_ctx, per_token)
+
+    def _estimate(self, spec: ModelSpec, weights: int, num_ctx: int, per_token: int) -> Estimate:
+        """The one formula, with ``/api/show`` already asked (``_architecture``)."""
+        return ollama_estimate(
+            self._shown.get(self.target_key(spec.target)) or {}, weights=weights, num_ctx=num_ctx,
+            parallel=self.settings.num_parallel, embedding=spec.options.get("kind") == "embedding",
+            auto_batch="num_batch" not in self.runner_options(spec),
+            device=spec.device if spec.device in spec.memory else self.settings.device, kv_per_token=per_token,
+            source=f"{self.base_url}/api/show {spec.target}",
+        )  # fmt: skip
 
     async def _with_estimate(self, spec: ModelSpec, weights: int | None, num_ctx: int) -> ModelSpec:
         """The device estimate raised to the prediction (a split the registry gives across
@@ -384,9 +376,9 @@ class OllamaProvider(Provider):
         base = weights or spec.memory.get(device, 0)
         if not base:
             return spec
-        native, per_token = await self._architecture(spec)
-        predicted = self._predict(spec, base, num_ctx, native, per_token)
-        memory = {device: max(spec.memory.get(device, 0), predicted)}
+        estimate = await self.estimate(spec, base, num_ctx)
+        self.estimates[spec.name] = estimate
+        memory = {device: max(spec.memory.get(device, 0), estimate.total)}
         return spec.model_copy(update={"memory": memory})
 
     async def _optimize_context(self, spec: ModelSpec) -> ModelSpec:
@@ -416,8 +408,9 @@ class OllamaProvider(Provider):
         num_ctx = max(256, min(caps) // 256 * 256)
         spec = spec.model_copy(update={"options": {**spec.options, "num_ctx": num_ctx}})
         if weights:
-            predicted = self._predict(spec, weights, num_ctx, native, per_token)
-            spec = spec.model_copy(update={"memory": {**spec.memory, device: predicted}})
+            estimate = self._estimate(spec, weights, num_ctx, per_token)
+            self.estimates[spec.name] = estimate
+            spec = spec.model_copy(update={"memory": {**spec.memory, device: estimate.total}})
         return spec
 
     async def load(self, spec: ModelSpec) -> Handle:

@@ -26,13 +26,15 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import psutil
 from pydantic import Field
 
-from ..errors import HandleClosed, LoadFailed, ModelMoraError, ModelNotFound, ProviderError
+from ..errors import HandleClosed, LoadFailed, ModelFileError, ModelMoraError, ModelNotFound, ProviderError
+from ..estimate import Estimate, safetensors_estimate
 from ..spec import Duration, ModelSpec
 from . import torch_loaders as loaders
 from . import torch_pool
@@ -117,6 +119,28 @@ class TorchProvider(Provider):
     async def serves(self, spec: ModelSpec) -> frozenset[str]:
         """In this process there is no OpenAI server: the proxy itself answers embeddings."""
         return frozenset({"embeddings"})
+
+    async def prepare(self, spec: ModelSpec) -> ModelSpec:
+        """The weights' bytes from the safetensors headers of a local folder or a model in
+        the Hugging Face cache, as ``options.dtype`` asks
+        (:func:`modelmora.estimate.safetensors_estimate`); factories are not estimated."""
+        try:
+            if loaders.kind_of(spec.target, dict(spec.options)) == "factory":
+                return spec
+        except ModelMoraError:
+            return spec  # the load reports the bad kind
+        device = spec.device if spec.device.startswith("cuda") else "cpu"
+
+        def estimate() -> Estimate | None:
+            folder = local_weights(spec.target)
+            if folder is None:
+                return None
+            try:
+                return safetensors_estimate(folder, dtype=spec.options.get("dtype"), device=device)
+            except (ModelFileError, ValueError):
+                return None
+
+        return self.estimated(spec, await anyio.to_thread.run_sync(estimate))
 
     async def load(self, spec: ModelSpec) -> Handle:
         options = dict(spec.options)
@@ -331,6 +355,20 @@ class TorchProvider(Provider):
         if self._pooled:
             self._pooled = False
             await anyio.to_thread.run_sync(torch_pool.release)
+
+
+def local_weights(target: str) -> Path | None:
+    """A target's files on this machine: a folder or file, else its snapshot in the Hugging
+    Face cache (never downloaded); None when neither is here."""
+    path = Path(target)
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(target, local_files_only=True))
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 def _rss() -> int:

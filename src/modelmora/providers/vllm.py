@@ -49,6 +49,7 @@ import psutil
 from pydantic import Field
 
 from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderError, ProviderUnavailable, UnloadFailed
+from ..estimate import vllm_estimate
 from ..extras import install_hint
 from ..memory import gpu_bytes_of
 from ..net import expand
@@ -349,6 +350,19 @@ class VLLMProvider(Provider):
         )
         handle.close()
         return dict(handle.memory)
+
+    async def prepare(self, spec: ModelSpec) -> ModelSpec:
+        """``gpu_memory_utilization`` × the GPU's total as the estimate (vLLM pre-allocates
+        it, :func:`modelmora.estimate.vllm_estimate`) unless the registry says otherwise."""
+        total = self.settings.gpu_total or await anyio.to_thread.run_sync(_nvml_total)
+        if not total:
+            return spec
+        utilization = float(spec.options.get("gpu_memory_utilization", 0.9))
+        try:
+            estimate = vllm_estimate(utilization, total, device=spec.device)
+        except ValueError:
+            return spec
+        return self.estimated(spec, estimate)
 
     def footprint(self, spec: ModelSpec) -> dict[str, int]:
         """Without NVML's per-process figure: the registry's estimate, else

@@ -232,6 +232,15 @@ class CatalogueModel:
     def digest(self) -> str:
         return hashlib.sha256(self.name.encode()).hexdigest()
 
+    @property
+    def parameter_count(self) -> int:
+        """``general.parameter_count``: from ``parameter_size`` ("7B", "137M")."""
+        number, unit = self.parameter_size[:-1], self.parameter_size[-1:].upper()
+        try:
+            return round(float(number) * {"B": 1e9, "M": 1e6, "K": 1e3}.get(unit, 1.0))
+        except ValueError:
+            return 0
+
     def details(self) -> dict[str, Any]:
         return {
             "parent_model": "",
@@ -272,6 +281,11 @@ class EmulatorStats:
     evictions: int = 0  # runners the scheduler expired to make room (or an OOM expired)
     requests: int = 0
     keep_alives: list[Any] = field(default_factory=list)  # what clients sent, in order
+
+
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+              "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}  # fmt: skip
+"""``general.file_type`` (``gguf.LlamaFileType``) by ``details.quantization_level``."""
 
 
 def vram_default_context(vram: int, overhead: int = 0) -> int:
@@ -869,11 +883,20 @@ def build_app(state: OllamaState) -> Starlette:
             "modelfile": f"FROM {model.name}\n", "parameters": parameters, "template": "{{ .Prompt }}",
             "details": model.details(), "modified_at": "2026-01-01T00:00:00Z",
             "model_info": {
-                "general.architecture": arch, f"{arch}.context_length": model.context_length,
+                "general.architecture": arch, "general.basename": model.name.partition(":")[0],
+                "general.file_type": FILE_TYPES.get(model.quantization_level, 0),
+                "general.parameter_count": model.parameter_count, "general.quantization_version": 2,
+                f"{arch}.context_length": model.context_length,
                 f"{arch}.block_count": model.block_count, f"{arch}.embedding_length": model.embedding_length,
+                f"{arch}.feed_forward_length": model.embedding_length * 7 // 2,
                 f"{arch}.attention.head_count": model.head_count,
                 f"{arch}.attention.head_count_kv": model.head_count_kv,
+                f"{arch}.attention.layer_norm_rms_epsilon": 1e-05,
+                f"{arch}.rope.dimension_count": model.embedding_length // max(1, model.head_count),
+                f"{arch}.rope.freq_base": 500000, f"{arch}.vocab_size": 128256,
+                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": None,  # arrays: verbose only
             },
+            "license": "", "tensors": None,
             "capabilities": ["embedding"] if model.embedding else ["completion"],
         })  # fmt: skip
 
