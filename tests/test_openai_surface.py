@@ -109,7 +109,12 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int]] = [
 
 @pytest.mark.parametrize(("method", "path", "kwargs", "status"), BAD_REQUESTS)
 def test_every_error_has_openais_shape(
-    serve: Callable[..., str], emu: OllamaEmulator, method: str, path: str, kwargs: dict[str, Any], status: int
+    serve: Callable[..., str],
+    emu: OllamaEmulator,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
 ) -> None:
     url = serve(config_for(emu), max_body=4096)
     reply = httpx.request(method, f"{url}{path}", timeout=30, **kwargs)

@@ -29,6 +29,8 @@ from urllib.parse import unquote_to_bytes
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..spec import format_duration
+
 OPEN_PATHS = frozenset({"/health"})
 QUERY_TOKEN_PATHS = frozenset({"/", "/events"})  # the status page and its EventSource
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -160,7 +162,7 @@ class Guard:
             await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
             return
         except TimeoutError:
-            await _reply(send, 408, f"request body not received within {self.read_timeout:g} s", [(b"connection", b"close")])  # fmt: skip
+            await _reply(send, 408, f"request body not received within {format_duration(self.read_timeout)}", [(b"connection", b"close")])  # fmt: skip
             return
         if body is None:
             return  # the client went away while sending it
