@@ -212,3 +212,44 @@ def test_serves_takes_the_three_openai_routes_only() -> None:
 
     with pytest.raises(ConfigError, match=r"models\.a\.serves.*'chats'.*did you mean 'chat'"):
         ManagerConfig.from_dict({"models": {"a": {"serves": ["chats"]}}})
+
+
+# -- the renaming itself ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (b'{"id":"1","model":"qwen2.5:14b","choices":[]}', b'{"id":"1","model":"qwen","choices":[]}'),
+        # llama.cpp sorts its keys: the model after the data
+        (b'{"data":[{"embedding":[0.1,0.2]}],"model":"m.gguf","object":"list"}',
+         b'{"data":[{"embedding":[0.1,0.2]}],"model":"qwen","object":"list"}'),
+        # pretty-printed, spaces around the colon
+        (b'{\n  "id": 1,\n  "model" : "x"\n}', b'{\n  "id": 1,\n  "model" : "qwen"\n}'),
+        # a nested "model" (a runtime echoing the request) and text that looks like one stay
+        (b'{"received":{"model":"x"},"text":"\\"model\\": \\"y\\" ]]}}","model":"x"}',
+         b'{"received":{"model":"x"},"text":"\\"model\\": \\"y\\" ]]}}","model":"qwen"}'),
+        (b'{"received":{"model":"x"}}', b'{"received":{"model":"x"}}'),
+        (b'{"model":"escaped \\" quote"}', b'{"model":"qwen"}'),
+    ],
+)  # fmt: skip
+def test_an_answer_is_renamed_at_its_top_level_only(answer: bytes, expected: bytes) -> None:
+    from modelmora.server.proxy import ModelRenamer
+
+    for size in (1, 3, 7, len(answer)):  # however the runtime's bytes arrive
+        renamer = ModelRenamer("qwen", stream=False)
+        out = b"".join(renamer.feed(answer[i : i + size]) for i in range(0, len(answer), size))
+        assert out + renamer.end() == expected
+
+
+def test_a_stream_is_renamed_event_by_event_as_it_arrives() -> None:
+    from modelmora.server.proxy import ModelRenamer
+
+    events = b'data: {"model":"a:1","choices":[{"delta":{"content":"x"}}]}\n\n' * 3 + b"data: [DONE]\n\n"
+    renamer = ModelRenamer("team/qwen", stream=True)
+    first = renamer.feed(events[:30])
+    assert first == b""  # not a whole line yet
+    second = renamer.feed(events[30:70])
+    assert second == b'data: {"model":"team/qwen","choices":[{"delta":{"content":"x"}}]}\n\n'
+    rest = renamer.feed(events[70:]) + renamer.end()
+    assert first + second + rest == events.replace(b'"a:1"', b'"team/qwen"')

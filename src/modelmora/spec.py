@@ -10,6 +10,7 @@ values, NaN and infinities are refused.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -200,6 +201,13 @@ Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_se
 Interval = Annotated[float, BeforeValidator(parse_interval)]
 """Seconds of a period or back-off, written as ``"5m"`` or a number; positive and finite."""
 
+OPENAI_ENDPOINTS: Mapping[str, str] = {
+    "chat": "chat/completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
+"""What a model may serve through the proxy (``ModelSpec.serves``) → the route below ``/v1/``."""
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,199}$")
 
 
@@ -248,6 +256,11 @@ class ModelSpec(BaseModel):
         None, description="Expected load time (planning prior), replaced by measurements."
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Provider options.")
+    serves: list[str] | None = Field(
+        None,
+        description="OpenAI endpoints it answers through the proxy: chat, completions, embeddings "
+        "(default: what its provider says; e.g. a vLLM or llama.cpp embedding model: [embeddings]).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -263,6 +276,20 @@ class ModelSpec(BaseModel):
     @classmethod
     def _check_name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("serves")
+    @classmethod
+    def _check_serves(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for item in value:
+            if item not in OPENAI_ENDPOINTS:
+                close = difflib.get_close_matches(str(item), list(OPENAI_ENDPOINTS), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"{item!r} is not an endpoint the proxy serves (chat, completions, embeddings){hint}"
+                )
+        return sorted(set(value), key=list(OPENAI_ENDPOINTS).index)
 
     @field_validator("provider")
     @classmethod
@@ -282,6 +309,7 @@ class ModelSpec(BaseModel):
 
 __all__ = [
     "FOREVER",
+    "OPENAI_ENDPOINTS",
     "Duration",
     "Interval",
     "ModelSpec",
