@@ -255,3 +255,13 @@ def test_models_show_is_human_readable(tmp_path: Path) -> None:
     assert "11500000000" not in text and "600.0" not in text, text
     data = json.loads(cli("models", "show", "a", "-c", str(path), "--json").stdout)
     assert data["memory"] == {"cuda:0": 11_500_000_000, "cpu": 512_000_000} and data["keep_alive"] == -1
+
+
+def test_a_chain_files_budget_needs_a_unit_too(tmp_path: Path) -> None:
+    from modelmora.chain.files import read_chain_file
+
+    path = tmp_path / "chain.yaml"
+    path.write_text("management:\n  budgets:\n    cuda:0: 24\nsteps:\n  - model: m\n    instruction: x\n")
+    with pytest.raises(ConfigError) as info:
+        read_chain_file(path)
+    assert str(info.value).startswith(f"{path}: management: budgets.cuda:0: ") and "'24GB'" in str(info.value)
