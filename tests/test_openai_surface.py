@@ -141,6 +141,9 @@ def test_validation_errors_name_the_parameter(serve: Callable[..., str], emu: Ol
         client.chat.completions.create(model="qwen", messages=[])
     assert info.value.param == "messages" and isinstance(info.value.code, str), info.value.body
     assert "messages" in info.value.message
+    for body in ({"keep_alive": "soon"}, {"pinned": True}):
+        reply = httpx.post(f"{url}/models/qwen/load", json=body)
+        assert reply.status_code == 422 and assert_openai_shape(reply)["param"] in body, reply.text
 
 
 # -- the requested name in answers --------------------------------------------------------------------

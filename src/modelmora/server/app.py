@@ -221,7 +221,7 @@ def create_app(
         try:
             keep_alive = None if body.keep_alive is None else parse_duration(body.keep_alive)
         except ValueError as exc:
-            raise api_error(422, f"keep_alive: {exc}", "invalid_keep_alive") from None
+            raise api_error(422, f"keep_alive: {exc}", "invalid_keep_alive", param="keep_alive") from None
         handle = await mm.load(registered(mm, name), pin=body.pin, keep_alive=keep_alive)
         return {"model": name, "loaded": True, "memory": dict(handle.memory), "pinned": body.pin}
 

@@ -75,7 +75,9 @@ ROUTES: dict[str, type[_Body]] = {
 
 _UNDER_WAY = (State.LOADING, State.WAKING)
 
-SERVES_TIMEOUT = 5.0  # seconds /v1/models waits for runtimes to say what their models serve
+# seconds /v1/models waits for runtimes to say what their models serve (Ollama's /api/show,
+# once per model); a runtime that is down limits nothing rather than holding the list up
+SERVES_TIMEOUT = 2.0
 
 # the headers that describe the body, which is passed through as the runtime sent it
 _ENTITY_HEADERS = frozenset(
