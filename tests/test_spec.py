@@ -43,7 +43,7 @@ def test_parse_size_rejects(bad: object) -> None:
         (300, 300.0),
         ("2.5", 2.5),
         (-1, math.inf),
-        ("-1m", math.inf),
+        ("-1", math.inf),
         ("24h", 86400.0),
     ],
 )
@@ -51,7 +51,10 @@ def test_parse_duration(text: str | int, expected: float) -> None:
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["5 minutes", "m5", "1h 30m", "", "abc", "nan", True])
+# only -1 means never (issue 26): "-1m" was forever too, and so were NaN and -inf
+@pytest.mark.parametrize(
+    "bad", ["5 minutes", "m5", "1h 30m", "", "abc", "nan", True, "-1m", "-5", -5, "inf", "-inf", math.nan]
+)
 def test_parse_duration_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)  # type: ignore[arg-type]

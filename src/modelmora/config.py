@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .spec import Duration, Interval, ModelSpec, Size, check_name, format_size, parse_size
+from .spec import MAX_SIZE, Duration, Interval, ModelSpec, Size, check_name, format_size, parse_size
 
 ENV_PREFIX = "MODELMORA_"
 NOT_CONFIG = frozenset(
@@ -182,6 +182,20 @@ class ManagerConfig(BaseModel):
             check_name(name, "provider name")
         return providers
 
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_name_used_devices(
+        cls, budgets: dict[str, Budget], info: ValidationInfo
+    ) -> dict[str, Budget]:
+        models, providers = info.data.get("models"), info.data.get("providers")
+        if models is None or providers is None:
+            return budgets  # their own error is reported
+        used = devices_in_use(models.values(), providers)
+        for device in budgets:
+            if device not in used and not KNOWN_DEVICE.fullmatch(device):
+                raise ValueError(unknown_device(device, used))
+        return budgets
+
     @field_validator("default_model")
     @classmethod
     def _default_is_registered(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -206,8 +220,10 @@ class ManagerConfig(BaseModel):
         merged = dict(data)
         sources: dict[tuple[str, ...], str] = {}
         if environ is not None:
-            merged = deep_merge(merged, env_overrides(environ))
+            overrides = env_overrides(environ)
             sources = env_sources(environ)
+            require_units(overrides, sources)
+            merged = deep_merge(merged, overrides)
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:
@@ -238,6 +254,7 @@ class ManagerConfig(BaseModel):
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
         # an empty file (or one of comments) is an empty config; `[]`, `0` or `false` is not
+        require_units(data, source=source)
         return cls.from_dict({} if data is None else data, source=source, environ=environ)
 
     def merged(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> ManagerConfig:
@@ -266,6 +283,118 @@ class ManagerConfig(BaseModel):
             + (", ".join(f"{d}={b}" for d, b in self.budgets.items()) or "none")
             + (f", reserve {format_size(self.reserve)}" if self.reserve else "")
         )
+
+
+KNOWN_DEVICE = re.compile(r"cpu|cuda:\d+")
+"""Device names a budget may give without a model using them (a GPU not used yet)."""
+
+
+def devices_in_use(specs: typing.Iterable[ModelSpec], providers: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """The devices models name: their ``device``, their memory's devices and the ``device``
+    setting of provider instances (an Ollama on another host: ``box-b:cuda:0``)."""
+    used: set[str] = set()
+    for spec in specs:
+        used.add(spec.device)
+        used.update(spec.memory)
+    for settings in providers.values():
+        device = settings.get("device") if isinstance(settings, Mapping) else None
+        if isinstance(device, str):
+            used.add(device)
+    return used
+
+
+_GPU_LIKE = re.compile(r"(?:gpu|cuda|nvidia|device|dev)\s*[:_#-]?\s*(\d+)", re.IGNORECASE)
+_RAM_LIKE = frozenset({"ram", "host", "memory", "mem", "system", "cpu0", "cpu:0"})
+
+
+def unknown_device(device: str, used: typing.Collection[str]) -> str:
+    """One line for a budget's device that no model uses and that names no device."""
+    gpu = _GPU_LIKE.fullmatch(device.strip())
+    if gpu:
+        close: str | None = f"cuda:{int(gpu.group(1))}"
+    elif device.strip().lower() in _RAM_LIKE:
+        close = "cpu"
+    else:
+        candidates = sorted(set(used) | {"cpu", "cuda:0"})
+        found = difflib.get_close_matches(device, candidates, n=1, cutoff=0.5)
+        close = found[0] if found else None
+    hint = f"; did you mean {close!r}?" if close else ""
+    known = ", ".join(sorted(used)) or "none"
+    return (
+        f"{device!r} is a device no model uses (models use: {known}) and not a device name "
+        f"(cpu, cuda:N){hint}"
+    )
+
+
+# -- sizes in files name their unit -------------------------------------------------------------
+
+
+def require_units(
+    data: Any, sources: Mapping[tuple[str, ...], str] | None = None, *, source: str = "config"
+) -> None:
+    """Refuse a size written as a bare number in a config file or the environment: in a
+    file ``memory: 12`` meant 12 GB, not 12 bytes.  ``0`` needs no unit.  Python callers
+    give bytes (``ManagerConfig.from_dict``), and dumps reload losslessly.  ``sources``:
+    config path → environment variable, to blame the variable instead of ``source``."""
+    if not isinstance(data, Mapping):
+        return
+    for path, value in _sizes(data):
+        hint = _unit_hint(value)
+        if hint is None:
+            continue
+        blamed = next((var for p, var in (sources or {}).items() if path[: len(p)] == p), None)
+        where = f"environment {blamed}" if blamed else source
+        field = ".".join(path)
+        raise ConfigError(
+            f"{where}: {field}: a size needs a unit (GB, MB, GiB, ... or B for bytes): did you mean {hint}?"
+        )
+
+
+def _sizes(data: Mapping[str, Any]) -> typing.Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, value) of every size a config gives: models' memory, budgets, reserve."""
+    models = data.get("models")
+    if isinstance(models, Mapping):
+        for name, spec in models.items():
+            memory = spec.get("memory") if isinstance(spec, Mapping) else None
+            if isinstance(memory, Mapping):
+                for device, value in memory.items():
+                    yield ("models", str(name), "memory", str(device)), value
+            elif memory is not None:
+                yield ("models", str(name), "memory"), memory
+    budgets = data.get("budgets")
+    if isinstance(budgets, Mapping):
+        for device, value in budgets.items():
+            if isinstance(value, Mapping):
+                if "bytes" in value:
+                    yield ("budgets", str(device), "bytes"), value["bytes"]
+            else:
+                yield ("budgets", str(device)), value
+    if "reserve" in data:
+        yield ("reserve",), data["reserve"]
+
+
+def _unit_hint(value: Any) -> str | None:
+    """What a unit-less size probably meant (None: it has a unit, is 0, or is not a number,
+    which the field's own check reports)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        text = value.strip()
+    elif isinstance(value, int | float):
+        if isinstance(value, int) and not 0 < value <= MAX_SIZE:
+            return None  # 0, or out of range: the field's own error
+        number, text = float(value), repr(value)
+    else:
+        return None
+    if number == 0 or not 0 < number <= MAX_SIZE:
+        return None  # 0 is 0 in any unit; the rest is the field's own error (NaN included)
+    if number >= 10**6:  # looks like bytes already
+        return repr(f"{int(number)}B" if number == int(number) else f"{text}B")
+    return repr(f"{text}GB")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -419,11 +548,14 @@ def _unknown(name: str, known: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "KNOWN_DEVICE",
     "NOT_CONFIG",
     "Budget",
     "ManagerConfig",
     "deep_merge",
     "describe_validation_error",
+    "devices_in_use",
     "env_overrides",
     "env_sources",
+    "require_units",
 ]

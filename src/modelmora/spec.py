@@ -1,13 +1,16 @@
 """What a model is: :class:`ModelSpec`, and the size and duration values it is written in.
 
 Sizes follow the usual convention: ``GB``/``MB`` are powers of 1000, ``GiB``/``MiB`` powers
-of 1024, a bare number is bytes.  Durations are seconds or Go-style strings (``"5m"``,
-``"1h30m"``, ``"500ms"``); ``0`` means "unload right after use" and any negative value
-means "never" (stored as ``math.inf``), as in Ollama's ``keep_alive``.
+of 1024; in Python a bare number is bytes (a config file must name the unit, see
+:func:`modelmora.config.require_units`).  Durations are seconds or Go-style strings
+(``"5m"``, ``"1h30m"``, ``"500ms"``); ``0`` means "unload right after use" and ``-1``
+means "never" (stored as ``math.inf``), as in Ollama's ``keep_alive``.  Other negative
+values, NaN and infinities are refused.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -84,13 +87,18 @@ def _short(value: object) -> str:
 
 
 def parse_duration(value: str | int | float) -> float:
-    """Parse seconds or a Go-style duration; negative means forever (``math.inf``)."""
+    """Parse seconds or a Go-style duration; ``-1`` means forever (``math.inf``).
+
+    Only -1 means never: another negative value, NaN or an infinity is refused (NaN used
+    to compare false against every bound and so meant "forever" too)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '5m' or seconds, got {value!r}")
     if isinstance(value, int) and value > MAX_SECONDS:
         raise ValueError(f"a duration must be below {MAX_SECONDS} seconds (-1 means never), got {_short(value)}")  # fmt: skip
+    if isinstance(value, int) and value < -1:
+        raise ValueError(f"a duration cannot be negative (only -1 means never), got {_short(value)}")
     if isinstance(value, int | float):
-        seconds = float(value) if value > -MAX_SECONDS else -1.0
+        seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
@@ -104,22 +112,43 @@ def parse_duration(value: str | int | float) -> float:
                     f"expected a duration like '30s', '5m', '1h30m', seconds, 0 or -1, got {value!r}"
                 ) from None
             seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+            if seconds == -1:  # "-1s" is a duration of minus one second, not the -1 of "never"
+                raise ValueError(
+                    f"a duration cannot be negative (only -1 means never), got {value!r}"
+                ) from None
     else:
         raise ValueError(f"expected a duration like '5m' or seconds, got {value!r}")
-    if math.isnan(seconds):
-        raise ValueError(f"a duration must be a number, got {value!r}")
-    return FOREVER if seconds < 0 else seconds
+    if not math.isfinite(seconds):
+        raise ValueError(
+            f"a duration must be a finite number of seconds (-1 means never), got {_short(value)}"
+        )
+    if seconds == -1:
+        return FOREVER
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative (only -1 means never), got {_short(value)}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"a duration must be below {MAX_SECONDS} seconds (-1 means never), got {_short(value)}")  # fmt: skip
+    return seconds + 0.0  # -0.0 is 0
 
 
 def parse_interval(value: str | int | float) -> float:
     """A period or back-off: a positive, finite duration.  Unlike keep-alives and timeouts,
-    a negative value does not mean "never" here (a reaper that never runs is a mistake)."""
-    negative = (isinstance(value, int | float) and not isinstance(value, bool) and value < 0) or (
-        isinstance(value, str) and value.strip().startswith("-")
-    )
+    -1 does not mean "never" here (a reaper that never runs is a mistake)."""
+    bad = ValueError(f"expected a positive, finite duration like '1s' or '500ms', got {_short(value)}")
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = value  # an int beyond a float's range compares all the same
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            if value.strip().startswith("-"):
+                raise bad from None
+    if number is not None and not 0 < number < math.inf:
+        raise bad
     seconds = parse_duration(value)
-    if negative or not 0 < seconds < math.inf:
-        raise ValueError(f"expected a positive, finite duration like '1s' or '500ms', got {_short(value)}")
+    if not 0 < seconds < math.inf:
+        raise bad
     return seconds
 
 
@@ -138,17 +167,25 @@ def format_memory(memory: Mapping[str, int], empty: str = "-") -> str:
 
 
 def format_duration(seconds: float | None) -> str:
+    """A duration as the config writes one, so that what is printed can be pasted back:
+    ``250ms``, ``1.5s``, ``45s``, ``1m30s``, ``5m``, ``1h30m``, ``49h``; ``never`` for -1's
+    forever, ``-`` for none."""
     if seconds is None:
         return "-"
     if math.isinf(seconds):
-        return "forever"
-    if seconds < 1:
+        return "never"
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds == 0:
+        return "0s"
+    if seconds < 0.9995:
         return f"{seconds * 1000:.0f}ms"
-    if seconds < 120:
-        return f"{seconds:.1f}s".replace(".0s", "s")
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m".replace(".0m", "m")
-    return f"{seconds / 3600:.1f}h".replace(".0h", "h")
+    if seconds < 59.95:
+        return f"{seconds:.1f}".removesuffix(".0") + "s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n)
 
 
 def _ser_duration(value: float) -> float | int:
@@ -159,10 +196,17 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 """Bytes, written as ``"11.5GB"``, ``"512MiB"`` or a number."""
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_ser_duration)]
-"""Seconds, written as ``"5m"`` or a number; negative means forever."""
+"""Seconds, written as ``"5m"`` or a number; -1 means forever."""
 
 Interval = Annotated[float, BeforeValidator(parse_interval)]
 """Seconds of a period or back-off, written as ``"5m"`` or a number; positive and finite."""
+
+OPENAI_ENDPOINTS: Mapping[str, str] = {
+    "chat": "chat/completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
+"""What a model may serve through the proxy (``ModelSpec.serves``) → the route below ``/v1/``."""
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,199}$")
 
@@ -205,11 +249,18 @@ class ModelSpec(BaseModel):
         description="When idle or evicted, park in the runtime's warm tier (vLLM sleep, torch "
         "offload to CPU RAM) instead of unloading, where the provider has one.",
     )
-    load_timeout: Duration = Field(600.0, description="How long one load may take.")
+    load_timeout: Duration = Field(
+        600.0, gt=0, description="How long one load may take (-1: no limit; 0 would fail every load)."
+    )
     load_time: Duration | None = Field(
         None, description="Expected load time (planning prior), replaced by measurements."
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Provider options.")
+    serves: list[str] | None = Field(
+        None,
+        description="OpenAI endpoints it answers through the proxy: chat, completions, embeddings "
+        "(default: what its provider says; e.g. a vLLM or llama.cpp embedding model: [embeddings]).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -225,6 +276,20 @@ class ModelSpec(BaseModel):
     @classmethod
     def _check_name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("serves")
+    @classmethod
+    def _check_serves(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for item in value:
+            if item not in OPENAI_ENDPOINTS:
+                close = difflib.get_close_matches(str(item), list(OPENAI_ENDPOINTS), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"{item!r} is not an endpoint the proxy serves (chat, completions, embeddings){hint}"
+                )
+        return sorted(set(value), key=list(OPENAI_ENDPOINTS).index)
 
     @field_validator("provider")
     @classmethod
@@ -244,6 +309,7 @@ class ModelSpec(BaseModel):
 
 __all__ = [
     "FOREVER",
+    "OPENAI_ENDPOINTS",
     "Duration",
     "Interval",
     "ModelSpec",

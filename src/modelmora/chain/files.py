@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import ManagerConfig, describe_validation_error
+from ..config import ManagerConfig, describe_validation_error, require_units
 from ..errors import ConfigError
 from .executor import Chain, Step, StepCall
 
@@ -89,6 +89,7 @@ def read_chain_file(path: str | Path) -> ChainFile:
         raise ConfigError(f"{source}: invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'steps'")
+    require_units(data.get("management"), source=f"{source}: management")  # as a config file's
     try:
         return ChainFile.model_validate(data)
     except ValidationError as exc:

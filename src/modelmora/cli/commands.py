@@ -29,10 +29,10 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from .. import events as ev
 from ..config import ManagerConfig
 from ..core import ModelManager
-from ..errors import ModelMoraError, ModelNotFound
+from ..errors import ConfigError, ModelMoraError, ModelNotFound
 from ..extras import require_extra
 from ..memory import StaticProbe
-from ..providers import Factory, ProviderRegistry
+from ..providers import Factory, ProviderRegistry, check_providers
 from ..providers.simulated import SimulatedProvider
 from ..spec import ModelSpec, format_duration, format_memory, format_size, parse_duration
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
@@ -249,10 +249,19 @@ def config_file(path: Path | None) -> Path | None:
 
 
 def load_config(path: Path | None) -> ManagerConfig:
+    """The config every command reads, checked alike for all of them: the file (or the
+    defaults) with the environment's overrides, and what starting its providers would
+    refuse (an unknown provider type, bad provider settings)."""
     path = config_file(path)
     if path is None:
-        return ManagerConfig.from_dict({}, source="defaults", environ=os.environ)
-    return ManagerConfig.from_yaml(path, environ=os.environ)
+        cfg = ManagerConfig.from_dict({}, source="defaults", environ=os.environ)
+    else:
+        cfg = ManagerConfig.from_yaml(path, environ=os.environ)
+    try:
+        check_providers(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path if path is not None else 'defaults'}: {exc}") from None
+    return cfg
 
 
 def modelmora_home() -> Path:
@@ -468,8 +477,28 @@ def models_show(
         return
     table = Table(show_header=False, title=name, title_justify="left")
     for key, value in data.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+        table.add_row(key, _shown(spec, cfg, key, value))
     out.print(table)
+
+
+def _shown(spec: ModelSpec, cfg: ManagerConfig, key: str, value: Any) -> str:
+    """One registry field as people write it: sizes in GB, durations as '5m', 'never'."""
+    if key == "memory":
+        return format_memory(spec.memory, empty="none")
+    if key == "keep_alive":
+        if spec.keep_alive is None:
+            return f"{format_duration(cfg.idle_ttl)} (idle_ttl)"
+        return format_duration(spec.keep_alive)
+    if key in ("load_timeout", "load_time"):
+        seconds = getattr(spec, key)
+        return "-" if seconds is None else format_duration(seconds)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value) if value else "-"
+    return str(value)
 
 
 @models_app.command("add")

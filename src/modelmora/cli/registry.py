@@ -24,8 +24,9 @@ import filelock
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from ..config import ManagerConfig
+from ..config import ManagerConfig, require_units
 from ..errors import ConfigError, UnknownModel
+from ..spec import format_duration
 
 
 def _yaml() -> YAML:
@@ -59,7 +60,7 @@ class RegistryFile:
             lock.acquire()
         except filelock.Timeout:
             raise ConfigError(
-                f"{path}: another process has been editing it for {timeout:g} s; try again"
+                f"{path}: another process has been editing it for {format_duration(timeout)}; try again"
             ) from None
         except OSError as exc:
             raise ConfigError(
@@ -98,7 +99,9 @@ class RegistryFile:
         return models
 
     def validate(self) -> ManagerConfig:
-        return ManagerConfig.from_dict(_plain(self.data), source=str(self.path))
+        data = _plain(self.data)
+        require_units(data, source=str(self.path))  # as when the file is read
+        return ManagerConfig.from_dict(data, source=str(self.path))
 
     def _environment_problem(self) -> str | None:
         if self.environ is None:
@@ -145,12 +148,12 @@ class RegistryFile:
 
     def save(self) -> ManagerConfig:
         """Validate the edited config, then replace the file atomically."""
-        from ..providers import check_provider_types
+        from ..providers import check_providers
 
         config = self.validate()
         writable_target(self.path)
         try:
-            check_provider_types(config)
+            check_providers(config)
         except ConfigError as exc:
             raise ConfigError(f"{self.path}: {exc}") from None
         problem = self._environment_problem()

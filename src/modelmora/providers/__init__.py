@@ -10,6 +10,7 @@ Provider``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
@@ -81,7 +82,10 @@ class ProviderRegistry:
             factory: Factory = getattr(module, attr)
             self._factories[name] = factory
             return factory
-        raise ConfigError(f"unknown provider type {name!r} (available: {', '.join(self.names())})")
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown provider type {name!r} (available: {', '.join(names)}){hint}")
 
     def create(self, type_name: str, instance: str, settings: Mapping[str, Any]) -> Provider:
         """Build a provider instance, validating its settings into one ConfigError line."""
@@ -126,19 +130,37 @@ def available_providers() -> list[str]:
     return registry.names()
 
 
-def check_provider_types(config: ManagerConfig, known: ProviderRegistry | None = None) -> None:
-    """Every model's provider is an instance under ``providers:`` or a provider type that
-    exists (one that is merely not installed passes), so a registry edit cannot save a model
-    that every later command would refuse."""
+def check_providers(config: ManagerConfig, known: ProviderRegistry | None = None) -> None:
+    """What starting the providers would refuse, without starting them: every provider
+    instance (configured under ``providers:`` or named by a model) has a type that exists
+    (one that is merely not installed passes) and settings its type accepts.  Every command
+    runs it on the file it reads, and a registry edit before it writes, so no command
+    accepts a file that another refuses."""
     known = known or registry
+    users: dict[str, list[str]] = {}
     for name, spec in config.models.items():
-        settings = config.providers.get(spec.provider) or {}
+        users.setdefault(spec.provider, []).append(name)
+    for instance in sorted(set(config.providers) | set(users)):
+        settings = dict(config.providers.get(instance) or {})
+        type_name = str(settings.pop("type", instance))
         try:
-            known.get(str(settings.get("type", spec.provider)))
+            factory = known.get(type_name)
         except ProviderUnavailable:
             continue
         except ConfigError as exc:
-            raise ConfigError(f"models.{name}.provider: {exc}") from None
+            named_by = sorted(users.get(instance, []))
+            where = f"models.{named_by[0]}.provider" if named_by else f"providers.{instance}.type"
+            raise ConfigError(f"{where}: {exc}") from None
+        if isinstance(factory, type) and issubclass(factory, Provider):
+            try:
+                factory.Settings.model_validate(settings)
+            except ValidationError as exc:
+                raise ConfigError(
+                    describe_validation_error(exc, f"providers.{instance}", factory.Settings)
+                ) from None
+
+
+check_provider_types = check_providers  # its older name
 
 
 __all__ = [
@@ -154,6 +176,7 @@ __all__ = [
     "Tier",
     "available_providers",
     "check_provider_types",
+    "check_providers",
     "create_provider",
     "register_provider",
     "registry",

@@ -15,11 +15,12 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.errors import ServerErrorMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import events as ev
@@ -28,11 +29,14 @@ from ..core import ModelManager
 from ..errors import ModelMoraError
 from ..spec import parse_duration
 from .errors import (
+    ERROR_RESPONSES,
     APIError,
     api_error,
     handle_api_error,
+    handle_http_error,
     handle_internal_error,
     handle_modelmora_error,
+    handle_validation_error,
     registered,
     resident_or_registered,
 )
@@ -40,7 +44,7 @@ from .hot_path import HotPath
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
-from .security import AUTHORISED, Guard, allowed_hosts
+from .security import AUTHORISED, Guard, HostCheck, allowed_hosts
 
 HISTORY = 50
 
@@ -142,6 +146,7 @@ def create_app(
         summary="Keeps the right models resident: REST API, OpenAI-compatible swapping proxy, metrics.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.manager = mm
     # the recent lifecycle events, sent first to each new /events client (the status page
@@ -158,10 +163,12 @@ def create_app(
         front = CORSMiddleware(
             front, allow_origins=list(allow_origins), allow_methods=["*"], allow_headers=["*"]
         )
-    front = TrustedHostMiddleware(front, allowed_hosts=allowed_hosts(token, allow_hosts), www_redirect=False)
+    front = HostCheck(front, allowed_hosts(token, allow_hosts))
     # a bug in the checks or the hot path is answered as FastAPI answers any other (JSON)
     app.front = ServerErrorMiddleware(front, handler=handle_internal_error)
     app.add_exception_handler(APIError, handle_api_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(ModelMoraError, handle_modelmora_error)
     app.add_exception_handler(Exception, handle_internal_error)
 
@@ -214,7 +221,7 @@ def create_app(
         try:
             keep_alive = None if body.keep_alive is None else parse_duration(body.keep_alive)
         except ValueError as exc:
-            raise api_error(422, f"keep_alive: {exc}", "invalid_keep_alive") from None
+            raise api_error(422, f"keep_alive: {exc}", "invalid_keep_alive", param="keep_alive") from None
         handle = await mm.load(registered(mm, name), pin=body.pin, keep_alive=keep_alive)
         return {"model": name, "loaded": True, "memory": dict(handle.memory), "pinned": body.pin}
 

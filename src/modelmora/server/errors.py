@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core import ModelManager
 from ..errors import (
@@ -22,16 +26,26 @@ from ..errors import (
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, retry_after: int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None,
+        retry_after: int | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.retry_after = retry_after
+        self.param = param
 
 
-def api_error(status: int, message: str, code: str, *, retry_after: int | None = None) -> APIError:
-    return APIError(status, message, code, retry_after)
+def api_error(
+    status: int, message: str, code: str | None, *, retry_after: int | None = None, param: str | None = None
+) -> APIError:
+    return APIError(status, message, code, retry_after, param)
 
 
 def registered(manager: ModelManager, name: str) -> str:
@@ -68,20 +82,91 @@ def status_for(exc: ModelMoraError) -> int:
             return 502 if exc.provider else 500
 
 
-def _body(status: int, message: str, code: str) -> dict[str, object]:
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape: every error the server answers has it (the schema says so
+    instead of FastAPI's ``{"detail": [...]}`` for 422)."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "Invalid request (OpenAI's error shape)"},
+}
+
+
+def openai_error(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, object]:
+    """OpenAI's error shape, the one every error of the server has: ``{"error": {"message",
+    "type", "param", "code"}}``, ``code`` a string or null (the ``openai`` SDK reads them
+    into its exceptions' ``.code`` and ``.param``)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_body(exc: APIError) -> dict[str, object]:
     """OpenAI's error shape for ``exc``."""
-    return _body(exc.status, exc.message, exc.code)
+    return openai_error(exc.status, exc.message, exc.code, exc.param)
 
 
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return JSONResponse(_body(exc.status, exc.message, exc.code), status_code=exc.status, headers=headers)
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def handle_http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, a method the route lacks) in the same shape
+    (FastAPI answers ``{"detail": "Not Found"}``)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (204, 304) or exc.status_code < 400:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        message = f"{request.method} is not allowed on {request.url.path}" + (
+            f" (allowed: {allowed})" if allowed else ""
+        )
+    else:
+        message = str(exc.detail)
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return JSONResponse(
+        openai_error(exc.status_code, message, code), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+_FRIENDLY = {"extra_forbidden": "unknown field", "missing": "required field missing"}
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """A body, path or query parameter FastAPI refused (422), in the same shape: the first
+    problem in one line, ``param`` naming the field and ``code`` pydantic's error type
+    (``missing``, ``json_invalid``, ...)."""
+    assert isinstance(exc, RequestValidationError)
+    errors: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid_request"}
+    loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
+    param = ".".join(loc[1:]) if len(loc) > 1 and loc[0] in ("body", "query", "path", "header") else None
+    kind = str(first.get("type") or "invalid_request")
+    if kind == "json_invalid":
+        ctx = first.get("ctx")
+        why = ctx.get("error") if isinstance(ctx, dict) else None
+        message = "the body is not valid JSON" + (f": {why}" if why else "")
+    else:
+        text = _FRIENDLY.get(kind) or str(first.get("msg") or "invalid value")
+        message = f"{param}: {text}" if param else text
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return JSONResponse(openai_error(422, message, kind, param), status_code=422)
 
 
 def waiting_cannot_help(manager: ModelManager, exc: InsufficientMemory) -> bool:
@@ -108,23 +193,30 @@ async def handle_modelmora_error(request: Request, exc: Exception) -> JSONRespon
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     elif status == 503:
         headers = {"Retry-After": "5"}  # until something else lets go, which nothing predicts
-    return JSONResponse(_body(status, str(exc), type(exc).__name__), status_code=status, headers=headers)
+    return JSONResponse(
+        openai_error(status, str(exc), type(exc).__name__), status_code=status, headers=headers
+    )
 
 
 async def handle_internal_error(request: Request, exc: Exception) -> JSONResponse:
     """Anything else is a bug; it is still answered in the API's shape, in one line."""
     message = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0][:500]
-    return JSONResponse(_body(500, message, "internal_error"), status_code=500)
+    return JSONResponse(openai_error(500, message, "internal_error"), status_code=500)
 
 
 __all__ = [
+    "ERROR_RESPONSES",
     "APIError",
+    "ErrorBody",
     "api_error",
     "error_body",
     "handle_api_error",
+    "handle_http_error",
     "handle_internal_error",
     "handle_modelmora_error",
+    "handle_validation_error",
     "http_status",
+    "openai_error",
     "registered",
     "resident_or_registered",
     "status_for",

@@ -3,8 +3,9 @@
 Tools that speak OpenAI's API point at ``http://box:8765/v1``; the ``model`` field picks a
 registry model.  Each request takes a lease (loading the model, waiting in line when
 leases hold the memory), forwards to the runtime's own OpenAI endpoint with the model
-renamed to what the runtime calls it, passes the answer through untouched (streaming
-included) and releases the lease when the last byte is out.  ``keep_alive`` (a body field
+renamed to what the runtime calls it, passes the answer through (streaming included; its
+top-level ``"model"`` renamed back to the name asked for, see :class:`ModelRenamer`) and
+releases the lease when the last byte is out.  ``keep_alive`` (a body field
 or the ``X-Keep-Alive`` header, which Ollama's own OpenAI endpoint lacks) says how long the
 model stays afterwards.  In-process embedding models answer ``/v1/embeddings`` here.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -36,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 from ..core import Lease, ModelManager, State
 from ..errors import ModelMoraError
 from ..providers.base import Handle
-from ..spec import parse_duration
+from ..spec import OPENAI_ENDPOINTS, ModelSpec, parse_duration
 from .errors import APIError, api_error, error_body, http_status, registered
 from .metrics import Metrics
 from .upstream import UpstreamError, UpstreamPool
@@ -72,6 +74,10 @@ ROUTES: dict[str, type[_Body]] = {
 }
 
 _UNDER_WAY = (State.LOADING, State.WAKING)
+
+# seconds /v1/models waits for runtimes to say what their models serve (Ollama's /api/show,
+# once per model); a runtime that is down limits nothing rather than holding the list up
+SERVES_TIMEOUT = 2.0
 
 # the headers that describe the body, which is passed through as the runtime sent it
 _ENTITY_HEADERS = frozenset(
@@ -140,7 +146,7 @@ class Proxy:
         try:
             return parse_duration(raw)
         except ValueError as exc:
-            raise api_error(400, f"keep_alive: {exc}", "invalid_keep_alive") from None
+            raise api_error(400, f"keep_alive: {exc}", "invalid_keep_alive", param="keep_alive") from None
 
     def _load_under_way(self, name: str) -> bool:
         """Admitted and loading (or waking): it will be ready without another swap."""
@@ -169,14 +175,29 @@ class Proxy:
             self.queued[name] -= 1
             self.queued_bytes -= size
 
+    async def routes(self, spec: ModelSpec) -> frozenset[str] | None:
+        """The routes below ``/v1/`` the model answers: what the registry declares
+        (``serves:``) within what its provider says; None when neither limits them (the
+        runtime decides).  A provider that cannot say now limits nothing: the lease reports
+        why it is unavailable."""
+        declared = None if spec.serves is None else frozenset(OPENAI_ENDPOINTS[s] for s in spec.serves)
+        try:
+            said = await self.manager.provider(spec.provider).serves(spec)
+        except ModelMoraError:
+            return declared
+        if said is None or declared is None:
+            return declared if said is None else said
+        return said & declared
+
+    async def capabilities(self, spec: ModelSpec) -> list[str]:
+        """``chat``, ``completions``, ``embeddings``: what ``/v1/models`` says a model serves."""
+        routes = await self.routes(spec)
+        return [what for what, route in OPENAI_ENDPOINTS.items() if routes is None or route in routes]
+
     async def _check_route(self, name: str, path: str) -> None:
         """Refuse, before any lease (a lease may evict others), a route the model cannot serve."""
         spec = self.manager.spec(name)
-        provider = self.manager.provider(spec.provider)
-        try:
-            routes = await provider.serves(spec)
-        except ModelMoraError:
-            return  # the runtime cannot say now; the lease will report why
+        routes = await self.routes(spec)
         if routes is None or path in routes:
             return
         if not routes:
@@ -220,8 +241,10 @@ class Proxy:
         self, lease: Lease, handle: Handle, path: str, body: _Body, request: Request
     ) -> Response:
         url, payload = self._upstream(handle, path, body)
-        # the bytes pass through untouched, so the runtime may compress only as the client can decode
-        accept = request.headers.get("accept-encoding", "identity")
+        # the bytes pass through untouched, so the runtime may compress only as the client can
+        # decode; an answer whose model is renamed is asked for uncompressed
+        rename = handle.model_name != body.model
+        accept = "identity" if rename else request.headers.get("accept-encoding", "identity")
         try:
             reply = await self.client.post(url, json=payload, headers={"accept-encoding": accept})
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -237,7 +260,7 @@ class Proxy:
             reply.release()
             lease.release()
 
-        async def content() -> AsyncIterator[bytes]:
+        async def released_at_end() -> AsyncIterator[bytes]:
             # the lease ends before the last byte goes out: at once when the runtime's answer
             # is complete with this chunk, else before the end of the body is sent
             async for chunk in reply.content.iter_any():
@@ -246,7 +269,12 @@ class Proxy:
                 yield chunk
             lease.release()
 
-        return _LeasedStream(content(), close, status_code=reply.status, headers=headers)
+        content: AsyncIterator[bytes] = released_at_end()
+        encoding = next((v for k, v in headers.items() if k.lower() == "content-encoding"), "identity")
+        if rename and encoding.lower() == "identity":
+            kind = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+            content = renamed(content, body.model, stream=_is_stream(kind))
+        return _LeasedStream(content, close, status_code=reply.status, headers=headers)
 
     def _unreachable(self, handle: Handle, name: str, exc: BaseException) -> APIError:
         self.metrics.count_request(name, 502)
@@ -272,7 +300,7 @@ class Proxy:
             return None
         spec = mm.spec(name)
         try:
-            routes = await mm.provider(spec.provider).serves(spec)
+            routes = await self.routes(spec)
             if routes is not None and path not in routes:
                 return None
             lease = mm.use(name, keep_alive=keep_alive)
@@ -285,9 +313,12 @@ class Proxy:
             lease.release()
             return None
         url, payload = self._upstream(handle, path, body)
+        rename = handle.model_name != name  # only then: the answer passes through as it is
         try:
             reply = await self.upstream.post(
-                url, _json(payload), [(b"Accept-Encoding", accept_encoding.encode("latin-1"))]
+                url,
+                _json(payload),
+                [(b"Accept-Encoding", b"identity" if rename else accept_encoding.encode("latin-1"))],
             )
         except UpstreamError as exc:
             lease.release()
@@ -305,13 +336,20 @@ class Proxy:
             lease.release()
             return None
         self.metrics.count_request(name, reply.status)
-        headers = [(k, v) for k, v in reply.headers if k in _PASSED_HEADERS_B]
+        answer = reply.body
+        if rename and _plain(reply.headers):
+            # the length changes with the name: the answer goes out chunked
+            headers = [(k, v) for k, v in reply.headers if k in _RENAMED_HEADERS_B]
+            kind = next((v for k, v in reply.headers if k == b"content-type"), b"")
+            answer = renamed(answer, name, stream=_is_stream(kind))
+        else:
+            headers = [(k, v) for k, v in reply.headers if k in _PASSED_HEADERS_B]
 
         def close() -> None:
             reply.release()
             lease.release()
 
-        return HotAnswer(reply.status, headers, reply.body, close)
+        return HotAnswer(reply.status, headers, answer, close)
 
     async def _in_process(self, handle: Handle, path: str, body: _Body) -> Response:
         if path != "embeddings" or not isinstance(body, EmbeddingRequest):
@@ -338,6 +376,100 @@ class Proxy:
         return JSONResponse(
             {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         )  # fmt: skip
+
+
+# an object key "model" and its string value; a JSON string cannot hold an unescaped quote,
+# so in a valid document this matches keys only, never text inside a value
+_MODEL_FIELD = re.compile(rb'("model"\s*:\s*)"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_RENAMED_HEADERS_B = _PASSED_HEADERS_B - {b"content-length"}
+
+
+def _plain(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The answer is not compressed (the runtime was asked for identity; one may not listen)."""
+    return all(k != b"content-encoding" or v.strip().lower() == b"identity" for k, v in headers)
+
+
+def _is_stream(content_type: str | bytes) -> bool:
+    text = content_type.decode("latin-1") if isinstance(content_type, bytes) else content_type
+    return text.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+def rename_model(document: bytes, value: bytes) -> bytes:
+    """``document`` (one JSON text, or one ``data: {...}`` line of a stream) with its
+    top-level ``"model"`` set to ``value`` (a JSON string); nested ``"model"`` keys (a
+    runtime echoing a request, say) are left alone.  The key is found by a literal scan; its
+    depth by counting the brackets outside strings on the shorter side of it (before it:
+    one open; after its value: one more close than opens), all in C, so a megabyte of
+    embeddings is never tokenised in Python, whether the runtime writes ``model`` first
+    (Ollama, vLLM) or after the data (llama.cpp sorts its keys)."""
+    for match in _MODEL_FIELD.finditer(document):
+        start, end = match.span()
+        if start <= len(document) - end:
+            side, want = _STRING.sub(b"", document[:start]), 1
+        else:
+            side, want = _STRING.sub(b"", document[end:]), -1
+        if side.count(b"{") + side.count(b"[") - side.count(b"}") - side.count(b"]") == want:
+            return document[:start] + match.group(1) + value + document[end:]
+    return document
+
+
+class ModelRenamer:
+    """Sets the top-level ``"model"`` of a runtime's answer to the name the client asked for
+    (``qwen2.5:14b`` → ``qwen``).  A stream (server-sent events) is renamed line by line as
+    its bytes arrive, so an event goes out as soon as its line is complete; a JSON answer
+    when it has all arrived (its length changes).  A scan over bytes, not a JSON decode and
+    encode: an answer of megabytes (embeddings) costs a pass, not two."""
+
+    __slots__ = ("_held", "_stream", "_value")
+
+    def __init__(self, name: str, *, stream: bool):
+        self._value = json.dumps(name).encode()
+        self._stream = stream
+        self._held: list[bytes] = []
+
+    def _lines(self, data: bytes) -> bytes:
+        if b'"model"' not in data:
+            return data
+        value = self._value
+        return b"\n".join(
+            rename_model(line, value) if b'"model"' in line else line for line in data.split(b"\n")
+        )
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What can go out now: a stream's complete lines (with what was held before them)."""
+        cut = chunk.rfind(b"\n") + 1 if self._stream else 0
+        if not cut:
+            self._held.append(chunk)
+            return b""
+        if self._held:
+            self._held.append(chunk[:cut])
+            lines = b"".join(self._held)
+            self._held = []
+        else:
+            lines = chunk[:cut]
+        if cut < len(chunk):
+            self._held.append(chunk[cut:])
+        return self._lines(lines)
+
+    def end(self) -> bytes:
+        """The rest: a JSON answer whole, or a stream's last line without a newline."""
+        rest, self._held = b"".join(self._held), []
+        if not rest:
+            return b""
+        return self._lines(rest) if self._stream else rename_model(rest, self._value)
+
+
+async def renamed(chunks: AsyncIterator[bytes], name: str, *, stream: bool) -> AsyncIterator[bytes]:
+    """``chunks`` with the top-level ``"model"`` naming ``name`` (see :class:`ModelRenamer`)."""
+    renamer = ModelRenamer(name, stream=stream)
+    async for chunk in chunks:
+        out = renamer.feed(chunk)
+        if out:
+            yield out
+    tail = renamer.end()
+    if tail:
+        yield tail
 
 
 @dataclasses.dataclass
@@ -382,16 +514,45 @@ class _LeasedStream(StreamingResponse):
 def router(proxy: Proxy) -> APIRouter:
     api = APIRouter(prefix="/v1", tags=["OpenAI-compatible proxy"])
 
+    async def model_object(name: str, capabilities: list[str], now: int) -> dict[str, Any]:
+        spec = proxy.manager.config.models[name]
+        return {
+            "id": name, "object": "model", "created": now, "owned_by": spec.provider,
+            "capabilities": capabilities,
+        }  # fmt: skip
+
+    async def capabilities_of(names: list[str]) -> dict[str, list[str]]:
+        """What each model serves; a runtime that cannot say within ``SERVES_TIMEOUT``
+        (asked once per model; cached) limits nothing, as on the request path."""
+        models = proxy.manager.config.models
+        found = {name: list(OPENAI_ENDPOINTS) for name in names}
+
+        async def ask(name: str) -> None:
+            found[name] = await proxy.capabilities(models[name])
+
+        with anyio.move_on_after(SERVES_TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(ask, name)
+        return found
+
     @api.get("/models")
     async def list_models() -> dict[str, Any]:
+        """The registry's models, each with what it serves (``capabilities``: ``chat``,
+        ``completions``, ``embeddings``; empty for a simulated runtime)."""
         now = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": now, "owned_by": spec.provider}
-                for name, spec in sorted(proxy.manager.config.models.items())
-            ],
-        }
+        names = sorted(proxy.manager.config.models)
+        serves = await capabilities_of(names)
+        return {"object": "list", "data": [await model_object(n, serves[n], now) for n in names]}
+
+    # {model:path}: registry names may contain "/" (team/llm)
+    @api.get("/models/{model:path}")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        """One model (the ``openai`` SDK's ``models.retrieve``); 404 for a name the registry
+        does not have, with a did-you-mean."""
+        registered(proxy.manager, model)
+        serves = await capabilities_of([model])
+        return await model_object(model, serves[model], int(time.time()))
 
     @api.post("/chat/completions")
     async def chat(request: Request, body: ChatRequest) -> Response:
@@ -408,4 +569,4 @@ def router(proxy: Proxy) -> APIRouter:
     return api
 
 
-__all__ = ["Proxy", "router"]
+__all__ = ["ModelRenamer", "Proxy", "rename_model", "renamed", "router"]

@@ -1,7 +1,7 @@
 """What stands between the network and the manager, as plain ASGI middleware that runs before
 FastAPI reads a body:
 
-* **Host allow-list** (starlette's ``TrustedHostMiddleware``, see :func:`allowed_hosts`): a
+* **Host allow-list** (:class:`HostCheck`, see :func:`allowed_hosts`): a
   server without a token answers only to loopback host names, so a DNS-rebinding page
   (``attacker.example`` resolved to 127.0.0.1) gets 400.
 * **Token** (:class:`Guard`): with one set, every route but ``/health`` needs
@@ -29,6 +29,8 @@ from urllib.parse import unquote_to_bytes
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..spec import format_duration
+
 OPEN_PATHS = frozenset({"/health"})
 QUERY_TOKEN_PATHS = frozenset({"/", "/events"})  # the status page and its EventSource
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -50,11 +52,11 @@ def allowed_hosts(token: str | None, extra: Iterable[str] = ()) -> list[str]:
 
 
 async def _reply(
-    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "code": status}}
-    ).encode()
+    """A refusal in OpenAI's error shape, as every error of the server is."""
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    body = json.dumps({"error": error}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -64,6 +66,46 @@ async def _reply(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class HostCheck:
+    """Answers only to ``allowed`` host names (``*`` any; ``*.example.com`` its subdomains),
+    like starlette's ``TrustedHostMiddleware`` but refusing in the API's error shape."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]):
+        self.app = app
+        self.any = "*" in allowed
+        self.exact = frozenset(h.lower() for h in allowed if not h.startswith("*"))
+        self.suffixes = tuple(h[1:].lower() for h in allowed if h.startswith("*."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.any or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = _host_name((header(scope, b"host") or b"").decode("latin-1"))
+        if host in self.exact or (self.suffixes and host.endswith(self.suffixes)):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        shown = host[:100] or "(none)"
+        await _reply(
+            send,
+            400,
+            f"invalid Host header {shown!r}: without a token the server answers to loopback names "
+            "only; start it with --allow-host or a token",
+            "invalid_host",
+        )
+
+
+def _host_name(value: str) -> str:
+    """The host of a ``Host`` header, without the port (``[::1]:8765`` → ``[::1]``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1] if end > 0 else value
+    return value.partition(":")[0]
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -135,11 +177,17 @@ class Guard:
         authorised = self._authorised(scope)
         scope[AUTHORISED] = authorised
         if not authorised and scope["path"] not in OPEN_PATHS:
-            await _reply(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+            await _reply(
+                send,
+                401,
+                "missing or wrong bearer token",
+                "invalid_api_key",
+                [(b"www-authenticate", b"Bearer")],
+            )
             return
         refused = self._cross_origin(scope)
         if refused is not None:
-            await _reply(send, 403, refused)
+            await _reply(send, 403, refused, "cross_origin_refused")
             return
         length = header(scope, b"content-length")
         has_body = header(scope, b"transfer-encoding") is not None or (
@@ -149,18 +197,35 @@ class Guard:
             await self.app(scope, receive, send)
             return
         if scope["method"] not in SAFE_METHODS and not _is_json(header(scope, b"content-type") or b""):
-            await _reply(send, 415, "request bodies must be JSON (Content-Type: application/json)")
+            await _reply(
+                send,
+                415,
+                "request bodies must be JSON (Content-Type: application/json)",
+                "unsupported_media_type",
+            )
             return
         if length is not None and length.strip().isdigit() and int(length) > self.max_body:
-            await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
+            await _reply(
+                send,
+                413,
+                f"request body over {self.max_body} bytes",
+                "request_too_large",
+                [(b"connection", b"close")],
+            )
             return
         try:
             body = await self._read_body(receive)
         except _TooLarge:
-            await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
+            await _reply(
+                send,
+                413,
+                f"request body over {self.max_body} bytes",
+                "request_too_large",
+                [(b"connection", b"close")],
+            )
             return
         except TimeoutError:
-            await _reply(send, 408, f"request body not received within {self.read_timeout:g} s", [(b"connection", b"close")])  # fmt: skip
+            await _reply(send, 408, f"request body not received within {format_duration(self.read_timeout)}", "request_timeout", [(b"connection", b"close")])  # fmt: skip
             return
         if body is None:
             return  # the client went away while sending it
@@ -201,4 +266,4 @@ def is_loopback(host: str) -> bool:
     return host in {"127.0.0.1", "::1", "localhost"} or host.startswith("127.")
 
 
-__all__ = ["AUTHORISED", "LOOPBACK_HOSTS", "Guard", "allowed_hosts", "header", "is_loopback"]
+__all__ = ["AUTHORISED", "LOOPBACK_HOSTS", "Guard", "HostCheck", "allowed_hosts", "header", "is_loopback"]

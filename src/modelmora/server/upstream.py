@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator
 
 import httptools
 
+from ..spec import format_duration
+
 _HIGH_WATER = 256 * 1024  # bytes of an answer held before reading from the runtime pauses
 _IDLE_PER_HOST = 16  # idle connections kept per runtime; more are closed when released
 
@@ -163,7 +165,7 @@ class _Connection(asyncio.Protocol):
 
 def _expire(waiter: asyncio.Future[None], timeout: float) -> None:
     if not waiter.done():
-        waiter.set_exception(UpstreamError(f"no byte from the runtime in {timeout:g} s"))
+        waiter.set_exception(UpstreamError(f"no byte from the runtime in {format_duration(timeout)}"))
 
 
 class UpstreamReply:
@@ -285,7 +287,7 @@ class UpstreamPool:
             )
         except TimeoutError:
             raise UpstreamError(
-                f"could not connect to {key[0]}:{key[1]} in {self.connect_timeout:g} s"
+                f"could not connect to {key[0]}:{key[1]} in {format_duration(self.connect_timeout)}"
             ) from None
         except OSError as exc:
             raise UpstreamError(f"could not connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from None
