@@ -142,7 +142,7 @@ class ModelManager:
             try:
                 await core.wind_down()
                 if self.unload_on_exit:
-                    await self._unload_all(force=True)
+                    await self._unload_all(force=True, shutdown=True)
             except Exception:
                 log.exception("shutting the ModelManager down")
         tg.cancel_scope.cancel()
