@@ -121,12 +121,21 @@ class Core:
             return spec
         raise UnknownModel(name, self.config.models)
 
-    def new_entry(self, spec: ModelSpec, state: State = State.QUEUED) -> Entry:
+    def new_entry(
+        self,
+        spec: ModelSpec,
+        state: State = State.QUEUED,
+        *,
+        estimate: Footprint | None = None,
+        measured: Footprint | None = None,
+    ) -> Entry:
         """A row for ``spec``, not yet in the table, that remembers the last measurement
         (a reload reserves what the model really took, not only its estimate)."""
-        entry = Entry(spec, self.key(spec), now=self.clock(), state=state)
-        if spec.name in self.history:
-            entry.measured = self.history[spec.name][0]
+        if measured is None and spec.name in self.history:
+            measured = self.history[spec.name][0]
+        entry = Entry(
+            spec, self.key(spec), now=self.clock(), state=state, estimate=estimate, measured=measured
+        )
         provider = self.providers.get(spec.provider)
         entry.can_park = spec.warm_tier and provider is not None and provider.capabilities.warm_tier
         return entry

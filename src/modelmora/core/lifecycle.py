@@ -129,7 +129,16 @@ class Entry:
         "waiters",
     )
 
-    def __init__(self, spec: ModelSpec, key: str, *, now: float, state: State = State.QUEUED):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        key: str,
+        *,
+        now: float,
+        state: State = State.QUEUED,
+        estimate: Footprint | None = None,
+        measured: Footprint | None = None,
+    ):
         self.spec = spec
         self.key = key  # the runtime's identity for the target (Provider.target_key)
         self.state = state
@@ -143,8 +152,8 @@ class Entry:
         self.keep_alive: float | None = spec.keep_alive
         self.pinned = spec.pinned
         self.owned = True
-        self.estimate = Footprint(spec.memory)
-        self.measured: Footprint | None = None  # active footprint once measured
+        self.estimate = estimate if estimate is not None else Footprint(spec.memory)
+        self.measured: Footprint | None = measured  # active footprint once measured
         self.parked: Footprint | None = None  # warm-tier footprint once measured
         self.can_park = False
         self.handle: Handle | None = None

@@ -113,12 +113,15 @@ class Reconciler:
         """A model found resident: in the table at once (LOADING, counted for what the
         runtime reports), ready once the provider's ``adopt`` says it can serve."""
         core = self.core
-        entry = core.new_entry(spec, State.LOADING)
-        entry.measured = Footprint(seen.memory) if seen.memory else entry.measured
-        entry.owned = seen.owned
         asleep = seen.tier is Tier.SLEEPING
-        if asleep and seen.memory:
-            entry.estimate = Footprint(seen.memory)  # until adopted: what it holds asleep
+        entry = core.new_entry(
+            spec,
+            State.LOADING,
+            measured=Footprint(seen.memory) if seen.memory else None,
+            # until adopted, a model found asleep is counted for what it holds asleep
+            estimate=Footprint(seen.memory) if asleep and seen.memory else None,
+        )
+        entry.owned = seen.owned
         entry.can_park = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
         attempt = Attempt(adoption=True)
         core.spawn(
