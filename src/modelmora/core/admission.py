@@ -54,6 +54,8 @@ class Admission:
             need = dict(memory)
         elif entry.state in (State.SLEEPING, State.WAKING):
             need = entry.reservation.maximum(entry.warm).as_dict()
+        elif entry.size_unknown:
+            need = {}  # the headroom an earlier decision reserved is not its size
         else:
             need = entry.reservation.as_dict()
         unknown = (entry.spec.device,) if entry.size_unknown and memory is None else ()

@@ -309,6 +309,8 @@ class Loader:
                     if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
                         if entry.state in (State.QUEUED, State.SLEEPING):
                             self._reserve(entry, plan)
+                        elif plan.reserve and entry.state is State.LOADING:
+                            core.lifecycle.update(entry, estimate=Footprint(plan.reserve))  # as free now
                         return
                     if entry.state in (State.LOADING, State.WAKING):
                         core.lifecycle.apply(entry, Action.REQUEUE)  # the world moved: start over

@@ -139,7 +139,11 @@ class Transitions:
             core.lifecycle.apply(entry, Action.PARK_FAILED)
             if self.settle(entry):  # its runtime died meanwhile: nothing is left to unload
                 return True
-            if entry.leases:
+            gate = entry.gate
+            waiting = entry.leases
+            if gate is not None and evicted_for is not None and evicted_for.name in gate.admissions:
+                waiting -= gate.queued  # they yield to the admission this park is for
+            if waiting:
                 log.warning("parking %s failed (%s); kept ready: a caller waits for it", entry.name, exc)
                 return False
             log.warning("parking %s failed (%s); unloading it instead", entry.name, exc)
