@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,7 +174,8 @@ def chat(url: str, *, stream: bool = False) -> int:
 
 
 def request_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if "/v1/chat/completions" in line]
+    """modelmora's request lines (at DEBUG uvicorn's access log names the path too)."""
+    return [line for line in out.splitlines() if re.search(r"POST /v1/chat/completions \S+ \d{3} ", line)]
 
 
 def test_each_proxied_request_and_load_is_a_line(
