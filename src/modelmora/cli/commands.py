@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
+import logging.config
 import math
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import anyio
+import anyio.abc
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -1038,6 +1042,13 @@ def demo(
         raise typer.Exit(1)
 
 
+class LogLevel(enum.StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
@@ -1073,13 +1084,32 @@ def serve(
             help="Another host name the token-less server answers to, e.g. gpu-box.local (repeatable).",
         ),
     ] = None,
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(
+            "--log-level",
+            case_sensitive=False,
+            help="info: a line per proxied request and per load, eviction, park and failure; "
+            "debug: leases and uvicorn's own lines too; warning: failures only.",
+        ),
+    ] = LogLevel.info,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Same as --log-level debug.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Same as --log-level warning.")] = False,
 ) -> None:
-    """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/)."""
+    """Serve the REST API, the OpenAI-compatible proxy (/v1), /metrics and a status page (/).
+
+    Logs each proxied request and each lifecycle event on stderr; Ctrl-C or SIGTERM stops it
+    (ending open event streams, within about a second), a second Ctrl-C at once."""
     need("server", "modelmora serve")
     from ..server import create_app, is_loopback, server_options, token_from_env
-    from ..server.serving import uvloop_available
+    from ..server.serving import Server, bind, log_config, uvloop_available
     from ..spec import parse_size
 
+    if verbose and quiet:
+        raise typer.BadParameter("-v and -q contradict each other", param_hint="--verbose/--quiet")
+    level = (
+        logging.DEBUG if verbose else logging.WARNING if quiet else getattr(logging, log_level.name.upper())
+    )
     token = token_from_env()
     if not is_loopback(host) and token is None:
         fail(f"binding {host} exposes the server beyond this machine: set MODELMORA_TOKEN to a secret first")
@@ -1091,29 +1121,73 @@ def serve(
         limit = parse_size(max_body)
     except (ModelMoraError, ValueError) as exc:
         fail(str(exc))
+    # the lifecycle events at INFO (the manager reads its logger's level when it starts)
+    cfg = cfg.model_copy(update={"verbose": True})
     import uvicorn
 
-    async def main() -> None:
-        # the manager starts here, not in uvicorn's lifespan, so a runtime or budget problem is
-        # one line like everywhere else instead of a lifespan traceback after "serving"
-        async with ModelManager(cfg) as mm:
-            app_ = create_app(
-                mm, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}",
-                read_timeout=timeout, allow_hosts=[host, *(allow_host or [])],
-                allow_origins=allow_origin or [], enter_manager=False,
-            )  # fmt: skip
-            server = uvicorn.Server(
-                uvicorn.Config(
-                    app_, host=host, port=port, log_level="warning", **server_options(read_timeout=timeout)
-                )
-            )
-            err.print(
-                f"modelmora serving {cfg.describe()} on http://{host}:{port} (OpenAI proxy at /v1)",
-                highlight=False,
-            )
-            await server.serve()
+    try:
+        sockets = bind(host, port)  # before anything claims to serve
+    except OSError as exc:
+        fail(f"cannot serve on {host}:{port}: {(exc.strerror or str(exc)).lower()}")
+    logging.config.dictConfig(log_config(level))
 
-    run(main, uvloop=uvloop_available())
+    async def main() -> str:
+        stopped_by = ""
+        server: Server | None = None
+        serving = False
+        with anyio.CancelScope() as everything:
+            async with anyio.create_task_group() as tg:
+
+                async def on_signals(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                    nonlocal stopped_by
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        task_status.started()
+                        async for sig in signals:
+                            first, stopped_by = not stopped_by, stopped_by or signal.Signals(sig).name
+                            if server is None or not serving:  # starting, or the manager stopping
+                                everything.cancel()
+                            elif first:  # uvicorn's graceful shutdown, bounded
+                                server.should_exit = True
+                            else:  # stop waiting for requests still running
+                                server.force_exit = True
+
+                await tg.start(on_signals)
+                try:
+                    # the manager starts here, not in uvicorn's lifespan, so a runtime or budget
+                    # problem is one line like everywhere else instead of a lifespan traceback
+                    async with ModelManager(cfg) as mm:
+                        app_ = create_app(
+                            mm, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}",
+                            read_timeout=timeout, allow_hosts=[host, *(allow_host or [])],
+                            allow_origins=allow_origin or [], enter_manager=False,
+                        )  # fmt: skip
+                        server = Server(
+                            uvicorn.Config(
+                                app_, log_config=None, access_log=level <= logging.DEBUG,
+                                timeout_graceful_shutdown=1, **server_options(read_timeout=timeout),
+                            ),
+                            on_stop=app_.state.event_streams.end,
+                        )  # fmt: skip
+                        err.print(
+                            f"modelmora serving {cfg.describe()} on http://{host}:{port} (OpenAI proxy at /v1)",
+                            highlight=False,
+                        )
+                        serving = True
+                        await server.serve(sockets=sockets)
+                        if server.force_exit:  # uvicorn skips the app's shutdown then: it is quick
+                            with anyio.move_on_after(1):
+                                await server.lifespan.shutdown()
+                        serving = False
+                finally:
+                    tg.cancel_scope.cancel()
+        return stopped_by
+
+    try:
+        stopped_by = run(main, uvloop=uvloop_available())
+    finally:
+        for sock in sockets:
+            sock.close()
+    err.print(f"modelmora stopped ({stopped_by or 'done'})", highlight=False)
 
 
 def _duration_opt(flag: str, value: str | None) -> float | None:

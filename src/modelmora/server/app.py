@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -85,6 +86,27 @@ def event_to_dict(event: ev.Event) -> dict[str, Any]:
     return data
 
 
+class EventStreams:
+    """The open ``/events`` streams.  :meth:`end` (the server is stopping) closes each one's
+    sending side, so its reader gets the events already queued and then the end of the
+    stream; a stream opened after it ends at once.  Without it the status page held a
+    stopping server until the browser went away."""
+
+    def __init__(self) -> None:
+        self.senders: set[MemoryObjectSendStream[dict[str, Any]]] = set()
+        self.ended = False
+
+    def add(self, send: MemoryObjectSendStream[dict[str, Any]]) -> None:
+        self.senders.add(send)
+        if self.ended:
+            send.close()
+
+    def end(self) -> None:
+        self.ended = True
+        for send in list(self.senders):
+            send.close()
+
+
 class _App(FastAPI):
     """FastAPI with modelmora's security checks and the proxy's hot path in front of
     FastAPI's own outer layers (its error and telemetry middleware, the router): a proxied
@@ -149,6 +171,7 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     app.state.manager = mm
+    streams = app.state.event_streams = EventStreams()
     # the recent lifecycle events, sent first to each new /events client (the status page
     # opened after a load still shows it)
     history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
@@ -247,25 +270,31 @@ def create_app(
             send.send_nowait({**past, "history": True})
 
         def on_event(event: ev.Event) -> None:
-            # a slow reader misses events rather than slowing the manager down
-            with contextlib.suppress(anyio.WouldBlock):
+            # a slow reader misses events rather than slowing the manager down; after the
+            # server has ended the stream, none are sent
+            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
                 send.send_nowait(event_to_dict(event))
 
         # lease events only for a client that asks for them: built for nobody else
         unsubscribe = mm.events.subscribe(on_event, leases=leases)
+        streams.add(send)
 
         async def stream() -> AsyncIterator[str]:
             try:
                 yield ": connected\n\n"
                 while True:
                     with anyio.move_on_after(15) as idle:
-                        item = await receive.receive()
+                        try:
+                            item = await receive.receive()
+                        except anyio.EndOfStream:  # the server is stopping
+                            return
                     if idle.cancelled_caught:
                         yield ": ping\n\n"
                         continue
                     yield f"data: {json.dumps(item, default=str)}\n\n"
             finally:
                 unsubscribe()
+                streams.senders.discard(send)
                 send.close()
                 receive.close()
 
@@ -285,4 +314,4 @@ def token_from_env() -> str | None:
     return os.environ.get("MODELMORA_TOKEN") or None
 
 
-__all__ = ["LoadRequest", "UnloadRequest", "create_app", "event_to_dict", "token_from_env"]
+__all__ = ["EventStreams", "LoadRequest", "UnloadRequest", "create_app", "event_to_dict", "token_from_env"]

@@ -11,16 +11,35 @@ checked the token, the origin and the body limits and read the body) and asks
 the plain case — an invalid body, an unknown or not-ready model, streaming, a route the
 model does not serve — gets None there and goes down the full FastAPI path with its body
 replayed, so every error keeps one answer and one place that writes it.
+
+Both paths are logged here, one line per proxied request on ``modelmora.requests`` once its
+answer has gone out (method, path, model, status, seconds, and how long it waited for the
+model's load); when that logger is not enabled for INFO the hot path pays one level check.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .proxy import ROUTES, Proxy
+from .proxy import NOTE, ROUTES, Proxy, RequestNote
 from .security import header
 
 _PATHS = {f"/v1/{route}": route for route in ROUTES}
+log = logging.getLogger("modelmora.requests")
+
+
+def _log(scope: Scope, model: str, status: int, start: float, waited: float | None) -> None:
+    took = time.perf_counter() - start
+    if waited is None:
+        log.info("%s %s %s %s %.3fs", scope["method"], scope["path"], model, status or "-", took)
+    else:
+        log.info(
+            "%s %s %s %s %.3fs (waited %.2fs for its load)",
+            scope["method"], scope["path"], model, status or "-", took, waited,
+        )  # fmt: skip
 
 
 class HotPath:
@@ -35,6 +54,8 @@ class HotPath:
         if route is None:
             await self.app(scope, receive, send)
             return
+        logged = log.isEnabledFor(logging.INFO)
+        start = time.perf_counter() if logged else 0.0
         first = await receive()
         answer = None
         if first["type"] == "http.request" and not first.get("more_body", False):
@@ -46,7 +67,10 @@ class HotPath:
                 (header(scope, b"accept-encoding") or b"identity").decode("latin-1"),
             )
         if answer is None:
-            await self.app(scope, _replay(first, receive), send)
+            if logged:
+                await self._logged(scope, _replay(first, receive), send, start)
+            else:
+                await self.app(scope, _replay(first, receive), send)
             return
         try:
             await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
@@ -61,6 +85,24 @@ class HotPath:
             await send({"type": "http.response.body", "body": held, "more_body": False})
         finally:
             answer.close()  # no await: nothing can cancel it
+        if logged:
+            _log(scope, answer.model, answer.status, start, None)
+
+    async def _logged(self, scope: Scope, receive: Receive, send: Send, start: float) -> None:
+        """The full path, logged: the proxy notes the model and its wait in the scope."""
+        note = scope[NOTE] = RequestNote()
+        status = 0
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            _log(scope, note.model, status, start, note.waited)
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -88,6 +88,19 @@ _ENTITY_HEADERS = frozenset(
 _PASSED_HEADERS_B = frozenset(h.encode() for h in _ENTITY_HEADERS | {"content-length"})
 
 
+# the scope key of a proxied request's :class:`RequestNote` (set where requests are logged)
+NOTE = "modelmora.request"
+
+
+@dataclasses.dataclass(slots=True)
+class RequestNote:
+    """What the request log says of a proxied request beyond its method, path and status: the
+    model asked for, and how long it waited for that model to be ready (None: it was)."""
+
+    model: str = "-"
+    waited: float | None = None
+
+
 class Proxy:
     """Requests that find their model not ready wait for it, within two bounds:
 
@@ -152,8 +165,11 @@ class Proxy:
         """Admitted and loading (or waking): it will be ready without another swap."""
         return any(e.name == name and e.state in _UNDER_WAY for e in self.manager.entries())
 
-    async def _lease(self, name: str, keep_alive: float | None, size: int) -> tuple[Lease, Handle]:
-        """A lease, queueing while the model is not ready; 503 + Retry-After past the limits."""
+    async def _lease(
+        self, name: str, keep_alive: float | None, size: int, note: RequestNote | None = None
+    ) -> tuple[Lease, Handle]:
+        """A lease, queueing while the model is not ready; 503 + Retry-After past the limits.
+        ``note`` learns how long it waited."""
         ready = self.manager.is_loaded(name) and not self.manager.is_parked(name)
         lease = self.manager.use(name, keep_alive=keep_alive)
         if ready:
@@ -169,11 +185,14 @@ class Proxy:
             raise api_error(503, f"{why}; try again shortly", "queue_full", retry_after=5)
         self.queued[name] += 1
         self.queued_bytes += size
+        start = time.perf_counter()
         try:
             return lease, await lease.__aenter__()
         finally:
             self.queued[name] -= 1
             self.queued_bytes -= size
+            if note is not None:
+                note.waited = time.perf_counter() - start
 
     async def routes(self, spec: ModelSpec) -> frozenset[str] | None:
         """The routes below ``/v1/`` the model answers: what the registry declares
@@ -209,11 +228,14 @@ class Proxy:
 
     async def handle(self, request: Request, path: str, body: _Body) -> Response:
         name = body.model
+        note: RequestNote | None = request.scope.get(NOTE)
+        if note is not None:
+            note.model = name
         registered(self.manager, name)
         keep_alive = self._keep_alive(body, request.headers.get("x-keep-alive"))
         await self._check_route(name, path)
         try:
-            lease, handle = await self._lease(name, keep_alive, len(await request.body()))
+            lease, handle = await self._lease(name, keep_alive, len(await request.body()), note)
         except ModelMoraError as exc:
             self.metrics.count_request(name, http_status(self.manager, exc))
             raise
@@ -328,7 +350,7 @@ class Proxy:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(content)).encode()),
             ]
-            return HotAnswer(error.status, headers, _once(content), _nothing)
+            return HotAnswer(name, error.status, headers, _once(content), _nothing)
         except BaseException:
             lease.release()
             raise
@@ -349,7 +371,7 @@ class Proxy:
             reply.release()
             lease.release()
 
-        return HotAnswer(reply.status, headers, answer, close)
+        return HotAnswer(name, reply.status, headers, answer, close)
 
     async def _in_process(self, handle: Handle, path: str, body: _Body) -> Response:
         if path != "embeddings" or not isinstance(body, EmbeddingRequest):
@@ -474,10 +496,11 @@ async def renamed(chunks: AsyncIterator[bytes], name: str, *, stream: bool) -> A
 
 @dataclasses.dataclass
 class HotAnswer:
-    """A hot-path answer: its status, headers and body (passed through as the runtime sends
-    it, compressed or not, never buffered whole); ``close`` releases the runtime's connection
-    and the lease, however the answer ended."""
+    """A hot-path answer for ``model``: its status, headers and body (passed through as the
+    runtime sends it, compressed or not, never buffered whole); ``close`` releases the
+    runtime's connection and the lease, however the answer ended."""
 
+    model: str
     status: int
     headers: list[tuple[bytes, bytes]]
     body: AsyncIterator[bytes]
@@ -569,4 +592,4 @@ def router(proxy: Proxy) -> APIRouter:
     return api
 
 
-__all__ = ["ModelRenamer", "Proxy", "rename_model", "renamed", "router"]
+__all__ = ["NOTE", "ModelRenamer", "Proxy", "RequestNote", "rename_model", "renamed", "router"]

@@ -16,10 +16,15 @@ they take about 0.3 ms off each request against h11 and asyncio's own loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import logging
+import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
@@ -128,4 +133,81 @@ def server_options(*, read_timeout: float = 30.0) -> dict[str, Any]:
     return {"http": protocol}
 
 
-__all__ = ["BoundedH11Protocol", "server_options", "uvloop_available"]
+class Server(uvicorn.Server):
+    """uvicorn's server for ``modelmora serve``: the command handles the signals (a first
+    one sets ``should_exit``, a second cancels everything at once), and a stop first runs
+    ``on_stop`` (which ends the ``/events`` streams), so uvicorn's graceful shutdown is not
+    held up by the status page until the browser goes away."""
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None] = lambda: None):
+        super().__init__(config)
+        self.on_stop = on_stop
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's would replace the command's handlers and re-raise the signal afterwards
+        # (SIGTERM's default kills the process before the manager has shut down)
+        yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.on_stop()
+        await super().shutdown(sockets=sockets)
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, as uvicorn would open them,
+    made before the server starts so that a busy port is an :class:`OSError` before anything
+    claims to serve."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    made: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, _, _, _, address in infos:
+            if (family, address[:2]) not in seen:
+                seen.add((family, address[:2]))
+                made.append(socket.create_server(address, family=family))
+    except OSError:
+        for sock in made:
+            sock.close()
+        raise
+    return made
+
+
+class _QuietCancel(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a request cancelled because the
+    server is stopping (a second Ctrl-C, or past the graceful timeout): not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+def log_config(level: int) -> dict[str, Any]:
+    """The ``logging.config.dictConfig`` of ``modelmora serve``: modelmora's lines (each
+    proxied request on ``modelmora.requests``, each lifecycle event) at ``level`` and above on
+    stderr; uvicorn's own at WARNING and above (all of them, its access log too, at DEBUG)."""
+    uvicorn_level = level if level <= logging.DEBUG else max(level, logging.WARNING)
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "line": {"format": "%(asctime)s %(levelname)-7s %(message)s", "datefmt": "%H:%M:%S"},
+        },
+        "filters": {"quiet_cancel": {"()": _QuietCancel}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "line",
+                "stream": "ext://sys.stderr",
+                "filters": ["quiet_cancel"],
+            },
+        },
+        "loggers": {
+            "modelmora": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": uvicorn_level, "propagate": False},
+            "uvicorn.error": {"level": uvicorn_level},
+            "uvicorn.access": {"level": uvicorn_level},
+        },
+    }
+
+
+__all__ = ["BoundedH11Protocol", "Server", "bind", "log_config", "server_options", "uvloop_available"]
