@@ -137,7 +137,11 @@ class ManagerConfig(BaseModel):
     budgets: dict[str, BudgetValue] = Field(
         default_factory=dict, description="Per device: '15.5GB' or '90%' of the device."
     )
-    reserve: Size = Field(0, description="Kept free on measured devices (CUDA context, others).")
+    reserve: Size | None = Field(
+        None,
+        description="Kept free on each GPU whose budget is its measured total (and taken off "
+        "percentage budgets when given); unset: 1 GiB per GPU, nothing off percentages.",
+    )
     default_model: str | None = None
     idle_ttl: Duration = Field(300.0, description="Default keep-alive for idle models.")
     max_loaded_models: int | None = Field(None, ge=1)
