@@ -248,6 +248,22 @@ def resolve_budget_details(
     return out
 
 
+def check_devices_present(devices: Collection[str] | None, readings: list[DeviceMemory]) -> None:
+    """ConfigError when the config's ``devices`` names a GPU the probe does not list, on a
+    machine where GPUs are read at all (without NVML the config is taken at its word)."""
+    from .errors import ConfigError
+
+    gpus = sorted((r.device for r in readings if r.device.startswith("cuda:")), key=lambda d: int(d[5:]))
+    if devices is None or not gpus:
+        return
+    for device in devices:
+        if device.startswith("cuda:") and device not in gpus:
+            raise ConfigError(
+                f"devices: {device} is not on this machine (the {readings[0].source} probe lists "
+                f"{', '.join(gpus)})"
+            )
+
+
 def resolve_budgets(
     budgets: Mapping[str, Budget],
     reserve: int | None,
@@ -307,6 +323,7 @@ __all__ = [
     "StaticProbe",
     "SystemProbe",
     "TorchCudaProbe",
+    "check_devices_present",
     "resolve_budget_details",
     "resolve_budgets",
 ]
