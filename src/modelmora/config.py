@@ -137,7 +137,16 @@ class ManagerConfig(BaseModel):
     budgets: dict[str, BudgetValue] = Field(
         default_factory=dict, description="Per device: '15.5GB' or '90%' of the device."
     )
-    reserve: Size = Field(0, description="Kept free on measured devices (CUDA context, others).")
+    reserve: Size | None = Field(
+        None,
+        description="Kept free on each GPU whose budget is its measured total (and taken off "
+        "percentage budgets when given); unset: 1 GiB per GPU, nothing off percentages.",
+    )
+    devices: list[str] | None = Field(
+        None,
+        description="The GPUs modelmora may use ('cuda:0', ...); unset: every GPU the probe lists. "
+        "RAM ('cpu') is always allowed.",
+    )
     default_model: str | None = None
     idle_ttl: Duration = Field(300.0, description="Default keep-alive for idle models.")
     max_loaded_models: int | None = Field(None, ge=1)
@@ -195,6 +204,35 @@ class ManagerConfig(BaseModel):
             if device not in used and not KNOWN_DEVICE.fullmatch(device):
                 raise ValueError(unknown_device(device, used))
         return budgets
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_cover_models(cls, devices: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if devices is None:
+            return None
+        for device in devices:
+            if not KNOWN_DEVICE.fullmatch(device):
+                hint = _device_hint(device, ())
+                raise ValueError(f"{device!r} is not a device name (cpu, cuda:N){hint}")
+        allowed = {*devices, "cpu"}
+        shown = ", ".join(devices) or "none"
+        for name, spec in (info.data.get("models") or {}).items():
+            # its device when given (or when nothing else says where it goes), and its memory's
+            named = "device" in spec.model_fields_set or not spec.memory
+            for device in (*([spec.device] if named else []), *spec.memory):
+                if KNOWN_DEVICE.fullmatch(device) and device not in allowed:
+                    where = "device" if device == spec.device else "memory"
+                    raise ValueError(
+                        f"model {name!r} uses {device} (its {where}), which is not among the devices "
+                        f"modelmora may use ({shown}); give it one of those, or add {device}"
+                    )
+        for device in info.data.get("budgets") or {}:
+            if device not in allowed:
+                raise ValueError(
+                    f"budgets.{device} names a device modelmora may not use ({shown}); "
+                    f"remove that budget, or add {device}"
+                )
+        return list(dict.fromkeys(devices))
 
     @field_validator("default_model")
     @classmethod
@@ -307,8 +345,8 @@ _GPU_LIKE = re.compile(r"(?:gpu|cuda|nvidia|device|dev)\s*[:_#-]?\s*(\d+)", re.I
 _RAM_LIKE = frozenset({"ram", "host", "memory", "mem", "system", "cpu0", "cpu:0"})
 
 
-def unknown_device(device: str, used: typing.Collection[str]) -> str:
-    """One line for a budget's device that no model uses and that names no device."""
+def _device_hint(device: str, used: typing.Collection[str]) -> str:
+    """'; did you mean …?' for a string that is no device name, or ''."""
     gpu = _GPU_LIKE.fullmatch(device.strip())
     if gpu:
         close: str | None = f"cuda:{int(gpu.group(1))}"
@@ -318,7 +356,12 @@ def unknown_device(device: str, used: typing.Collection[str]) -> str:
         candidates = sorted(set(used) | {"cpu", "cuda:0"})
         found = difflib.get_close_matches(device, candidates, n=1, cutoff=0.5)
         close = found[0] if found else None
-    hint = f"; did you mean {close!r}?" if close else ""
+    return f"; did you mean {close!r}?" if close else ""
+
+
+def unknown_device(device: str, used: typing.Collection[str]) -> str:
+    """One line for a budget's device that no model uses and that names no device."""
+    hint = _device_hint(device, used)
     known = ", ".join(sorted(used)) or "none"
     return (
         f"{device!r} is a device no model uses (models use: {known}) and not a device name "

@@ -192,15 +192,39 @@ class MemorySnapshot:
     gpu_observed: bool
 
 
-def resolve_budgets(
-    budgets: Mapping[str, Budget], reserve: int, readings: list[DeviceMemory]
-) -> dict[str, int]:
-    """Bytes per device: configured budgets (absolute, or a fraction of the measured total),
-    and for every measured GPU without one, its total minus ``reserve``."""
+DEFAULT_GPU_RESERVE = 1 << 30
+"""Bytes kept free on each GPU whose budget modelmora works out itself, when the config
+gives no ``reserve`` (1 GiB, as llama.cpp's ``--fit`` keeps by default)."""
+
+
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """One device's budget and where it came from (all sizes in bytes)."""
+
+    device: str
+    budget: int
+    reserve: int  # bytes kept out of the budget
+    source: str  # "config" (absolute), "percent" (of the measured total), "device" (total − reserve)
+
+
+def resolve_budget_details(
+    budgets: Mapping[str, Budget],
+    reserve: int | None,
+    readings: list[DeviceMemory],
+    devices: Collection[str] | None = None,
+) -> dict[str, ResolvedBudget]:
+    """Bytes per device modelmora may fill, with their sources.
+
+    Configured budgets first: absolute bytes as given, or a fraction of the measured total
+    minus ``reserve`` (when one is configured).  Then every GPU the probe lists (NVML's
+    ``cuda:N``) without one gets its total minus ``reserve`` (:data:`DEFAULT_GPU_RESERVE`
+    when ``reserve`` is None).  Others' use is not taken off here: admission subtracts what
+    other processes hold at each decision, from a fresh reading.  ``devices``: the only
+    GPUs modelmora may use (None: all); RAM (``cpu``) is never excluded."""
     from .errors import ConfigError
 
     measured = {r.device: r for r in readings}
-    out: dict[str, int] = {}
+    out: dict[str, ResolvedBudget] = {}
     for device, budget in budgets.items():
         reading = measured.get(device)
         value = budget.resolve(reading.total if reading else None)
@@ -209,11 +233,47 @@ def resolve_budgets(
                 f"budgets.{device}: {budget} is relative but {device}'s memory cannot be measured "
                 f"here; give an absolute size such as '15.5GB'"
             )
-        out[device] = value - (reserve if budget.fraction is not None else 0)
+        if budget.fraction is not None:
+            kept = reserve or 0
+            out[device] = ResolvedBudget(device, value - kept, kept, "percent")
+        else:
+            out[device] = ResolvedBudget(device, value, 0, "config")
     for device, reading in measured.items():
-        if device.startswith("cuda:") and device not in out:
-            out[device] = reading.total - reserve
+        if not device.startswith("cuda:") or device in out:
+            continue
+        if devices is not None and device not in devices:
+            continue
+        kept = DEFAULT_GPU_RESERVE if reserve is None else reserve
+        out[device] = ResolvedBudget(device, max(0, reading.total - kept), kept, "device")
     return out
+
+
+def check_devices_present(devices: Collection[str] | None, readings: list[DeviceMemory]) -> None:
+    """ConfigError when the config's ``devices`` names a GPU the probe does not list, on a
+    machine where GPUs are read at all (without NVML the config is taken at its word)."""
+    from .errors import ConfigError
+
+    gpus = sorted((r.device for r in readings if r.device.startswith("cuda:")), key=lambda d: int(d[5:]))
+    if devices is None or not gpus:
+        return
+    for device in devices:
+        if device.startswith("cuda:") and device not in gpus:
+            raise ConfigError(
+                f"devices: {device} is not on this machine (the {readings[0].source} probe lists "
+                f"{', '.join(gpus)})"
+            )
+
+
+def resolve_budgets(
+    budgets: Mapping[str, Budget],
+    reserve: int | None,
+    readings: list[DeviceMemory],
+    devices: Collection[str] | None = None,
+) -> dict[str, int]:
+    """Bytes per device: configured budgets (absolute, or a fraction of the measured total),
+    and for every measured GPU without one, its total minus ``reserve`` (1 GiB when None);
+    see :func:`resolve_budget_details`."""
+    return {d: r.budget for d, r in resolve_budget_details(budgets, reserve, readings, devices).items()}
 
 
 class MemoryMonitor:
@@ -251,6 +311,7 @@ class MemoryMonitor:
 
 
 __all__ = [
+    "DEFAULT_GPU_RESERVE",
     "DeviceMemory",
     "DeviceStatus",
     "MemoryMonitor",
@@ -258,8 +319,11 @@ __all__ = [
     "MemorySnapshot",
     "NvmlProbe",
     "PsutilProbe",
+    "ResolvedBudget",
     "StaticProbe",
     "SystemProbe",
     "TorchCudaProbe",
+    "check_devices_present",
+    "resolve_budget_details",
     "resolve_budgets",
 ]

@@ -381,16 +381,73 @@ def render_status(status: dict[str, Any]) -> None:
         )
 
 
+def render_hardware(hardware: dict[str, Any]) -> None:
+    """Render ``Hardware.to_dict()`` (local) or a server's ``/hardware`` (remote) alike."""
+    table = Table(title="Hardware", title_justify="left")
+    for col in ("device", "name", "total", "others", "modelmora", "reserve", "budget", "available", "source"):
+        table.add_column(col)
+
+    def size(n: int | None) -> str:
+        return "-" if n is None else format_size(n)
+
+    for d in hardware["devices"]:
+        if not d["allowed"]:
+            budget = "not used (devices)"
+        elif d["budget"] is None:
+            budget = "unlimited"
+        else:
+            budget = f"{format_size(d['budget'])} ({d['budget_source']})"
+        processes = len(d["processes"])
+        others = size(d["used_by_others"] if d["total"] is not None else None)
+        if processes:
+            others += f" ({processes} process{'es' if processes != 1 else ''})"
+        table.add_row(
+            d["device"],
+            escape(d["name"]) or "-",
+            size(d["total"]),
+            others,
+            format_size(d["used_by_modelmora"]),
+            format_size(d["reserve"]),
+            budget,
+            size(d["available"]),
+            d["source"] or "not observed",
+        )
+    out.print(table)
+    if hardware["restricted_to"] is not None:
+        gpus = ", ".join(hardware["restricted_to"]) or "none"
+        out.print(f"modelmora may use: {gpus} (and cpu)")
+    if not hardware["gpu_observed"]:
+        out.print(
+            "[dim]GPU memory is not observed on this machine (no NVML): budgets come from the config.[/]"
+        )
+
+
 @app.command()
-def status(config: ConfigOpt = None, url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+def status(
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+    hardware: Annotated[
+        bool,
+        typer.Option(
+            "--hardware",
+            help="The devices instead: totals, what other processes hold, reserves, budgets.",
+        ),
+    ] = False,
+) -> None:
     """Memory per device, resident models, leases, idle time and expiry."""
 
     async def job(mm: ModelManager) -> dict[str, Any]:
-        return (await mm.status()).to_dict()
+        return (await mm.hardware() if hardware else await mm.status()).to_dict()
 
-    result = remote(url, lambda c: c.status()) if url else with_manager(config, job)
+    if url:
+        result = remote(url, lambda c: c.hardware() if hardware else c.status())
+    else:
+        result = with_manager(config, job)
     if as_json:
         emit_json(result)
+    elif hardware:
+        render_hardware(result)
     else:
         render_status(result)
 

@@ -47,6 +47,9 @@ class RemoteManager:
     def status(self) -> dict[str, Any]:
         return dict(self._call("GET", "/status"))
 
+    def hardware(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/hardware"))
+
     def models(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/models"))
 

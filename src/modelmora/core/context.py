@@ -116,7 +116,10 @@ class Core:
             return spec
         prefix, sep, target = name.partition("/")
         if sep and target and (prefix in self.providers or prefix in self.provider_errors):
-            spec = ModelSpec(name=name, provider=prefix, target=target)
+            # on the first device the config lets modelmora use (``devices``), else cuda:0
+            allowed = self.config.devices
+            device = "cuda:0" if allowed is None else (allowed[0] if allowed else "cpu")
+            spec = ModelSpec(name=name, provider=prefix, target=target, device=device)
             self.specs[name] = spec
             return spec
         raise UnknownModel(name, self.config.models)

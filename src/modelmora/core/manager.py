@@ -27,7 +27,8 @@ from .. import events as ev
 from ..config import ManagerConfig
 from ..errors import ModelInUse, UnloadFailed
 from ..footprint import Footprint, total
-from ..memory import MemoryMonitor, MemoryProbe, resolve_budgets
+from ..hardware import Hardware, hardware_view
+from ..memory import MemoryMonitor, MemoryProbe, ResolvedBudget, check_devices_present, resolve_budget_details
 from ..providers import ProviderRegistry
 from ..providers import registry as default_registry
 from ..providers.base import Handle, Provider
@@ -82,6 +83,7 @@ class ModelManager:
         self._injected = dict(providers or {})
         self._core = Core(config, self.events, self.monitor, clock)
         self._tg: anyio.abc.TaskGroup | None = None
+        self._budget_details: dict[str, ResolvedBudget] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -103,7 +105,11 @@ class ModelManager:
             provider.bind(transitions.lost)
         try:
             await core.refresh_readings()
-            core.budgets = resolve_budgets(self.config.budgets, self.config.reserve, core.readings)
+            check_devices_present(self.config.devices, core.readings)
+            self._budget_details = resolve_budget_details(
+                self.config.budgets, self.config.reserve, core.readings, self.config.devices
+            )
+            core.budgets = {d: r.budget for d, r in self._budget_details.items()}
         except BaseException:
             await self._close_providers()
             raise
@@ -386,6 +392,26 @@ class ModelManager:
     async def status(self) -> ManagerStatus:
         await self._core.refresh_readings()
         return manager_status(self._core)
+
+    async def hardware(self) -> Hardware:
+        """The devices from a fresh reading: per device its total, what other processes
+        hold, what modelmora's rows hold, the reserve, the budget and its source, and what
+        a load may still take (bytes; see :class:`~modelmora.hardware.DeviceHardware`)."""
+        core = self._core
+        await core.refresh_readings()
+        ours, leaked_then, leaked_now = core.ours_at_reading, core.leaked_at_reading, core.leaked()
+        others = {
+            r.device: max(0, r.used - ours.on(r.device) - leaked_then.on(r.device)) + leaked_now.on(r.device)
+            for r in core.readings
+        }
+        return hardware_view(
+            core.readings,
+            self._budget_details,
+            core.usage().as_dict(),
+            others,
+            core.external().as_dict(),
+            self.config.devices,
+        )
 
     def __repr__(self) -> str:
         core = self._core

@@ -235,6 +235,14 @@ def create_app(
     async def status() -> dict[str, Any]:
         return (await mm.status()).to_dict()
 
+    @app.get("/hardware", tags=["server"], operation_id="hardware")
+    async def hardware() -> dict[str, Any]:
+        """The devices from a fresh reading (NVML, torch.cuda or psutil), bytes throughout:
+        per device its total, what other processes hold (and NVML's per-process use), what
+        modelmora's models hold, the reserve, the budget and its source, and what a load
+        may still take."""
+        return (await mm.hardware()).to_dict()
+
     # {name:path}: registry names may contain "/" (team/llm, adopted ollama/qwen2.5:14b)
     @app.post(
         "/models/{name:path}/load", tags=["models"], operation_id="load_model", responses=_links("/model")
