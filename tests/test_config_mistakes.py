@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_config_input import load, refused  # one YAML file, one line of error
 
 from modelmora import ConfigError, ManagerConfig
 from modelmora.spec import format_duration, parse_duration
@@ -20,18 +21,6 @@ from modelmora.spec import format_duration, parse_duration
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> ManagerConfig:
-    path = tmp_path / "mm.yaml"
-    path.write_text(text)
-    return ManagerConfig.from_yaml(path, environ=environ)
-
-
-def refused(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text, environ)
-    message = str(info.value)
-    assert "\n" not in message and "Traceback" not in message
-    return message
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
