@@ -35,6 +35,7 @@ from ..config import ManagerConfig
 from ..core import ModelManager
 from ..errors import ConfigError, ModelMoraError, ModelNotFound
 from ..extras import require_extra
+from ..footprint import Footprint
 from ..memory import StaticProbe
 from ..providers import Factory, ProviderRegistry, check_providers
 from ..providers.simulated import SimulatedProvider
@@ -782,6 +783,62 @@ def simulate_config(cfg: ManagerConfig) -> tuple[ManagerConfig, SimulatedProvide
     return sim_cfg, SimulatedProvider("simulated")
 
 
+def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -> list[dict[str, Any]]:
+    """Each use of ``sequence`` decided by the admission planner, as the manager decides it
+    (LRU among idle models, exclusive groups, the model cap, warm tiers), without loading:
+    the steps, then a summary ``{"peak", "budgets", "loads"}``."""
+    from ..core.planner import Admit, Candidate, Resident, plan_admission
+
+    residents: dict[str, Resident] = {}  # in order of last use
+    peak: dict[str, int] = {}
+    steps: list[dict[str, Any]] = []
+    loads = 0
+    for i, name in enumerate(sequence, 1):
+        spec = cfg.spec(name)
+        memory = dict(spec.memory)
+        current = residents.pop(name, None)
+        action, evicted = "reuse", []
+        if current is None or current.sleeping:
+            key = f"simulated/{spec.target}"
+            decision = plan_admission(
+                residents.values(),
+                Candidate(name, memory, spec.group, key=key, unknown=() if memory else (spec.device,)),
+                budgets,
+                max_loaded=cfg.max_loaded_models,
+            )
+            if not isinstance(decision, Admit):
+                fail(f"step {i}: {name}: {decision.reason}")
+            for gone in decision.sleep:
+                residents[gone] = residents[gone].parked()
+            for gone in decision.evict:
+                residents.pop(gone, None)
+            evicted = list(decision.evict)
+            action = "load" if current is None else "wake"
+            loads += current is None
+            warm = Footprint(memory).parked().as_dict() if spec.warm_tier else None
+            current = Resident(name, memory, pinned=spec.pinned, group=spec.group, key=key, sleep_memory=warm)
+        residents[name] = dataclasses.replace(current, last_used=float(i))
+        used: dict[str, int] = {}
+        for r in residents.values():
+            for device, n in r.memory.items():
+                used[device] = used.get(device, 0) + n
+        for device, n in used.items():
+            peak[device] = max(peak.get(device, 0), n)
+        steps.append(
+            {
+                "step": i,
+                "model": name,
+                "action": action,
+                "modelled_load_s": (spec.load_time or 0.0) if action == "load" else 0.0,
+                "evicted": evicted,
+                "resident": list(residents),
+                "memory": used,
+            }
+        )
+    steps.append({"peak": peak, "budgets": budgets, "loads": loads})
+    return steps
+
+
 @app.command()
 def plan(
     sequence: Annotated[
@@ -811,39 +868,13 @@ def plan(
         fail(str(exc))
     sim_cfg, sim = simulate_config(cfg)
 
-    async def main() -> list[dict[str, Any]]:
-        steps: list[dict[str, Any]] = []
-        evicted: list[str] = []
-
-        def on_event(e: ev.Event) -> None:
-            if isinstance(e, ev.Evicted):
-                evicted.append(e.model)
-
+    async def budgets() -> dict[str, int]:
+        # the manager reads the budgets as `load` would; nothing is loaded: a plan decides
+        # each step with the admission planner alone (no runtime, no load, no sleeping)
         async with ModelManager(sim_cfg, providers={"simulated": sim}, probe=StaticProbe({})) as mm:
-            mm.events.subscribe(on_event)
-            for i, name in enumerate(sequence, 1):
-                evicted.clear()
-                resident = mm.is_loaded(name)
-                async with mm.use(name):
-                    used = mm.usage()
-                spec: ModelSpec = mm.spec(name)
-                steps.append(
-                    {
-                        "step": i,
-                        "model": name,
-                        "action": "reuse" if resident else "load",
-                        "modelled_load_s": 0.0 if resident else (spec.load_time or 0.0),
-                        "evicted": list(evicted),
-                        "resident": mm.loaded(),
-                        "memory": used,
-                    }
-                )
-            peak = dict(mm.monitor.peak)
-            budgets = mm.budgets
-        steps.append({"peak": peak, "budgets": budgets, "loads": sim.stats.loads})
-        return steps
+            return mm.budgets
 
-    steps = run(main)
+    steps = _dry_run(cfg, sequence, run(budgets))
     summary = steps.pop()
     if as_json:
         emit_json({"steps": steps, **summary})
