@@ -724,9 +724,35 @@ def load(
         return
 
     async def job(mm: ModelManager) -> None:
+        spec = mm.spec(name)  # an unknown model is refused before "loading …" is said
+        took: list[float] = []
+        evicted: list[str] = []
+
+        def on_event(e: ev.Event) -> None:
+            if isinstance(e, ev.Loaded) and e.model == name:
+                took.append(e.duration_s)
+            elif isinstance(e, ev.Evicted):
+                evicted.append(e.model)
+
+        mm.events.subscribe(on_event)
         with progress(f"loading {name}"):
             handle = await mm.load(name, pin=pin, keep_alive=ttl, retry=retry)
-        out.print(f"loaded {handle.name} ({format_memory(handle.memory, 'no memory reported')})")
+        when = f" in {format_duration(took[-1])}" if took else " (already loaded)"
+        gone = f"; evicted {', '.join(evicted)}" if evicted else ""
+        out.print(
+            f"loaded {handle.name} ({format_memory(handle.memory, 'no memory reported')}){when}{gone}",
+            highlight=False,
+        )
+        alive = (
+            ttl if ttl is not None else spec.keep_alive if spec.keep_alive is not None else mm.config.idle_ttl
+        )
+        if alive == 0 and not pin:
+            source = "--keep-alive 0" if ttl is not None else "keep_alive: 0"
+            err.print(
+                f"[yellow]warning:[/] {name} has {source}: it is unloaded as soon as it is idle, so at "
+                "once after `load`; pass --keep-alive 10m or --pin to keep it resident",
+                highlight=False,
+            )
         provider = mm.provider(handle.provider)
         if isinstance(provider, SimulatedProvider) and provider.state_file is not None:
             err.print(
@@ -735,7 +761,8 @@ def load(
                 highlight=False,
             )
 
-    with_manager(config, job, verbose=verbose)
+    with _quiet_load_failures(enabled=not verbose):  # the error line says why, once
+        with_manager(config, job, verbose=verbose)
 
 
 @app.command()
