@@ -800,6 +800,14 @@ def unload_all(
         )
 
 
+# Ollama's words, for those who type them by habit: `ollama ps` shows what is loaded (with
+# memory and when it expires: our `status`), `ollama list` what is registered locally (our
+# `models list`), `ollama stop NAME` unloads one (our `unload`).
+app.command("ps", help="Same as `status` (as in `ollama ps`).")(status)
+app.command("list", help="Same as `models list` (as in `ollama list`).")(models_list)
+app.command("stop", help="Same as `unload` (as in `ollama stop`).")(unload)
+
+
 # -- planning --------------------------------------------------------------------------
 
 
