@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from modelmora.cli import bench
@@ -167,3 +168,33 @@ def test_bench_command_json_and_plot(tmp_path) -> None:  # type: ignore[no-untyp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     bad = CliRunner().invoke(app, ["bench", "tiny", "-c", str(cfg), "--strategies", "gc,magic"])
     assert bad.exit_code == 2 and "unknown strategy 'magic'" in bad.output
+
+
+def test_a_failed_strategy_row_names_its_strategy_and_the_command_exits_non_zero(
+    tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from modelmora.cli import app
+
+    failed = anyio.run(
+        bench.run_worker, {"kind": "strategy", "config": SIM_CONFIG, "model": "nope", "strategy": "gc"}
+    )
+    assert failed["strategy"] == "gc", failed  # the table showed '?'
+
+    real = bench.run_in_subprocess
+    reason = "AttributeError: 'GPT2LMHeadModel' object has no attribute 'encode' | the whole reason, not cut"
+
+    def worker(task, **kw):  # type: ignore[no-untyped-def]
+        if task["kind"] == "strategy" and task["strategy"] == "subprocess":
+            return {"error": reason, "model": task["model"], "strategy": "subprocess"}
+        return real(task, **kw)
+
+    monkeypatch.setattr(bench, "run_in_subprocess", worker)
+    cfg = tmp_path / "mm.yaml"
+    cfg.write_text("models:\n  tiny:\n    memory: 2GB\n")
+    result = CliRunner().invoke(
+        app, ["bench", "tiny", "-c", str(cfg), "--cycles", "1"], env={"COLUMNS": "400"}
+    )
+    assert result.exit_code == 1, result.output
+    assert reason in result.stdout.replace("\n", "")
