@@ -358,10 +358,18 @@ async def run_worker(task: dict[str, Any]) -> dict[str, Any]:
         if kind == "strategy":
             return asdict(await _strategy(task["config"], task["model"], task["strategy"]))
     except ModelMoraError as exc:
-        return {"error": str(exc), "model": task["model"]}
+        return _failed(task, str(exc))
     except Exception as exc:  # reported as data: one failing model must not end the run
-        return {"error": f"{type(exc).__name__}: {exc}", "model": task["model"]}
+        return _failed(task, f"{type(exc).__name__}: {exc}")
     raise ValueError(f"unknown bench task {kind!r}")
+
+
+def _failed(task: dict[str, Any], error: str) -> dict[str, Any]:
+    """A row that failed, named as its table shows it (model, and strategy for those rows)."""
+    row = {"error": error, "model": task.get("model")}
+    if "strategy" in task:
+        row["strategy"] = task["strategy"]
+    return row
 
 
 def run_in_subprocess(task: dict[str, Any], *, timeout: float = 600) -> dict[str, Any]:
@@ -374,10 +382,7 @@ def run_in_subprocess(task: dict[str, Any], *, timeout: float = 600) -> dict[str
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {
-            "error": f"benchmark worker failed (exit {proc.returncode}): {' | '.join(tail)}",
-            "model": task.get("model"),
-        }
+        return _failed(task, f"benchmark worker failed (exit {proc.returncode}): {' | '.join(tail)}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 

@@ -52,7 +52,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         t.add_column(col)
     for lc in report["lifecycles"]:
         if lc.get("error"):
-            t.add_row(str(lc.get("model")), "[red]error[/]", escape(lc["error"][:80]), "", "", "", "", "")
+            t.add_row(str(lc.get("model")), "[red]error[/]", escape(lc["error"]), "", "", "", "", "")
             continue
         footprint = max(lc["loaded_rss"] - lc["baseline_rss"], sum(lc.get("runtime_memory", {}).values()))
         cache = {True: "hit", False: "miss", None: "-"}[lc.get("cache_hit")]
@@ -73,7 +73,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                 t.add_row(
                     str(st.get("model")),
                     st.get("strategy", "?"),
-                    f"[red]{escape(st['error'][:70])}[/]",
+                    f"[red]{escape(st['error'])}[/]",
                     "",
                     "",
                     "",
@@ -90,7 +90,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         t.add_column(col)
     for cy in report["cycles"]:
         if cy.get("error"):
-            t.add_row(str(cy.get("model")), "-", f"[red]{escape(cy['error'][:70])}[/]", "", "")
+            t.add_row(str(cy.get("model")), "-", f"[red]{escape(cy['error'])}[/]", "", "")
             continue
         base = cy["baseline_rss"]
         series = ", ".join(f"{(r - base) / 1e6:+.1f}" for r in cy["rss_after_each"]) + " MB"

@@ -997,6 +997,14 @@ def bench(
         render(report, out)
         if plot_path is not None:
             out.print(f"figure written to {plot_path}")
+    failed = [
+        f"{row.get('model')}" + (f" ({row['strategy']})" if row.get("strategy") else "")
+        for part in ("lifecycles", "strategies", "cycles")
+        for row in report[part]
+        if row.get("error")
+    ]
+    if failed:
+        fail(f"{len(failed)} benchmark row(s) failed: {', '.join(failed)}")
 
 
 # -- chains and the demo ---------------------------------------------------------------
