@@ -814,10 +814,13 @@ def plan(
     async def main() -> list[dict[str, Any]]:
         steps: list[dict[str, Any]] = []
         evicted: list[str] = []
+        placed: dict[str, str] = {}  # model → where placement put it, and why
 
         def on_event(e: ev.Event) -> None:
             if isinstance(e, ev.Evicted):
                 evicted.append(e.model)
+            elif isinstance(e, ev.Loading) and mm.spec(e.model).placed:
+                placed[e.model] = f"{e.device}: {e.note}"
 
         async with ModelManager(sim_cfg, providers={"simulated": sim}, probe=StaticProbe({})) as mm:
             mm.events.subscribe(on_event)
@@ -834,6 +837,7 @@ def plan(
                         "action": "reuse" if resident else "load",
                         "modelled_load_s": 0.0 if resident else (spec.load_time or 0.0),
                         "evicted": list(evicted),
+                        "placed": placed.pop(name, ""),
                         "resident": mm.loaded(),
                         "memory": used,
                     }
@@ -861,6 +865,9 @@ def plan(
             format_memory(s["memory"]),
         )
     out.print(table)
+    for s in steps:
+        if s["placed"]:
+            out.print(f"{s['step']}. {s['model']} placed on {s['placed']}")
     total_load = sum(s["modelled_load_s"] for s in steps)
     peaks = ", ".join(
         f"{d} {format_size(p)}"

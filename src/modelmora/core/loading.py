@@ -115,6 +115,7 @@ class Loader:
                         model=entry.name,
                         provider=entry.provider,
                         estimate=entry.estimate.as_dict(),
+                        device=entry.spec.device,
                         note="; ".join(n for n in (entry.placement, self._unknown_note(entry)) if n),
                     )
                 )
