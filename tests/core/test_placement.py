@@ -241,3 +241,25 @@ async def test_plan_previews_the_placement() -> None:
     async with faulty_manager(faulty, {"m": model(12, device="auto")}, **cfg) as mm:
         p = mm.plan("m")
         assert isinstance(p, Admit) and p.device == "cuda:3" and "best fit" in p.placement
+
+
+def test_modelmora_plan_previews_where_each_model_goes(tmp_path: Any) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from modelmora.cli import app
+
+    config = tmp_path / "modelmora.yaml"
+    config.write_text(
+        "budgets: {cuda:0: 24GB, cuda:1: 16GB}\n"
+        "models:\n"
+        "  a: {memory: 12GB, device: auto}\n"
+        "  b: {memory: 14GB, device: auto}\n"
+        "  c: {memory: 10GB, devices: [cuda:0, cuda:1]}\n"
+    )
+    result = CliRunner().invoke(app, ["plan", "a", "b", "c", "-c", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    steps = json.loads(result.stdout)["steps"]
+    assert [s["placed"].split(":", 2)[:2] for s in steps] == [["cuda", "1"], ["cuda", "0"], ["cuda", "0"]]
+    assert all("without evicting" in s["placed"] for s in steps)
