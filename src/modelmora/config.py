@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .spec import MAX_SIZE, Duration, Interval, ModelSpec, Size, check_name, format_size, parse_size
+from .spec import AUTO, MAX_SIZE, Duration, Interval, ModelSpec, Size, check_name, format_size, parse_size
 
 ENV_PREFIX = "MODELMORA_"
 NOT_CONFIG = frozenset(
@@ -219,9 +219,15 @@ class ManagerConfig(BaseModel):
         for name, spec in (info.data.get("models") or {}).items():
             # its device when given (or when nothing else says where it goes), and its memory's
             named = "device" in spec.model_fields_set or not spec.memory
-            for device in (*([spec.device] if named else []), *spec.memory):
+            for device in (*([spec.device] if named else []), *spec.memory, *(spec.devices or ())):
                 if KNOWN_DEVICE.fullmatch(device) and device not in allowed:
-                    where = "device" if device == spec.device else "memory"
+                    where = (
+                        "device"
+                        if device == spec.device
+                        else "devices"
+                        if device in (spec.devices or ())
+                        else "memory"
+                    )
                     raise ValueError(
                         f"model {name!r} uses {device} (its {where}), which is not among the devices "
                         f"modelmora may use ({shown}); give it one of those, or add {device}"
@@ -332,8 +338,8 @@ def devices_in_use(specs: typing.Iterable[ModelSpec], providers: Mapping[str, Ma
     setting of provider instances (an Ollama on another host: ``box-b:cuda:0``)."""
     used: set[str] = set()
     for spec in specs:
-        used.add(spec.device)
-        used.update(spec.memory)
+        used.update(d for d in (spec.device, *spec.memory) if d != AUTO)
+        used.update(spec.devices or ())
     for settings in providers.values():
         device = settings.get("device") if isinstance(settings, Mapping) else None
         if isinstance(device, str):

@@ -41,7 +41,8 @@ class Waiting(Event):
 class Loading(Event):
     provider: str
     estimate: dict[str, int] = field(default_factory=dict)
-    note: str = ""  # why the reservation is what it is, when that is not the estimate
+    note: str = ""  # why the reservation is what it is, when that is not the estimate; placement's why
+    device: str = ""  # the device it loads on (for device: auto / devices, the planner's choice)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 FOREVER = math.inf
+AUTO = "auto"  # ModelSpec.device: the planner chooses (issue 23, automatic placement)
 MAX_SIZE = 2**63 - 1  # bytes; what memory counters (and Prometheus, JSON consumers) can hold
 MAX_SECONDS = 10**12  # ~31,700 years; longer is a mistake, not a duration (-1 means never)
 
@@ -235,7 +236,17 @@ class ModelSpec(BaseModel):
         description="What the runtime calls it: 'qwen2.5:14b', a Hugging Face id, "
         "'package.module:factory'. Defaults to the name.",
     )
-    device: str = Field("cuda:0", description="Device a bare memory estimate applies to.")
+    device: str = Field(
+        "cuda:0",
+        description="Device it runs on, which a bare memory estimate applies to; 'auto': the "
+        "planner places it on a GPU with a budget (the CPU when there is none).",
+    )
+    devices: list[str] | None = Field(
+        None,
+        description="Devices the planner may place it on (one of them, never split): e.g. "
+        "[cuda:0, cuda:1]; implies device 'auto' when no device is given.",
+        min_length=1,
+    )
     memory: dict[str, Size] = Field(
         default_factory=dict, description="Estimated bytes per device, replaced by measurements."
     )
@@ -265,6 +276,8 @@ class ModelSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("devices") and "device" not in data:
+            data = {**data, "device": AUTO}
         if isinstance(data, dict) and isinstance(data.get("memory"), str | int | float):
             device = data.get("device", "cuda:0")
             if isinstance(device, str):  # a bad device is reported by its own field check
@@ -306,8 +319,14 @@ class ModelSpec(BaseModel):
     def total_memory(self) -> int:
         return sum(self.memory.values())
 
+    @property
+    def placed(self) -> bool:
+        """The planner chooses its device (``device: auto`` or a ``devices`` list)."""
+        return self.device == AUTO or bool(self.devices)
+
 
 __all__ = [
+    "AUTO",
     "FOREVER",
     "OPENAI_ENDPOINTS",
     "Duration",

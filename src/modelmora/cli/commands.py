@@ -822,7 +822,7 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
     """Each use of ``sequence`` decided by the admission planner, as the manager decides it
     (LRU among idle models, exclusive groups, the model cap, warm tiers), without loading:
     the steps, then a summary ``{"peak", "budgets", "loads"}``."""
-    from ..core.planner import Admit, Candidate, Resident, plan_admission
+    from ..core.planner import Admit, Candidate, Resident, on_device, plan_admission
 
     residents: dict[str, Resident] = {}  # in order of last use
     peak: dict[str, int] = {}
@@ -832,17 +832,27 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
         spec = cfg.spec(name)
         memory = dict(spec.memory)
         current = residents.pop(name, None)
-        action, evicted = "reuse", []
+        action, evicted, placed = "reuse", [], ""
         if current is None or current.sleeping:
             key = f"simulated/{spec.target}"
+            options: tuple[str, ...] = ()
+            if current is None and spec.placed:  # device: auto / devices: the planner chooses
+                gpus = sorted(d for d in budgets if d.startswith("cuda:"))
+                options = tuple(dict.fromkeys(spec.devices)) if spec.devices else tuple(gpus) or ("cpu",)
+            device = options[0] if options else spec.device
             decision = plan_admission(
                 residents.values(),
-                Candidate(name, memory, spec.group, key=key, unknown=() if memory else (spec.device,)),
+                Candidate(
+                    name, memory, spec.group, key=key, unknown=() if memory else (device,), options=options
+                ),
                 budgets,
                 max_loaded=cfg.max_loaded_models,
             )
             if not isinstance(decision, Admit):
                 fail(f"step {i}: {name}: {decision.reason}")
+            if decision.device is not None:
+                memory = on_device(memory, decision.device)
+                placed = f"{decision.device}: {decision.placement}"
             for gone in decision.sleep:
                 residents[gone] = residents[gone].parked()
             for gone in decision.evict:
@@ -866,6 +876,7 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
                 "action": action,
                 "modelled_load_s": (spec.load_time or 0.0) if action == "load" else 0.0,
                 "evicted": evicted,
+                "placed": placed,
                 "resident": list(residents),
                 "memory": used,
             }
@@ -927,6 +938,9 @@ def plan(
             format_memory(s["memory"]),
         )
     out.print(table)
+    for s in steps:
+        if s["placed"]:
+            out.print(f"{s['step']}. {s['model']} placed on {s['placed']}")
     total_load = sum(s["modelled_load_s"] for s in steps)
     peaks = ", ".join(
         f"{d} {format_size(p)}"

@@ -25,13 +25,15 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 import anyio
 
+from ..footprint import Footprint
 from .context import Core
 from .gate import Gate
 from .lifecycle import Entry, State
-from .planner import Admit, Candidate, Plan, PlanError, Refuse, check_plan, plan_admission
+from .planner import Admit, Candidate, Plan, PlanError, Refuse, check_plan, on_device, plan_admission
 
 log = logging.getLogger("modelmora")
 
@@ -50,18 +52,53 @@ class Admission:
     def candidate(self, entry: Entry, memory: Iterable[tuple[str, int]] | None = None) -> Candidate:
         """What ``entry`` will hold once admitted: a load's reservation, or for a wake the
         reservation together with the warm copy, which stays until the wake completes."""
+        options = self.options(entry)
         if memory is not None:
             need = dict(memory)
+        elif options:
+            # one device's share, whatever device an estimate or a past load named
+            need = (
+                Footprint(on_device(entry.estimate, options[0]))
+                .maximum(on_device(entry.measured or {}, options[0]))
+                .as_dict()
+            )
         elif entry.state in (State.SLEEPING, State.WAKING):
             need = entry.reservation.maximum(entry.warm).as_dict()
         elif entry.size_unknown:
             need = {}  # the headroom an earlier decision reserved is not its size
         else:
             need = entry.reservation.as_dict()
-        unknown = (entry.spec.device,) if entry.size_unknown and memory is None else ()
+        device = options[0] if options else entry.spec.device
+        unknown = (device,) if entry.size_unknown and memory is None else ()
         return Candidate(
-            entry.name, need, entry.spec.group, key=f"{entry.provider}/{entry.key}", unknown=unknown
+            entry.name,
+            need,
+            entry.spec.group,
+            key=f"{entry.provider}/{entry.key}",
+            unknown=unknown,
+            options=options,
         )
+
+    def options(self, entry: Entry) -> tuple[str, ...]:
+        """Devices the planner may place ``entry`` on: none once it holds memory somewhere
+        (loading, ready, parked: it stays where it is), else its ``devices``, or for
+        ``device: auto`` every GPU with a budget, or the CPU when no GPU has one."""
+        spec = entry.spec
+        if entry.state is not State.QUEUED or not spec.placed:
+            return ()
+        if spec.devices:
+            return tuple(dict.fromkeys(spec.devices))
+        gpus = sorted((d for d in self.core.budgets if d.startswith("cuda:")), key=_device_order)
+        return tuple(gpus) or ("cpu",)
+
+    def load_seconds(self, name: str) -> float:
+        """What reloading ``name`` would take: its last load here, else its spec's
+        ``load_time``, else 1 s (placement's eviction cost is bytes × these seconds)."""
+        seconds = self.core.history[name][1] if name in self.core.history else None
+        if seconds is None:
+            entry = self.core.table.get(name)
+            seconds = entry.spec.load_time if entry is not None else None
+        return max(seconds if seconds is not None else 1.0, 1e-3)
 
     def decide(self, entry: Entry, candidate: Candidate | None = None) -> Plan:
         """The plan for admitting ``entry`` now (pure: reads the snapshot, changes nothing),
@@ -70,6 +107,8 @@ class Admission:
         core = self.core
         residents = core.table.residents(exclude=entry, deciding=entry.name)
         candidate = candidate or self.candidate(entry)
+        if candidate.options:
+            residents = [replace(r, load_s=self.load_seconds(r.name)) for r in residents]
         external = core.external()
         max_loaded = core.config.max_loaded_models
         plan = plan_admission(
@@ -138,6 +177,11 @@ class Admission:
             if not gate.admissions:
                 e.gate = None
                 gate.opened.set()
+
+
+def _device_order(device: str) -> tuple[str, int]:
+    kind, _, index = device.partition(":")
+    return kind, int(index) if index.isdigit() else -1
 
 
 __all__ = ["Admission"]

@@ -122,6 +122,7 @@ class Entry:
         "owned",
         "parked",
         "pinned",
+        "placement",
         "prior",
         "spec",
         "state",
@@ -161,6 +162,7 @@ class Entry:
         self.gate: Gate | None = None  # while admissions wait for its memory (admission.py)
         self.attempt = Attempt(settled=True)  # the current load, wake or adoption's outcome
         self.died: str | None = None  # its runtime died mid-transition: applied once it settles
+        self.placement = ""  # why the planner put it on spec.device (device: auto / devices)
         self._changed = anyio.Event()
 
     @property

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -43,7 +43,7 @@ from .admission import Admission
 from .context import Core, Failure
 from .lifecycle import Action, Entry, State
 from .outcome import Attempt
-from .planner import Admit, Refuse, Wait
+from .planner import Admit, Refuse, Wait, on_device
 from .transitions import Transitions
 
 log = logging.getLogger("modelmora")
@@ -115,7 +115,8 @@ class Loader:
                         model=entry.name,
                         provider=entry.provider,
                         estimate=entry.estimate.as_dict(),
-                        note=self._unknown_note(entry),
+                        device=entry.spec.device,
+                        note="; ".join(n for n in (entry.placement, self._unknown_note(entry)) if n),
                     )
                 )
                 handle = await self._bounded(provider.load(entry.spec), entry, "loading")
@@ -378,10 +379,22 @@ class Loader:
         """QUEUED → LOADING or SLEEPING → WAKING, with what the plan reserves for a model
         of unknown size (the device's free headroom: ``Admit.reserve``)."""
         action = Action.WAKE if entry.state is State.SLEEPING else Action.ADMIT
+        facts: dict[str, Any] = {}
+        if plan.device is not None and action is Action.ADMIT:
+            # placement: the runtime loads it where the planner chose (torch .to(device),
+            # llama.cpp's CUDA_VISIBLE_DEVICES, ...), and its memory is counted there
+            device, spec = plan.device, entry.spec
+            options = self.admission.options(entry)
+            entry.spec = spec.model_copy(
+                update={"device": device, "memory": on_device(spec.memory, device), "devices": list(options)}
+            )
+            entry.placement = plan.placement
+            facts["estimate"] = Footprint(on_device(entry.estimate, device))
+            if entry.measured is not None:
+                facts["measured"] = Footprint(on_device(entry.measured, device))
         if plan.reserve and action is Action.ADMIT:
-            self.core.lifecycle.apply(entry, action, claims=claims, estimate=Footprint(plan.reserve))
-        else:
-            self.core.lifecycle.apply(entry, action, claims=claims)
+            facts["estimate"] = Footprint(plan.reserve)
+        self.core.lifecycle.apply(entry, action, claims=claims, **facts)
 
     async def _finish_all(
         self, victims: list[Entry], sleepers: list[Entry], reason: Mapping[str, str]

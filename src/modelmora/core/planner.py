@@ -41,6 +41,7 @@ class Resident:
     queued: bool = False  # waiting for admission: holds nothing yet
     in_flight: bool = False  # loading or waking: the runtime may be allocating
     unknown_on: tuple[str, ...] = ()  # in flight with nothing telling its size: loads alone there
+    load_s: float = 1.0  # seconds a load of it takes (last measured, else its spec's load_time)
 
     def is_evictable(self) -> bool:
         return self.settled and self.leases == 0 and not self.pinned
@@ -63,6 +64,9 @@ class Candidate:
     group: str | None = None
     key: str | None = None  # models with the same key are one runner: they replace each other
     unknown: tuple[str, ...] = ()  # devices it loads on with nothing telling its size
+    # devices it may be placed on (``device: auto``, ``devices: [...]``); empty: where its
+    # memory says.  Its accelerator bytes go to one of them whole (see :func:`on_device`).
+    options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,8 @@ class Admit:
     reasons: Mapping[str, str] = field(default_factory=dict)
     sleep: tuple[str, ...] = ()  # park these in their warm tier first
     reserve: Mapping[str, int] = field(default_factory=dict)  # a size-unknown load's reservation
+    device: str | None = None  # the device placement chose (a candidate with options only)
+    placement: str = ""  # why that device
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,30 @@ def _helps(r: Resident, memory_deficit: Mapping[str, int], count_deficit: int) -
     return count_deficit > 0 or any(r.memory.get(d, 0) > 0 for d in memory_deficit)
 
 
+def on_device(memory: Mapping[str, int], device: str) -> dict[str, int]:
+    """``memory`` (bytes per device) placed on ``device``: every byte not on ``cpu`` moves
+    there whole (a single-device model is never split; an estimate keyed ``auto`` is its
+    accelerator share); host bytes stay on ``cpu``, or join them when ``device`` is ``cpu``."""
+    host = memory.get("cpu", 0)
+    accel = sum(n for d, n in memory.items() if d != "cpu")
+    if device == "cpu":
+        return {"cpu": host + accel} if host + accel else {}
+    placed = {device: accel} if accel else {}
+    if host:
+        placed["cpu"] = host
+    return placed
+
+
+def placed(candidate: Candidate, device: str) -> Candidate:
+    """``candidate`` as it would load on ``device`` (one of its options)."""
+    return replace(
+        candidate,
+        memory=on_device(candidate.memory, device),
+        unknown=(device,) if candidate.unknown else (),
+        options=(),
+    )
+
+
 def plan_admission(
     residents: Iterable[Resident],
     candidate: Candidate,
@@ -141,7 +171,116 @@ def plan_admission(
     """Decide how ``candidate`` gets in.  ``budgets`` are bytes per device (devices without
     a budget are not limited); ``external`` is memory held by others (other processes,
     and this process's leftovers of unloaded models); ``external_detail`` says per
-    device where it is, for messages."""
+    device where it is, for messages.
+
+    A candidate with ``options`` is placed (issue 23, automatic placement): each device is
+    planned as if the model were fixed there, then
+
+    1. among devices where it fits without evicting or parking anything, the best fit: the
+       least bytes left free after it (large models keep room; a model of unknown size
+       takes the most free instead, as it reserves all that is free);
+    2. otherwise the device whose plan costs least to make room: the sum over the models it
+       evicts or parks of their bytes × their load seconds (leased, pinned and busy models
+       are never chosen: the single-device plan never picks them); ties by device name;
+    3. otherwise a wait when any device may make room later, else a refusal naming the
+       largest device and what it lacks."""
+    if not candidate.options:
+        return _plan_fixed(
+            residents, candidate, budgets,
+            max_loaded=max_loaded, external=external, external_detail=external_detail,
+        )  # fmt: skip
+    return _place(residents, candidate, budgets, max_loaded, external or {}, external_detail)
+
+
+def _place(
+    residents: Iterable[Resident],
+    candidate: Candidate,
+    budgets: Mapping[str, int],
+    max_loaded: int | None,
+    external: Mapping[str, int],
+    external_detail: Mapping[str, str] | None,
+) -> Plan:
+    snapshot = list(residents)
+    caps = {d: b - external.get(d, 0) for d, b in budgets.items()}
+    used = usage(r for r in snapshot if r.name != candidate.name)
+    by_name = {r.name: r for r in snapshot}
+    tried: list[tuple[str, Candidate, Plan]] = []
+    for device in dict.fromkeys(candidate.options):
+        here = placed(candidate, device)
+        plan = _plan_fixed(
+            snapshot, here, budgets, max_loaded=max_loaded, external=external, external_detail=external_detail
+        )
+        tried.append((device, here, plan))
+    n = len(tried)
+
+    def left(device: str, here: Candidate) -> float:
+        if device not in caps:
+            return float("inf")  # no budget: not limited, chosen last
+        return caps[device] - used.get(device, 0) - here.memory.get(device, 0)
+
+    free = [(d, c, p) for d, c, p in tried if isinstance(p, Admit) and not p.evict and not p.sleep]
+    if free:
+        if candidate.unknown:
+            device, here, plan = max(free, key=lambda t: (left(t[0], t[1]), _neg(t[0])))
+            why = f"fits on {device} without evicting: the most free memory of {n} device(s) (its size is unknown)"
+        else:
+            device, here, plan = min(free, key=lambda t: (left(t[0], t[1]), t[0]))
+            room = left(device, here)
+            rest = "no budget" if room == float("inf") else f"{format_size(int(room))} left there"
+            why = f"fits on {device} without evicting ({rest}; best fit of {len(free)} of {n} device(s) with room)"
+        assert isinstance(plan, Admit)
+        return replace(plan, device=device, placement=why)
+
+    def cost(plan: Admit) -> float:
+        victims = (by_name[x] for x in (*plan.evict, *plan.sleep) if x in by_name)
+        return sum(sum(r.memory.values()) * r.load_s for r in victims)
+
+    admits = [(d, p) for d, _, p in tried if isinstance(p, Admit)]
+    if admits:
+        device, plan = min(admits, key=lambda t: (cost(t[1]), t[0]))
+        going = ", ".join((*plan.evict, *plan.sleep))
+        why = (
+            f"no device has room without evicting; {device} costs least to make room "
+            f"(evicts {going}: {cost(plan) / 1e9:.3g} GB·s of reloading)"
+        )
+        return replace(plan, device=device, placement=why)
+
+    waits = [(d, p) for d, _, p in tried if isinstance(p, Wait)]
+    if waits:
+        blockers = tuple(dict.fromkeys(b for _, p in waits for b in p.blockers))
+        return Wait(blockers=blockers, reason="; ".join(f"{d}: {p.reason}" for d, p in waits))
+
+    refusals = [(d, p) for d, _, p in tried if isinstance(p, Refuse)]
+    sized = [(d, p) for d, p in refusals if p.needed is not None and p.available is not None]
+    if len(sized) < len(refusals) or not sized:
+        return refusals[0][1]  # the same rule refuses it everywhere (a pinned runner or group)
+    device, worst = max(sized, key=lambda t: (t[1].available or 0, _neg(t[0])))
+    assert worst.needed is not None and worst.available is not None
+    return Refuse(
+        f"{candidate.name} fits on none of {', '.join(t[0] for t in tried)}: the largest, {device}, "
+        f"lacks {format_size(worst.needed - worst.available)} ({worst.reason})",
+        device=device,
+        needed=worst.needed,
+        available=worst.available,
+        holders=worst.holders,
+    )
+
+
+def _neg(device: str) -> tuple[int, ...]:
+    """A key that orders device names backwards (ties in a ``max`` go to the first name)."""
+    return tuple(-ord(c) for c in device)
+
+
+def _plan_fixed(
+    residents: Iterable[Resident],
+    candidate: Candidate,
+    budgets: Mapping[str, int],
+    *,
+    max_loaded: int | None = None,
+    external: Mapping[str, int] | None = None,
+    external_detail: Mapping[str, str] | None = None,
+) -> Plan:
+    """:func:`plan_admission` for a candidate whose devices are fixed."""
     external = external or {}
     caps = {d: b - external.get(d, 0) for d, b in budgets.items()}
     others = [r for r in residents if r.name != candidate.name and r.holds_memory]
@@ -345,10 +484,16 @@ def check_plan(
     unpinned, settled models are evicted or parked.  Raises :class:`PlanError`."""
     if not isinstance(plan, Admit):
         return
+    problems = []
+    if candidate.options:
+        if plan.device not in candidate.options:
+            raise PlanError(
+                f"plan for {candidate.name} places it on {plan.device}, not one of {candidate.options}"
+            )
+        candidate = placed(candidate, plan.device)
     external = external or {}
     others = [r for r in residents if r.name != candidate.name and r.holds_memory]
     by_name = {r.name: r for r in others}
-    problems = []
     for name in (*plan.evict, *plan.sleep):
         r = by_name.get(name)
         if r is None:
@@ -442,6 +587,8 @@ __all__ = [
     "Wait",
     "can_park_within",
     "check_plan",
+    "on_device",
+    "placed",
     "plan_admission",
     "usage",
 ]
