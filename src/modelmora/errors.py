@@ -14,6 +14,7 @@ ModelMoraError
     ├── ProviderUnavailable     runtime unreachable, not installed, or busy (transient)
     ├── LoadFailed              the runtime could not load the model
     │   ├── ModelNotFound       the runtime does not have it (e.g. not pulled)
+    │   ├── OutOfMemory         the runtime ran out of memory loading it (retried once)
     │   └── RecentlyFailed      a load failed a moment ago; retried after a cool-down
     └── UnloadFailed            the runtime could not unload the model
 ```
@@ -129,6 +130,36 @@ class ModelNotFound(LoadFailed):
     """The runtime does not have this model (e.g. it was never pulled)."""
 
 
+class OutOfMemory(LoadFailed):
+    """The runtime ran out of memory while loading the model (CUDA OOM, llama.cpp's failed
+    allocation, vLLM's cache blocks, Ollama's "requires more system memory").
+
+    ``device`` is where it loaded, ``needed`` what the failed allocation asked for,
+    ``required`` what the runtime says the model needs in all, and ``free`` what was
+    free, when known (bytes); ``estimate`` is what the manager had
+    reserved on ``device`` for the load (bytes).  The manager raises the model's estimate,
+    evicts, and retries once before a caller sees this (:mod:`modelmora.oom`)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        device: str | None = None,
+        needed: int | None = None,
+        free: int | None = None,
+        estimate: int | None = None,
+        required: int | None = None,
+    ):
+        super().__init__(message, model=model, provider=provider)
+        self.device = device
+        self.needed = needed
+        self.required = required
+        self.free = free
+        self.estimate = estimate
+
+
 class RecentlyFailed(LoadFailed):
     """The model failed to load recently and is cooling down before the next attempt."""
 
@@ -153,6 +184,7 @@ __all__ = [
     "ModelMoraError",
     "ModelMoraTimeout",
     "ModelNotFound",
+    "OutOfMemory",
     "ProviderError",
     "ProviderUnavailable",
     "RecentlyFailed",

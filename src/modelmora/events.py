@@ -70,6 +70,20 @@ class LoadFailed(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OutOfMemoryRetry(Event):
+    """A load ran out of memory on ``device``: its estimate is raised from ``estimate`` to
+    ``raised`` (bytes per device) and it is admitted (evicting as the planner chooses) and
+    loaded once more; ``free`` what was free on ``device`` (bytes), when known."""
+
+    provider: str
+    device: str
+    error: str
+    estimate: dict[str, int] = field(default_factory=dict)
+    raised: dict[str, int] = field(default_factory=dict)
+    free: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Unloading(Event):
     reason: str
     forced: bool = False
@@ -226,6 +240,11 @@ def describe(event: Event) -> str:
             return f"loaded {event.model} in {event.duration_s:.2f}s ({mem(event.memory)})"
         case LoadFailed():
             return f"failed to load {event.model}: {event.error}"
+        case OutOfMemoryRetry():
+            return (
+                f"{event.model} ran out of memory on {event.device}; retrying once with its estimate "
+                f"raised from {mem(event.estimate)} to {mem(event.raised)}"
+            )
         case Unloading():
             return f"unloading {event.model} ({event.reason}{', forced' if event.forced else ''})"
         case Unloaded():
@@ -260,6 +279,7 @@ __all__ = [
     "Loaded",
     "Loading",
     "LoggingSubscriber",
+    "OutOfMemoryRetry",
     "Problem",
     "Slept",
     "Subscriber",

@@ -62,6 +62,7 @@ class Core:
         self.ours_at_reading: Footprint = EMPTY  # what our rows held when ``readings`` were taken
         self.leaked_at_reading: Footprint = EMPTY  # what providers reported leaked right after
         self.history: dict[str, tuple[Footprint, float]] = {}  # last load: measured, seconds
+        self.raised: dict[str, Footprint] = {}  # estimates an out-of-memory load raised, until measured
         self.failures: dict[str, Failure] = {}
         self.problems: dict[str, str] = {}
         self.tg: anyio.abc.TaskGroup | None = None

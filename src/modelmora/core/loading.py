@@ -32,12 +32,14 @@ from ..errors import (
     ManagerClosed,
     ModelMoraError,
     ModelMoraTimeout,
+    OutOfMemory,
     RecentlyFailed,
     TransientError,
     UnknownModel,
     UnloadFailed,
 )
 from ..footprint import Footprint
+from ..oom import out_of_memory
 from ..spec import format_duration, format_memory, format_size
 from .admission import Admission
 from .context import Core, Failure
@@ -88,7 +90,7 @@ class Loader:
             provider = core.provider(entry.provider)
             if not waking:
                 entry.spec = await provider.prepare(entry.spec)
-                core.lifecycle.update(entry, estimate=Footprint(entry.spec.memory))
+                core.lifecycle.update(entry, estimate=self._estimate(entry))
             await self._admit(entry)
             if waking and entry.died is not None:  # its runtime died while we made room
                 core.lifecycle.apply(entry, Action.REQUEUE)
@@ -110,20 +112,34 @@ class Loader:
                 else:
                     attempt.ready()
             else:
-                core.bus.emit(
-                    ev.Loading(
-                        model=entry.name,
-                        provider=entry.provider,
-                        estimate=entry.estimate.as_dict(),
-                        device=entry.spec.device,
-                        note="; ".join(n for n in (entry.placement, self._unknown_note(entry)) if n),
+                for retry in (False, True):  # an out-of-memory load is retried once, never twice
+                    core.bus.emit(
+                        ev.Loading(
+                            model=entry.name,
+                            provider=entry.provider,
+                            estimate=entry.estimate.as_dict(),
+                            device=entry.spec.device,
+                            note="; ".join(n for n in (entry.placement, self._unknown_note(entry)) if n),
+                        )
                     )
-                )
-                handle = await self._bounded(provider.load(entry.spec), entry, "loading")
+                    try:
+                        handle = await self._bounded(provider.load(entry.spec), entry, "loading")
+                        break
+                    except Exception as exc:
+                        oom = out_of_memory(exc)
+                        if oom is None:
+                            raise
+                        if retry:
+                            raise self._out_of_memory(entry, oom, again=True) from exc
+                        if not await self._raise_estimate(entry, oom):
+                            raise self._out_of_memory(entry, oom, again=False) from exc
+                        await self._admit(entry)  # evicts as the planner chooses, or refuses
+                        started = core.clock()
                 seconds = core.clock() - started
                 measured = Footprint(handle.memory) if handle.memory else entry.estimate
                 entry.owned, entry.loaded_at = handle.owned, core.clock()
                 core.history[entry.name] = (measured, seconds)
+                core.raised.pop(entry.name, None)  # measured: an estimate raised by an OOM is moot
                 core.lifecycle.apply(
                     entry,
                     Action.LOADED,
@@ -152,6 +168,89 @@ class Loader:
             attempt.again()  # never left unsettled (no-op once settled)
         if entry.state is State.READY:
             await self._rebalance(entry)
+
+    # -- out of memory anyway ----------------------------------------------------------------
+
+    def _estimate(self, entry: Entry) -> Footprint:
+        """The spec's estimate, or what an out-of-memory load raised it to, if larger (kept
+        until a load measures the model)."""
+        spec = entry.spec
+        raised = self.core.raised.get(entry.name)
+        if raised is None:
+            return Footprint(spec.memory)
+        return Footprint(on_device(spec.memory, spec.device)).maximum(on_device(raised, spec.device))
+
+    def _free(self, entry: Entry, oom: OutOfMemory) -> int | None:
+        """What was free on the entry's device: what the runtime said, else the budget less
+        what the other rows and other processes hold."""
+        if oom.free is not None:
+            return oom.free
+        core, device = self.core, entry.spec.device
+        budget = core.budgets.get(device)
+        if budget is None:
+            return None
+        others = core.usage().on(device) - entry.held().on(device) + core.external().on(device)
+        return max(0, budget - others)
+
+    async def _raise_estimate(self, entry: Entry, oom: OutOfMemory) -> bool:
+        """After a load ran out of memory: clean up what it left, give its reservation
+        back and raise its estimate on its device, so the retry's admission makes room.
+
+        The rule, on the device: the reservation plus what the failed allocation asked
+        for when the runtime says so (torch, llama.cpp); else what the runtime says the
+        model needs in all (Ollama); else 1.25 × the reservation (vLLM's cache blocks);
+        always at least one byte more than the reservation.
+        Returns False when the cleanup failed (the runtime may still hold the model: no
+        retry)."""
+        core, device = self.core, entry.spec.device
+        if not await self.transitions.discard(entry):
+            return False
+        reserved = entry.reservation
+        before = reserved.on(device)
+        if oom.needed:
+            after = before + oom.needed
+        elif oom.required:
+            after = max(before + 1, oom.required)
+        else:
+            after = max(before + 1, math.ceil(before * 1.25))
+        raised = Footprint({**reserved.as_dict(), device: after})
+        core.raised[entry.name] = raised
+        core.lifecycle.apply(entry, Action.REQUEUE, estimate=raised)
+        self.transitions.settle(entry)
+        core.bus.emit(
+            ev.OutOfMemoryRetry(
+                model=entry.name,
+                provider=entry.provider,
+                device=device,
+                error=str(oom),
+                estimate=reserved.as_dict(),
+                raised=raised.as_dict(),
+                free=self._free(entry, oom),
+            )
+        )
+        return True
+
+    def _out_of_memory(self, entry: Entry, oom: OutOfMemory, *, again: bool) -> OutOfMemory:
+        device = entry.spec.device
+        estimate = entry.reservation.on(device)
+        free = self._free(entry, oom)
+        what = (
+            "again, after raising its estimate and making room" if again else "(not retried: cleanup failed)"
+        )
+        asked = f", the failed allocation asked for {format_size(oom.needed)}" if oom.needed else ""
+        error = OutOfMemory(
+            f"loading {entry.name!r} ran out of memory on {device} {what}: reserved "
+            f"{format_size(estimate)}, {format_size(free) if free is not None else 'unknown'} free{asked} "
+            f"({oom})",
+            model=entry.name,
+            provider=entry.provider,
+            device=device,
+            needed=oom.needed,
+            free=free,
+            estimate=estimate,
+        )
+        error.__cause__ = oom
+        return error
 
     @staticmethod
     def _unknown_note(entry: Entry) -> str:
