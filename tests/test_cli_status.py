@@ -8,11 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from typer.testing import CliRunner
 
+import modelmora.cli.commands as commands
 from modelmora.cli import app
+from modelmora.server import create_app
 from modelmora.testing.ollama import OllamaEmulator
+from modelmora.testing.threaded import ThreadedServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "modelmora.yaml")
@@ -65,3 +69,26 @@ def test_an_outage_shows_its_problems_in_the_human_output(tmp_path: Path) -> Non
     assert "observe:ollama" in table.stdout, table.stdout
     assert "No models resident." not in table.stdout
     assert "could not be asked" in table.stdout
+
+
+def test_status_uses_a_running_local_server_and_says_so(
+    make_ollama: Callable[..., OllamaEmulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emu = make_ollama()
+    config = {
+        "budgets": {"cuda:0": "24GB"},
+        "providers": {"ollama": {"base_url": emu.url}},
+        "models": {"qwen": {"provider": "ollama", "target": "qwen2.5:14b", "memory": "9GB"}},
+    }
+    monkeypatch.delenv("MODELMORA_URL", raising=False)
+    monkeypatch.delenv("MODELMORA_CONFIG", raising=False)
+    with ThreadedServer(create_app(config)) as server:
+        assert httpx.post(f"{server.url}/models/qwen/load", timeout=30).status_code == 200
+        # where `modelmora serve` listens by default, here the test's own server
+        monkeypatch.setattr(commands, "LOCAL_SERVER", server.url, raising=False)
+        table = runner.invoke(app, ["status"], env=WIDE)
+        assert table.exit_code == 0, table.output
+        assert f"(via {server.url})" in table.stdout, table.stdout
+        assert "qwen" in table.stdout and "only while a manager runs" not in table.stdout
+        data = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+        assert [m["name"] for m in data["models"]] == ["qwen"]
