@@ -190,6 +190,28 @@ UrlOpt = Annotated[
 ]
 
 
+LOCAL_SERVER = "http://127.0.0.1:8765"  # where `modelmora serve` listens by default
+
+
+def local_server() -> str | None:
+    """The URL of a ``modelmora serve`` answering on :data:`LOCAL_SERVER`, else None: a quick
+    ``/health`` probe (200 ok or 503 degraded, both with the server's ``status``)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{LOCAL_SERVER}/health", timeout=httpx.Timeout(1.0, connect=0.3))
+        body = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if (
+        response.status_code in (200, 503)
+        and isinstance(body, dict)
+        and body.get("status") in ("ok", "degraded")
+    ):
+        return LOCAL_SERVER
+    return None
+
+
 def remote(url: str, job: Callable[[Any], T]) -> T:
     """Run ``job`` against the server at ``url``, turning its errors into one line."""
     from .remote import RemoteManager
@@ -460,11 +482,17 @@ def status(
         ),
     ] = False,
 ) -> None:
-    """Memory per device, resident models, leases, idle time and expiry."""
+    """Memory per device, resident models, leases, idle time and expiry.  Without --url or
+    --config, a `modelmora serve` running on this machine's default port answers (and the
+    output says so); otherwise a manager started for this command does."""
 
     async def job(mm: ModelManager) -> dict[str, Any]:
         return (await mm.hardware() if hardware else await mm.status()).to_dict()
 
+    via = None if url or config is not None else local_server()
+    if via:
+        url = via
+        (err if as_json else out).print(f"(via {via})", highlight=False)
     if url:
         result = remote(url, lambda c: c.hardware() if hardware else c.status())
     else:
