@@ -190,6 +190,28 @@ UrlOpt = Annotated[
 ]
 
 
+LOCAL_SERVER = "http://127.0.0.1:8765"  # where `modelmora serve` listens by default
+
+
+def local_server() -> str | None:
+    """The URL of a ``modelmora serve`` answering on :data:`LOCAL_SERVER`, else None: a quick
+    ``/health`` probe (200 ok or 503 degraded, both with the server's ``status``)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{LOCAL_SERVER}/health", timeout=httpx.Timeout(1.0, connect=0.3))
+        body = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if (
+        response.status_code in (200, 503)
+        and isinstance(body, dict)
+        and body.get("status") in ("ok", "degraded")
+    ):
+        return LOCAL_SERVER
+    return None
+
+
 def remote(url: str, job: Callable[[Any], T]) -> T:
     """Run ``job`` against the server at ``url``, turning its errors into one line."""
     from .remote import RemoteManager
@@ -329,8 +351,25 @@ def with_manager(
 # -- reading ---------------------------------------------------------------------------
 
 
-def render_status(status: dict[str, Any]) -> None:
-    """Render ``ManagerStatus.to_dict()`` (local) or a server's ``/status`` (remote) alike."""
+def expiry(m: dict[str, Any], direct: bool) -> str:
+    """A row's "expires in": the runtime's own expiry says who keeps it; in ``direct`` mode
+    (a manager started for this one command) no reaper runs between commands, so the
+    manager's idle countdown is said to hold only while a manager runs."""
+    by, left = m.get("expires_by"), m["expires_in_s"]
+    runtime = m.get("runtime_expires_in_s")
+    if left is None:
+        return "never"
+    if by == "runtime":
+        return f"{format_duration(round(left))} by {m['provider']}"
+    if direct and by == "manager":
+        kept = f"{format_duration(round(runtime))} by {m['provider']}; " if runtime is not None else ""
+        return f"{kept}{format_duration(left)} idle, only while a manager runs"
+    return format_duration(left)
+
+
+def render_status(status: dict[str, Any], *, direct: bool = False) -> None:
+    """Render ``ManagerStatus.to_dict()`` (local) or a server's ``/status`` (remote) alike;
+    ``direct``: from a manager started for this command (see :func:`expiry`)."""
     mem = Table(title="Memory", title_justify="left")
     for col in ("device", "modelmora", "budget", "peak", "observed (total / used / free)"):
         mem.add_column(col)
@@ -369,13 +408,20 @@ def render_status(status: dict[str, Any]) -> None:
             str(m["leases"]),
             format_memory(m["memory"]),
             format_duration(m["idle_s"]),
-            "never" if m["expires_in_s"] is None else format_duration(m["expires_in_s"]),
+            expiry(m, direct),
             flags,
         )
+    problems: dict[str, str] = status.get("problems") or {}
     if status["models"]:
         out.print(models)
+    elif problems:
+        out.print("No models known: a runtime could not be asked (see the problems below).")
     else:
         out.print("No models resident.")
+    if problems:
+        out.print(f"[bold red]Problems[/] ({len(problems)}): what is shown may be incomplete or stale")
+        for component, error in problems.items():
+            out.print(f"  [red]{escape(component)}[/]: {escape(str(error))}", soft_wrap=True)
     for name, f in status["failures"].items():
         out.print(
             f"[yellow]{escape(name)}[/]: {f['failures']} failed load(s), retry in {format_duration(f['retry_in_s'])}: {escape(str(f['error']))}"
@@ -436,11 +482,17 @@ def status(
         ),
     ] = False,
 ) -> None:
-    """Memory per device, resident models, leases, idle time and expiry."""
+    """Memory per device, resident models, leases, idle time and expiry.  Without --url or
+    --config, a `modelmora serve` running on this machine's default port answers (and the
+    output says so); otherwise a manager started for this command does."""
 
     async def job(mm: ModelManager) -> dict[str, Any]:
         return (await mm.hardware() if hardware else await mm.status()).to_dict()
 
+    via = None if url or config is not None else local_server()
+    if via:
+        url = via
+        (err if as_json else out).print(f"(via {via})", highlight=False)
     if url:
         result = remote(url, lambda c: c.hardware() if hardware else c.status())
     else:
@@ -450,7 +502,7 @@ def status(
     elif hardware:
         render_hardware(result)
     else:
-        render_status(result)
+        render_status(result, direct=not url)
 
 
 @app.command("list-loaded")

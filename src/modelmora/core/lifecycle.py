@@ -101,7 +101,8 @@ class IllegalTransition(RuntimeError):
 
 class Entry:
     """One model in the residency table.  Its ``state`` and memory fields are written only
-    by :class:`Lifecycle`; its lease counters only by :mod:`modelmora.core.leases`."""
+    by :class:`Lifecycle`; its lease counters only by :mod:`modelmora.core.leases`;
+    ``runtime_expires_at`` (neither: what the runtime last said) only by reconcile."""
 
     __slots__ = (
         "_changed",
@@ -124,6 +125,7 @@ class Entry:
         "pinned",
         "placement",
         "prior",
+        "runtime_expires_at",
         "spec",
         "state",
         "total_leases",
@@ -163,6 +165,8 @@ class Entry:
         self.attempt = Attempt(settled=True)  # the current load, wake or adoption's outcome
         self.died: str | None = None  # its runtime died mid-transition: applied once it settles
         self.placement = ""  # why the planner put it on spec.device (device: auto / devices)
+        # when the runtime itself lets it go (unix seconds, Observed.expires_at), as last observed
+        self.runtime_expires_at: float | None = None
         self._changed = anyio.Event()
 
     @property

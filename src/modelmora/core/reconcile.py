@@ -2,7 +2,8 @@
 
 Models that vanished from their runtime leave the table (with a ``Vanished`` event);
 models resident but unknown are adopted (not owned: never reaped on a timer); measured
-sizes replace estimates.  Names are compared by ``Provider.target_key``, so a runtime that
+sizes replace estimates, and the runtime's own expiry (``Observed.expires_at``) is kept on
+the entry for ``status()``.  Names are compared by ``Provider.target_key``, so a runtime that
 lists ``nomic-embed-text`` as ``nomic-embed-text:latest`` is talking about the same model.
 
 Observations take time, and the table moves meanwhile.  An answer is applied only to
@@ -81,6 +82,7 @@ class Reconciler:
         return adopted
 
     def _apply(self, entry: Entry, seen: Observed) -> None:
+        entry.runtime_expires_at = seen.expires_at  # not state nor memory: what status shows
         lifecycle = self.core.lifecycle
         memory = Footprint(seen.memory) if seen.memory else None
         if seen.tier is Tier.SLEEPING and entry.state is State.READY and not entry.leases:
@@ -122,6 +124,7 @@ class Reconciler:
             estimate=Footprint(seen.memory) if asleep and seen.memory else None,
         )
         entry.owned = seen.owned
+        entry.runtime_expires_at = seen.expires_at
         entry.can_park = provider.capabilities.warm_tier and (spec.warm_tier or asleep)
         attempt = Attempt(adoption=True)
         core.spawn(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,11 @@ class ModelStatus:
     total_leases: int
     estimate: dict[str, int] = field(default_factory=dict)  # bytes per device admission planned with
     estimate_error: float | None = None  # estimate ÷ measured, once a load measured it
+    # who lets it go at ``expires_in_s``: "runtime" (its own expiry, Ollama's keep-alive, for a
+    # model this manager does not own), "manager" (the reaper: idle for its keep-alive, which
+    # only a running manager enforces), None (nothing: expires_in_s is None)
+    expires_by: str | None = None
+    runtime_expires_in_s: float | None = None  # the runtime's own expiry, where it reports one
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -77,6 +83,10 @@ class UnloadAllResult:
 
 
 def model_status(core: Core, e: Entry, now: float) -> ModelStatus:
+    runtime = None if e.runtime_expires_at is None else max(0.0, e.runtime_expires_at - time.time())
+    expires, by = e.expires_in(now, core.config.idle_ttl), "manager"
+    if not e.owned and runtime is not None:  # the manager never lets it go: the runtime will
+        expires, by = runtime, "runtime"
     return ModelStatus(
         name=e.name,
         provider=e.provider,
@@ -88,11 +98,13 @@ def model_status(core: Core, e: Entry, now: float) -> ModelStatus:
         group=e.spec.group,
         memory=e.held().as_dict(),
         idle_s=e.idle_for(now),
-        expires_in_s=e.expires_in(now, core.config.idle_ttl),
+        expires_in_s=expires,
         loaded_for_s=None if e.loaded_at is None else now - e.loaded_at,
         total_leases=e.total_leases,
         estimate=e.estimate.as_dict(),
         estimate_error=_error(e),
+        expires_by=None if expires is None else by,
+        runtime_expires_in_s=runtime,
     )
 
 

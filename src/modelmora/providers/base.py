@@ -116,6 +116,9 @@ class Observed:
     # SLEEPING only: bytes per device it will hold once woken, where the runtime knows
     # (empty: unknown; the manager then reserves conservatively for its wake)
     awake: dict[str, int] = field(default_factory=dict)
+    # when the runtime itself will let it go (unix seconds), where it has its own expiry
+    # (Ollama's keep-alive: ``expires_at`` in ``/api/ps``); None: it keeps it until told
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True)

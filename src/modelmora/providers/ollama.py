@@ -37,8 +37,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -174,6 +176,24 @@ def map_error(
     if isinstance(exc, ModelMoraError):
         return exc
     return ProviderError(f"Ollama at {url}: {type(exc).__name__}: {exc}", model=model, provider=provider)
+
+
+NEVER_AFTER_S = 100 * 365 * 86400.0  # further off than this: an infinite keep_alive (Go's max duration)
+
+
+def expires_at(value: Any) -> float | None:
+    """``/api/ps``'s ``expires_at`` (RFC 3339, Go's nanoseconds) as unix seconds; None when
+    absent, unreadable, Go's zero time, or so far off it means "never" (``keep_alive: -1``)."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value.strip()).replace("Z", "+00:00").replace("z", "+00:00")
+    try:
+        when = datetime.fromisoformat(text).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+    if when <= 0 or when - time.time() > NEVER_AFTER_S:
+        return None
+    return when
 
 
 class OllamaProvider(Provider):
@@ -523,6 +543,7 @@ class OllamaProvider(Provider):
                     details={
                         k: item[k] for k in ("context_length", "digest", "details", "expires_at") if k in item
                     },
+                    expires_at=expires_at(item.get("expires_at")),
                 )
             )
         for key, handle in list(self._held.items()):
