@@ -73,7 +73,10 @@ class Soak:
     def _on_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.Unloading) and not e.forced:
             entry = next((x for x in self.mm.entries() if x.name == e.model), None)
-            if entry is not None and entry.leases:
+            # callers queued at its gate behind an admission yield to that admission's
+            # evictions (issue 22); every other lease, a waiting caller's too, protects it
+            yielding = entry.queued if entry is not None and e.reason.startswith("evicted") else 0
+            if entry is not None and entry.leases - yielding:
                 self.result.violations.append(
                     f"{e.model} unloaded with {entry.leases} lease(s) without force"
                 )
