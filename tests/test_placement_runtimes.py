@@ -1,0 +1,57 @@
+"""The device placement chose reaches the runtimes that run as servers (issue 23, item 3):
+a process server sees only that GPU (``CUDA_VISIBLE_DEVICES``) and can name it in its
+command (``${DEVICE}``, ``${GPU}``); a vLLM container asks Docker for that GPU alone.
+
+The specs are what admission hands the provider after placement: the registry's
+``device: auto`` rewritten to the chosen device, with the devices it could choose from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from modelmora.providers.process import ProcessProvider, ProcessSettings
+from modelmora.providers.vllm import VLLMProvider
+from modelmora.spec import ModelSpec
+
+
+def placed(provider: str, device: str, **options: object) -> ModelSpec:
+    return ModelSpec(
+        name="m", provider=provider, target="m", device=device, devices=["cuda:0", "cuda:1"],
+        memory={device: 10**9}, options=dict(options),
+    )  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_placed_process_server_sees_only_its_gpu_and_can_name_it(tmp_path: Path) -> None:
+    command = ["server", "--device", "${DEVICE}", "--gpu", "${GPU}", "--port", "${PORT}"]
+    async with ProcessProvider("process", ProcessSettings(state_dir=str(tmp_path))) as provider:
+        spec = placed("process", "cuda:1", command=command)
+        assert provider._command(spec, 8123) == [
+            "server",
+            "--device",
+            "cuda:1",
+            "--gpu",
+            "1",
+            "--port",
+            "8123",
+        ]
+        assert provider._env(spec)["CUDA_VISIBLE_DEVICES"] == "1"
+        # the user's own env wins, and a model with a fixed device keeps the machine's view
+        own = placed("process", "cuda:1", command=command, env={"CUDA_VISIBLE_DEVICES": "0,1"})
+        assert provider._env(own)["CUDA_VISIBLE_DEVICES"] == "0,1"
+        fixed = ModelSpec(name="f", provider="process", target="f", device="cuda:1", memory={"cuda:1": 10**9})
+        assert provider._env(fixed).get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_a_placed_vllm_container_asks_for_its_gpu_alone() -> None:
+    pytest.importorskip("docker")
+    provider = VLLMProvider("vllm")
+    request = provider._create_kwargs(placed("vllm", "cuda:1", port=8000))["device_requests"][0]
+    assert request["DeviceIDs"] == ["1"] and not request.get("Count"), request
+    chosen = provider._create_kwargs(placed("vllm", "cuda:1", port=8000, gpus=["0", "1"]))["device_requests"][
+        0
+    ]
+    assert chosen["DeviceIDs"] == ["0", "1"], chosen  # an explicit choice in options stays
