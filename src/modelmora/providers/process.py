@@ -13,7 +13,7 @@
           ready_timeout: 2m
 
 * **Load** substitutes ``${PORT}`` (a free loopback port unless ``options.port``),
-  ``${MODEL}`` (the target) and ``${HOST}``, starts the command in its own process group
+  ``${MODEL}`` (the target), ``${HOST}``, ``${DEVICE}`` (``cuda:1``) and ``${GPU}`` (``1``), starts the command in its own process group
   with its output going to a log file, and polls the health URL until it answers 200.  A
   process that exits first fails the load at once, with the last lines of its log.
 * **Unload** is SIGTERM to the process group (or ``options.stop_command`` with ``${PID}``),
@@ -125,11 +125,19 @@ class ProcessProvider(Provider):
                 f"{spec.name}: options.command is required for the process provider", model=spec.name
             )
         parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
-        return expand(parts, {"PORT": str(port), "MODEL": spec.target, "HOST": self.settings.host})
+        values = {"PORT": str(port), "MODEL": spec.target, "HOST": self.settings.host, "DEVICE": spec.device}
+        values["GPU"] = spec.device.partition(":")[2] if spec.device.startswith("cuda:") else ""
+        return expand(parts, values)
 
     def _env(self, spec: ModelSpec) -> dict[str, str]:
+        """The server's environment: this process's, then ``options.env``; a model the
+        planner placed (``device: auto``, ``devices``) sees only its GPU
+        (``CUDA_VISIBLE_DEVICES``), unless ``options.env`` sets that itself."""
         env = dict(os.environ)
-        env.update({str(k): str(v) for k, v in (spec.options.get("env") or {}).items()})
+        own = {str(k): str(v) for k, v in (spec.options.get("env") or {}).items()}
+        if spec.placed and spec.device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in own:
+            env["CUDA_VISIBLE_DEVICES"] = spec.device.partition(":")[2]
+        env.update(own)
         return env
 
     def _url(self, port: int) -> str:

@@ -195,6 +195,8 @@ class VLLMProvider(Provider):
             bind, _, mode = str(inside).partition(":")
             volumes[str(host)] = {"bind": bind, "mode": mode or "rw"}
         gpus = spec.options.get("gpus", self.settings.gpus)
+        if "gpus" not in spec.options and spec.placed and spec.device.startswith("cuda:"):
+            gpus = [spec.device.partition(":")[2]]  # the GPU placement chose, and only it
         devices = []
         if gpus == "all":
             devices = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
