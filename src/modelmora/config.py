@@ -124,6 +124,53 @@ class Budget(BaseModel):
 BudgetValue = Annotated[Budget, BeforeValidator(Budget.parse), PlainSerializer(Budget.serialise)]
 
 
+def parse_percent(value: Any) -> float:
+    """``"5%"`` → 0.05: a percentage with its unit, at least 0."""
+    bad = ValueError(f"expected a percentage like '5%', got {value!r}")
+    if not isinstance(value, str) or not value.strip().endswith("%"):
+        raise bad
+    try:
+        percent = float(value.strip()[:-1])
+    except ValueError:
+        raise bad from None
+    if not 0 <= percent < float("inf"):
+        raise bad
+    return percent / 100
+
+
+def _ser_percent(value: float) -> str:
+    return f"{value * 100:g}%"
+
+
+Percent = Annotated[float, BeforeValidator(parse_percent), PlainSerializer(_ser_percent)]
+"""A fraction written as a percentage with its unit: ``"5%"``."""
+
+
+class WatchdogConfig(BaseModel):
+    """Memory that grows after a load, or that other processes take: every ``interval`` the
+    watchdog reads the devices; past ``red_line`` above a GPU's budget it evicts idle models
+    (cheapest to reload first) until the reading is back under the budget; past
+    ``hard_line`` (or host RAM free under ``ram_floor``) it raises the alarm and, only with
+    ``force``, force-unloads leased models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    interval: Interval = Field(1.0, description="How often the devices are read.")
+    red_line: Percent = Field(0.05, description="Above the budget, where idle models start to go.")
+    hard_line: Percent = Field(0.15, description="Above the budget, where the alarm is raised.")
+    ram_floor: Size | None = Field(None, description="Host RAM kept free; unset: not watched.")
+    force: bool = Field(False, description="Past the hard line, force-unload leased models.")
+
+    @model_validator(mode="after")
+    def _hard_above_red(self) -> WatchdogConfig:
+        if self.hard_line < self.red_line:
+            raise ValueError(
+                f"hard_line ({_ser_percent(self.hard_line)}) is below red_line ({_ser_percent(self.red_line)})"
+            )
+        return self
+
+
 class ManagerConfig(BaseModel):
     """Everything a :class:`ModelManager` needs; see ``configs/modelmora.yaml``."""
 
@@ -162,6 +209,7 @@ class ManagerConfig(BaseModel):
     unload_timeout: Duration = Field(120.0, gt=0)
     failure_cooldown: Interval = Field(5.0, description="First back-off after a failed load.")
     failure_cooldown_max: Interval = Field(300.0, description="Longest back-off after failed loads.")
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     verbose: bool = False
 
     @model_validator(mode="before")
@@ -601,6 +649,7 @@ __all__ = [
     "NOT_CONFIG",
     "Budget",
     "ManagerConfig",
+    "WatchdogConfig",
     "deep_merge",
     "describe_validation_error",
     "devices_in_use",

@@ -147,6 +147,32 @@ class Problem(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryPressure(Event):
+    """The watchdog acted on ``device`` because of what it read there: ``used``, ``total``
+    and ``free`` as read (bytes, every process), against the ``budget`` and its red and
+    hard lines (bytes); for host RAM (``cpu``) ``floor`` is the free RAM it keeps.
+
+    ``level`` is ``"red"`` (past the red line: idle models are evicted until ``used`` is
+    back under the budget), ``"hard"`` (past the hard line) or ``"ram"`` (host RAM free
+    under the floor).  ``action`` is what was done: ``"evict"`` (``model`` unloaded, idle),
+    ``"force"`` (``model`` force-unloaded though leased), ``"alarm"`` (past the hard line
+    or under the floor; nothing forced) or ``"stuck"`` (still over, nothing idle left to
+    evict; ``model`` empty)."""
+
+    device: str
+    level: str
+    action: str
+    used: int
+    total: int
+    free: int
+    budget: int = 0
+    red_line: int = 0
+    hard_line: int = 0
+    floor: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseAcquired(Event):
     leases: int
 
@@ -219,6 +245,8 @@ class LoggingSubscriber:
         level = logging.DEBUG if isinstance(event, _QUIET) else self.level
         if isinstance(event, LoadFailed | Problem):
             level = logging.WARNING
+        if isinstance(event, MemoryPressure):  # loud: memory past what admission was told
+            level = logging.ERROR if event.action in ("alarm", "force", "stuck") else logging.WARNING
         if self.logger.isEnabledFor(level):
             # the event rides along, so a handler or filter can tell what it is about
             self.logger.log(level, "%s", describe(event), extra={"modelmora_event": event})
@@ -261,6 +289,9 @@ def describe(event: Event) -> str:
             return f"{event.model} is no longer resident in {event.provider}"
         case Problem():
             return f"{event.component} failed: {event.error}"
+        case MemoryPressure():
+            about = f" ({event.model})" if event.model else ""
+            return f"memory watchdog on {event.device}{about}: {event.reason}"
         case Waiting():
             return f"{event.model} waits for memory held by {', '.join(event.blockers) or '?'}"
         case LeaseAcquired() | LeaseReleased():
@@ -279,6 +310,7 @@ __all__ = [
     "Loaded",
     "Loading",
     "LoggingSubscriber",
+    "MemoryPressure",
     "OutOfMemoryRetry",
     "Problem",
     "Slept",

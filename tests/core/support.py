@@ -35,11 +35,12 @@ def faulty_manager(
     **config: Any,
 ) -> ModelManager:
     """A manager on ``faulty`` with a 16 GB cuda:0 budget, nothing measured, and no
-    background work (reaper, reconcile) unless the test asks for it."""
+    background work (reaper, reconcile, watchdog) unless the test asks for it."""
     cfg: dict[str, Any] = {
         "budgets": dict(budgets or {"cuda:0": "16GB"}),
         "reaper_interval": 3600,
         "reconcile_interval": 3600,
+        "watchdog": {"interval": 3600},
         **config,
         "models": dict(models),
     }

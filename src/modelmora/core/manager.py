@@ -44,6 +44,7 @@ from .reconcile import Reconciler
 from .status import ManagerStatus, UnloadAllResult, manager_status
 from .table import EntryView, resident
 from .transitions import Transitions
+from .watchdog import Watchdog
 
 log = logging.getLogger("modelmora")
 
@@ -100,6 +101,7 @@ class ModelManager:
         self._leases = Leases(core, loader)
         self._reaper = Reaper(core, transitions, self._reconciler)
         self._leases.on_idle = self._reaper.schedule_idle
+        self._watchdog = Watchdog(core, transitions)
         self._admission = admission
         for provider in core.providers.values():
             provider.bind(transitions.lost)
@@ -121,6 +123,8 @@ class ModelManager:
         try:
             await self._reconciler.run(wait_for_adoptions=True)
             await tg.start(self._reaper.run)
+            if self.config.watchdog.enabled:
+                core.spawn(self._watchdog.run, name="modelmora-watchdog", service=True)
         except BaseException:
             await self._shutdown()
             raise
