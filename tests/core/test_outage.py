@@ -37,9 +37,7 @@ def manager(healthy: FaultyProvider, down: FaultyProvider, clock: Clock, **confi
             "llm": {"provider": "down", "memory": "4GB", "group": "g"},
         },
     }
-    return ModelManager(
-        cfg, providers={"faulty": healthy, "down": down}, probe=StaticProbe({}), clock=clock
-    )
+    return ModelManager(cfg, providers={"faulty": healthy, "down": down}, probe=StaticProbe({}), clock=clock)
 
 
 def unreachable(down: FaultyProvider) -> None:
