@@ -19,7 +19,6 @@ from ..errors import (
     ModelMoraError,
     ModelMoraTimeout,
     ModelNotFound,
-    ProviderOutage,
     ProviderUnavailable,
     RecentlyFailed,
     UnknownModel,
@@ -73,7 +72,7 @@ def status_for(exc: ModelMoraError) -> int:
             return 409
         case ConfigError():
             return 400
-        case RecentlyFailed() | InsufficientMemory() | ProviderOutage():
+        case RecentlyFailed() | InsufficientMemory():
             return 503
         case ModelMoraTimeout():
             return 504
@@ -190,7 +189,7 @@ async def handle_modelmora_error(request: Request, exc: Exception) -> JSONRespon
     assert isinstance(exc, ModelMoraError)
     status = http_status(request.app.state.manager, exc)
     headers = None
-    if isinstance(exc, RecentlyFailed | ProviderOutage):
+    if isinstance(exc, RecentlyFailed):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     elif status == 503:
         headers = {"Retry-After": "5"}  # until something else lets go, which nothing predicts
