@@ -205,24 +205,12 @@ class Guard:
             )
             return
         if length is not None and length.strip().isdigit() and int(length) > self.max_body:
-            await _reply(
-                send,
-                413,
-                f"request body over {self.max_body} bytes",
-                "request_too_large",
-                [(b"connection", b"close")],
-            )
+            await self._too_large(send)
             return
         try:
             body = await self._read_body(receive)
         except _TooLarge:
-            await _reply(
-                send,
-                413,
-                f"request body over {self.max_body} bytes",
-                "request_too_large",
-                [(b"connection", b"close")],
-            )
+            await self._too_large(send)
             return
         except TimeoutError:
             await _reply(send, 408, f"request body not received within {format_duration(self.read_timeout)}", "request_timeout", [(b"connection", b"close")])  # fmt: skip
@@ -239,6 +227,16 @@ class Guard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        """413, announced by its length or found while reading; the connection closes."""
+        await _reply(
+            send,
+            413,
+            f"request body over {self.max_body} bytes",
+            "request_too_large",
+            [(b"connection", b"close")],
+        )
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, within the size and time limits; None when the client hangs up."""
