@@ -874,7 +874,7 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
     """Each use of ``sequence`` decided by the admission planner, as the manager decides it
     (LRU among idle models, exclusive groups, the model cap, warm tiers), without loading:
     the steps, then a summary ``{"peak", "budgets", "loads"}``."""
-    from ..core.planner import Admit, Candidate, Resident, on_device, plan_admission
+    from ..core.planner import Admit, Candidate, Resident, on_device, placement_options, plan_admission
 
     residents: dict[str, Resident] = {}  # in order of last use
     peak: dict[str, int] = {}
@@ -887,10 +887,8 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
         action, evicted, placed = "reuse", [], ""
         if current is None or current.sleeping:
             key = f"simulated/{spec.target}"
-            options: tuple[str, ...] = ()
-            if current is None and spec.placed:  # device: auto / devices: the planner chooses
-                gpus = sorted(d for d in budgets if d.startswith("cuda:"))
-                options = tuple(dict.fromkeys(spec.devices)) if spec.devices else tuple(gpus) or ("cpu",)
+            # device: auto / devices: the planner chooses, as admission lets it
+            options = placement_options(spec, budgets) if current is None else ()
             device = options[0] if options else spec.device
             decision = plan_admission(
                 residents.values(),

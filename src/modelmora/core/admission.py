@@ -33,7 +33,17 @@ from ..footprint import Footprint
 from .context import Core
 from .gate import Gate
 from .lifecycle import Entry, State
-from .planner import Admit, Candidate, Plan, PlanError, Refuse, check_plan, on_device, plan_admission
+from .planner import (
+    Admit,
+    Candidate,
+    Plan,
+    PlanError,
+    Refuse,
+    check_plan,
+    on_device,
+    placement_options,
+    plan_admission,
+)
 
 log = logging.getLogger("modelmora")
 
@@ -83,22 +93,9 @@ class Admission:
         """Devices the planner may place ``entry`` on: none once it holds memory somewhere
         (loading, ready, parked: it stays where it is), else its ``devices``, or for
         ``device: auto`` every GPU with a budget, or the CPU when no GPU has one."""
-        spec = entry.spec
-        if entry.state is not State.QUEUED or not spec.placed:
+        if entry.state is not State.QUEUED:
             return ()
-        if spec.devices:
-            return tuple(dict.fromkeys(spec.devices))
-        gpus = sorted((d for d in self.core.budgets if d.startswith("cuda:")), key=_device_order)
-        return tuple(gpus) or ("cpu",)
-
-    def load_seconds(self, name: str) -> float:
-        """What reloading ``name`` would take: its last load here, else its spec's
-        ``load_time``, else 1 s (placement's eviction cost is bytes × these seconds)."""
-        seconds = self.core.history[name][1] if name in self.core.history else None
-        if seconds is None:
-            entry = self.core.table.get(name)
-            seconds = entry.spec.load_time if entry is not None else None
-        return max(seconds if seconds is not None else 1.0, 1e-3)
+        return placement_options(entry.spec, self.core.budgets)
 
     def decide(self, entry: Entry, candidate: Candidate | None = None) -> Plan:
         """The plan for admitting ``entry`` now (pure: reads the snapshot, changes nothing),
@@ -108,7 +105,7 @@ class Admission:
         residents = core.table.residents(exclude=entry, deciding=entry.name)
         candidate = candidate or self.candidate(entry)
         if candidate.options:
-            residents = [replace(r, load_s=self.load_seconds(r.name)) for r in residents]
+            residents = [replace(r, load_s=core.reload_seconds(r.name)) for r in residents]
         external = core.external()
         max_loaded = core.config.max_loaded_models
         plan = plan_admission(
@@ -117,7 +114,7 @@ class Admission:
             core.budgets,
             max_loaded=max_loaded,
             external=external,
-            external_detail=core.external_detail() if external else None,
+            external_detail=core.external_detail(external) if external else None,
         )
         try:
             check_plan(residents, candidate, plan, core.budgets, max_loaded=max_loaded, external=external)
@@ -177,11 +174,6 @@ class Admission:
             if not gate.admissions:
                 e.gate = None
                 gate.opened.set()
-
-
-def _device_order(device: str) -> tuple[str, int]:
-    kind, _, index = device.partition(":")
-    return kind, int(index) if index.isdigit() else -1
 
 
 __all__ = ["Admission"]

@@ -144,6 +144,17 @@ class Core:
         entry.can_park = spec.warm_tier and provider is not None and provider.capabilities.warm_tier
         return entry
 
+    def reload_seconds(self, name: str) -> float:
+        """What loading ``name`` again would take (seconds): its last load here, else its
+        spec's ``load_time``, else 1 s; at least 1 ms.  What losing it costs, per byte, for
+        placement's evictions and the watchdog's order."""
+        if name in self.history:
+            seconds: float | None = self.history[name][1]
+        else:
+            entry = self.table.get(name)
+            seconds = entry.spec.load_time if entry is not None else None
+        return max(seconds if seconds is not None else 1.0, 1e-3)
+
     def key(self, spec: ModelSpec) -> str:
         """The runtime's identity of ``spec``'s target (see ``Provider.target_key``)."""
         provider = self.providers.get(spec.provider)
@@ -257,31 +268,31 @@ class Core:
 
     def external(self) -> Footprint:
         """Bytes per device held by others, counting memory a provider reports as leaked (a
-        model object still referenced after its unload) as others' too.
+        model object still referenced after its unload) as others' too: :meth:`others` on
+        the measured GPUs that have a budget, and on other devices the leak alone."""
+        measured = {d for d in self.budgets if d.startswith("cuda:")}
+        beyond = self.others(leaked=EMPTY)  # the leak is added below, on every device
+        return Footprint({d: n for d, n in beyond.items() if d in measured}) + self.leaked()
 
-        On measured GPUs the last reading already includes the leak as it was then, so
-        what the reading saw beyond our rows and that leak is other processes', and the
-        leak as it is *now* is added once: ``max(0, used - ours - leaked_then) + leaked_now``
-        (bytes).  On devices not measured, the leak is added to nothing."""
-        leaked = self.leaked()
-        measured = Footprint(
-            {
-                r.device: max(
-                    0, r.used - self.ours_at_reading.on(r.device) - self.leaked_at_reading.on(r.device)
-                )
-                for r in self.readings
-                if r.device.startswith("cuda:") and r.device in self.budgets
-            }
-        )
-        return measured + leaked
+    def others(self, leaked: Footprint | None = None) -> dict[str, int]:
+        """Bytes held by others on every device the last reading measured.  The reading
+        already includes the leak as it was then, so what it saw beyond our rows and that
+        leak is other processes', and the leak as it is *now* (``leaked``, default
+        :meth:`leaked`) is added once: ``max(0, used - ours - leaked_then) + leaked_now``."""
+        leaked_now = self.leaked() if leaked is None else leaked
+        return {
+            r.device: max(0, r.used - self.ours_at_reading.on(r.device) - self.leaked_at_reading.on(r.device))
+            + leaked_now.on(r.device)
+            for r in self.readings
+        }
 
     def usage(self) -> Footprint:
         return self.table.usage()
 
-    def external_detail(self) -> dict[str, str]:
-        """Per device where others hold memory, where it really is: this process's leaks
-        named by the model whose unload left them, and the rest as other processes'."""
-        external = self.external()
+    def external_detail(self, external: Footprint) -> dict[str, str]:
+        """Per device where ``external`` (what :meth:`external` answered) really is: this
+        process's leaks named by the model whose unload left them, and the rest as other
+        processes'."""
         by_model: dict[str, dict[str, int]] = {}
         for provider in self.providers.values():
             for model, memory in provider.leaked_models().items():

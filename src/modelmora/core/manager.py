@@ -403,11 +403,7 @@ class ModelManager:
         a load may still take (bytes; see :class:`~modelmora.hardware.DeviceHardware`)."""
         core = self._core
         await core.refresh_readings()
-        ours, leaked_then, leaked_now = core.ours_at_reading, core.leaked_at_reading, core.leaked()
-        others = {
-            r.device: max(0, r.used - ours.on(r.device) - leaked_then.on(r.device)) + leaked_now.on(r.device)
-            for r in core.readings
-        }
+        others = core.others()
         return hardware_view(
             core.readings,
             self._budget_details,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..spec import format_size
+from ..spec import ModelSpec, format_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +147,23 @@ def on_device(memory: Mapping[str, int], device: str) -> dict[str, int]:
     if host:
         placed["cpu"] = host
     return placed
+
+
+def placement_options(spec: ModelSpec, budgets: Mapping[str, int]) -> tuple[str, ...]:
+    """Devices the planner may place a model of ``spec`` on: its ``devices``, or for
+    ``device: auto`` every GPU with a budget (``cuda:2`` before ``cuda:10``), or the CPU when
+    no GPU has one; none for a model with a fixed device."""
+    if not spec.placed:
+        return ()
+    if spec.devices:
+        return tuple(dict.fromkeys(spec.devices))
+    gpus = sorted((d for d in budgets if d.startswith("cuda:")), key=_device_order)
+    return tuple(gpus) or ("cpu",)
+
+
+def _device_order(device: str) -> tuple[str, int]:
+    kind, _, index = device.partition(":")
+    return kind, int(index) if index.isdigit() else -1
 
 
 def placed(candidate: Candidate, device: str) -> Candidate:
@@ -589,6 +606,7 @@ __all__ = [
     "check_plan",
     "on_device",
     "placed",
+    "placement_options",
     "plan_admission",
     "usage",
 ]

@@ -227,14 +227,9 @@ class Watchdog:
             pinned=entry.pinned,
             settled=entry.state in STABLE,
             owned=entry.owned,
-            cost=held * self.reload_seconds(entry),
+            cost=held * self.core.reload_seconds(entry.name),
             last_used=entry.last_used,
         )
-
-    def reload_seconds(self, entry: Entry) -> float:
-        history = self.core.history.get(entry.name)
-        seconds = history[1] if history is not None else entry.spec.load_time
-        return max(seconds if seconds is not None else 1.0, 1e-3)
 
     async def _unload(self, entry: Entry, reading: DeviceMemory, lines: Lines, *, force: bool) -> bool:
         """Unload ``entry`` (its event first, with the reading that caused it); False when
