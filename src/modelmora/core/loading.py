@@ -512,10 +512,13 @@ class Loader:
             except UnloadFailed as exc:
                 failures.append((s.name, exc))
 
+        # unloads first, then parks: a park moves bytes into host RAM that the plan may
+        # count as freed by a victim, so it never starts while that victim still holds them
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for v in victims:
                     tg.start_soon(unload, v)
+            async with anyio.create_task_group() as tg:
                 for s in sleepers:
                     tg.start_soon(park, s)
         return failures
