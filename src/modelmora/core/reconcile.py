@@ -85,7 +85,13 @@ class Reconciler:
         entry.runtime_expires_at = seen.expires_at  # not state nor memory: what status shows
         lifecycle = self.core.lifecycle
         memory = Footprint(seen.memory) if seen.memory else None
-        if seen.tier is Tier.SLEEPING and entry.state is State.READY and not entry.leases:
+        if seen.tier is Tier.SLEEPING and entry.state is State.READY:
+            if entry.leases:  # the table tells the truth; the next caller's use() wakes it
+                log.warning(
+                    "%s was put in its warm tier behind our back while %d caller(s) hold or wait for it",
+                    entry.name,
+                    entry.leases,
+                )
             lifecycle.apply(entry, Action.SLEPT_BEHIND, parked=memory or entry.warm)
         elif seen.tier is Tier.ACTIVE and entry.state is State.SLEEPING:
             lifecycle.apply(entry, Action.WOKE_BEHIND, measured=memory or entry.active)
