@@ -480,13 +480,23 @@ async def test_errors_in_the_body_are_not_wrapped_in_exception_groups(sim: Simul
 
 
 async def test_an_unreachable_runtime_is_not_a_model_failure(sim: SimulatedProvider) -> None:
-    async with make_manager(sim, {"m": {"memory": "1GB"}}, failure_cooldown=60) as mm:
+    # the provider cools down (its outage, issue 26), not the model: once the provider's
+    # 5 s cool-down has passed on the manager's clock, the model's 60 s one never started
+    now = [1000.0]
+    cfg: dict[str, Any] = {
+        "budgets": {"cuda:0": "16GB"}, "failure_cooldown": 60, "outage_cooldown": 5,
+        "models": {"m": {"memory": "1GB"}},
+    }  # fmt: skip
+    async with ModelManager(
+        cfg, providers={"simulated": sim}, probe=StaticProbe({}), clock=lambda: now[0]
+    ) as mm:
         sim.reachable = False
         with pytest.raises(ProviderUnavailable):
             await mm.load("m")
         sim.reachable = True
-        await mm.load("m")  # no cool-down: the runtime was down, not the model
-        assert mm.is_loaded("m")
+        now[0] += 6
+        await mm.load("m")  # no model cool-down: the runtime was down, not the model
+        assert mm.is_loaded("m") and mm.outages() == {}
 
 
 async def test_a_victim_leased_while_another_is_evicted_is_not_unloaded(sim: SimulatedProvider) -> None:

@@ -169,3 +169,42 @@ def test_memory_that_waiting_cannot_free_is_a_conflict_not_a_server_error(serve:
             reply = c.post(f"/models/{name}/load")
             assert reply.status_code == 409, reply.text
             assert said in reply.json()["error"]["message"] and "retry-after" not in reply.headers
+
+
+# -- issue 26, 4: an outage costs nothing healthy ----------------------------------------------
+
+
+def test_an_unreachable_runtime_is_a_503_with_retry_after_and_named_by_health(
+    serve: Callable[..., str],
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = {
+        "budgets": {"cuda:0": "24GB"},
+        "outage_cooldown": "30s",
+        "providers": {"ollama": {"base_url": f"http://127.0.0.1:{port}"}},
+        "models": {
+            "sim": {"provider": "simulated", "memory": "4GB", "group": "heavy"},
+            "llm": {"provider": "ollama", "target": "qwen2.5:14b", "memory": "4GB", "group": "heavy"},
+        },
+    }
+    url = serve(config)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/models/sim/load").status_code == 200
+        first = c.post("/models/llm/load")
+        assert first.status_code in (502, 503), first.text
+        again = c.post("/v1/chat/completions", json={"model": "llm", **CHAT})
+        assert again.status_code == 503, again.text
+        assert again.json()["error"]["code"] == "ProviderOutage"
+        assert 1 <= int(again.headers["retry-after"]) <= 30
+        assert "ollama" in again.json()["error"]["message"]
+        loaded = {m["name"] for m in c.get("/models").json() if m["loaded"]}
+        assert loaded == {"sim"}  # nothing evicted for a runtime that is down
+        health = c.get("/health").json()
+        assert health["status"] == "degraded"
+        assert set(health["outages"]) == {"ollama"}
+        assert health["outages"]["ollama"]["since"]  # a wall-clock time
+        assert "127.0.0.1" in health["outages"]["ollama"]["error"]

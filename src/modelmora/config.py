@@ -210,6 +210,14 @@ class ManagerConfig(BaseModel):
     failure_cooldown: Interval = Field(5.0, description="First back-off after a failed load.")
     failure_cooldown_max: Interval = Field(300.0, description="Longest back-off after failed loads.")
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    outage_cooldown: Interval = Field(
+        5.0,
+        description="After a runtime was found unreachable, how long its models are refused at once "
+        "(503 with Retry-After) before it is asked again; doubles while it stays down.",
+    )
+    outage_cooldown_max: Interval = Field(
+        120.0, description="Longest back-off while a runtime stays unreachable."
+    )
     verbose: bool = False
 
     @model_validator(mode="before")

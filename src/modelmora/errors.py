@@ -12,6 +12,7 @@ ModelMoraError
 ├── ManagerClosed               the manager was used outside its ``async with`` block
 └── ProviderError               anything a runtime reported
     ├── ProviderUnavailable     runtime unreachable, not installed, or busy (transient)
+    │   └── ProviderOutage      its runtime was unreachable a moment ago; asked again after a cool-down
     ├── LoadFailed              the runtime could not load the model
     │   ├── ModelNotFound       the runtime does not have it (e.g. not pulled)
     │   ├── OutOfMemory         the runtime ran out of memory loading it (retried once)
@@ -122,6 +123,27 @@ class ProviderUnavailable(ProviderError, TransientError):
     """The runtime cannot be reached, is not installed, or is busy."""
 
 
+class ProviderOutage(ProviderUnavailable):
+    """A provider's runtime was unreachable a moment ago and is cooling down: its models are
+    refused at once (nothing is evicted for them) until ``retry_after`` seconds have passed.
+    ``since`` is when the outage began (the manager's clock), ``cause`` its last error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str,
+        provider: str,
+        retry_after: float,
+        since: float,
+        cause: BaseException,
+    ):
+        super().__init__(message, model=model, provider=provider)
+        self.retry_after = retry_after
+        self.since = since
+        self.cause = cause
+
+
 class LoadFailed(ProviderError):
     """The runtime could not load the model."""
 
@@ -186,6 +208,7 @@ __all__ = [
     "ModelNotFound",
     "OutOfMemory",
     "ProviderError",
+    "ProviderOutage",
     "ProviderUnavailable",
     "RecentlyFailed",
     "TransientError",

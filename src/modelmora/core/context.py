@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+import httpx
 
 from .. import events as ev
 from ..config import ManagerConfig
@@ -36,6 +37,25 @@ class Failure:
     at: float
     until: float
     error: BaseException
+
+
+@dataclass
+class Outage:
+    """A provider whose runtime could not be reached: since when, how many times in a row
+    (each after the last cool-down ended), until when its models are refused at once, and
+    the last error."""
+
+    since: float
+    count: int
+    until: float
+    error: BaseException
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the runtime could not be reached (or was busy), rather than
+    that it failed the model: a provider's ProviderUnavailable, or a connection error a
+    provider let through unmapped."""
+    return isinstance(exc, ProviderUnavailable | httpx.TransportError | ConnectionError)
 
 
 class Core:
@@ -64,6 +84,7 @@ class Core:
         self.history: dict[str, tuple[Footprint, float]] = {}  # last load: measured, seconds
         self.raised: dict[str, Footprint] = {}  # estimates an out-of-memory load raised, until measured
         self.failures: dict[str, Failure] = {}
+        self.outages: dict[str, Outage] = {}  # provider → its runtime's outage, until it answers
         self.problems: dict[str, str] = {}
         self.tg: anyio.abc.TaskGroup | None = None
         self.running = False  # from the start of the task group until shutdown begins
@@ -104,6 +125,28 @@ class Core:
         if name in self.provider_errors:
             raise self.provider_errors[name]
         raise ConfigError(f"no provider named {name!r} (configured: {', '.join(sorted(self.providers))})")
+
+    def provider_down(self, name: str, exc: BaseException) -> Outage:
+        """``name``'s runtime could not be reached: start its outage, or, once the last
+        cool-down has ended, count one more and double the next (``outage_cooldown`` up to
+        ``outage_cooldown_max``).  Failures during a cool-down only update its error."""
+        now, config = self.clock(), self.config
+        outage = self.outages.get(name)
+        if outage is not None and now < outage.until:
+            outage.error = exc
+            return outage
+        count = outage.count + 1 if outage is not None else 1
+        cooldown = min(config.outage_cooldown * 2.0 ** (count - 1), config.outage_cooldown_max)
+        since = outage.since if outage is not None else now
+        self.outages[name] = outage = Outage(since, count, now + cooldown, exc)
+        if count == 1:
+            log.warning("provider %s is unreachable: %s", name, exc)
+        return outage
+
+    def provider_up(self, name: str) -> None:
+        """``name``'s runtime answered: its outage, if any, is over."""
+        if self.outages.pop(name, None) is not None:
+            log.info("provider %s answers again", name)
 
     def spec(self, name: str | None) -> ModelSpec:
         """The spec for ``name`` (the default model when None); ``provider/target`` names a
@@ -353,4 +396,4 @@ class Core:
         return {e.name: e.held().total for e in self.table if e.name != exclude and e.held()}
 
 
-__all__ = ["Core", "Failure"]
+__all__ = ["Core", "Failure", "Outage", "unreachable"]

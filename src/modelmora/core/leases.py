@@ -162,6 +162,7 @@ class Leases:
                 entry = core.table.get(name)
                 if entry is None:
                     core.provider(spec.provider)  # fail fast when its runtime is unavailable
+                    self.loader.check_outage(spec.provider, name, retry)
                     self.loader.check_backoff(name, retry)
                     entry = core.new_entry(spec)
                     core.table.add(entry)

@@ -33,6 +33,8 @@ from ..errors import (
     ModelMoraError,
     ModelMoraTimeout,
     OutOfMemory,
+    ProviderOutage,
+    ProviderUnavailable,
     RecentlyFailed,
     TransientError,
     UnknownModel,
@@ -42,7 +44,7 @@ from ..footprint import Footprint
 from ..oom import out_of_memory
 from ..spec import format_duration, format_memory, format_size
 from .admission import Admission
-from .context import Core, Failure
+from .context import Core, Failure, unreachable
 from .lifecycle import Action, Entry, State
 from .outcome import Attempt
 from .planner import Admit, Refuse, Wait, on_device
@@ -154,6 +156,7 @@ class Loader:
                     handle=handle,
                 )
                 core.failures.pop(entry.name, None)
+                core.provider_up(entry.provider)
                 attempt.ready()  # the same step: the waiters are served now, not after the evictions
                 self.transitions.watch(entry)
             entry.last_used = core.clock()
@@ -288,6 +291,13 @@ class Loader:
         retry_after: float | None = None
         if error is not None and self._cools_down(exc):
             retry_after = self._record_failure(entry.name, error)
+        elif (
+            error is not None
+            and unreachable(error)
+            and not isinstance(error, ProviderOutage)
+            and entry.provider in core.providers  # not a runtime that was never there
+        ):
+            retry_after = core.provider_down(entry.provider, error).until - core.clock()
         if entry.state in (State.QUEUED, State.LOADING) or (entry.state is State.WAKING and called):
             self.transitions.leave(entry, Action.FAIL)
         elif entry.state is State.WAKING:
@@ -331,6 +341,14 @@ class Loader:
             return ModelMoraError(f"load of {entry.name!r} abandoned: nobody waits for it", model=entry.name)
         if isinstance(exc, ModelMoraError):
             return exc
+        if unreachable(exc):  # an unmapped connection error: the runtime, not the model
+            error: ModelMoraError = ProviderUnavailable(
+                f"loading {entry.name!r}: cannot reach provider {entry.provider!r}: {type(exc).__name__}: {exc}",
+                model=entry.name,
+                provider=entry.provider,
+            )
+            error.__cause__ = exc
+            return error
         error = LoadFailed(
             f"loading {entry.name!r} failed: {type(exc).__name__}: {exc}",
             model=entry.name,
@@ -353,6 +371,42 @@ class Loader:
                 retry_after=remaining,
                 cause=failure.error,
             )
+
+    def check_outage(self, provider: str, name: str, retry: bool = False) -> None:
+        """Refuse ``name`` at once while its provider's runtime is known to be unreachable
+        and cooling down (``retry=True`` skips the cool-down, not the evidence admission
+        gathers before it evicts anything)."""
+        outage = self.core.outages.get(provider)
+        if outage is None or retry:
+            return
+        now = self.core.clock()
+        remaining = outage.until - now
+        if remaining > 0:
+            raise self._outage_error(provider, name, outage.since, remaining, outage.error)
+
+    def _outage_error(
+        self, provider: str, name: str, since: float, remaining: float, cause: BaseException
+    ) -> ProviderOutage:
+        now = self.core.clock()
+        return ProviderOutage(
+            f"cannot load {name!r}: provider {provider!r} is unreachable since {format_duration(now - since)} "
+            f"ago ({cause}); asked again in {format_duration(remaining)}",
+            model=name,
+            provider=provider,
+            retry_after=remaining,
+            since=since,
+            cause=cause,
+        )
+
+    def _check_outage_before_evicting(self, entry: Entry) -> None:
+        """After the reconcile that precedes any eviction: a provider it found unreachable
+        (or whose cool-down still runs) is no reason to evict anything."""
+        outage = self.core.outages.get(entry.provider)
+        if outage is None:
+            return
+        remaining = outage.until - self.core.clock()
+        if remaining > 0:
+            raise self._outage_error(entry.provider, entry.name, outage.since, remaining, outage.error)
 
     def _record_failure(self, name: str, error: BaseException) -> float:
         config, now = self.core.config, self.core.clock()
@@ -429,6 +483,7 @@ class Loader:
                     reconciled = True  # runtime truth before evicting, waiting or refusing
                     why[0] = "the runtimes did not answer what they hold (reconcile)"
                     await self.reconcile()
+                    self._check_outage_before_evicting(entry)
                     continue
                 if isinstance(plan, Admit):
                     why[0] = f"evicting {', '.join((*plan.evict, *plan.sleep))}"

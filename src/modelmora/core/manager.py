@@ -393,6 +393,22 @@ class ModelManager:
         """Background work that failed its last run (component → error); empty when healthy."""
         return dict(self._core.problems)
 
+    def outages(self) -> dict[str, dict[str, Any]]:
+        """Providers whose runtime is known to be unreachable: per provider ``since`` (the
+        manager's clock), ``down_s`` (seconds since), ``retry_in_s`` (seconds until its
+        models are tried again), ``count`` (failed tries in a row) and ``error``."""
+        now = self._core.clock()
+        return {
+            name: {
+                "since": o.since,
+                "down_s": now - o.since,
+                "retry_in_s": max(0.0, o.until - now),
+                "count": o.count,
+                "error": str(o.error),
+            }
+            for name, o in sorted(self._core.outages.items())
+        }
+
     async def status(self) -> ManagerStatus:
         await self._core.refresh_readings()
         return manager_status(self._core)

@@ -25,7 +25,7 @@ from .. import events as ev
 from ..footprint import Footprint
 from ..providers.base import Observed, Provider, Tier
 from ..spec import ModelSpec
-from .context import Core
+from .context import Core, unreachable
 from .lifecycle import STABLE, Action, Entry, State
 from .outcome import Attempt
 from .transitions import Transitions
@@ -56,8 +56,11 @@ class Reconciler:
             observed = await provider.observe()
         except Exception as exc:
             core.problem(f"observe:{name}", exc)
+            if unreachable(exc):
+                core.provider_down(name, exc)
             return []
         core.recovered(f"observe:{name}")
+        core.provider_up(name)
         moved = core.lifecycle.moves.get(name, 0) != moves  # while we waited for the answer
         by_key = {provider.target_key(o.target): o for o in observed}
         for entry, generation in stamps.items():

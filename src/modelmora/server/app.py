@@ -9,8 +9,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -202,16 +204,28 @@ def create_app(
     )
     async def health(request: Request) -> JSONResponse:
         """Liveness; never needs the token.  200 ``ok``; 503 ``degraded`` while background
-        work (reconcile, the reaper, a runtime's observe) keeps failing.  Without the token
+        work (reconcile, the reaper, a runtime's observe) keeps failing or a provider's
+        runtime is unreachable (``outages``: which, since when, when it is asked again).  Without the token
         it names no models and lists no problems (their texts may name models)."""
-        problems = mm.problems()
-        code = 503 if problems else 200
-        body: dict[str, Any] = {"status": "degraded" if problems else "ok"}
+        problems, outages = mm.problems(), mm.outages()
+        code = 503 if problems or outages else 200
+        body: dict[str, Any] = {"status": "degraded" if code == 503 else "ok"}
         if not request.scope.get(AUTHORISED, True):
             return JSONResponse(body, status_code=code)
         body |= {"models": len(mm.config.models), "loaded": mm.loaded()}
         if problems:
             body["problems"] = problems
+        if outages:  # providers whose runtime is down: since when (UTC), until
+            now = time.time()
+            body["outages"] = {
+                name: {
+                    "since": datetime.fromtimestamp(now - o["down_s"], UTC).isoformat(timespec="seconds"),
+                    "down_s": round(o["down_s"], 1),
+                    "retry_in_s": round(o["retry_in_s"], 1),
+                    "error": o["error"],
+                }
+                for name, o in outages.items()
+            }
         return JSONResponse(body, status_code=code)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

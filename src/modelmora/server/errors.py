@@ -19,6 +19,7 @@ from ..errors import (
     ModelMoraError,
     ModelMoraTimeout,
     ModelNotFound,
+    ProviderOutage,
     ProviderUnavailable,
     RecentlyFailed,
     UnknownModel,
@@ -72,7 +73,7 @@ def status_for(exc: ModelMoraError) -> int:
             return 409
         case ConfigError():
             return 400
-        case RecentlyFailed() | InsufficientMemory():
+        case RecentlyFailed() | InsufficientMemory() | ProviderOutage():
             return 503
         case ModelMoraTimeout():
             return 504
@@ -189,7 +190,7 @@ async def handle_modelmora_error(request: Request, exc: Exception) -> JSONRespon
     assert isinstance(exc, ModelMoraError)
     status = http_status(request.app.state.manager, exc)
     headers = None
-    if isinstance(exc, RecentlyFailed):
+    if isinstance(exc, RecentlyFailed | ProviderOutage):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     elif status == 503:
         headers = {"Retry-After": "5"}  # until something else lets go, which nothing predicts
