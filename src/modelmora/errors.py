@@ -12,6 +12,7 @@ ModelMoraError
 ├── ManagerClosed               the manager was used outside its ``async with`` block
 └── ProviderError               anything a runtime reported
     ├── ProviderUnavailable     runtime unreachable, not installed, or busy (transient)
+    │   ├── RuntimeUnreachable  the one runtime all its models share refuses connections
     │   └── ProviderOutage      its runtime was unreachable a moment ago; asked again after a cool-down
     ├── LoadFailed              the runtime could not load the model
     │   ├── ModelNotFound       the runtime does not have it (e.g. not pulled)
@@ -123,6 +124,14 @@ class ProviderUnavailable(ProviderError, TransientError):
     """The runtime cannot be reached, is not installed, or is busy."""
 
 
+class RuntimeUnreachable(ProviderUnavailable):
+    """The one runtime that serves every model of a provider cannot be reached: Ollama's
+    server refuses connections, the Docker engine is down.  It starts an outage (see
+    :class:`ProviderOutage`).  A model's own server (a ``process`` or single
+    ``llamacpp`` server, a vLLM container) that does not answer is not this: that model
+    failed, its provider's other models are fine."""
+
+
 class ProviderOutage(ProviderUnavailable):
     """A provider's runtime was unreachable a moment ago and is cooling down: its models are
     refused at once (nothing is evicted for them) until ``retry_after`` seconds have passed.
@@ -211,6 +220,7 @@ __all__ = [
     "ProviderOutage",
     "ProviderUnavailable",
     "RecentlyFailed",
+    "RuntimeUnreachable",
     "TransientError",
     "UnknownModel",
     "UnloadFailed",

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 
 from modelmora import ModelManager
-from modelmora.errors import ProviderUnavailable
+from modelmora.errors import ProviderUnavailable, RuntimeUnreachable
 from modelmora.memory import StaticProbe
 from modelmora.testing.faulty import FaultyProvider
 
@@ -41,8 +40,9 @@ def manager(healthy: FaultyProvider, down: FaultyProvider, clock: Clock, **confi
 
 
 def unreachable(down: FaultyProvider) -> None:
+    """The one runtime behind ``down`` refuses connections (as Ollama's provider says it)."""
     for op in ("load", "observe"):
-        down.fail_always(op, error=httpx.ConnectError("[Errno 111] Connection refused"))  # type: ignore[arg-type]
+        down.fail_always(op, error=RuntimeUnreachable("cannot reach Ollama: [Errno 111] Connection refused"))  # type: ignore[arg-type]
 
 
 async def test_an_outage_evicts_nothing_and_fails_fast_until_the_provider_heals() -> None:

@@ -68,6 +68,7 @@ class Soak:
         self.budgets = budgets
         self.rng = random.Random(seed)
         self.result = SoakResult()
+        self.reachable = True  # the runtime, as the faults last set it
         mm.events.subscribe(self._on_event)
 
     def _on_event(self, e: ev.Event) -> None:
@@ -150,10 +151,16 @@ class Soak:
                         self.result.faults["evicted behind our back"] += 1
                     elif roll < 0.87 and faults.set_reachable is not None:
                         faults.set_reachable(False)
+                        self.reachable = False
                         self.result.faults["runtime unreachable"] += 1
                         tg.start_soon(self._reachable_later)
                     elif roll < 0.9:
+                        reachable = self.reachable
                         await mm.reconcile()
+                        if reachable and mm.outages():  # it answered: its outage is over
+                            self.result.violations.append(
+                                f"a reconcile of a reachable runtime left outages {mm.outages()}"
+                            )
                     else:
                         await anyio.sleep(0.001)
                 except ModelMoraError as exc:
@@ -171,3 +178,4 @@ class Soak:
         await anyio.sleep(self.rng.uniform(0.01, 0.1))
         if self.faults.set_reachable is not None:
             self.faults.set_reachable(True)
+            self.reachable = True

@@ -13,11 +13,17 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
-import httpx
 
 from .. import events as ev
 from ..config import ManagerConfig
-from ..errors import ConfigError, ManagerClosed, ModelMoraError, ProviderUnavailable, UnknownModel
+from ..errors import (
+    ConfigError,
+    ManagerClosed,
+    ModelMoraError,
+    ProviderUnavailable,
+    RuntimeUnreachable,
+    UnknownModel,
+)
 from ..footprint import EMPTY, Footprint, total
 from ..memory import DeviceMemory, MemoryMonitor
 from ..providers import ProviderRegistry
@@ -52,10 +58,12 @@ class Outage:
 
 
 def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the runtime could not be reached (or was busy), rather than
-    that it failed the model: a provider's ProviderUnavailable, or a connection error a
-    provider let through unmapped."""
-    return isinstance(exc, ProviderUnavailable | httpx.TransportError | ConnectionError)
+    """Whether ``exc`` says the runtime every model of its provider shares could not be
+    reached (:class:`~modelmora.errors.RuntimeUnreachable`), rather than that one model,
+    or a model's own server, failed: only that starts an outage.  A busy runtime, a
+    timeout or a connection error a provider let through unmapped is not one: the model
+    failed, and its provider's other models may be fine."""
+    return isinstance(exc, RuntimeUnreachable)
 
 
 class Core:

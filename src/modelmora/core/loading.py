@@ -34,7 +34,6 @@ from ..errors import (
     ModelMoraTimeout,
     OutOfMemory,
     ProviderOutage,
-    ProviderUnavailable,
     RecentlyFailed,
     TransientError,
     UnknownModel,
@@ -341,14 +340,6 @@ class Loader:
             return ModelMoraError(f"load of {entry.name!r} abandoned: nobody waits for it", model=entry.name)
         if isinstance(exc, ModelMoraError):
             return exc
-        if unreachable(exc):  # an unmapped connection error: the runtime, not the model
-            error: ModelMoraError = ProviderUnavailable(
-                f"loading {entry.name!r}: cannot reach provider {entry.provider!r}: {type(exc).__name__}: {exc}",
-                model=entry.name,
-                provider=entry.provider,
-            )
-            error.__cause__ = exc
-            return error
         error = LoadFailed(
             f"loading {entry.name!r} failed: {type(exc).__name__}: {exc}",
             model=entry.name,

@@ -55,6 +55,7 @@ from ..errors import (
     ModelNotFound,
     ProviderError,
     ProviderUnavailable,
+    RuntimeUnreachable,
     TransientError,
     UnloadFailed,
 )
@@ -169,8 +170,8 @@ def map_error(
         return ProviderUnavailable(
             f"Ollama at {url} timed out ({type(exc).__name__})", model=model, provider=provider
         )
-    if isinstance(exc, httpx.TransportError):
-        return ProviderUnavailable(
+    if isinstance(exc, httpx.TransportError):  # refused, reset, DNS: the one server is down
+        return RuntimeUnreachable(
             f"cannot reach Ollama at {url}: {exc or type(exc).__name__}", model=model, provider=provider
         )
     if isinstance(exc, ModelMoraError):

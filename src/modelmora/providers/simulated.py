@@ -143,9 +143,9 @@ class SimulatedProvider(Provider):
 
     async def load(self, spec: ModelSpec) -> Handle:
         if not self.reachable:
-            from ..errors import ProviderUnavailable
+            from ..errors import RuntimeUnreachable
 
-            raise ProviderUnavailable(f"simulated runtime {self.name!r} unreachable", provider=self.name)
+            raise RuntimeUnreachable(f"simulated runtime {self.name!r} unreachable", provider=self.name)
         target = spec.target
         self.stats.loading.add(target)
         self.stats.peak_concurrent_loads = max(self.stats.peak_concurrent_loads, len(self.stats.loading))
@@ -217,9 +217,9 @@ class SimulatedProvider(Provider):
 
     async def observe(self) -> list[Observed]:
         if not self.reachable:
-            from ..errors import ProviderUnavailable
+            from ..errors import RuntimeUnreachable
 
-            raise ProviderUnavailable(f"simulated runtime {self.name!r} unreachable", provider=self.name)
+            raise RuntimeUnreachable(f"simulated runtime {self.name!r} unreachable", provider=self.name)
         with self._state(write=False):
             pass  # re-read what other processes did
         return [

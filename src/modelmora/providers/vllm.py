@@ -48,7 +48,15 @@ import httpx
 import psutil
 from pydantic import Field
 
-from ..errors import ConfigError, LoadFailed, ModelNotFound, ProviderError, ProviderUnavailable, UnloadFailed
+from ..errors import (
+    ConfigError,
+    LoadFailed,
+    ModelNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    RuntimeUnreachable,
+    UnloadFailed,
+)
 from ..estimate import vllm_estimate
 from ..extras import install_hint
 from ..memory import gpu_bytes_of
@@ -129,7 +137,7 @@ class VLLMProvider(Provider):
                     )
                     client.ping()
                 except docker.errors.DockerException as exc:
-                    raise ProviderUnavailable(
+                    raise RuntimeUnreachable(
                         f"cannot reach the Docker engine: {exc}", provider=self.name
                     ) from None
                 return client
