@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -200,6 +200,11 @@ class ManagerConfig(BaseModel):
     reaper_interval: Interval = Field(1.0, description="How often idle models are looked for.")
     reconcile_interval: Interval = Field(30.0, description="How often runtimes are asked what they hold.")
     wait_timeout: Duration = Field(300.0, description="How long a load may wait for memory.")
+    eviction: Literal["cost", "lru"] = Field(
+        "cost",
+        description="Which idle model goes first when room is needed: 'cost' keeps what is slow to "
+        "reload, small and often used (GreedyDual-Size-Frequency); 'lru' the least recently used.",
+    )
     lease_bypass_limit: int = Field(
         4,
         ge=0,

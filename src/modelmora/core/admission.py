@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
-from dataclasses import replace
 
 import anyio
 
@@ -102,10 +101,8 @@ class Admission:
         checked against every budget before anyone can execute it: a plan that does not
         fit is a bug, logged and answered with a refusal, never carried out."""
         core = self.core
-        residents = core.table.residents(exclude=entry, deciding=entry.name)
+        residents = core.snapshot(exclude=entry, deciding=entry.name)
         candidate = candidate or self.candidate(entry)
-        if candidate.options:
-            residents = [replace(r, load_s=core.reload_seconds(r.name)) for r in residents]
         external = core.external()
         max_loaded = core.config.max_loaded_models
         plan = plan_admission(
@@ -115,6 +112,7 @@ class Admission:
             max_loaded=max_loaded,
             external=external,
             external_detail=core.external_detail(external) if external else None,
+            eviction=core.config.eviction,
         )
         try:
             check_plan(residents, candidate, plan, core.budgets, max_loaded=max_loaded, external=external)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 import anyio.abc
@@ -30,6 +30,8 @@ from ..providers import ProviderRegistry
 from ..providers.base import Provider
 from ..spec import ModelSpec, format_size
 from .lifecycle import STABLE, Entry, Lifecycle, State
+from .planner import Resident
+from .policy import Reuse
 from .table import Table
 
 log = logging.getLogger("modelmora")
@@ -93,6 +95,7 @@ class Core:
         self.raised: dict[str, Footprint] = {}  # estimates an out-of-memory load raised, until measured
         self.failures: dict[str, Failure] = {}
         self.outages: dict[str, Outage] = {}  # provider → its runtime's outage, until it answers
+        self.reuse = Reuse()  # gaps between each model's requests: the eviction policy's history
         self.problems: dict[str, str] = {}
         self.tg: anyio.abc.TaskGroup | None = None
         self.running = False  # from the start of the task group until shutdown begins
@@ -205,6 +208,18 @@ class Core:
             entry = self.table.get(name)
             seconds = entry.spec.load_time if entry is not None else None
         return max(seconds if seconds is not None else 1.0, 1e-3)
+
+    def snapshot(self, exclude: Entry | None = None, deciding: str | None = None) -> list[Resident]:
+        """The planner's view of the table (:meth:`Table.residents`) with what the eviction
+        policy needs of each model: its reload seconds and when it is expected next."""
+        return [
+            replace(r, load_s=self.reload_seconds(r.name), next_use=self.reuse.next_use(r.name))
+            for r in self.table.residents(exclude=exclude, deciding=deciding)
+        ]
+
+    def requested(self, name: str) -> None:
+        """A lease on ``name`` was granted: count it for the eviction policy."""
+        self.reuse.request(name)
 
     def key(self, spec: ModelSpec) -> str:
         """The runtime's identity of ``spec``'s target (see ``Provider.target_key``)."""

@@ -107,6 +107,7 @@ class Leases:
         entry.holders += 1
         entry.total_leases += 1
         entry.last_used = core.clock()
+        core.requested(name)
         if keep_alive is not None:
             entry.keep_alive = self._ttl(keep_alive)
         if core.bus.wants_leases:
@@ -143,6 +144,7 @@ class Leases:
                 )
         entry.total_leases += 1
         entry.last_used = core.clock()
+        core.requested(name)
         if keep_alive is not None:
             entry.keep_alive = self._ttl(keep_alive)
         if pin:

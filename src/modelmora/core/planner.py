@@ -7,7 +7,8 @@ which idle models must go first?  The answer is one of
 * :class:`Wait` — room can only come from models that are leased or in transition;
 * :class:`Refuse` — it can never fit (bigger than the budget, or pinned models hold it).
 
-Policy lives here: LRU among idle models, exclusive groups (loading a ``heavy`` model
+Policy lives here: idle models in the eviction policy's order (:mod:`.policy`: cost-aware
+by default, or LRU), exclusive groups (loading a ``heavy`` model
 evicts the other ``heavy`` ones), one runner per runtime identity (two registry names on
 one runtime model replace each other), pins (never chosen), a cap on loaded models, and
 memory used by processes other than ours.  A model with a warm tier (``sleep_memory``) is parked
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..spec import ModelSpec, format_size
+from .policy import Eviction, eviction_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class Resident:
     in_flight: bool = False  # loading or waking: the runtime may be allocating
     unknown_on: tuple[str, ...] = ()  # in flight with nothing telling its size: loads alone there
     load_s: float = 1.0  # seconds a load of it takes (last measured, else its spec's load_time)
+    next_use: float | None = None  # requests until its next, expected (policy.Reuse); None: never asked
 
     def is_evictable(self) -> bool:
         return self.settled and self.leases == 0 and not self.pinned
@@ -184,11 +187,13 @@ def plan_admission(
     max_loaded: int | None = None,
     external: Mapping[str, int] | None = None,
     external_detail: Mapping[str, str] | None = None,
+    eviction: Eviction = "lru",
 ) -> Plan:
     """Decide how ``candidate`` gets in.  ``budgets`` are bytes per device (devices without
     a budget are not limited); ``external`` is memory held by others (other processes,
     and this process's leftovers of unloaded models); ``external_detail`` says per
-    device where it is, for messages.
+    device where it is, for messages; ``eviction`` orders idle victims
+    (:func:`~modelmora.core.policy.eviction_order`: ``cost`` or ``lru``).
 
     A candidate with ``options`` is placed (issue 23, automatic placement): each device is
     planned as if the model were fixed there, then
@@ -204,9 +209,9 @@ def plan_admission(
     if not candidate.options:
         return _plan_fixed(
             residents, candidate, budgets,
-            max_loaded=max_loaded, external=external, external_detail=external_detail,
+            max_loaded=max_loaded, external=external, external_detail=external_detail, eviction=eviction,
         )  # fmt: skip
-    return _place(residents, candidate, budgets, max_loaded, external or {}, external_detail)
+    return _place(residents, candidate, budgets, max_loaded, external or {}, external_detail, eviction)
 
 
 def _place(
@@ -216,6 +221,7 @@ def _place(
     max_loaded: int | None,
     external: Mapping[str, int],
     external_detail: Mapping[str, str] | None,
+    eviction: Eviction,
 ) -> Plan:
     snapshot = list(residents)
     caps = {d: b - external.get(d, 0) for d, b in budgets.items()}
@@ -225,8 +231,9 @@ def _place(
     for device in dict.fromkeys(candidate.options):
         here = placed(candidate, device)
         plan = _plan_fixed(
-            snapshot, here, budgets, max_loaded=max_loaded, external=external, external_detail=external_detail
-        )
+            snapshot, here, budgets,
+            max_loaded=max_loaded, external=external, external_detail=external_detail, eviction=eviction,
+        )  # fmt: skip
         tried.append((device, here, plan))
     n = len(tried)
 
@@ -296,6 +303,7 @@ def _plan_fixed(
     max_loaded: int | None = None,
     external: Mapping[str, int] | None = None,
     external_detail: Mapping[str, str] | None = None,
+    eviction: Eviction = "lru",
 ) -> Plan:
     """:func:`plan_admission` for a candidate whose devices are fixed."""
     external = external or {}
@@ -398,11 +406,14 @@ def _plan_fixed(
         elif r.is_evictable():
             victims.append(r)
 
-    # 3. LRU among idle models until memory and the count cap are satisfied: park where a
-    #    warm tier frees enough, else unload.  A second pass may unload parked models.
+    # 3. Idle models in the policy's order until memory and the count cap are satisfied:
+    #    park where a warm tier frees enough, else unload.  A second pass may unload parked
+    #    models.  The order is fixed on the devices short at the start (what a victim frees
+    #    there is what it is worth to this plan).
     mem_def, count_def = _deficits(remaining, candidate, caps, max_loaded, before)
+    contended = tuple(mem_def)
     for second_pass in (False, True):
-        pool = sorted((r for r in remaining if r.is_evictable()), key=lambda r: r.last_used)
+        pool = eviction_order((r for r in remaining if r.is_evictable()), eviction, contended)
         for r in pool:
             if not mem_def and not count_def:
                 break
@@ -446,8 +457,8 @@ def _plan_fixed(
             waits.append(f"the cap of {max_loaded} loaded models is reached")
         return Wait(blockers=names, reason="; ".join(waits))
 
-    # 4. Keep the plan minimal: give back what turned out not to be needed (LRU choices
-    #    only; exclusive-group members always go).
+    # 4. Keep the plan minimal: give back what turned out not to be needed (the policy's
+    #    choices only; exclusive-group members always go).
     member_names = {r.name for r in [*members, *runners]}
     for r in reversed(list(victims)):
         if r.name in member_names:
@@ -463,8 +474,9 @@ def _plan_fixed(
         if _deficits(trial, candidate, caps, max_loaded, before) == ({}, 0):
             sleepers.remove(r)
             remaining = trial
+    why = "least recently used" if eviction == "lru" else "cheapest to lose (load time × use per byte)"
     for r in [*victims, *sleepers]:
-        reasons.setdefault(r.name, "least recently used")
+        reasons.setdefault(r.name, why)
     evict = [r.name for r in [*runners, *members] if r in victims] + [
         r.name for r in victims if r.name not in member_names
     ]

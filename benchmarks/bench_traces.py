@@ -1,0 +1,312 @@
+"""Eviction policies on request traces: LRU, the cost-aware default, and the offline optimum.
+
+    python benchmarks/bench_traces.py [--requests 300] [--seed 0] [--scale 0.001] [--json]
+                                      [--window 32] [--tiny]
+
+Six traces, each replayed through the real :class:`ModelManager` (simulated runtime) by
+one client, one request after the other, each request holding its lease for 2 s:
+
+* ``uniform`` — every request picks one of 6 models uniformly;
+* ``zipf`` — Zipf-skewed picks (s = 1.2) over 6 models in a random popularity order;
+* ``bursty`` — runs of the same model (geometric lengths, mean 6);
+* ``agent`` — agent loops: episodes of 3–8 rounds over 2–4 models called in turn;
+* ``tools`` — agent episodes where a planner model is called between its 1–3 tools;
+* ``periodic`` — issue 24's trace: ``a a a b c a b a c`` × 20 = 180 requests over three
+  equal models with room for two (LRU 101 loads, optimum 62).
+
+Models (except ``periodic``'s) have unequal sizes and load times drawn for a card of
+16, 20 or 24 GB (budget: the card less 1 GB): sizes 20–60 % of the budget, load time
+1.5 s + 0.3–1.2 s per GB.  On the replay a load sleeps its load time × ``--scale`` and a
+request its service time × ``--scale``, so the run takes seconds; the manager's clock is
+modelled (a load advances it by the model's load time, a request by 2 s), so the load
+seconds the policy measures and the waits reported are exact and the same on every
+machine.  Per policy and trace: loads, load-seconds (Σ modelled load time over the loads
+made) and p50/p95 of the wait per request (from asking for the lease to holding it).
+
+The offline optimum is exact: a dynamic programme over the sets of resident models
+(every subset that fits the budget) along the known trace, where a request for a model
+not resident loads it and may evict any subset of the others (demand loading; Belady's
+setting with sizes and costs, where loading ahead never lowers the total).  It minimises
+load-seconds (then loads); with 6 models that is at most 3^6 moves per request.
+
+A peer mode through Ray Serve's ``@serve.multiplexed`` is not included: Ray is not
+installed here (``pip install ray`` in its own virtualenv); the LRU row is what
+``@serve.multiplexed`` does (per-replica LRU by count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import anyio
+
+from modelmora import ModelManager
+from modelmora.core.policy import Reuse
+from modelmora.memory import StaticProbe
+from modelmora.providers.base import Handle
+from modelmora.providers.simulated import SimulatedProvider
+from modelmora.spec import ModelSpec
+
+GB = 10**9
+SERVICE_S = 2.0  # modelled seconds each request holds its lease
+PERIOD = "aaabcabac"
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    size: int  # bytes on cuda:0
+    load_s: float  # modelled seconds
+
+
+@dataclass(frozen=True)
+class Trace:
+    name: str
+    models: tuple[Model, ...]
+    budget: int  # bytes
+    requests: tuple[str, ...]
+
+
+def card(rng: random.Random, n: int = 6) -> tuple[tuple[Model, ...], int]:
+    budget = (rng.choice((16, 20, 24)) - 1) * GB
+    models = []
+    for i in range(n):
+        size = int(budget * rng.uniform(0.2, 0.6))
+        load_s = 1.5 + size / GB * rng.uniform(0.3, 1.2)
+        models.append(Model(f"m{i}", size, round(load_s, 2)))
+    return tuple(models), budget
+
+
+def traces(n: int, seed: int) -> list[Trace]:
+    rng = random.Random(seed)
+    out = []
+
+    models, budget = card(rng)
+    names = [m.name for m in models]
+    out.append(Trace("uniform", models, budget, tuple(rng.choice(names) for _ in range(n))))
+
+    models, budget = card(rng)
+    names = [m.name for m in models]
+    ranked = rng.sample(names, len(names))
+    weights = [1 / (k + 1) ** 1.2 for k in range(len(ranked))]
+    out.append(Trace("zipf", models, budget, tuple(rng.choices(ranked, weights, k=n))))
+
+    models, budget = card(rng)
+    names = [m.name for m in models]
+    bursty: list[str] = []
+    while len(bursty) < n:
+        length = 1 + int(math.log(1 - rng.random()) / math.log(1 - 1 / 6))  # geometric, mean ~6
+        bursty += [rng.choice(names)] * length
+    out.append(Trace("bursty", models, budget, tuple(bursty[:n])))
+
+    models, budget = card(rng)
+    names = [m.name for m in models]
+    agent: list[str] = []
+    while len(agent) < n:  # each step of the loop calls its models in turn
+        loop = rng.sample(names, rng.randint(2, 4))
+        agent += loop * rng.randint(3, 8)
+    out.append(Trace("agent", models, budget, tuple(agent[:n])))
+
+    models, budget = card(rng)
+    names = [m.name for m in models]
+    tools: list[str] = []
+    while len(tools) < n:  # a planner model called between tools
+        loop = rng.sample(names, rng.randint(2, 4))
+        planner, used = loop[0], loop[1:]
+        for _ in range(rng.randint(3, 8)):
+            tools += [planner, rng.choice(used)]
+    out.append(Trace("tools", models, budget, tuple(tools[:n])))
+
+    size, budget = 8 * GB, 16 * GB
+    periodic = tuple(Model(x, size, 6.0) for x in "abc")
+    out.append(Trace("periodic", periodic, budget, tuple(PERIOD * 20)))
+    return out
+
+
+# -- the offline optimum ----------------------------------------------------------------------
+
+
+def optimum(trace: Trace) -> tuple[float, int]:
+    """Least load-seconds (then loads) of any demand-loading schedule for ``trace``: a
+    dynamic programme over the sets of resident models (bit masks) that fit the budget."""
+    index = {m.name: i for i, m in enumerate(trace.models)}
+    size = [m.size for m in trace.models]
+    cost = [m.load_s for m in trace.models]
+
+    def fits(mask: int) -> bool:
+        return sum(size[i] for i in range(len(size)) if mask >> i & 1) <= trace.budget
+
+    best: dict[int, tuple[float, int]] = {0: (0.0, 0)}
+    for name in trace.requests:
+        i = index[name]
+        bit = 1 << i
+        nxt: dict[int, tuple[float, int]] = {}
+        for mask, (seconds, loads) in best.items():
+            if mask & bit:
+                if (seconds, loads) < nxt.get(mask, (math.inf, 0)):
+                    nxt[mask] = (seconds, loads)
+                continue
+            value = (seconds + cost[i], loads + 1)
+            keep = mask  # every subset of what is resident may stay beside it
+            while True:
+                after = keep | bit
+                if value < nxt.get(after, (math.inf, 0)) and fits(after):
+                    nxt[after] = value
+                if keep == 0:
+                    break
+                keep = (keep - 1) & mask
+        best = nxt
+    return min(best.values())
+
+
+# -- the replay through the manager ----------------------------------------------------------
+
+
+class Clock:
+    """The manager's clock, in modelled seconds: a load advances it by the model's load
+    time and a request by its service time, so what the policy measures and the waits
+    reported are exact, whatever else runs on this machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sim(SimulatedProvider):
+    """The simulated runtime (each load sleeps ``load_time × scale`` of wall time),
+    remembering which model each load was for and advancing the modelled clock."""
+
+    def __init__(self, clock: Clock, load_s: dict[str, float]) -> None:
+        super().__init__()
+        self.clock, self.load_s = clock, load_s
+        self.loaded: list[str] = []
+
+    async def load(self, spec: ModelSpec) -> Handle:
+        self.loaded.append(spec.name)
+        handle = await super().load(spec)
+        self.clock.now += self.load_s[spec.name]
+        return handle
+
+
+async def replay(trace: Trace, policy: str, scale: float, window: int) -> dict[str, Any]:
+    clock = Clock()
+    sim = Sim(clock, {m.name: m.load_s for m in trace.models})
+    models = {
+        m.name: {"memory": m.size, "load_time": m.load_s, "options": {"load_time": m.load_s * scale}}
+        for m in trace.models
+    }
+    config: dict[str, Any] = {
+        "budgets": {"cuda:0": trace.budget},
+        "models": models,
+        "eviction": policy,
+        "idle_ttl": -1,
+        "reaper_interval": 3600,
+        "reconcile_interval": 3600,
+        "watchdog": {"enabled": False},
+    }
+    waits = []
+    async with ModelManager(config, providers={"simulated": sim}, probe=StaticProbe({}), clock=clock) as mm:
+        mm._core.reuse = Reuse(window)  # the window under study (default: the policy's)
+        for name in trace.requests:
+            asked = clock.now
+            async with mm.use(name):
+                waits.append(clock.now - asked)
+                await anyio.sleep(SERVICE_S * scale)
+                clock.now += SERVICE_S
+    by_name = {m.name: m for m in trace.models}
+    waits.sort()
+    return {
+        "loads": len(sim.loaded),
+        "load_s": round(sum(by_name[n].load_s for n in sim.loaded), 1),
+        "wait_p50_s": round(waits[len(waits) // 2], 2),
+        "wait_p95_s": round(waits[min(len(waits) - 1, int(len(waits) * 0.95))], 2),
+        "wait_mean_s": round(statistics.fmean(waits), 2),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "requests": args.requests,
+        "scale": args.scale,
+        "window": args.window,
+        "traces": {},
+    }
+    for trace in traces(args.requests, args.seed):
+        row: dict[str, Any] = {
+            "models": [
+                {"name": m.name, "gb": round(m.size / GB, 1), "load_s": m.load_s} for m in trace.models
+            ],
+            "budget_gb": round(trace.budget / GB, 1),
+            "requests": len(trace.requests),
+        }
+        row["lru"] = await replay(trace, "lru", args.scale, args.window)
+        row["cost"] = await replay(trace, "cost", args.scale, args.window)
+        seconds, loads = optimum(trace)
+        row["optimum"] = {"loads": loads, "load_s": round(seconds, 1)}
+        row["cost_vs_lru"] = round(row["cost"]["load_s"] / max(row["lru"]["load_s"], 1e-9), 3)
+        out["traces"][trace.name] = row
+    return out
+
+
+def table(data: dict[str, Any]) -> str:
+    lines = [
+        "| trace | LRU loads / load-s | cost loads / load-s (× LRU) | optimum loads / load-s | "
+        "wait p50 / p95, LRU | wait p50 / p95, cost |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in data["traces"].items():
+        lru, cost, opt = r["lru"], r["cost"], r["optimum"]
+        lines.append(
+            f"| {name} | {lru['loads']} / {lru['load_s']:.0f} | {cost['loads']} / {cost['load_s']:.0f} "
+            f"({r['cost_vs_lru']:.2f}) | {opt['loads']} / {opt['load_s']:.0f} | "
+            f"{lru['wait_p50_s']:.1f} / {lru['wait_p95_s']:.1f} s | {cost['wait_p50_s']:.1f} / {cost['wait_p95_s']:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--requests", type=int, default=300, help="Requests per trace (periodic: always 180)."
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=0.001, help="Wall seconds per modelled second.")
+    parser.add_argument(
+        "--window", type=int, default=Reuse().window, help="Reuse gaps the cost policy keeps per model."
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="40 requests per trace, scale 0.0001 (a smoke run)."
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.requests < 1 or args.scale <= 0 or args.window < 1:
+        parser.error("--requests, --scale and --window must be positive")
+    if args.tiny:
+        args.requests, args.scale = 40, 0.0001
+    started = time.perf_counter()
+    data = anyio.run(run, args)
+    data["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print(table(data))
+        print(f"\n{data['wall_s']} s wall; waits and load-seconds in modelled seconds.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Issue 24: the manager evicts what costs least to lose, not merely the least recently used.
+
+The runtime is simulated and the manager's clock is a counter that a load advances by the
+model's ``load_time``: the load seconds the policy reads are exact, and nothing depends on
+how fast this machine is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from modelmora import ModelManager
+from modelmora.memory import StaticProbe
+from modelmora.providers.base import Handle
+from modelmora.providers.simulated import SimulatedProvider
+from modelmora.spec import ModelSpec
+
+pytestmark = pytest.mark.anyio
+
+PERIOD = "aaabcabac"  # issue 24's periodic trace: 20 periods, 180 requests, room for two
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedSim(SimulatedProvider):
+    """A load takes its spec's ``load_time`` on the manager's clock, and no wall time."""
+
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.clock = clock
+
+    async def load(self, spec: ModelSpec) -> Handle:
+        self.clock.now += spec.load_time or 0.0
+        return await super().load(spec)
+
+
+def manager(sim: TimedSim, models: dict[str, Any], **config: Any) -> ModelManager:
+    cfg: dict[str, Any] = {"budgets": {"cuda:0": "16GB"}, **config, "models": models}
+    return ModelManager(cfg, providers={"simulated": sim}, probe=StaticProbe({}), clock=sim.clock)
+
+
+async def replay(mm: ModelManager, trace: list[str], clock: Clock) -> None:
+    """One request after the other, each served in 1 s (on the manager's clock)."""
+    for name in trace:
+        async with mm.use(name):
+            clock.now += 1.0
+
+
+async def test_periodic_three_model_trace_needs_at_most_85_loads() -> None:
+    """LRU reloads on 101 of the 180 requests (the optimum is 62); frequency keeps ``a``."""
+    sim = TimedSim(Clock())
+    models = {n: {"memory": "8GB", "load_time": 5.0} for n in "abc"}
+    async with manager(sim, models) as mm:
+        await replay(mm, list(PERIOD * 20), sim.clock)
+    assert sim.stats.loads <= 85
+
+
+async def test_lru_stays_available_per_manager() -> None:
+    sim = TimedSim(Clock())
+    models = {n: {"memory": "8GB", "load_time": 5.0} for n in "abc"}
+    async with manager(sim, models, eviction="lru") as mm:
+        await replay(mm, list(PERIOD * 20), sim.clock)
+    assert sim.stats.loads == 101
+
+
+def slow_fast_x() -> dict[str, Any]:
+    return {
+        "slow": {"memory": "8GB", "load_time": 40.0},
+        "fast": {"memory": "8GB", "load_time": 2.0},
+        "x": {"memory": "8GB", "load_time": 2.0},
+    }
+
+
+async def test_the_model_slow_to_reload_stays_though_used_less_recently() -> None:
+    sim = TimedSim(Clock())
+    async with manager(sim, slow_fast_x()) as mm:
+        await replay(mm, ["slow", "fast", "x"], sim.clock)
+        assert sorted(mm.loaded()) == ["slow", "x"]
+
+
+async def test_lru_evicts_the_least_recently_used_whatever_it_costs() -> None:
+    sim = TimedSim(Clock())
+    async with manager(sim, slow_fast_x(), eviction="lru") as mm:
+        await replay(mm, ["slow", "fast", "x"], sim.clock)
+        assert sorted(mm.loaded()) == ["fast", "x"]
+
+
+async def test_the_bigger_of_two_equally_costly_models_goes_when_one_is_enough() -> None:
+    """GDSF weighs reload seconds per byte freed on the contended device: a 4 GB model and
+    a 10 GB one that reload in the same time and were used alike; either makes room for a
+    6 GB one, and the 10 GB one goes though the 4 GB one was used less recently."""
+    sim = TimedSim(Clock())
+    models = {
+        "small": {"memory": "4GB", "load_time": 10.0},
+        "big": {"memory": "10GB", "load_time": 10.0},
+        "new": {"memory": "6GB", "load_time": 1.0},
+    }
+    async with manager(sim, models) as mm:
+        await replay(mm, ["small", "big", "small", "big"], sim.clock)
+        await replay(mm, ["new"], sim.clock)
+        assert sorted(mm.loaded()) == ["new", "small"]
+
+
+def test_an_unknown_policy_is_one_clear_error() -> None:
+    from modelmora.config import ManagerConfig
+    from modelmora.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError)) as info:
+        ManagerConfig.from_dict({"eviction": "mru"})
+    assert "eviction" in str(info.value)
+    assert "lru" in str(info.value)

@@ -1,0 +1,154 @@
+"""The eviction policy (core/policy.py) through the pure planner: properties over random
+snapshots and histories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelmora.core.planner import Admit, Candidate, Resident, plan_admission
+from modelmora.core.policy import Reuse, eviction_order, expected_next_use
+
+GB = 10**9
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@st.composite
+def snapshots(draw: st.DrawFn) -> list[Resident]:
+    n = draw(st.integers(1, 7))
+    out = []
+    for i in range(n):
+        state = draw(st.sampled_from(["idle", "leased", "pinned", "loading", "waiting"]))
+        out.append(
+            Resident(
+                name=f"m{i}",
+                memory={"cuda:0": draw(st.integers(1, 8)) * GB},
+                leases=1 if state in ("leased", "waiting") else 0,
+                pinned=state == "pinned",
+                settled=state != "loading",
+                in_flight=state == "loading",
+                last_used=float(draw(st.integers(0, 100))),
+                load_s=draw(st.floats(0.1, 60)),
+                next_use=draw(st.none() | st.floats(0.5, 100)),
+            )
+        )
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), st.integers(1, 16))
+def test_the_policy_never_picks_a_leased_pinned_or_loading_model(
+    residents: list[Resident], need: int
+) -> None:
+    plan = plan_admission(
+        residents, Candidate("x", {"cuda:0": need * GB}), {"cuda:0": 24 * GB}, eviction="cost"
+    )
+    if isinstance(plan, Admit):
+        by_name = {r.name: r for r in residents}
+        for name in (*plan.evict, *plan.sleep):
+            r = by_name[name]
+            assert r.leases == 0 and not r.pinned and r.settled
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=8, unique=True), st.integers(1, 8))
+def test_equal_models_without_history_are_evicted_as_lru(last_used: list[int], need: int) -> None:
+    """Equal sizes and load times, and either no request seen or one each (no gap): the
+    cost policy's plan is LRU's."""
+    reuse = Reuse()
+    for name in sorted(range(len(last_used)), key=lambda i: last_used[i]):
+        reuse.request(f"m{name}")
+    for history in (False, True):
+        residents = [
+            Resident(
+                f"m{i}",
+                {"cuda:0": 3 * GB},
+                last_used=float(t),
+                load_s=5.0,
+                next_use=reuse.next_use(f"m{i}") if history else None,
+            )
+            for i, t in enumerate(last_used)
+        ]
+        candidate = Candidate("x", {"cuda:0": need * GB})
+        budget = {"cuda:0": 24 * GB}
+        assert plan_admission(residents, candidate, budget, eviction="cost") == _as_lru(
+            plan_admission(residents, candidate, budget, eviction="lru")
+        )
+
+
+def _as_lru(plan: object) -> object:
+    """LRU's plan with the cost policy's reason for each choice (the choices are compared)."""
+    if isinstance(plan, Admit):
+        reason = "cheapest to lose (load time × use per byte)"
+        return Admit(evict=plan.evict, reasons={n: reason for n in plan.reasons}, sleep=plan.sleep)
+    return plan
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.permutations([f"m{i}" for i in range(5)]),
+    st.lists(st.integers(0, 3), min_size=5, max_size=5),
+    st.integers(2, 12),
+    st.integers(0, 30),
+)
+def test_more_history_never_picks_a_model_needed_sooner_than_lru_would(
+    order: list[str], fillers: list[int], cycles: int, cut: int
+) -> None:
+    """A loop whose future is known from its past: each cycle calls five equal models in a
+    fixed order, with requests to other models between them.  Whatever the history's length
+    (2 to 12 cycles, cut anywhere), the cost policy's victim is never needed sooner than
+    the victim LRU — the same policy without history — picks."""
+    cycle: list[str] = []
+    for name, n in zip(order, fillers, strict=True):
+        cycle += [name] + [f"other{j}" for j in range(n)]
+    trace = (cycle * (cycles + 2))[: len(cycle) * cycles + cut % len(cycle)]
+    reuse = Reuse()
+    last: dict[str, int] = {}
+    for t, name in enumerate(trace):
+        reuse.request(name)
+        last[name] = t
+    pool = [
+        Resident(n, {"cuda:0": GB}, last_used=float(last[n]), load_s=5.0, next_use=reuse.next_use(n))
+        for n in order
+    ]
+    future = cycle * 3
+    start = len(trace) % len(cycle)
+
+    def next_use(name: str) -> int:
+        return future.index(name, start) - start
+
+    cost = eviction_order(pool, "cost")[0]
+    lru = eviction_order(pool, "lru")[0]
+    assert next_use(cost.name) >= next_use(lru.name)
+
+
+def test_expected_next_use_is_the_conditional_mean_of_longer_gaps_capped() -> None:
+    assert expected_next_use([3, 3, 3], 2) == 1.0
+    assert expected_next_use([2, 6, 6], 3) == 3.0  # the gaps longer than 3: (3 + 3) / 2
+    assert expected_next_use([3, 3, 3], 1) == 1.5  # 2, capped at 1.5 × since (STRAY)
+    assert expected_next_use([2, 2], 5) == 5.0  # overdue: as long again
+    assert expected_next_use([], 4) == 4.0  # no gaps: LRU's estimate
+    assert expected_next_use([10], 0) == 0.5  # the floor
+
+
+def test_bench_traces_tiny_run_reports_every_trace_and_the_optimum_bounds_them() -> None:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_traces.py", "--tiny", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert set(data["traces"]) == {"uniform", "zipf", "bursty", "agent", "tools", "periodic"}
+    for name, row in data["traces"].items():
+        for policy in ("lru", "cost"):
+            r = row[policy]
+            assert r["loads"] >= row["optimum"]["loads"] or r["load_s"] >= row["optimum"]["load_s"], name
+            assert r["load_s"] >= row["optimum"]["load_s"] - 1e-6, name
+            assert 0 <= r["wait_p50_s"] <= r["wait_p95_s"]
+    periodic = data["traces"]["periodic"]
+    assert (periodic["lru"]["loads"], periodic["optimum"]["loads"]) == (101, 62)
