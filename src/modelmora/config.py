@@ -171,6 +171,34 @@ class WatchdogConfig(BaseModel):
         return self
 
 
+class SchedulingConfig(BaseModel):
+    """How requests share models (issue 25): swap-aware admission, priorities, back-pressure.
+
+    While a load waits for memory that busy models hold, each of them may still grant
+    ``max_batch_before_swap`` more leases, and none once the load has waited ``max_wait``
+    seconds (requests of equal or lower priority; a higher priority passes); then the swap
+    happens as soon as the leases in flight end.  A model loaded less than
+    ``min_residency`` seconds ago is not evicted for a request of equal or lower priority
+    that has waited less than ``max_wait``.  A waiting request gains one priority level per
+    ``ageing`` seconds.  A request that would queue past ``max_wait`` for a model at its
+    ``max_concurrency`` is refused at once (Overloaded, HTTP 429)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_before_swap: int = Field(
+        4, ge=0, description="Leases a busy model may still grant while a load waits for its memory."
+    )
+    max_wait: Duration = Field(
+        30.0, gt=0, description="Seconds other requests may be served ahead of a waiting one."
+    )
+    min_residency: Duration = Field(
+        0.0, ge=0, description="Seconds a loaded model stays before a non-urgent load may evict it."
+    )
+    ageing: Duration = Field(
+        10.0, gt=0, description="Seconds of waiting that raise a request by one priority level."
+    )
+
+
 class ManagerConfig(BaseModel):
     """Everything a :class:`ModelManager` needs; see ``configs/modelmora.yaml``."""
 
@@ -200,17 +228,24 @@ class ManagerConfig(BaseModel):
     reaper_interval: Interval = Field(1.0, description="How often idle models are looked for.")
     reconcile_interval: Interval = Field(30.0, description="How often runtimes are asked what they hold.")
     wait_timeout: Duration = Field(300.0, description="How long a load may wait for memory.")
-    lease_bypass_limit: int = Field(
-        4,
-        ge=0,
-        description="While a load waits for memory held by busy models, how many new leases each of "
-        "them may still grant before new leases queue behind the waiting load.",
-    )
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     unload_timeout: Duration = Field(120.0, gt=0)
     failure_cooldown: Interval = Field(5.0, description="First back-off after a failed load.")
     failure_cooldown_max: Interval = Field(300.0, description="Longest back-off after failed loads.")
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     verbose: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bypass_limit_is_the_batch_bound(cls, data: Any) -> Any:
+        """``lease_bypass_limit`` (before issue 25) is ``scheduling.max_batch_before_swap``."""
+        if isinstance(data, dict) and "lease_bypass_limit" in data:
+            data = dict(data)
+            limit = data.pop("lease_bypass_limit")
+            scheduling = data.get("scheduling")
+            if scheduling is None or isinstance(scheduling, dict):
+                data["scheduling"] = {"max_batch_before_swap": limit, **(scheduling or {})}
+        return data
 
     @model_validator(mode="before")
     @classmethod
