@@ -4,6 +4,9 @@ model allow-list."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,32 +49,48 @@ def serve() -> Iterator[Callable[..., str]]:
 
 
 def chat(model: str, *, stream: bool = False) -> dict[str, Any]:
-    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": "one two three four five"}]}
+    return {
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "one two three four five"}],
+    }
 
 
 def test_a_request_past_the_queue_bound_gets_429_with_retry_after_before_any_byte_of_its_stream(
     serve: Callable[..., str], make_ollama: Callable[..., OllamaEmulator]
 ) -> None:
-    """``qwen`` serves one request at a time and lets none wait: while a slow stream holds
-    it, a second streaming request is answered 429 at once, in JSON (not an event stream),
+    """``qwen`` serves one request at a time and lets none wait: while a slow answer holds
+    it, a streaming request is answered 429 at once, in JSON (not an event stream),
     with ``Retry-After`` and how many are in flight and waiting.  Red before issue 25:
     ``max_concurrency``/``max_queue`` did not exist (the second stream waited)."""
     emu = make_ollama(token_delay=0.2)
     url = serve(config_for(emu))
     with httpx.Client(base_url=url, timeout=30) as c:
-        with c.stream("POST", "/v1/chat/completions", json=chat("qwen", stream=True)) as first:
-            assert first.status_code == 200
-            next(first.iter_raw())  # the first stream holds qwen's only slot
-            with c.stream("POST", "/v1/chat/completions", json=chat("qwen", stream=True)) as second:
-                head = next(second.iter_raw())
-                assert second.status_code == 429, head
-                assert second.headers["content-type"].startswith("application/json")
-                assert head.startswith(b"{"), head  # an error document, no byte of a stream
-                assert int(second.headers["retry-after"]) >= 1
-                assert (second.headers["x-modelmora-in-flight"], second.headers["x-modelmora-waiting"]) == ("1", "0")
-                second.read()
-                error = second.json()["error"]
-                assert error["code"] == "Overloaded" and error["in_flight"] == 1 and error["waiting"] == 0, error
+        assert c.post("/v1/chat/completions", json=chat("qwen")).status_code == 200  # loaded
+        first = threading.Thread(
+            target=httpx.post,
+            args=(f"{url}/v1/chat/completions",),
+            kwargs={"json": chat("qwen"), "timeout": 30},
+        )
+        first.start()  # a slow answer (about 1.6 s of tokens) holds qwen's only slot
+        deadline = time.monotonic() + 10
+        while c.get("/status").json()["models"][0]["leases"] != 1:
+            assert time.monotonic() < deadline, "the first request never took its lease"
+            time.sleep(0.02)
+        with c.stream("POST", "/v1/chat/completions", json=chat("qwen", stream=True)) as second:
+            chunks = second.iter_raw()
+            head = next(chunks)
+            assert second.status_code == 429, head
+            assert second.headers["content-type"].startswith("application/json")
+            assert head.startswith(b"{"), head  # an error document, no byte of a stream
+            assert int(second.headers["retry-after"]) >= 1
+            assert (second.headers["x-modelmora-in-flight"], second.headers["x-modelmora-waiting"]) == (
+                "1",
+                "0",
+            )
+            error = json.loads(b"".join([head, *chunks]))["error"]
+            assert error["code"] == "Overloaded" and error["in_flight"] == 1 and error["waiting"] == 0, error
+        first.join()
         assert c.post("/v1/chat/completions", json=chat("qwen")).status_code == 200  # the slot is free again
 
 
@@ -94,7 +113,9 @@ def test_api_keys_carry_priority_and_an_allow_list(
         assert c.post("/v1/chat/completions", json=chat("qwen")).status_code == 401
         assert c.post("/v1/chat/completions", json=chat("qwen"), headers=ui).status_code == 200
         refused = c.post("/v1/chat/completions", json=chat("qwen"), headers=batch)  # qwen is ready: hot path
-        assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed", refused.text
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed", (
+            refused.text
+        )
         assert c.post("/v1/chat/completions", json=chat("mistral"), headers=batch).status_code == 200
         bad = c.post("/v1/chat/completions", json=chat("mistral"), headers={**ui, "X-Priority": "high"})
         assert bad.status_code == 400 and "X-Priority" in bad.json()["error"]["message"], bad.text

@@ -199,6 +199,22 @@ class SchedulingConfig(BaseModel):
     )
 
 
+class ApiKeyConfig(BaseModel):
+    """One API key of ``modelmora serve`` (issue 25): its secret is read from the environment
+    variable ``token_env`` (never written in the file); requests carrying it as ``Authorization:
+    Bearer`` rank at ``priority`` and share busy models with other keys by ``weight``, and may
+    use only ``models`` (unset: all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_env: str = Field(min_length=1, description="The environment variable that holds the key.")
+    priority: int = Field(
+        0, description="Its requests' priority (higher first); X-Priority may only lower it."
+    )
+    weight: float = Field(1.0, gt=0, description="Its share of a busy model against other keys.")
+    models: list[str] | None = Field(None, description="The models it may use; unset: all.")
+
+
 class ManagerConfig(BaseModel):
     """Everything a :class:`ModelManager` needs; see ``configs/modelmora.yaml``."""
 
@@ -229,6 +245,10 @@ class ManagerConfig(BaseModel):
     reconcile_interval: Interval = Field(30.0, description="How often runtimes are asked what they hold.")
     wait_timeout: Duration = Field(300.0, description="How long a load may wait for memory.")
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    api_keys: dict[str, ApiKeyConfig] = Field(
+        default_factory=dict,
+        description="The server's API keys by name (each with its own priority and weight).",
+    )
     unload_timeout: Duration = Field(120.0, gt=0)
     failure_cooldown: Interval = Field(5.0, description="First back-off after a failed load.")
     failure_cooldown_max: Interval = Field(300.0, description="Longest back-off after failed loads.")
@@ -322,6 +342,18 @@ class ManagerConfig(BaseModel):
                     f"remove that budget, or add {device}"
                 )
         return list(dict.fromkeys(devices))
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_name_models(
+        cls, keys: dict[str, ApiKeyConfig], info: ValidationInfo
+    ) -> dict[str, ApiKeyConfig]:
+        models = info.data.get("models")
+        for name, key in keys.items():
+            for model in key.models or ():
+                if models is not None and model not in models:
+                    raise ValueError(f"api key {name!r}: {_unknown(model, models)}")
+        return keys
 
     @field_validator("default_model")
     @classmethod

@@ -239,13 +239,15 @@ class Scheduler:
         """Raise :class:`Overloaded` when a new request for ``spec`` finds its line full
         (``max_queue``) or would wait past ``max_wait`` for a slot."""
         waiting = self.waiting(spec.name)
-        full = spec.max_queue is not None and waiting >= spec.max_queue
+        entry = self.core.table.get(spec.name)
+        in_flight = entry.holders if entry is not None else 0
+        # a request that finds nobody ahead of it (it starts the load, or takes a free slot)
+        # is never refused: ``max_queue: 0`` lets none wait behind others
+        full = spec.max_queue is not None and waiting >= spec.max_queue and (waiting or in_flight)
         wait = self.predicted_wait(spec)
         slow = wait is not None and wait > self.config.max_wait
         if not (full or slow):
             return
-        entry = self.core.table.get(spec.name)
-        in_flight = entry.holders if entry is not None else 0
         if wait is None:  # nothing measured yet: about one load or one service time
             wait = self.service.get(spec.name) or self.core.reload_seconds(spec.name)
         if full:
