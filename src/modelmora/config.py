@@ -171,6 +171,50 @@ class WatchdogConfig(BaseModel):
         return self
 
 
+class SchedulingConfig(BaseModel):
+    """How requests share models (issue 25): swap-aware admission, priorities, back-pressure.
+
+    While a load waits for memory that busy models hold, each of them may still grant
+    ``max_batch_before_swap`` more leases, and none once the load has waited ``max_wait``
+    seconds (requests of equal or lower priority; a higher priority passes); then the swap
+    happens as soon as the leases in flight end.  A model loaded less than
+    ``min_residency`` seconds ago is not evicted for a request of equal or lower priority
+    that has waited less than ``max_wait``.  A waiting request gains one priority level per
+    ``ageing`` seconds.  A request that would queue past ``max_wait`` for a model at its
+    ``max_concurrency`` is refused at once (Overloaded, HTTP 429)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_before_swap: int = Field(
+        4, ge=0, description="Leases a busy model may still grant while a load waits for its memory."
+    )
+    max_wait: Duration = Field(
+        30.0, gt=0, description="Seconds other requests may be served ahead of a waiting one."
+    )
+    min_residency: Duration = Field(
+        0.0, ge=0, description="Seconds a loaded model stays before a non-urgent load may evict it."
+    )
+    ageing: Duration = Field(
+        10.0, gt=0, description="Seconds of waiting that raise a request by one priority level."
+    )
+
+
+class ApiKeyConfig(BaseModel):
+    """One API key of ``modelmora serve`` (issue 25): its secret is read from the environment
+    variable ``token_env`` (never written in the file); requests carrying it as ``Authorization:
+    Bearer`` rank at ``priority`` and share busy models with other keys by ``weight``, and may
+    use only ``models`` (unset: all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_env: str = Field(min_length=1, description="The environment variable that holds the key.")
+    priority: int = Field(
+        0, description="Its requests' priority (higher first); X-Priority may only lower it."
+    )
+    weight: float = Field(1.0, gt=0, description="Its share of a busy model against other keys.")
+    models: list[str] | None = Field(None, description="The models it may use; unset: all.")
+
+
 class ManagerConfig(BaseModel):
     """Everything a :class:`ModelManager` needs; see ``configs/modelmora.yaml``."""
 
@@ -205,11 +249,10 @@ class ManagerConfig(BaseModel):
         description="Which idle model goes first when room is needed: 'cost' keeps what is slow to "
         "reload, small and often used (GreedyDual-Size-Frequency); 'lru' the least recently used.",
     )
-    lease_bypass_limit: int = Field(
-        4,
-        ge=0,
-        description="While a load waits for memory held by busy models, how many new leases each of "
-        "them may still grant before new leases queue behind the waiting load.",
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    api_keys: dict[str, ApiKeyConfig] = Field(
+        default_factory=dict,
+        description="The server's API keys by name (each with its own priority and weight).",
     )
     unload_timeout: Duration = Field(120.0, gt=0)
     failure_cooldown: Interval = Field(5.0, description="First back-off after a failed load.")
@@ -224,6 +267,18 @@ class ManagerConfig(BaseModel):
         120.0, description="Longest back-off while a runtime stays unreachable."
     )
     verbose: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bypass_limit_is_the_batch_bound(cls, data: Any) -> Any:
+        """``lease_bypass_limit`` (before issue 25) is ``scheduling.max_batch_before_swap``."""
+        if isinstance(data, dict) and "lease_bypass_limit" in data:
+            data = dict(data)
+            limit = data.pop("lease_bypass_limit")
+            scheduling = data.get("scheduling")
+            if scheduling is None or isinstance(scheduling, dict):
+                data["scheduling"] = {"max_batch_before_swap": limit, **(scheduling or {})}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -300,6 +355,18 @@ class ManagerConfig(BaseModel):
                     f"remove that budget, or add {device}"
                 )
         return list(dict.fromkeys(devices))
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_name_models(
+        cls, keys: dict[str, ApiKeyConfig], info: ValidationInfo
+    ) -> dict[str, ApiKeyConfig]:
+        models = info.data.get("models")
+        for name, key in keys.items():
+            for model in key.models or ():
+                if models is not None and model not in models:
+                    raise ValueError(f"api key {name!r}: {_unknown(model, models)}")
+        return keys
 
     @field_validator("default_model")
     @classmethod

@@ -9,6 +9,7 @@ ModelMoraError
 ├── InsufficientMemory          can never fit, or what would have to be evicted is held
 ├── HandleClosed                a handle used after its model was unloaded
 ├── ModelMoraTimeout            waiting for memory, a load or an unload took too long
+├── Overloaded                  back-pressure: the model's queue is full or too slow (HTTP 429)
 ├── ManagerClosed               the manager was used outside its ``async with`` block
 └── ProviderError               anything a runtime reported
     ├── ProviderUnavailable     runtime unreachable, not installed, or busy (transient)
@@ -110,6 +111,20 @@ class HandleClosed(ModelMoraError):
 
 class ModelMoraTimeout(ModelMoraError, TimeoutError):
     """Waiting for memory, a load or an unload exceeded its timeout."""
+
+
+class Overloaded(ModelMoraError):
+    """Back-pressure: the model's queue is full (``max_queue``), or this request would wait
+    past ``scheduling.max_wait`` for one of its ``max_concurrency`` slots.  Refused before
+    anything waits; ``retry_after`` (seconds) is when a slot is expected to be free, from
+    the model's measured service (and load) times; ``in_flight`` and ``waiting`` count its
+    leases held and the requests in line for it."""
+
+    def __init__(self, message: str, *, model: str, retry_after: float, in_flight: int, waiting: int):
+        super().__init__(message, model=model)
+        self.retry_after = retry_after
+        self.in_flight = in_flight
+        self.waiting = waiting
 
 
 class ManagerClosed(ModelMoraError):
@@ -216,6 +231,7 @@ __all__ = [
     "ModelMoraTimeout",
     "ModelNotFound",
     "OutOfMemory",
+    "Overloaded",
     "ProviderError",
     "ProviderOutage",
     "ProviderUnavailable",

@@ -267,6 +267,15 @@ class ModelSpec(BaseModel):
         None, description="Expected load time (planning prior), replaced by measurements."
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Provider options.")
+    priority: int = Field(
+        0, description="Requests for it rank this high unless they say otherwise (higher first)."
+    )
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Leases held at once; more wait in line (unset: no limit)."
+    )
+    max_queue: int | None = Field(
+        None, ge=0, description="Requests that may wait for it; one more is refused at once (HTTP 429)."
+    )
     serves: list[str] | None = Field(
         None,
         description="OpenAI endpoints it answers through the proxy: chat, completions, embeddings "

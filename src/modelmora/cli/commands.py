@@ -1297,6 +1297,7 @@ def serve(
     (ending open event streams, within about a second), a second Ctrl-C at once."""
     need("server", "modelmora serve")
     from ..server import create_app, is_loopback, server_options, token_from_env
+    from ..server.security import api_keys
     from ..server.serving import Server, bind, log_config, uvloop_available
     from ..spec import parse_size
 
@@ -1306,16 +1307,20 @@ def serve(
         logging.DEBUG if verbose else logging.WARNING if quiet else getattr(logging, log_level.name.upper())
     )
     token = token_from_env()
-    if not is_loopback(host) and token is None:
-        fail(f"binding {host} exposes the server beyond this machine: set MODELMORA_TOKEN to a secret first")
     timeout = _duration_opt("--read-timeout", read_timeout)
     if timeout is None or not 0 < timeout < math.inf:
         raise typer.BadParameter("must be a positive, finite duration", param_hint="--read-timeout")
     try:
         cfg = load_config(config)
         limit = parse_size(max_body)
+        keys = api_keys(cfg, os.environ)
     except (ModelMoraError, ValueError) as exc:
         fail(str(exc))
+    if not is_loopback(host) and token is None and not keys:
+        fail(
+            f"binding {host} exposes the server beyond this machine: set MODELMORA_TOKEN to a secret "
+            "(or configure api_keys) first"
+        )
     # the lifecycle events at INFO (the manager reads its logger's level when it starts)
     cfg = cfg.model_copy(update={"verbose": True})
     import uvicorn
@@ -1354,7 +1359,7 @@ def serve(
                         app_ = create_app(
                             mm, token=token, queue_limit=queue_limit, max_body=limit, title=f"{host}:{port}",
                             read_timeout=timeout, allow_hosts=[host, *(allow_host or [])],
-                            allow_origins=allow_origin or [], enter_manager=False,
+                            allow_origins=allow_origin or [], enter_manager=False, keys=keys,
                         )  # fmt: skip
                         server = Server(
                             uvicorn.Config(

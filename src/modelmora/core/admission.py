@@ -11,9 +11,10 @@ answers, so a preview and the real admission can never disagree.
 Waiting holds no lock: a waiting admission sleeps until the table changes, so a load that
 fits is admitted at once even while another waits for memory (no head-of-line blocking).
 While an admission waits for memory held by busy models, each of those models may grant
-at most ``lease_bypass_limit`` new leases; after that new leases queue at its
-:class:`~modelmora.core.gate.Gate`, so traffic on a resident model cannot starve a model
-queued for its memory.
+new leases only within the bounds of :mod:`modelmora.core.scheduling` (a count and a time
+in seconds); after that new leases queue at its :class:`~modelmora.core.gate.Gate`, so
+traffic on a resident model cannot starve a model queued for its memory.  Models loaded
+less than ``min_residency`` ago count as busy for admissions that are not urgent.
 
 A load whose size nothing tells (no estimate, no past measurement) is admitted alone on
 its device: it waits while other loads or wakes are in flight there, reserves the free
@@ -30,7 +31,6 @@ import anyio
 
 from ..footprint import Footprint
 from .context import Core
-from .gate import Gate
 from .lifecycle import Entry, State
 from .planner import (
     Admit,
@@ -43,13 +43,15 @@ from .planner import (
     placement_options,
     plan_admission,
 )
+from .scheduling import Scheduler
 
 log = logging.getLogger("modelmora")
 
 
 class Admission:
-    def __init__(self, core: Core):
+    def __init__(self, core: Core, scheduler: Scheduler):
         self.core = core
+        self.scheduler = scheduler
         # Decisions are taken one at a time, first come first served: a fresh reading, the
         # plan and the reservation it leads to.  Never held while waiting or evicting.
         self.turn = anyio.Lock()
@@ -101,7 +103,7 @@ class Admission:
         checked against every budget before anyone can execute it: a plan that does not
         fit is a bug, logged and answered with a refusal, never carried out."""
         core = self.core
-        residents = core.snapshot(exclude=entry, deciding=entry.name)
+        residents = self.scheduler.protect_young(core.snapshot(exclude=entry, deciding=entry.name), entry)
         candidate = candidate or self.candidate(entry)
         external = core.external()
         max_loaded = core.config.max_loaded_models
@@ -130,15 +132,21 @@ class Admission:
         self._queue.pop(entry, None)
 
     def first_in_line(self, entry: Entry) -> Entry | None:
-        """An admission that arrived before ``entry``, is still wanted and could be admitted
-        now: what it can take is its first (FIFO).  None when ``entry`` may go ahead, which
-        it may past any earlier admission that still cannot be admitted (no head-of-line
-        blocking)."""
-        mine = self._queue.get(entry)
-        if mine is None:
+        """An admission ranked before ``entry`` (by its requests' priority levels, then by
+        arrival: :meth:`Scheduler.rank`), still wanted and that could be admitted now: what it
+        can take is its first.  None when ``entry`` may go ahead, which it may past any
+        earlier admission that still cannot be admitted (no head-of-line blocking)."""
+        arrival = self._queue.get(entry)
+        if arrival is None:
             return None
-        for other, ticket in sorted(self._queue.items(), key=lambda item: item[1]):
-            if ticket >= mine:
+        now = self.core.clock()
+        mine = self.scheduler.rank(entry.name, arrival, now)
+        ranked = sorted(
+            ((self.scheduler.rank(e.name, a, now), e) for e, a in self._queue.items() if e is not entry),
+            key=lambda item: item[0],
+        )
+        for rank, other in ranked:
+            if rank >= mine:
                 break
             if (
                 other.state in (State.QUEUED, State.SLEEPING)
@@ -150,15 +158,15 @@ class Admission:
         return None
 
     def block(self, admission: Entry, names: Iterable[str]) -> list[Entry]:
-        """``names`` hold memory the waiting ``admission`` needs: from now on each may grant
-        only ``lease_bypass_limit`` more leases before new ones queue at its gate."""
+        """``names`` hold memory the waiting ``admission`` needs: from now on each grants new
+        leases only within the scheduling bounds before new ones queue at its gate."""
         blocked = []
         for name in names:
             e = self.core.table.get(name)
             if e is None:
                 continue
             if e.gate is None:
-                e.gate = Gate(self.core.config.lease_bypass_limit)
+                e.gate = self.scheduler.open_gate(admission)
             e.gate.admissions.add(admission.name)
             blocked.append(e)
         return blocked

@@ -26,6 +26,7 @@ from .gate import Gate
 from .lifecycle import Entry, State
 from .loading import Loader
 from .outcome import Result
+from .scheduling import Scheduler, Ticket
 
 T = TypeVar("T")
 
@@ -36,14 +37,31 @@ class Lease:
     It is set the moment the load starts, so a caller cancelled while waiting still knows
     the load it left running is its own."""
 
-    __slots__ = ("_entry", "_keep_alive", "_leases", "_name", "_timeout", "loaded_here")
+    __slots__ = (
+        "_entry", "_keep_alive", "_key", "_leases", "_name", "_priority", "_since", "_timeout", "_weight",
+        "loaded_here",
+    )  # fmt: skip
 
-    def __init__(self, leases: Leases, name: str, timeout: float | None, keep_alive: float | None):
+    def __init__(
+        self,
+        leases: Leases,
+        name: str,
+        timeout: float | None,
+        keep_alive: float | None,
+        *,
+        priority: int | None = None,
+        key: str | None = None,
+        weight: float = 1.0,
+    ):
         self._leases = leases
         self._name = name
         self._timeout = timeout
         self._keep_alive = keep_alive
+        self._priority = priority
+        self._key = key
+        self._weight = weight
         self._entry: Entry | None = None
+        self._since = 0.0
         self.loaded_here = False
 
     async def __aenter__(self) -> Handle:
@@ -52,9 +70,16 @@ class Lease:
         entry = self._leases.try_hot(self._name, self._keep_alive)
         if entry is None:
             entry, self.loaded_here = await self._leases.acquire(
-                self._name, timeout=self._timeout, keep_alive=self._keep_alive, on_start=self._started
+                self._name,
+                timeout=self._timeout,
+                keep_alive=self._keep_alive,
+                on_start=self._started,
+                priority=self._priority,
+                key=self._key,
+                weight=self._weight,
             )
         self._entry = entry
+        self._since = self._leases.core.clock()
         assert entry.handle is not None
         return entry.handle
 
@@ -68,6 +93,7 @@ class Lease:
         if entry is None:
             return None
         self._entry = entry
+        self._since = self._leases.core.clock()
         return entry.handle
 
     def _started(self) -> None:
@@ -83,13 +109,14 @@ class Lease:
         cancellation can come between); idempotent: a second call does nothing."""
         entry, self._entry = self._entry, None
         if entry is not None:
-            self._leases.release(entry)
+            self._leases.release(entry, held=self._leases.core.clock() - self._since)
 
 
 class Leases:
-    def __init__(self, core: Core, loader: Loader):
+    def __init__(self, core: Core, loader: Loader, scheduler: Scheduler):
         self.core = core
         self.loader = loader
+        self.scheduler = scheduler
         self.on_idle: Callable[[Entry], None] = lambda entry: None  # set by the manager
 
     @staticmethod
@@ -104,6 +131,8 @@ class Leases:
         entry = core.table.get(name)
         if entry is None or entry.state is not State.READY or entry.gate is not None or not core.running:
             return None
+        if entry.spec.max_concurrency is not None and not self._slot_free(entry):
+            return None
         entry.holders += 1
         entry.total_leases += 1
         entry.last_used = core.clock()
@@ -114,6 +143,11 @@ class Leases:
             core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
         return entry
 
+    def _slot_free(self, entry: Entry) -> bool:
+        """Below its ``max_concurrency`` with nobody in line for a slot."""
+        limit = entry.spec.max_concurrency
+        return limit is None or (entry.holders < limit and not self.scheduler.in_line(entry.name))
+
     async def acquire(
         self,
         name: str,
@@ -123,18 +157,34 @@ class Leases:
         pin: bool = False,
         retry: bool = False,
         on_start: Callable[[], None] | None = None,
+        priority: int | None = None,
+        key: str | None = None,
+        weight: float = 1.0,
     ) -> tuple[Entry, bool]:
         """A granted lease on ``name``: (its entry, whether this call started its load).
-        ``on_start`` is called when this call starts the load, before waiting for it."""
+        ``on_start`` is called when this call starts the load, before waiting for it.
+        ``priority``, ``key`` and ``weight`` rank the caller while it waits
+        (:mod:`modelmora.core.scheduling`); :class:`Overloaded` when it may not wait."""
         core = self.core
         found = core.table.get(name)
-        if found is not None and found.state is State.READY and found.gate is None and core.running:
+        if (
+            found is not None
+            and found.state is State.READY
+            and found.gate is None
+            and core.running
+            and self._slot_free(found)
+        ):
             entry = found
-            entry.holders += 1  # hot path: resident, nobody waits for its memory
+            entry.holders += 1  # hot path: resident, nobody waits for its memory or a slot
             loaded_here = False
         else:
-            with anyio.move_on_after(timeout) as scope:
-                entry, loaded_here = await self._slow(name, retry, on_start)
+            core.check_open()
+            ticket = self.scheduler.arrive(core.spec(name), priority=priority, key=key, weight=weight)
+            try:
+                with anyio.move_on_after(timeout) as scope:
+                    entry, loaded_here = await self._slow(name, retry, on_start, ticket)
+            finally:
+                self.scheduler.leave(ticket)
             if scope.cancelled_caught:
                 current = core.table.get(name)
                 raise ModelMoraTimeout(
@@ -153,7 +203,9 @@ class Leases:
             core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
         return entry, loaded_here
 
-    async def _slow(self, name: str, retry: bool, on_start: Callable[[], None] | None) -> tuple[Entry, bool]:
+    async def _slow(
+        self, name: str, retry: bool, on_start: Callable[[], None] | None, ticket: Ticket
+    ) -> tuple[Entry, bool]:
         core = self.core
         core.check_open()
         spec = core.spec(name)
@@ -174,10 +226,16 @@ class Leases:
                         on_start()
                 elif entry.state is State.READY:
                     gate = entry.gate
-                    if gate is None or gate.may_pass():
+                    if not ticket.passed:
+                        if gate is not None and not self.scheduler.may_pass(gate, ticket):
+                            await self._wait(entry, gate.opened.wait(), gate)  # behind the admission
+                            continue
+                        ticket.passed = True  # served before the swap: it counts against the batch
+                    if self.scheduler.has_slot(entry, ticket):
                         entry.holders += 1
                         return entry, loaded_here
-                    await self._wait(entry, gate.opened.wait(), gate)  # behind the admission
+                    # in line for one of its max_concurrency slots: a release or a leave wakes it
+                    await self._wait(entry, core.changed(core.config.reaper_interval))
                     continue
                 elif entry.state is State.SLEEPING and entry.attempt.done:
                     self.loader.start_load(entry)  # wake it through admission
@@ -186,7 +244,12 @@ class Leases:
                     continue
                 attempt = entry.attempt
                 result = await self._wait(entry, attempt.wait())
-                if result is Result.READY and entry.state is State.READY and core.table.get(name) is entry:
+                if (
+                    result is Result.READY
+                    and entry.state is State.READY
+                    and core.table.get(name) is entry
+                    and self.scheduler.has_slot(entry, ticket)
+                ):
                     entry.holders += 1
                     return entry, loaded_here
                 if result is Result.FAILED:
@@ -210,12 +273,18 @@ class Leases:
             if entry.holders == 0:
                 self.core.notify()  # an admission may be waiting for nobody now
 
-    def release(self, entry: Entry) -> None:
+    def release(self, entry: Entry, held: float | None = None) -> None:
+        """Give one lease on ``entry`` back; ``held``: for how many seconds it was held
+        (the model's mean service time learns from it)."""
         core = self.core
         if entry.holders <= 0:
             raise RuntimeError(f"lease count of {entry.name!r} would go negative")
         entry.holders -= 1
         entry.last_used = core.clock()
+        if held is not None:
+            self.scheduler.released(entry.name, held)
+        if entry.spec.max_concurrency is not None:
+            core.notify()  # a slot is free: the first in line may take it
         if core.bus.wants_leases:
             core.bus.emit(ev.LeaseReleased(model=entry.name, leases=entry.holders))
         if entry.holders == 0:

@@ -41,6 +41,7 @@ from .loading import Loader
 from .planner import Admit, Plan, can_park_within
 from .reaper import Reaper
 from .reconcile import Reconciler
+from .scheduling import Scheduler
 from .status import ManagerStatus, UnloadAllResult, manager_status
 from .table import EntryView, resident
 from .transitions import Transitions
@@ -93,12 +94,13 @@ class ModelManager:
             raise RuntimeError("this ModelManager is already running")
         core = self._core = Core(self.config, self.events, self.monitor, self._clock)
         core.build_providers(self._registry, self._injected)
-        admission = Admission(core)
+        scheduler = Scheduler(core)
+        admission = Admission(core, scheduler)
         transitions = self._transitions = Transitions(core)
         loader = Loader(core, admission, transitions)
         self._reconciler = Reconciler(core, transitions)
         loader.reconcile = self._reconciler.run
-        self._leases = Leases(core, loader)
+        self._leases = Leases(core, loader, scheduler)
         self._reaper = Reaper(core, transitions, self._reconciler)
         self._leases.on_idle = self._reaper.schedule_idle
         self._watchdog = Watchdog(core, transitions)
@@ -201,13 +203,31 @@ class ModelManager:
     # -- leases and manual control ---------------------------------------------------------
 
     def use(
-        self, name: str | None = None, *, timeout: float | None = None, keep_alive: float | None = None
+        self,
+        name: str | None = None,
+        *,
+        timeout: float | None = None,
+        keep_alive: float | None = None,
+        priority: int | None = None,
+        key: str | None = None,
+        weight: float = 1.0,
     ) -> Lease:
         """A lease on ``name``: loads it on first use, shares it, never evicts it while held.
         ``timeout`` (seconds) bounds the wait for memory and the load (ModelMoraTimeout);
-        ``keep_alive`` (seconds) overrides how long the model stays once idle."""
+        ``keep_alive`` (seconds) overrides how long the model stays once idle.  While it
+        waits, the caller ranks by ``priority`` (higher first; default: the model's
+        ``priority``), and among callers of one level by weighted fair shares between
+        ``key`` s (an API key, a tenant) with ``weight`` (see ``config.scheduling``);
+        :class:`Overloaded` when the model's line is full or the wait would pass
+        ``scheduling.max_wait``."""
         return Lease(
-            self._leases_or_closed(), name if name is not None else self.spec().name, timeout, keep_alive
+            self._leases_or_closed(),
+            name if name is not None else self.spec().name,
+            timeout,
+            keep_alive,
+            priority=priority,
+            key=key,
+            weight=weight,
         )
 
     def _leases_or_closed(self) -> Leases:

@@ -47,7 +47,7 @@ from .hot_path import HotPath
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
-from .security import AUTHORISED, Guard, HostCheck, allowed_hosts
+from .security import AUTHORISED, ApiKey, Guard, HostCheck, allowed_hosts, api_keys
 
 HISTORY = 50
 
@@ -142,6 +142,7 @@ def create_app(
     allow_hosts: Sequence[str] = (),
     allow_origins: Sequence[str] = (),
     enter_manager: bool = True,
+    keys: Sequence[ApiKey] | None = None,
 ) -> FastAPI:
     """The ASGI app; it enters the manager for its lifespan (uvicorn runs that).
 
@@ -149,8 +150,11 @@ def create_app(
     pages from ``allow_origins`` may call it (CORS), others cannot change its state (see
     :mod:`modelmora.server.security`).  Run it with :func:`server_options` so slow headers
     are cut off too.  ``enter_manager=False``: the caller runs the manager (``modelmora
-    serve`` starts it before uvicorn, so startup errors are its own one line)."""
+    serve`` starts it before uvicorn, so startup errors are its own one line).  ``keys``:
+    the API keys (default: the config's ``api_keys``, secrets from the environment)."""
     mm = manager if isinstance(manager, ModelManager) else ModelManager(manager)
+    if keys is None:
+        keys = api_keys(mm.config, os.environ)
     metrics = Metrics(mm)
     proxy = Proxy(mm, metrics, queue_limit=queue_limit, timeout=proxy_timeout, max_body=max_body)
 
@@ -182,13 +186,19 @@ def create_app(
     # guard, then the proxy's hot path (behind every check, in front of FastAPI's own layers)
     front: ASGIApp = HotPath(app.inner, proxy)
     front = Guard(
-        front, token=token, max_body=max_body, read_timeout=read_timeout, allow_origins=allow_origins
+        front,
+        token=token,
+        max_body=max_body,
+        read_timeout=read_timeout,
+        allow_origins=allow_origins,
+        keys=keys,
     )
     if allow_origins:
         front = CORSMiddleware(
             front, allow_origins=list(allow_origins), allow_methods=["*"], allow_headers=["*"]
         )
-    front = HostCheck(front, allowed_hosts(token, allow_hosts))
+    # any bearer secret (the token or an API key) lets the server answer to any host name
+    front = HostCheck(front, allowed_hosts(token if token is not None or not keys else "", allow_hosts))
     # a bug in the checks or the hot path is answered as FastAPI answers any other (JSON)
     app.front = ServerErrorMiddleware(front, handler=handle_internal_error)
     app.add_exception_handler(APIError, handle_api_error)

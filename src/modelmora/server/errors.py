@@ -19,6 +19,7 @@ from ..errors import (
     ModelMoraError,
     ModelMoraTimeout,
     ModelNotFound,
+    Overloaded,
     ProviderOutage,
     ProviderUnavailable,
     RecentlyFailed,
@@ -71,6 +72,8 @@ def status_for(exc: ModelMoraError) -> int:
             return 404
         case ModelInUse():
             return 409
+        case Overloaded():
+            return 429
         case ConfigError():
             return 400
         case RecentlyFailed() | InsufficientMemory() | ProviderOutage():
@@ -190,6 +193,18 @@ async def handle_modelmora_error(request: Request, exc: Exception) -> JSONRespon
     assert isinstance(exc, ModelMoraError)
     status = http_status(request.app.state.manager, exc)
     headers = None
+    if isinstance(exc, Overloaded):
+        # back-pressure: when to come back, and how busy the model is, in the error too
+        body = openai_error(status, str(exc), type(exc).__name__)
+        detail = body["error"]
+        assert isinstance(detail, dict)
+        detail.update(in_flight=exc.in_flight, waiting=exc.waiting, retry_after=math.ceil(exc.retry_after))
+        headers = {
+            "Retry-After": str(max(1, math.ceil(exc.retry_after))),
+            "X-Modelmora-In-Flight": str(exc.in_flight),
+            "X-Modelmora-Waiting": str(exc.waiting),
+        }
+        return JSONResponse(body, status_code=status, headers=headers)
     if isinstance(exc, RecentlyFailed | ProviderOutage):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     elif status == 503:

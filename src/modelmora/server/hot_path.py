@@ -25,7 +25,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .proxy import NOTE, ROUTES, Proxy, RequestNote
-from .security import header
+from .security import API_KEY, header
 
 _PATHS = {f"/v1/{route}": route for route in ROUTES}
 log = logging.getLogger("modelmora.requests")
@@ -51,7 +51,13 @@ class HotPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = _PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None:
+        key = scope.get(API_KEY) if route is not None else None
+        # a key's allow-list and X-Priority are checked on the full path
+        if (
+            route is None
+            or (key is not None and key.models is not None)
+            or header(scope, b"x-priority") is not None
+        ):
             await self.app(scope, receive, send)
             return
         logged = log.isEnabledFor(logging.INFO)

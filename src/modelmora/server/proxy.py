@@ -41,6 +41,7 @@ from ..providers.base import Handle
 from ..spec import OPENAI_ENDPOINTS, ModelSpec, parse_duration
 from .errors import APIError, api_error, error_body, http_status, registered
 from .metrics import Metrics
+from .security import API_KEY, ApiKey
 from .upstream import UpstreamError, UpstreamPool
 
 
@@ -165,13 +166,45 @@ class Proxy:
         """Admitted and loading (or waking): it will be ready without another swap."""
         return any(e.name == name and e.state in _UNDER_WAY for e in self.manager.entries())
 
+    def _who(self, request: Request, name: str) -> tuple[int | None, ApiKey | None]:
+        """The request's priority and API key: ``X-Priority`` (an integer; with a key, at
+        most the key's priority), else the key's, else None (the model's own); 403 for a
+        model the key may not use."""
+        key: ApiKey | None = request.scope.get(API_KEY)
+        if key is not None and key.models is not None and name not in key.models:
+            self.metrics.count_request(name, 403)
+            raise api_error(
+                403, f"API key {key.name!r} may not use {name!r}", "model_not_allowed", param="model"
+            )
+        raw = request.headers.get("x-priority")
+        if raw is None:
+            return (key.priority if key is not None else None), key
+        try:
+            priority = int(raw.strip())
+        except ValueError:
+            raise api_error(400, f"X-Priority: {raw[:40]!r} is not an integer", "invalid_priority") from None
+        return (min(priority, key.priority) if key is not None else priority), key
+
     async def _lease(
-        self, name: str, keep_alive: float | None, size: int, note: RequestNote | None = None
+        self,
+        name: str,
+        keep_alive: float | None,
+        size: int,
+        note: RequestNote | None = None,
+        priority: int | None = None,
+        key: ApiKey | None = None,
     ) -> tuple[Lease, Handle]:
-        """A lease, queueing while the model is not ready; 503 + Retry-After past the limits.
+        """A lease, queueing while the model is not ready; 503 + Retry-After past the limits
+        (429 from the model's own back-pressure, :class:`~modelmora.errors.Overloaded`).
         ``note`` learns how long it waited."""
         ready = self.manager.is_loaded(name) and not self.manager.is_parked(name)
-        lease = self.manager.use(name, keep_alive=keep_alive)
+        lease = self.manager.use(
+            name,
+            keep_alive=keep_alive,
+            priority=priority,
+            key=key.name if key is not None else None,
+            weight=key.weight if key is not None else 1.0,
+        )
         if ready:
             return lease, await lease.__aenter__()
         if self.queued[name] >= self.queue_limit and not self._load_under_way(name):
@@ -232,10 +265,13 @@ class Proxy:
         if note is not None:
             note.model = name
         registered(self.manager, name)
+        priority, key = self._who(request, name)
         keep_alive = self._keep_alive(body, request.headers.get("x-keep-alive"))
         await self._check_route(name, path)
         try:
-            lease, handle = await self._lease(name, keep_alive, len(await request.body()), note)
+            lease, handle = await self._lease(
+                name, keep_alive, len(await request.body()), note, priority, key
+            )
         except ModelMoraError as exc:
             self.metrics.count_request(name, http_status(self.manager, exc))
             raise

@@ -7,7 +7,10 @@ FastAPI reads a body:
 * **Token** (:class:`Guard`): with one set, every route but ``/health`` needs
   ``Authorization: Bearer …`` (scheme in any case; compared as UTF-8 bytes in constant
   time); the status page and its event stream, which a browser opens by URL, also take
-  ``?token=``.  Unauthenticated ``/health`` says only that the server is up.
+  ``?token=``.  Unauthenticated ``/health`` says only that the server is up.  API keys
+  (``api_keys`` in the config, :class:`ApiKey`) are further bearer tokens, each with its
+  own priority, weight and model allow-list; the one a request carried is in the scope
+  under :data:`API_KEY`.
 * **Cross-origin writes** (:class:`Guard`): state-changing requests (any method but
   GET/HEAD/OPTIONS) that carry a foreign ``Origin`` (or ``Sec-Fetch-Site: cross-site``)
   get 403, and bodies must be JSON (415), so an HTML form or a "simple" ``fetch`` from
@@ -21,14 +24,17 @@ FastAPI reads a body:
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..config import ManagerConfig
+from ..errors import ConfigError
 from ..spec import format_duration
 
 OPEN_PATHS = frozenset({"/health"})
@@ -36,6 +42,32 @@ QUERY_TOKEN_PATHS = frozenset({"/", "/events"})  # the status page and its Event
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 AUTHORISED = "modelmora.authorised"  # scope key: the request carried the token (or none is set)
+API_KEY = "modelmora.api_key"  # scope key: the ApiKey the request carried, if any
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey:
+    """One API key: its name, its secret (UTF-8 bytes), the priority and fair-share weight
+    of its requests, and the models it may use (None: all)."""
+
+    name: str
+    token: bytes
+    priority: int = 0
+    weight: float = 1.0
+    models: frozenset[str] | None = None
+
+
+def api_keys(config: ManagerConfig, environ: Mapping[str, str]) -> list[ApiKey]:
+    """The configured API keys with their secrets from ``environ``; ConfigError (one line)
+    for a key whose variable is unset or empty."""
+    out = []
+    for name, key in config.api_keys.items():
+        secret = environ.get(key.token_env, "")
+        if not secret:
+            raise ConfigError(f"api_keys.{name}: the environment variable {key.token_env} is unset or empty")
+        models = frozenset(key.models) if key.models is not None else None
+        out.append(ApiKey(name, secret.encode("utf-8"), key.priority, key.weight, models))
+    return out
 
 
 def allowed_hosts(token: str | None, extra: Iterable[str] = ()) -> list[str]:
@@ -132,19 +164,30 @@ class Guard:
         max_body: int,
         read_timeout: float = 30.0,
         allow_origins: Sequence[str] = (),
+        keys: Sequence[ApiKey] = (),
     ):
         self.app = app
         self.token = token.encode("utf-8") if token is not None else None
+        self.keys = tuple(keys)
         self.max_body = max_body
         self.read_timeout = read_timeout
         self.allow_origins = frozenset(o.rstrip("/").encode("latin-1") for o in allow_origins)
 
     def _authorised(self, scope: Scope) -> bool:
-        if self.token is None:
+        if self.token is None and not self.keys:
             return True
         scheme, _, given = (header(scope, b"authorization") or b"").strip().partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
-            return True
+        if scheme.lower() == b"bearer":
+            given = given.strip()
+            # every key compared, in constant time each: which one matched leaks no timing
+            matched = [k for k in self.keys if hmac.compare_digest(given, k.token)]
+            if matched:
+                scope[API_KEY] = matched[0]
+                return True
+            if self.token is not None and hmac.compare_digest(given, self.token):
+                return True
+        if self.token is None:
+            return False
         if scope["method"] == "GET" and scope["path"] in QUERY_TOKEN_PATHS:
             for part in bytes(scope.get("query_string", b"")).split(b"&"):
                 key, _, value = part.partition(b"=")
@@ -264,4 +307,15 @@ def is_loopback(host: str) -> bool:
     return host in {"127.0.0.1", "::1", "localhost"} or host.startswith("127.")
 
 
-__all__ = ["AUTHORISED", "LOOPBACK_HOSTS", "Guard", "HostCheck", "allowed_hosts", "header", "is_loopback"]
+__all__ = [
+    "API_KEY",
+    "AUTHORISED",
+    "LOOPBACK_HOSTS",
+    "ApiKey",
+    "Guard",
+    "HostCheck",
+    "allowed_hosts",
+    "api_keys",
+    "header",
+    "is_loopback",
+]
