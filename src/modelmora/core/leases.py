@@ -124,7 +124,8 @@ class Leases:
         on_start: Callable[[], None] | None = None,
     ) -> tuple[Entry, bool]:
         """A granted lease on ``name``: (its entry, whether this call started its load).
-        ``on_start`` is called when this call starts the load, before waiting for it."""
+        ``on_start`` is called when this call starts the load, before waiting for it.
+        A load every caller left (cancelled, timed out) is dropped or stopped."""
         core = self.core
         found = core.table.get(name)
         if found is not None and found.state is State.READY and found.gate is None and core.running:
@@ -206,6 +207,8 @@ class Leases:
                 gate.queued -= 1
             if entry.holders == 0:
                 self.core.notify()  # an admission may be waiting for nobody now
+                if entry.waiters == 0:
+                    self.loader.stop_unwanted(entry)  # a load nobody waits for any more
 
     def release(self, entry: Entry) -> None:
         core = self.core
