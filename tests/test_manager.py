@@ -276,14 +276,19 @@ async def test_cool_down_expires_and_grows(sim: SimulatedProvider) -> None:
 
 
 async def test_cancelled_waiter_leaves_no_stray_lease(sim: SimulatedProvider) -> None:
+    """The only waiter leaves mid-load: no lease is left, and the load nobody waits for is
+    stopped (issue 25 item 4), so the next caller loads afresh."""
     async with make_manager(sim, {"m": {"memory": "1GB", "options": {"load_time": 0.2}}}) as mm:
+        abandoned: list[ev.Event] = []
+        mm.events.subscribe(lambda e: abandoned.append(e) if isinstance(e, ev.LoadAbandoned) else None)
         with anyio.move_on_after(0.05):
             async with mm.use("m"):
                 pytest.fail("the load takes longer than the cancel")
         assert mm.leases("m") == 0
         async with mm.use("m"):
             assert mm.leases("m") == 1
-        assert mm.leases("m") == 0 and sim.stats.loads == 1
+        assert mm.leases("m") == 0 and sim.stats.loads == 2
+        assert [(e.model, getattr(e, "stage", None)) for e in abandoned] == [("m", "loading")]
 
 
 async def test_cancelled_waiter_for_memory_gives_up_its_load(sim: SimulatedProvider) -> None:

@@ -70,6 +70,16 @@ class LoadFailed(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LoadAbandoned(Event):
+    """Nobody waits for a load any more (every caller left; no ``load()`` or lease over
+    HTTP asked for it): ``stage`` ``admission`` — dropped before the runtime was asked —
+    or ``loading`` — the runtime's load was stopped (cancelled, then discarded)."""
+
+    provider: str
+    stage: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutOfMemoryRetry(Event):
     """A load ran out of memory on ``device``: its estimate is raised from ``estimate`` to
     ``raised`` (bytes per device) and it is admitted (evicting as the planner chooses) and
@@ -268,6 +278,10 @@ def describe(event: Event) -> str:
             return f"loaded {event.model} in {event.duration_s:.2f}s ({mem(event.memory)})"
         case LoadFailed():
             return f"failed to load {event.model}: {event.error}"
+        case LoadAbandoned():
+            if event.stage == "loading":
+                return f"stopped loading {event.model}: nobody waits for it any more"
+            return f"dropped the load of {event.model} before it started: nobody waits for it any more"
         case OutOfMemoryRetry():
             return (
                 f"{event.model} ran out of memory on {event.device}; retrying once with its estimate "
@@ -306,6 +320,7 @@ __all__ = [
     "Evicted",
     "LeaseAcquired",
     "LeaseReleased",
+    "LoadAbandoned",
     "LoadFailed",
     "Loaded",
     "Loading",

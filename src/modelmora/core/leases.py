@@ -164,7 +164,8 @@ class Leases:
         """A granted lease on ``name``: (its entry, whether this call started its load).
         ``on_start`` is called when this call starts the load, before waiting for it.
         ``priority``, ``key`` and ``weight`` rank the caller while it waits
-        (:mod:`modelmora.core.scheduling`); :class:`Overloaded` when it may not wait."""
+        (:mod:`modelmora.core.scheduling`); :class:`Overloaded` when it may not wait.
+        A load every caller left (cancelled, timed out) is dropped or stopped."""
         core = self.core
         found = core.table.get(name)
         if (
@@ -272,6 +273,8 @@ class Leases:
                 gate.queued -= 1
             if entry.holders == 0:
                 self.core.notify()  # an admission may be waiting for nobody now
+                if entry.waiters == 0:
+                    self.loader.stop_unwanted(entry)  # a load nobody waits for any more
 
     def release(self, entry: Entry, held: float | None = None) -> None:
         """Give one lease on ``entry`` back; ``held``: for how many seconds it was held

@@ -11,6 +11,11 @@
   done, and when the cleanup fails a reconcile adopts whatever the runtime still holds;
 * a timeout names the limit that fired: the manager's ``load_timeout``, or the
   provider's own message when its own limit fired;
+* a load nobody waits for any more (every caller of ``use()`` or ``load()`` left:
+  cancelled, timed out, an HTTP client gone) is dropped before the runtime is asked, and
+  stopped once it was (the provider's load is cancelled and discarded, as a timeout does;
+  every provider's ``load`` allows that), with a :class:`~modelmora.events.LoadAbandoned`
+  event either way;
 * a failed load cools down (``failure_cooldown`` doubling to ``failure_cooldown_max``)
   before the next attempt, unless the caller passes ``retry=True``.
 """
@@ -41,6 +46,7 @@ from ..errors import (
 )
 from ..footprint import Footprint
 from ..oom import out_of_memory
+from ..providers.base import Handle, Provider
 from ..spec import format_duration, format_memory, format_size
 from .admission import Admission
 from .context import Core, Failure, unreachable
@@ -72,6 +78,26 @@ class Loader:
         self.admission = admission
         self.transitions = transitions
         self.reconcile: Callable[[], Awaitable[None]] = _nothing  # set by the manager
+        self._running: dict[Entry, anyio.CancelScope] = {}  # loads the runtime is running now
+
+    def stop_unwanted(self, entry: Entry) -> None:
+        """Stop the runtime's load of ``entry`` where nobody waits for it any more (no
+        holder, no waiter); it ends as :class:`Abandoned`.  A no-op otherwise, and for
+        wakes (a parked model nobody wakes stays parked)."""
+        scope = self._running.get(entry)
+        if scope is not None and entry.leases == 0:
+            scope.cancel()
+
+    async def _stoppable_load(self, provider: Provider, entry: Entry) -> Handle:
+        """``provider.load`` bounded by the model's ``load_timeout``, and stopped by
+        :meth:`stop_unwanted` (Abandoned)."""
+        with anyio.CancelScope() as scope:
+            self._running[entry] = scope
+            try:
+                return await self._bounded(provider.load(entry.spec), entry, "loading")
+            finally:
+                self._running.pop(entry, None)
+        raise Abandoned
 
     # -- load and wake --------------------------------------------------------------------
 
@@ -124,8 +150,10 @@ class Loader:
                         )
                     )
                     try:
-                        handle = await self._bounded(provider.load(entry.spec), entry, "loading")
+                        handle = await self._stoppable_load(provider, entry)
                         break
+                    except Abandoned:
+                        raise
                     except Exception as exc:
                         oom = out_of_memory(exc)
                         if oom is None:
@@ -286,7 +314,8 @@ class Loader:
         if called and entry.state in (State.LOADING, State.WAKING):
             cleaned = await self.transitions.discard(entry)  # still reserved meanwhile
         superseded = isinstance(exc, Superseded)
-        error = None if superseded else self._load_error(entry, exc)
+        abandoned = isinstance(exc, Abandoned)
+        error = None if superseded or abandoned else self._load_error(entry, exc)
         retry_after: float | None = None
         if error is not None and self._cools_down(exc):
             retry_after = self._record_failure(entry.name, error)
@@ -307,7 +336,10 @@ class Loader:
             attempt.again()  # nothing failed: the waiters take the model afresh
         else:
             attempt.failed(error)
-        if error is not None and not isinstance(exc, Abandoned | anyio.get_cancelled_exc_class()):
+        if abandoned:  # a caller that came meanwhile was answered AGAIN: it loads afresh
+            stage = "loading" if called else "admission"
+            core.bus.emit(ev.LoadAbandoned(model=entry.name, provider=entry.provider, stage=stage))
+        if error is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
             core.bus.emit(
                 ev.LoadFailed(
                     model=entry.name, provider=entry.provider, error=str(error), retry_after_s=retry_after
@@ -336,8 +368,6 @@ class Loader:
     def _load_error(self, entry: Entry, exc: BaseException) -> BaseException:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             return ManagerClosed(f"the manager shut down while {entry.name!r} was loading", model=entry.name)
-        if isinstance(exc, Abandoned):
-            return ModelMoraError(f"load of {entry.name!r} abandoned: nobody waits for it", model=entry.name)
         if isinstance(exc, ModelMoraError):
             return exc
         error = LoadFailed(

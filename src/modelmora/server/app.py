@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -13,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import events as ev
 from ..config import ManagerConfig
 from ..core import ModelManager
-from ..errors import ModelMoraError
+from ..errors import InsufficientMemory, ModelMoraError, ModelMoraTimeout
 from ..spec import parse_duration
 from .errors import (
     ERROR_RESPONSES,
@@ -44,6 +46,7 @@ from .errors import (
     resident_or_registered,
 )
 from .hot_path import HotPath
+from .leases import HttpLeases
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
@@ -59,6 +62,23 @@ class LoadRequest(BaseModel):
         None, description="Idle time before unload: '10m' or seconds; -1 = never."
     )
     pin: bool = Field(False, description="Keep it until unpinned or force-unloaded.")
+
+
+class LeaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="The registry model to hold.")
+    holder: str = Field(min_length=1, max_length=200, description="Who holds it: a job, an agent, a user.")
+    reason: str = Field("", max_length=500, description="Why, for whoever it blocks.")
+    ttl: StrictStr | StrictFloat = Field(
+        "1h", description="How long it lasts: '30m' or seconds, at most the server's lease cap."
+    )
+
+
+class ExtendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl: StrictStr | StrictFloat = Field(description="The lease now ends this long from now.")
 
 
 class UnloadRequest(BaseModel):
@@ -143,6 +163,9 @@ def create_app(
     allow_origins: Sequence[str] = (),
     enter_manager: bool = True,
     keys: Sequence[ApiKey] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    max_lease: float = 24 * 3600.0,
+    progress_after: float = 1.0,
 ) -> FastAPI:
     """The ASGI app; it enters the manager for its lifespan (uvicorn runs that).
 
@@ -151,21 +174,44 @@ def create_app(
     :mod:`modelmora.server.security`).  Run it with :func:`server_options` so slow headers
     are cut off too.  ``enter_manager=False``: the caller runs the manager (``modelmora
     serve`` starts it before uvicorn, so startup errors are its own one line).  ``keys``:
-    the API keys (default: the config's ``api_keys``, secrets from the environment)."""
+    the API keys (default: the config's ``api_keys``, secrets from the environment).
+    ``state_dir`` keeps the leases over HTTP across restarts (default
+    ``$MODELMORA_HOME/server``); ``max_lease`` caps their length (seconds);
+    ``progress_after``: seconds a streaming request waits before its stream opens with
+    progress comments."""
     mm = manager if isinstance(manager, ModelManager) else ModelManager(manager)
     if keys is None:
         keys = api_keys(mm.config, os.environ)
     metrics = Metrics(mm)
-    proxy = Proxy(mm, metrics, queue_limit=queue_limit, timeout=proxy_timeout, max_body=max_body)
+    proxy = Proxy(
+        mm, metrics, queue_limit=queue_limit, timeout=proxy_timeout, max_body=max_body,
+        progress_after=progress_after,
+    )  # fmt: skip
+    home = Path(os.environ.get("MODELMORA_HOME") or Path.home() / ".cache" / "modelmora")
+    held = HttpLeases(mm, Path(state_dir) if state_dir is not None else home / "server", max_ttl=max_lease)
+    proxy.leases = held
+
+    @asynccontextmanager
+    async def running() -> AsyncIterator[None]:
+        restored = held.restore()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held.grant_restored, restored)
+            tg.start_soon(held.run)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+                held.close()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             if enter_manager:
-                async with mm:
+                async with mm, running():
                     yield
             else:
-                yield
+                async with running():
+                    yield
         finally:
             await proxy.aclose()
 
@@ -177,11 +223,26 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     app.state.manager = mm
+    app.state.proxy = proxy
+    app.state.leases = held
     streams = app.state.event_streams = EventStreams()
     # the recent lifecycle events, sent first to each new /events client (the status page
     # opened after a load still shows it)
     history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
-    mm.events.subscribe(lambda e: history.append(event_to_dict(e)), leases=False)
+
+    def queue_of(model: str) -> dict[str, Any]:
+        """A model's waiting requests and the state of its load: what ``GET /models/{name}``
+        and each ``/events`` event about it carry (seconds)."""
+        estimate = proxy.loads.estimate(model) if model in mm.config.models else {}
+        return {"waiting": len(proxy.requests.waiting(model)), **estimate}
+
+    def described(event: ev.Event) -> dict[str, Any]:
+        data = event_to_dict(event)
+        if data.get("model"):
+            data["queue"] = queue_of(data["model"])
+        return data
+
+    mm.events.subscribe(lambda e: history.append(described(e)), leases=False)
     # in front of everything FastAPI does: the host check, then CORS preflights, then the
     # guard, then the proxy's hot path (behind every check, in front of FastAPI's own layers)
     front: ASGIApp = HotPath(app.inner, proxy)
@@ -204,7 +265,18 @@ def create_app(
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
-    app.add_exception_handler(ModelMoraError, handle_modelmora_error)
+
+    async def handle_core_error(request: Request, exc: Exception) -> Response:
+        """The core's errors; a load refused or timed out while HTTP leases hold other
+        models names those leases (holder, reason, time left)."""
+        if isinstance(exc, InsufficientMemory | ModelMoraTimeout) and exc.model:
+            named = held.named_in(exc.model)
+            if named:  # a copy: the error may be shared by every waiter of one load
+                exc = copy.copy(exc)
+                exc.message += named
+        return await handle_modelmora_error(request, exc)
+
+    app.add_exception_handler(ModelMoraError, handle_core_error)
     app.add_exception_handler(Exception, handle_internal_error)
 
     @app.get(
@@ -254,6 +326,25 @@ def create_app(
                 }
             )  # fmt: skip
         return out
+
+    @app.get("/models/{name:path}", tags=["models"], operation_id="get_model", responses=_links("/name"))
+    async def model(name: str) -> dict[str, Any]:
+        """One model: its registry row, residency, leases (HTTP ones named), and its queue —
+        requests waiting (with each one's position) and the load under way with its ETA."""
+        spec = mm.config.models[registered(mm, name)]
+        entry = next((e for e in mm.entries() if e.name == name), None)
+        now = held.clock()
+        waiting = proxy.requests.waiting(name)
+        return {
+            "name": name, "provider": spec.provider, "target": spec.target, "group": spec.group,
+            "memory": dict(spec.memory), "state": entry.state.value if entry else "unloaded",
+            "loaded": mm.is_loaded(name), "leases": mm.leases(name),
+            "http_leases": [h.to_dict(now) for h in held.leases.values() if h.model == name],
+            "queue": {
+                **queue_of(name),
+                "requests": [{"id": r.id, "position": proxy.requests.position(r)} for r in waiting],
+            },
+        }  # fmt: skip
 
     @app.get("/status", tags=["models"], operation_id="status", responses=_links("/models/0/name"))
     async def status() -> dict[str, Any]:
@@ -305,7 +396,7 @@ def create_app(
             # a slow reader misses events rather than slowing the manager down; after the
             # server has ended the stream, none are sent
             with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
-                send.send_nowait(event_to_dict(event))
+                send.send_nowait(described(event))
 
         # lease events only for a client that asks for them: built for nobody else
         unsubscribe = mm.events.subscribe(on_event, leases=leases)
@@ -333,6 +424,53 @@ def create_app(
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+
+    def parse_ttl(raw: str | float) -> float:
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise api_error(422, f"ttl: {exc}", "invalid_ttl", param="ttl") from None
+
+    @app.post("/leases", tags=["leases"], operation_id="take_lease")
+    async def take_lease(body: LeaseRequest) -> dict[str, Any]:
+        """Hold a model for a piece of work, as ``manager.use()`` does: loaded if needed,
+        never evicted while held; ends after ``ttl`` unless extended or released.  409/503
+        when its memory cannot be had, naming the leases that hold it."""
+        registered(mm, body.model)
+        lease = await held.take(body.model, body.holder, body.reason, parse_ttl(body.ttl))
+        return lease.to_dict(held.clock())
+
+    @app.get("/leases", tags=["leases"], operation_id="list_leases")
+    async def list_leases() -> list[dict[str, Any]]:
+        now = held.clock()
+        return [h.to_dict(now) for h in held.leases.values()]
+
+    @app.get("/leases/{lease_id}", tags=["leases"], operation_id="get_lease")
+    async def get_lease(lease_id: str) -> dict[str, Any]:
+        return held.get(lease_id).to_dict(held.clock())
+
+    @app.post("/leases/{lease_id}/extend", tags=["leases"], operation_id="extend_lease")
+    async def extend_lease(lease_id: str, body: ExtendRequest) -> dict[str, Any]:
+        return held.extend(lease_id, parse_ttl(body.ttl)).to_dict(held.clock())
+
+    @app.delete("/leases/{lease_id}", tags=["leases"], operation_id="release_lease")
+    async def release_lease(lease_id: str) -> dict[str, Any]:
+        return {**held.release(lease_id).to_dict(held.clock()), "released": True}
+
+    @app.get("/requests", tags=["requests"], operation_id="list_requests")
+    async def list_requests() -> list[dict[str, Any]]:
+        """The proxy's in-flight requests, first come first: model, key, state (``queued``,
+        ``loading``, ``forwarded``), seconds waited, position in its model's queue."""
+        return [proxy.requests.describe(r, proxy.state_of(r)) for r in proxy.requests]
+
+    @app.post("/requests/{request_id}/cancel", tags=["requests"], operation_id="cancel_request")
+    async def cancel_request(request_id: str) -> dict[str, Any]:
+        """A waiting request leaves its queue unanswered (never forwarded); a forwarded one
+        has its answer cut.  404 when no such request is in flight."""
+        found = proxy.requests.cancel(request_id)
+        if found is None:
+            raise api_error(404, f"no request {request_id!r} in flight", "request_not_found")
+        return {"id": request_id, "cancelled": True}
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     async def prometheus() -> Response:

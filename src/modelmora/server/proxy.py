@@ -33,16 +33,22 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr, ValidationError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..core import Lease, ModelManager, State
 from ..errors import ModelMoraError
 from ..providers.base import Handle
 from ..spec import OPENAI_ENDPOINTS, ModelSpec, parse_duration
-from .errors import APIError, api_error, error_body, http_status, registered
+from .errors import APIError, api_error, error_body, http_status, openai_error, registered
 from .metrics import Metrics
+from .progress import LoadClock, progress_line
+from .requests import InFlight, Requests, disconnected, unless
 from .security import API_KEY, ApiKey
 from .upstream import UpstreamError, UpstreamPool
+
+# what a request whose client left (or that was cancelled) is answered: nginx's "client
+# closed request", never seen by the client, but counted and logged
+CLIENT_GONE = 499
 
 
 class _Body(BaseModel):
@@ -120,8 +126,17 @@ class Proxy:
         queue_limit: int,
         timeout: float,
         max_body: int = 1 << 20,
+        progress_after: float = 1.0,
+        progress_every: float = 2.0,
     ):
         self.manager = manager
+        self.requests = Requests()
+        self.loads = LoadClock(manager)
+        # a streaming request that has waited progress_after seconds gets its 200 and an
+        # SSE comment line every progress_every seconds until its model is ready
+        self.progress_after = progress_after
+        self.progress_every = progress_every
+        self.leases: Any = None  # the server's HTTP leases (``X-Modelmora-Lease``), set by the app
         self.metrics = metrics
         self.queue_limit = queue_limit
         self.queue_bytes = queue_limit * max_body
@@ -148,6 +163,7 @@ class Proxy:
         return self._client
 
     async def aclose(self) -> None:
+        self.loads.unsubscribe()
         self.upstream.close()
         if self._client is not None:
             client, self._client = self._client, None
@@ -207,15 +223,7 @@ class Proxy:
         )
         if ready:
             return lease, await lease.__aenter__()
-        if self.queued[name] >= self.queue_limit and not self._load_under_way(name):
-            why = f"{self.queued[name]} requests already wait for {name!r}"
-        elif self.queued_bytes + size > self.queue_bytes:
-            why = f"waiting requests already hold {self.queued_bytes} bytes"
-        else:
-            why = ""
-        if why:
-            self.metrics.count_request(name, 503)
-            raise api_error(503, f"{why}; try again shortly", "queue_full", retry_after=5)
+        self._check_queue(name, size)
         self.queued[name] += 1
         self.queued_bytes += size
         start = time.perf_counter()
@@ -226,6 +234,17 @@ class Proxy:
             self.queued_bytes -= size
             if note is not None:
                 note.waited = time.perf_counter() - start
+
+    def _check_queue(self, name: str, size: int) -> None:
+        """503 + Retry-After when one more waiting request would pass the queue's limits."""
+        if self.queued[name] >= self.queue_limit and not self._load_under_way(name):
+            why = f"{self.queued[name]} requests already wait for {name!r}"
+        elif self.queued_bytes + size > self.queue_bytes:
+            why = f"waiting requests already hold {self.queued_bytes} bytes"
+        else:
+            return
+        self.metrics.count_request(name, 503)
+        raise api_error(503, f"{why}; try again shortly", "queue_full", retry_after=5)
 
     async def routes(self, spec: ModelSpec) -> frozenset[str] | None:
         """The routes below ``/v1/`` the model answers: what the registry declares
@@ -259,6 +278,18 @@ class Proxy:
         self.metrics.count_request(name, 400)
         raise api_error(400, message, "unsupported_endpoint")
 
+    def state_of(self, request: InFlight) -> str:
+        """``queued``, ``loading`` (the load it waits for runs) or ``forwarded``."""
+        if request.phase == "forwarded":
+            return "forwarded"
+        return "loading" if self._load_under_way(request.model) else "queued"
+
+    def progress(self, request: InFlight) -> str:
+        """The SSE comment line a waiting streaming client gets now."""
+        return progress_line(
+            request.model, self.requests.position(request), self.loads.estimate(request.model)
+        )
+
     async def handle(self, request: Request, path: str, body: _Body) -> Response:
         name = body.model
         note: RequestNote | None = request.scope.get(NOTE)
@@ -267,22 +298,60 @@ class Proxy:
         registered(self.manager, name)
         priority, key = self._who(request, name)
         keep_alive = self._keep_alive(body, request.headers.get("x-keep-alive"))
+        lease_id = request.headers.get("x-modelmora-lease")
+        if lease_id is not None and self.leases is not None:
+            self.leases.check(lease_id, name)  # 404 / 409 in one line
         await self._check_route(name, path)
+        size = len(await request.body())
+        ready = self.manager.is_loaded(name) and not self.manager.is_parked(name)
+        inflight = self.requests.add(
+            name, stream=body.stream, key=key.name if key is not None else None, lease=lease_id
+        )
+        if body.stream and not ready:
+            # the queue's limits answer before any byte of the stream
+            self._check_queue(name, size)
+            return _WaitingStream(
+                self, inflight, path, body, request, keep_alive, size, note, priority=priority, key=key
+            )
         try:
-            lease, handle = await self._lease(
-                name, keep_alive, len(await request.body()), note, priority, key
+            got = await unless(
+                lambda: self._lease(name, keep_alive, size, note, priority, key),
+                disconnected(request.receive),
+                inflight.cancelled.wait,
             )
         except ModelMoraError as exc:
+            self.requests.done(inflight)
             self.metrics.count_request(name, http_status(self.manager, exc))
             raise
+        except BaseException:
+            self.requests.done(inflight)
+            raise
+        if got is None:  # the client left, or the request was cancelled: never forwarded
+            self.requests.done(inflight)
+            self.metrics.count_request(name, CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
+        lease, handle = got[0]
+        return await self.serve(inflight, lease, handle, path, body, request)
+
+    async def serve(
+        self, inflight: InFlight, lease: Lease, handle: Handle, path: str, body: _Body, request: Request
+    ) -> Response:
+        """The answer to a request that holds its lease; the lease and the request's record
+        end with the answer."""
+        self.requests.forwarded(inflight)
+
+        def done() -> None:
+            lease.release()
+            self.requests.done(inflight)
+
         try:
             if handle.endpoint is None:
                 response: Response = await self._in_process(handle, path, body)
-                lease.release()
+                done()
                 return response
-            return await self._forward(lease, handle, path, body, request)
+            return await self._forward(inflight, done, handle, path, body, request)
         except BaseException:
-            lease.release()
+            done()
             raise
 
     def _upstream(self, handle: Handle, path: str, body: _Body) -> tuple[str, dict[str, Any]]:
@@ -296,7 +365,13 @@ class Proxy:
         return url, payload
 
     async def _forward(
-        self, lease: Lease, handle: Handle, path: str, body: _Body, request: Request
+        self,
+        inflight: InFlight,
+        done: Callable[[], None],
+        handle: Handle,
+        path: str,
+        body: _Body,
+        request: Request,
     ) -> Response:
         url, payload = self._upstream(handle, path, body)
         # the bytes pass through untouched, so the runtime may compress only as the client can
@@ -315,24 +390,24 @@ class Proxy:
             raise
 
         def close() -> None:
-            reply.release()
-            lease.release()
+            reply.release()  # an answer not read to its end: the runtime's connection is cut
+            done()
 
         async def released_at_end() -> AsyncIterator[bytes]:
             # the lease ends before the last byte goes out: at once when the runtime's answer
             # is complete with this chunk, else before the end of the body is sent
             async for chunk in reply.content.iter_any():
                 if reply.content.at_eof():
-                    lease.release()
+                    done()
                 yield chunk
-            lease.release()
+            done()
 
         content: AsyncIterator[bytes] = released_at_end()
         encoding = next((v for k, v in headers.items() if k.lower() == "content-encoding"), "identity")
         if rename and encoding.lower() == "identity":
             kind = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
             content = renamed(content, body.model, stream=_is_stream(kind))
-        return _LeasedStream(content, close, status_code=reply.status, headers=headers)
+        return _LeasedStream(content, close, inflight.cancelled, status_code=reply.status, headers=headers)
 
     def _unreachable(self, handle: Handle, name: str, exc: BaseException) -> APIError:
         self.metrics.count_request(name, 502)
@@ -557,17 +632,154 @@ def _json(value: Any) -> bytes:
 
 class _LeasedStream(StreamingResponse):
     """Streams the runtime's bytes untouched; closes upstream and releases the lease however
-    the response ends (finished, client gone before the first byte, or mid-stream)."""
+    the response ends (finished, client gone before the first byte, or mid-stream — Starlette
+    cancels the stream when the client disconnects — or cancelled through ``/requests``)."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any):
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], None],
+        cancelled: anyio.Event,
+        **kwargs: Any,
+    ):
         super().__init__(content, **kwargs)
         self._on_close = on_close
+        self._cancelled = cancelled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await unless(
+                lambda: super(_LeasedStream, self).__call__(scope, receive, send), self._cancelled.wait
+            )
         finally:
             self._on_close()  # no await: nothing can cancel it
+
+    async def body_only(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The answer's body after a :class:`_WaitingStream` has sent the status line: the
+        runtime's status is dropped (a stream that opened has said 200)."""
+
+        async def without_start(message: Message) -> None:
+            if message["type"] != "http.response.start":
+                await send(message)
+
+        await self(scope, receive, without_start)
+
+
+class _WaitingStream(Response):
+    """A streaming request whose model is not ready.  Until the request has waited
+    ``progress_after`` seconds it is answered like any other (an error with its status);
+    then the stream opens (200, ``text/event-stream``) and gets an SSE comment line every
+    ``progress_every`` seconds (position in the queue, load progress and ETA: see
+    :mod:`modelmora.server.progress`) until its model is ready, then the runtime's stream;
+    an error after the stream opened is one ``data: {"error": …}`` event, which OpenAI's
+    clients raise as an API error.  A client that leaves, or a cancel through
+    ``/requests``, ends the wait with nothing taken and nothing forwarded."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        inflight: InFlight,
+        path: str,
+        body: _Body,
+        request: Request,
+        keep_alive: float | None,
+        size: int,
+        note: RequestNote | None,
+        *,
+        priority: int | None = None,
+        key: ApiKey | None = None,
+    ):
+        super().__init__(status_code=200)
+        self.proxy, self.inflight, self.path, self.payload = proxy, inflight, path, body
+        self.request, self.keep_alive, self.size, self.note = request, keep_alive, size, note
+        self.priority, self.key = priority, key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        proxy, inflight = self.proxy, self.inflight
+        got: list[tuple[Lease, Handle]] = []
+        failed: list[BaseException] = []
+        ready = anyio.Event()
+        opened = False
+
+        async def wait() -> None:
+            try:
+                got.append(
+                    await proxy._lease(
+                        self.payload.model, self.keep_alive, self.size, self.note, self.priority, self.key
+                    )
+                )
+            except Exception as exc:  # answered below, as the stream stands
+                failed.append(exc)
+            finally:
+                ready.set()
+
+        async def tell() -> None:
+            nonlocal opened
+            with anyio.move_on_after(proxy.progress_after):
+                await ready.wait()
+            while not ready.is_set():
+                if not opened:
+                    headers = [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                    ]
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    opened = True
+                line = proxy.progress(inflight).encode()
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+                with anyio.move_on_after(proxy.progress_every):
+                    await ready.wait()
+
+        async def both() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tell)
+                await wait()
+
+        try:
+            finished = await unless(both, disconnected(receive), inflight.cancelled.wait)
+        except BaseException:
+            proxy.requests.done(inflight)
+            raise
+        if finished is None or not (got or failed):  # the client left, or was cancelled
+            proxy.requests.done(inflight)
+            proxy.metrics.count_request(self.payload.model, CLIENT_GONE)
+            return
+        if failed:
+            proxy.requests.done(inflight)
+            exc = failed[0]
+            if isinstance(exc, ModelMoraError):
+                proxy.metrics.count_request(self.payload.model, http_status(proxy.manager, exc))
+            if not opened:
+                raise exc  # the app's error handlers answer it
+            await send({"type": "http.response.body", "body": _error_event(proxy, exc), "more_body": False})
+            return
+        lease, handle = got[0]
+        response = await proxy.serve(inflight, lease, handle, self.path, self.payload, self.request)
+        if not opened:
+            await response(scope, receive, send)
+        elif isinstance(response, _LeasedStream):
+            await response.body_only(scope, receive, send)
+        else:  # an in-process answer (embeddings): it does not stream
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + bytes(response.body) + b"\n\n",
+                    "more_body": False,
+                }
+            )
+
+
+def _error_event(proxy: Proxy, exc: BaseException) -> bytes:
+    """One ``data:`` event in OpenAI's error shape, ending the stream."""
+    if isinstance(exc, APIError):
+        body: dict[str, object] = error_body(exc)
+    elif isinstance(exc, ModelMoraError):
+        body = openai_error(http_status(proxy.manager, exc), str(exc), type(exc).__name__)
+    else:
+        body = openai_error(
+            500, f"internal error: {type(exc).__name__}: {exc}".splitlines()[0][:500], "internal_error"
+        )
+    return b"data: " + _json(body) + b"\n\n"
 
 
 def router(proxy: Proxy) -> APIRouter:
