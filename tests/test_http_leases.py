@@ -176,3 +176,42 @@ async def test_a_waiting_request_is_listed_and_cancelled(tmp_path: Path) -> None
         assert (await http.post(f"/requests/{listed[0]['id']}/cancel")).status_code == 404
         assert runtime.models == []
         assert [c.outcome for c in faulty.calls if c.op == "load"] == ["cancelled"]
+
+
+async def test_a_load_the_lease_outlasts_is_refused_at_once(tmp_path: Path) -> None:
+    """A 1 h lease holds the memory ``b`` needs; ``b``'s caller may wait 300 s: waiting
+    can only end in a timeout, so it is refused now (409, Retry-After: the lease's time
+    left, the lease named) instead of after 300 s (red: it waited out ``wait_timeout``)."""
+    mm = manager(wait_timeout=300)
+    async with served(mm, tmp_path) as http:
+        taken = await http.post("/leases", json={"model": "a", "holder": "nightly-job", "reason": "eval run", "ttl": "1h"})  # fmt: skip
+        assert taken.status_code == 200
+        with anyio.fail_after(GUARD):  # a guard against the hang, not a timing assert
+            blocked = await http.post("/models/b/load")
+        assert blocked.status_code == 409, blocked.text
+        assert 3500 <= int(blocked.headers["retry-after"]) <= 3600
+        message = blocked.json()["error"]["message"]
+        assert "nightly-job" in message and "'eval run'" in message, message
+        assert mm.is_loaded("a") and not mm.is_loaded("b")
+
+
+async def test_a_load_waits_for_a_lease_that_ends_within_its_wait(tmp_path: Path) -> None:
+    """A lease that ends before the caller's wait bound is waited for, like any ``use()``:
+    released, its model makes room and ``b`` loads."""
+    mm = manager(wait_timeout=300)
+    async with served(mm, tmp_path) as http:
+        taken = (await http.post("/leases", json={"model": "a", "holder": "job", "ttl": 60})).json()
+        waiting = anyio.Event()
+        mm.events.subscribe(lambda e: waiting.set() if isinstance(e, ev.Waiting) and e.model == "b" else None)
+        async with anyio.create_task_group() as tg:
+            answers: list[httpx.Response] = []
+
+            async def load_b() -> None:
+                answers.append(await http.post("/models/b/load"))
+
+            tg.start_soon(load_b)
+            with anyio.fail_after(GUARD):
+                await waiting.wait()
+            assert (await http.delete(f"/leases/{taken['id']}")).status_code == 200
+        assert answers[0].status_code == 200, answers[0].text
+        assert mm.is_loaded("b")

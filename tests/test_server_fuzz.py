@@ -26,6 +26,9 @@ from modelmora.testing.threaded import ThreadedServer  # noqa: E402
 def config(emu: OllamaEmulator) -> dict[str, Any]:
     return {
         "budgets": {"cuda:0": "16GB"},
+        # leases over HTTP hold models for their TTL: a load blocked by one waits at most
+        # this long (a lease held past it refuses the load at once: 409)
+        "wait_timeout": 3,
         "providers": {"simulated": {}, "ollama": {"base_url": emu.url}},
         "models": {
             "llm": {"memory": "8GB", "group": "heavy"},

@@ -10,6 +10,7 @@ from .core import Footprint, Lease, ManagerStatus, ModelManager, ModelStatus, Un
 from .errors import (
     ConfigError,
     HandleClosed,
+    HeldByLeases,
     InsufficientMemory,
     LoadFailed,
     ManagerClosed,
@@ -44,6 +45,7 @@ __all__ = [
     "Footprint",
     "Handle",
     "HandleClosed",
+    "HeldByLeases",
     "InsufficientMemory",
     "Lease",
     "LoadFailed",

@@ -105,6 +105,18 @@ class InsufficientMemory(ModelMoraError):
         self.would_evict = list(would_evict)
 
 
+class HeldByLeases(InsufficientMemory):
+    """Refused at once: the memory it needs is held by leases that say they are held past
+    this load's wait bound (``wait_timeout``): a lease over HTTP with its TTL
+    (:meth:`modelmora.Lease.hold`).  ``held`` describes each (holder, reason, seconds
+    left); ``retry_after``: seconds until the first of them ends."""
+
+    def __init__(self, message: str, *, model: str, held: Iterable[str], retry_after: float):
+        super().__init__(message, model=model)
+        self.held = list(held)
+        self.retry_after = retry_after
+
+
 class HandleClosed(ModelMoraError):
     """The model behind this handle has been unloaded; take a new lease."""
 
@@ -222,6 +234,7 @@ class UnloadFailed(ProviderError):
 __all__ = [
     "ConfigError",
     "HandleClosed",
+    "HeldByLeases",
     "InsufficientMemory",
     "LoadFailed",
     "ManagerClosed",

@@ -104,11 +104,21 @@ class Lease:
     ) -> None:
         self.release()
 
+    def hold(self, who: str, seconds: float) -> None:
+        """Say this granted lease is held ``seconds`` more (a lease over HTTP with a TTL;
+        call again to extend): a load that needs its model's memory and cannot wait that
+        long is refused at once (:class:`~modelmora.errors.HeldByLeases`, naming ``who``)
+        instead of waiting out ``wait_timeout``.  RuntimeError unless granted."""
+        if self._entry is None:
+            raise RuntimeError("hold() needs a granted lease")
+        self._entry.holds[id(self)] = (self._leases.core.clock() + seconds, who)
+
     def release(self) -> None:
         """Give the lease back (what ``__aexit__`` does, without an ``await``, so no
         cancellation can come between); idempotent: a second call does nothing."""
         entry, self._entry = self._entry, None
         if entry is not None:
+            entry.holds.pop(id(self), None)
             self._leases.release(entry, held=self._leases.core.clock() - self._since)
 
 

@@ -115,6 +115,7 @@ class Entry:
         "generation",
         "handle",
         "holders",
+        "holds",
         "keep_alive",
         "key",
         "last_used",
@@ -148,6 +149,8 @@ class Entry:
         self.prior = state
         self.generation = 0
         self.holders = 0  # leases granted
+        # leases that say how long they are held (Lease.hold): id → (until, who), manager clock
+        self.holds: dict[int, tuple[float, str]] = {}
         self.waiters = 0  # callers waiting for it: to load, wake, park, unload, or at its gate
         self.total_leases = 0
         self.last_used = now

@@ -32,6 +32,7 @@ import anyio
 from .. import events as ev
 from ..errors import (
     ConfigError,
+    HeldByLeases,
     InsufficientMemory,
     LoadFailed,
     ManagerClosed,
@@ -523,6 +524,7 @@ class Loader:
                 if isinstance(plan, Refuse):
                     raise self._refusal(entry, plan)
                 why[0] = f"{plan.reason} (held by {core.describe_holders(plan.blockers)})"
+                self._check_held_past(entry, plan, deadline)
                 if plan.blockers != last:
                     core.bus.emit(ev.Waiting(model=entry.name, blockers=plan.blockers, reason=plan.reason))
                     self.admission.unblock(entry, blocked)
@@ -539,6 +541,35 @@ class Loader:
         finally:
             self.admission.unblock(entry, blocked)
             self.admission.leave(entry)
+
+    def _check_held_past(self, entry: Entry, plan: Wait, deadline: float) -> None:
+        """Refuse at once when every model this load waits for is held only by leases that
+        say they are held past its ``deadline`` (:meth:`Lease.hold`): waiting could only
+        end in a timeout."""
+        core = self.core
+        held: list[tuple[float, str]] = []
+        for name in plan.blockers:
+            blocker = core.table.get(name)
+            if (
+                blocker is None
+                or blocker.holders == 0
+                or blocker.waiters
+                or len(blocker.holds) < blocker.holders
+                or min(until for until, _ in blocker.holds.values()) <= deadline
+            ):
+                return  # something may let go in time: wait
+            held.extend(blocker.holds.values())
+        if not held:
+            return
+        now = core.clock()
+        texts = [f"{who}, {format_duration(until - now)} left" for until, who in sorted(held)]
+        raise HeldByLeases(
+            f"cannot load {entry.name!r}: {plan.reason}, and the leases holding that memory are held "
+            f"past this load's {format_duration(core.config.wait_timeout)} wait: {'; '.join(texts)}",
+            model=entry.name,
+            held=texts,
+            retry_after=min(until for until, _ in held) - now,
+        )
 
     def _check_wanted(self, entry: Entry) -> None:
         """Still ours to load or wake: in the table, not being unloaded, and wanted."""

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import events as ev
 from ..config import ManagerConfig
 from ..core import ModelManager
-from ..errors import InsufficientMemory, ModelMoraError, ModelMoraTimeout
+from ..errors import HeldByLeases, InsufficientMemory, ModelMoraError, ModelMoraTimeout
 from ..spec import parse_duration
 from .errors import (
     ERROR_RESPONSES,
@@ -269,7 +269,11 @@ def create_app(
     async def handle_core_error(request: Request, exc: Exception) -> Response:
         """The core's errors; a load refused or timed out while HTTP leases hold other
         models names those leases (holder, reason, time left)."""
-        if isinstance(exc, InsufficientMemory | ModelMoraTimeout) and exc.model:
+        if (
+            isinstance(exc, InsufficientMemory | ModelMoraTimeout)
+            and not isinstance(exc, HeldByLeases)
+            and exc.model
+        ):
             named = held.named_in(exc.model)
             if named:  # a copy: the error may be shared by every waiter of one load
                 exc = copy.copy(exc)

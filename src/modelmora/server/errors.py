@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..core import ModelManager
 from ..errors import (
     ConfigError,
+    HeldByLeases,
     InsufficientMemory,
     ModelInUse,
     ModelMoraError,
@@ -184,7 +185,9 @@ def waiting_cannot_help(manager: ModelManager, exc: InsufficientMemory) -> bool:
 
 def http_status(manager: ModelManager, exc: ModelMoraError) -> int:
     """:func:`status_for`, and 409 for a memory refusal that retrying cannot help."""
-    if isinstance(exc, InsufficientMemory) and waiting_cannot_help(manager, exc):
+    if isinstance(exc, HeldByLeases) or (
+        isinstance(exc, InsufficientMemory) and waiting_cannot_help(manager, exc)
+    ):
         return 409
     return status_for(exc)
 
@@ -205,7 +208,7 @@ async def handle_modelmora_error(request: Request, exc: Exception) -> JSONRespon
             "X-Modelmora-Waiting": str(exc.waiting),
         }
         return JSONResponse(body, status_code=status, headers=headers)
-    if isinstance(exc, RecentlyFailed | ProviderOutage):
+    if isinstance(exc, RecentlyFailed | ProviderOutage | HeldByLeases):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     elif status == 503:
         headers = {"Retry-After": "5"}  # until something else lets go, which nothing predicts

@@ -192,6 +192,7 @@ class HttpLeases:
             lease.release()
             return
         held.lease = lease
+        self._hold(held)
         self._changed.set()
 
     async def take(self, model: str, holder: str, reason: str, ttl: float) -> HttpLease:
@@ -222,9 +223,18 @@ class HttpLeases:
         """The lease now ends ``ttl`` seconds from now (at most the cap)."""
         held = self.get(lease_id)
         held.expires_at = self.clock() + self._ttl(ttl)
+        self._hold(held)
         self._save()
         self._changed.set()
         return held
+
+    def _hold(self, held: HttpLease) -> None:
+        """Tell the core how long ``held`` is held: a load that cannot wait that long for
+        its memory is refused at once, naming it (``HeldByLeases``, a 409)."""
+        if held.lease is not None:
+            now = self.clock()
+            why = f" ({held.reason!r})" if held.reason else ""
+            held.lease.hold(f"lease {held.id} on {held.model} by {held.holder}{why}", held.left(now))
 
     def release(self, lease_id: str) -> HttpLease:
         held = self.get(lease_id)
