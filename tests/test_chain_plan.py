@@ -166,3 +166,18 @@ def test_heuristic_takes_over_past_the_exact_limit_and_stays_valid() -> None:
     assert plan.method == "heuristic"
     check_consistent(plan, sequence, 6 * GB)
     assert plan.load_time <= plan_next_use(sequence, models).load_time
+
+
+def test_past_fourteen_models_costs_still_decide_what_stays() -> None:
+    # the costs-not-distance chain again, then twelve one-off models: fifteen in all, past
+    # where the exact search used to stop; Belady's farthest-next-use evicts 'slow' (a 10 s
+    # reload) where evicting 'fast' twice costs 2 s.  The optimum is 13 + 12 = 25 s.
+    sizes = {"slow": 8, "fast": 8, "mid": 8} | {f"once{i:02d}": 8 for i in range(12)}
+    times = {"slow": 10.0, "fast": 1.0, "mid": 1.0}
+    models = models_of(sizes, times)
+    sequence = ["slow", "fast", "mid", "fast", "slow"] + [f"once{i:02d}" for i in range(12)]
+    optimum = brute_force(sequence, models, 16 * GB)
+    assert optimum == 25.0
+    plan = plan_residency(sequence, models, {"cuda:0": 16 * GB})
+    check_consistent(plan, sequence, 16 * GB)
+    assert plan.load_time <= 1.02 * optimum, plan.describe()[-1]
