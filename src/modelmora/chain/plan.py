@@ -8,7 +8,7 @@ the exact minimum total load time by dynamic programming over resident sets: mod
 only on demand, and when a load needs room the search tries every minimal set of
 evictions.  Keeping more never hurts when evicting is free, so a load that fits evicts
 nothing.  That search is exponential in the number of models (69.6 s for 14 models x 200
-steps), so it gets a quarter of the time budget (default :data:`TIME_BUDGET`, 200 ms) and
+steps), so it gets a tenth of the time budget (default :data:`TIME_BUDGET`, 200 ms) and
 only up to :data:`EXACT_LIMIT` models; past that :mod:`.search` takes over: a widening
 beam search that is exact when it finishes and otherwise returns its best plan so far with
 a Lagrangian lower bound, so the plan says ``method="anytime"`` and how far from the
@@ -200,7 +200,7 @@ def plan_residency(
     distinct = {m for m in sequence if m is not None}
     path = None
     if len(distinct) <= EXACT_LIMIT:
-        path = _exact(sequence, models, fit, start, began + time_budget / 4, stop)
+        path = _exact(sequence, models, fit, start, began + time_budget / 10, stop)
     if path is not None:
         return _eager(
             sequence, models, capacity, path, start, fit if prefetch else None, "exact", None, began

@@ -160,10 +160,10 @@ class _Search:
 
     def check(self) -> None:
         self.ticks += 1
-        if self.ticks % 32 == 0 and (
-            time.monotonic() > self.deadline or (self.stop is not None and self.stop())
-        ):
-            raise _Stopped
+        if self.ticks % 32 == 0:
+            time.sleep(0)  # hand the GIL to the event loop's thread if it is waiting
+            if time.monotonic() > self.deadline or (self.stop is not None and self.stop()):
+                raise _Stopped
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline or (self.stop is not None and self.stop())
