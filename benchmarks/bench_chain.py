@@ -1,12 +1,17 @@
 """Chain residency: the exact plan vs the seeds' rule vs always-unload, and prefetch.
 
-    python benchmarks/bench_chain.py [--random 300] [--scale 0.02] [--seed 7] [--json]
+    python benchmarks/bench_chain.py [--random 300] [--scale 0.02] [--seed 7] [--large 8]
+        [--reference 10] [--json]
 
 Part 1 (modelled, every chain): loads and total switch (load) time of each strategy on
 named scenarios plus ``--random`` random chains with unequal sizes and load times.
 Part 2 (executed): the named scenarios run through the real executor on the simulated
 runtime, whose loads sleep ``load_time x --scale`` seconds and whose steps take a fixed
 time, once per strategy and once with prefetch off: wall time and loads as measured.
+Part 3 (planner): ``--large`` random chains of 14 and 20 models x 200 steps planned with
+the default 200 ms budget in a worker thread while a heartbeat task on the loop ticks
+every 10 ms: wall time, method, proven gap, longest heartbeat interval, and distance to a
+reference plan searched for ``--reference`` seconds (the optimum where that one is exact).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import anyio
 
 from modelmora import ModelManager
 from modelmora.chain import Chain, PlanModel, Step, plan_always_unload, plan_next_use, plan_residency
+from modelmora.chain.plan import ResidencyPlan
 from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
 
@@ -116,6 +122,61 @@ async def executed(
     return {"loads": sim.stats.loads, "wall_s": wall}
 
 
+def large_chain(seed: int, n: int, steps: int) -> tuple[list[str], dict[str, PlanModel], dict[str, int]]:
+    """``n`` models of 1-14 GB with 1-15 s loads, ``steps`` uses skewed towards a few of
+    them, a budget of 1.3-3x the largest model."""
+    rng = random.Random(seed)
+    sizes = {f"m{i:02d}": rng.choice([1, 2, 4, 7, 11, 14]) for i in range(n)}
+    models = {
+        k: PlanModel(k, {"cuda:0": s * GB}, float(rng.choice([1, 2, 4, 8, 15]))) for k, s in sizes.items()
+    }
+    weights = [rng.random() ** 2 + 0.05 for _ in sizes]
+    seq = rng.choices(list(sizes), weights=weights, k=steps)
+    return seq, models, {"cuda:0": int(max(sizes.values()) * rng.choice([1.3, 1.7, 2.2, 3.0]) * GB)}
+
+
+async def planned_beside_heartbeat(
+    seq: list[str], models: dict[str, PlanModel], cap: dict[str, int]
+) -> tuple[ResidencyPlan, float, float, int]:
+    """(plan, wall s, longest heartbeat interval s, ticks) with the planner in a worker thread."""
+    done = anyio.Event()
+    longest, ticks = 0.0, 0
+
+    async def heartbeat() -> None:
+        nonlocal longest, ticks
+        last = time.perf_counter()
+        while not done.is_set():
+            await anyio.sleep(0.01)
+            now = time.perf_counter()
+            longest, ticks, last = max(longest, now - last), ticks + 1, now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(heartbeat)
+        started = time.perf_counter()
+        plan = await anyio.to_thread.run_sync(lambda: plan_residency(seq, models, cap))
+        wall = time.perf_counter() - started
+        done.set()
+    return plan, wall, longest, ticks
+
+
+def planner_figures(count: int, reference_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in (14, 20):
+        rows = []
+        for seed in range(count):
+            seq, models, cap = large_chain(seed, n, 200)
+            plan, wall, longest, ticks = anyio.run(planned_beside_heartbeat, seq, models, cap)
+            ref = plan_residency(seq, models, cap, time_budget=reference_s)
+            rows.append({
+                "seed": seed, "wall_s": wall, "method": plan.method, "gap": plan.gap,
+                "load_s": plan.load_time, "reference_s": ref.load_time, "reference_exact": ref.method == "exact",
+                "above_reference": plan.load_time / ref.load_time - 1 if ref.load_time else 0.0,
+                "longest_tick_s": longest, "ticks": ticks,
+            })  # fmt: skip
+        out[f"{n} models x 200 steps"] = rows
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,6 +185,10 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.02, help="Seconds slept per modelled load second.")
     parser.add_argument("--step", type=float, default=0.05, help="Seconds each step computes.")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--large", type=int, default=8, help="Random 14- and 20-model chains for the planner."
+    )
+    parser.add_argument("--reference", type=float, default=10.0, help="Seconds for each reference plan.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -154,7 +219,11 @@ def main() -> None:
                 "wall_s": statistics.median(walls),
             }
         report["executed"][name] = row
-    report["settings"] = {"scale": args.scale, "step_s": args.step, "random": args.random, "seed": args.seed}
+    report["planner"] = planner_figures(args.large, args.reference)
+    report["settings"] = {
+        "scale": args.scale, "step_s": args.step, "random": args.random, "seed": args.seed,
+        "large": args.large, "reference_s": args.reference,
+    }  # fmt: skip
 
     if args.json:
         print(json.dumps(report, indent=2))
@@ -183,6 +252,18 @@ def main() -> None:
         print(
             f"{name:26} "
             + " ".join(f"{row[c]['loads']:>3} loads {row[c]['wall_s']:>8.3f}s    " for c in cols)
+        )
+
+    print("\nPlanner: 200 ms budget in a worker thread, heartbeat every 10 ms on the loop")
+    print(f"{'chains':24} {'wall max':>9} {'exact':>6} {'proven gap mean/max':>20} "
+          f"{'above reference mean/max':>25} {'ref exact':>9} {'longest tick':>13}")  # fmt: skip
+    for name, rows in report["planner"].items():
+        gaps = [r["gap"] for r in rows if r["method"] == "anytime"] or [0.0]
+        above = [r["above_reference"] for r in rows]
+        print(
+            f"{name:24} {max(r['wall_s'] for r in rows):>8.3f}s {sum(r['method'] == 'exact' for r in rows):>3}/{len(rows):<2} "
+            f"{statistics.mean(gaps):>9.1%} / {max(gaps):>6.1%} {statistics.mean(above):>13.2%} / {max(above):>7.2%} "
+            f"{sum(r['reference_exact'] for r in rows):>6}/{len(rows):<2} {max(r['longest_tick_s'] for r in rows) * 1000:>10.1f} ms"
         )
 
 

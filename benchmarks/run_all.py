@@ -71,7 +71,7 @@ def main() -> None:
             *(["--n", "5000", "--repeat", "3"] if args.quick else []),
         ],
         "ollama": [py, "benchmarks/bench_ollama.py", "--json", *(["--rounds", "10"] if args.quick else [])],
-        "chain": [py, "benchmarks/bench_chain.py", "--json", "--random", "50"],
+        "chain": [py, "benchmarks/bench_chain.py", "--json", "--random", "50", "--large", "3", "--reference", "2"],
         "process": [py, "benchmarks/bench_process.py", "--json", *reps],
         "vllm": [py, "benchmarks/bench_vllm.py", "--json", *reps],
         "torch": [py, "-m", "modelmora.cli", "bench", "--quick", "--json"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -152,7 +153,9 @@ async def test_a_chainbreaker_can_stop_early_or_recover(sim: SimulatedProvider) 
         assert result.ok and result.output == "fallback>B:<simulated B>"
 
 
-async def test_a_chain_that_stops_while_prefetching_leaves_nothing_loading_or_loaded(sim: SimulatedProvider) -> None:
+async def test_a_chain_that_stops_while_prefetching_leaves_nothing_loading_or_loaded(
+    sim: SimulatedProvider,
+) -> None:
     """The prefetch of B is still loading when a chainbreaker stops the chain after A: the
     chain started that load, so it waits for it and unloads B, instead of leaving B to turn
     resident behind its back (a flaky CI failure: it depended on whether B won the race)."""
@@ -161,10 +164,15 @@ async def test_a_chain_that_stops_while_prefetching_leaves_nothing_loading_or_lo
         return True, "enough", output
 
     slow = {"load_time": 0.3}
-    models = {"A": {"memory": "8GB", "load_time": 0.1}, "B": {"memory": "8GB", "load_time": 0.3, "options": slow}}
+    models = {
+        "A": {"memory": "8GB", "load_time": 0.1},
+        "B": {"memory": "8GB", "load_time": 0.3, "options": slow},
+    }
     async with make_manager(sim, models, budgets={"cuda:0": "32GB"}) as mm:
         result = await Chain(
-            [Step("A", call=echo("A")), Step("B", call=echo("B"))], manager=mm, chainbreakers=[stop_after_first]
+            [Step("A", call=echo("A")), Step("B", call=echo("B"))],
+            manager=mm,
+            chainbreakers=[stop_after_first],
         ).run("x")
         assert result.broken_at == 0
         assert [(e.name, e.state.value) for e in mm.entries()] == [] and sim.resident == {}
@@ -298,3 +306,37 @@ async def test_llm_steps_pass_the_preload_options_so_ollama_does_not_reload(
     assert all(c["keep_alive"] > 0 for c in chats)
     assert emu.stats.loads == 1 and emu.stats.reloads == 0
     assert "".join(tokens) and result.steps[0].output == "".join(tokens)
+
+
+async def test_the_planner_searches_off_the_loop_and_stops_when_cancelled(sim: SimulatedProvider) -> None:
+    # 20 models x 200 steps with a 30 s planning budget: a heartbeat on the loop ticks five
+    # times while the search is still running, then cancels it. Were the search on the
+    # loop, the plan would finish (after 30 s) before the first tick.
+    rng = random.Random(1)
+    names = [f"m{i:02d}" for i in range(20)]
+    models = {
+        n: {
+            "memory": f"{rng.choice([1, 2, 4, 7, 11, 14])}GB",
+            "load_time": float(rng.choice([1, 2, 4, 8, 15])),
+        }
+        for n in names
+    }
+    weights = [rng.random() ** 2 + 0.05 for _ in names]
+    steps = [Step(n, call=echo(n)) for n in rng.choices(names, weights=weights, k=200)]
+    ticks, planned = 0, False
+    async with make_manager(sim, models, budgets={"cuda:0": "30GB"}) as mm:
+        chain = Chain(steps, manager=mm, management={"plan_budget": 30})
+
+        async def plan() -> None:
+            nonlocal planned
+            await chain.plan()
+            planned = True
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(plan)
+            while ticks < 5 and not planned:
+                await anyio.sleep(0.01)
+                ticks += 1
+            searching = not planned
+            tg.cancel_scope.cancel()
+    assert ticks == 5 and searching

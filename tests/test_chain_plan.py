@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import math
+import random
+import time
 from collections.abc import Mapping, Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelmora.chain import PlanModel, plan_always_unload, plan_next_use, plan_residency
-from modelmora.chain.plan import ResidencyPlan
+from modelmora.chain.plan import ResidencyPlan, residency_problem
+from modelmora.chain.search import search
 
 GB = 10**9
 
@@ -158,11 +163,122 @@ def test_exact_plan_is_optimal_valid_and_never_worse_than_the_seed_rule(
     check_consistent(plan, sequence, capacity * GB)
 
 
-def test_heuristic_takes_over_past_the_exact_limit_and_stays_valid() -> None:
+def test_the_anytime_search_takes_over_past_the_exact_limit_and_stays_valid() -> None:
     many = {f"m{i}": 1 + i % 4 for i in range(20)}
     sequence = [f"m{(i * 7) % 20}" for i in range(40)]
     models = models_of(many)
     plan = plan_residency(sequence, models, {"cuda:0": 6 * GB})
-    assert plan.method == "heuristic"
+    assert plan.method in ("exact", "anytime")
+    assert plan.lower_bound is not None and plan.lower_bound <= plan.load_time
     check_consistent(plan, sequence, 6 * GB)
     assert plan.load_time <= plan_next_use(sequence, models).load_time
+
+
+def test_past_fourteen_models_costs_still_decide_what_stays() -> None:
+    # the costs-not-distance chain again, then twelve one-off models: fifteen in all, past
+    # where the exact search used to stop; Belady's farthest-next-use evicts 'slow' (a 10 s
+    # reload) where evicting 'fast' twice costs 2 s.  The optimum is 13 + 12 = 25 s.
+    sizes = {"slow": 8, "fast": 8, "mid": 8} | {f"once{i:02d}": 8 for i in range(12)}
+    times = {"slow": 10.0, "fast": 1.0, "mid": 1.0}
+    models = models_of(sizes, times)
+    sequence = ["slow", "fast", "mid", "fast", "slow"] + [f"once{i:02d}" for i in range(12)]
+    optimum = brute_force(sequence, models, 16 * GB)
+    assert optimum == 25.0
+    plan = plan_residency(sequence, models, {"cuda:0": 16 * GB})
+    check_consistent(plan, sequence, 16 * GB)
+    assert plan.load_time <= 1.02 * optimum, plan.describe()[-1]
+
+
+def random_chain(seed: int) -> tuple[list[str], dict[str, PlanModel], dict[str, int]]:
+    """6-11 models of 1-14 GB with 1-15 s loads (some in an exclusive group), 20-40 steps
+    skewed towards a few models, a budget of 1.3-3x the largest model."""
+    rng = random.Random(seed)
+    sizes = {f"m{i:02d}": rng.choice([1, 2, 4, 7, 11, 14]) for i in range(rng.randint(6, 11))}
+    models = {
+        n: PlanModel(
+            n,
+            {"cuda:0": s * GB},
+            float(rng.choice([1, 2, 4, 8, 15])),
+            "heavy" if s >= 11 and rng.random() < 0.3 else None,
+        )
+        for n, s in sizes.items()
+    }
+    weights = [rng.random() ** 2 + 0.05 for _ in sizes]
+    sequence = rng.choices(list(sizes), weights=weights, k=rng.randint(20, 40))
+    budget = int(max(sizes.values()) * rng.choice([1.3, 1.7, 2.2, 3.0]) * GB)
+    return sequence, models, {"cuda:0": budget}
+
+
+def test_the_anytime_search_is_within_two_percent_of_the_optimum_on_random_chains() -> None:
+    # a fixed amount of work (beams of width 1 then 2, no clock), against the exact
+    # dynamic programme on chains small enough for it
+    for seed in range(40):
+        sequence, models, capacity = random_chain(seed)
+        optimum = plan_residency(sequence, models, capacity, time_budget=3600)
+        assert optimum.method == "exact"
+        found = search(residency_problem(sequence, models, capacity), deadline=math.inf, max_width=2)
+        assert found.lower_bound <= optimum.load_time + 1e-9, seed
+        assert found.cost <= 1.02 * optimum.load_time + 1e-9, (seed, found.cost, optimum.load_time)
+        if found.proven:
+            assert abs(found.cost - optimum.load_time) < 1e-9, seed
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sequence=st.lists(names, min_size=1, max_size=9),
+    sizes=st.fixed_dictionaries({n: st.integers(1, 10) for n in "abcde"}),
+    times=st.fixed_dictionaries({n: st.sampled_from([0.5, 1.0, 2.0, 7.0]) for n in "abcde"}),
+    capacity=st.integers(10, 30),
+    width=st.sampled_from([1, 2, None]),
+)
+def test_the_search_bound_never_passes_the_optimum_and_a_proof_is_the_optimum(
+    sequence: list[str], sizes: dict[str, int], times: dict[str, float], capacity: int, width: int | None
+) -> None:
+    models = models_of(sizes, times)
+    optimum = brute_force(sequence, models, capacity * GB)
+    found = search(
+        residency_problem(sequence, models, {"cuda:0": capacity * GB}),
+        deadline=time.monotonic() + 60,
+        max_width=width,
+    )
+    assert found.lower_bound <= optimum + 1e-9 <= found.cost + 2e-9
+    if found.proven or width is None:
+        assert abs(found.cost - optimum) < 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sequence=st.lists(names, min_size=1, max_size=10),
+    sizes=st.fixed_dictionaries({n: st.integers(1, 10) for n in "abcde"}),
+    capacity=st.integers(10, 30),
+)
+def test_a_time_budget_leaves_plans_the_exact_search_finishes_unchanged(
+    sequence: list[str], sizes: dict[str, int], capacity: int
+) -> None:
+    models = models_of(sizes, {"a": 3.0, "b": 1.0, "c": 7.0, "d": 2.0, "e": 0.5})
+    budgeted = plan_residency(sequence, models, {"cuda:0": capacity * GB})
+    unbounded = plan_residency(sequence, models, {"cuda:0": capacity * GB}, time_budget=3600)
+    assert budgeted.method == unbounded.method == "exact"
+    assert budgeted.steps == unbounded.steps
+
+
+def test_an_anytime_plan_says_how_far_from_the_optimum_it_can_be() -> None:
+    models = models_of({"A": 10, "B": 10})
+    plan = plan_residency(["A", "B", "A"], models, {"cuda:0": 15 * GB})
+    assert plan.method_text == "exact" and plan.gap == 0.0
+    anytime = dataclasses.replace(plan, method="anytime", lower_bound=2.9)
+    assert anytime.gap == (3.0 - 2.9) / 2.9
+    assert anytime.method_text == "anytime best-so-far, gap ≤ 3.5 %"
+    assert "anytime best-so-far, gap ≤ 3.5 % plan" in anytime.describe()[-1]
+    assert dataclasses.replace(plan, method="anytime").method_text == "anytime best-so-far, gap unknown"
+
+
+def test_a_bad_time_budget_is_one_clear_error() -> None:
+    models = models_of({"A": 1})
+    for bad in (-1.0, math.inf, math.nan):
+        try:
+            plan_residency(["A"], models, {"cuda:0": GB}, time_budget=bad)
+        except ValueError as exc:
+            assert "time_budget" in str(exc)
+        else:
+            raise AssertionError(f"time_budget={bad} was accepted")

@@ -26,6 +26,7 @@ from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ..config import ManagerConfig
@@ -249,8 +250,10 @@ class Chain:
             initial=[n for n in names if mm.is_loaded(n)],
             max_models=mm.config.max_loaded_models,
             prefetch=self.management.prefetch,
+            time_budget=self.management.plan_budget,
+            stop=functools.partial(_cancelled, anyio.get_cancelled_exc_class()),
         )
-        return await anyio.to_thread.run_sync(plan)  # exact plans are CPU work: off the loop
+        return await anyio.to_thread.run_sync(plan)  # CPU work for up to plan_budget: off the loop
 
     async def plan(self) -> ResidencyPlan:
         """The residency plan for the next run, computed without loading anything (the
@@ -363,6 +366,17 @@ class Chain:
 
     def cleanup_sync(self) -> list[str]:
         return self._call(self.cleanup)
+
+
+def _cancelled(cancelled: type[BaseException]) -> bool:
+    """In the planner's worker thread: whether the task that waits for the plan is cancelled
+    (the search then stops at once instead of running out its budget).  ``cancelled``: the
+    backend's cancellation exception, looked up on the loop (the thread has none)."""
+    try:
+        anyio.from_thread.check_cancelled()
+    except cancelled:
+        return True
+    return False
 
 
 class _Run:

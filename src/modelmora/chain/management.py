@@ -33,6 +33,13 @@ class Management(BaseModel):
         description="Residency plan: the least total load time, the seeds' keep-only-if-the-next-step-"
         "reuses rule, or unload after every step.",
     )
+    plan_budget: Duration = Field(
+        0.2,
+        ge=0,
+        le=3600,
+        description="Seconds the residency planner searches (in a worker thread) before it settles "
+        "for its best plan so far; the plan says whether it is exact or how far from optimal it can be.",
+    )
     verbose: bool = False
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Global config fields for this chain."

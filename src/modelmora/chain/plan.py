@@ -7,8 +7,12 @@ and a 10 s SDXL load with a 2 s one.  Chains are short, so :func:`plan_residency
 the exact minimum total load time by dynamic programming over resident sets: models load
 only on demand, and when a load needs room the search tries every minimal set of
 evictions.  Keeping more never hurts when evicting is free, so a load that fits evicts
-nothing.  Past :data:`EXACT_LIMIT` distinct models (or :data:`STATE_LIMIT` live states)
-it falls back to a cost-aware Belady heuristic and says so in ``method``.
+nothing.  That search is exponential in the number of models (69.6 s for 14 models x 200
+steps), so it gets a tenth of the time budget (default :data:`TIME_BUDGET`, 200 ms) and
+only up to :data:`EXACT_LIMIT` models; past that :mod:`.search` takes over: a widening
+beam search that is exact when it finishes and otherwise returns its best plan so far with
+a Lagrangian lower bound, so the plan says ``method="anytime"`` and how far from the
+optimum it can be at most (:attr:`ResidencyPlan.gap`).
 
 The search works lazily (evict at the moment of need); the plan it returns is eager: a
 model is unloaded right after its last use, or right after a use if the plan would drop
@@ -20,17 +24,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..spec import format_size
+from .search import SearchProblem, search
 
 EXACT_LIMIT = 14
-"""Most distinct models the exact search takes on (each state is a subset of them)."""
+"""Most distinct models the exact dynamic programme takes on (each state is a subset of them)."""
 
 STATE_LIMIT = 50_000
-"""Most resident sets the exact search keeps per step before handing over to the heuristic."""
+"""Most resident sets the exact search keeps per step before handing over to the anytime search."""
+
+TIME_BUDGET = 0.2
+"""Seconds :func:`plan_residency` searches by default before it settles for its best plan."""
+
+Method = Literal["exact", "anytime", "next-use", "always-unload"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +69,31 @@ class ResidencyPlan:
     steps: tuple[PlannedStep, ...]
     models: Mapping[str, PlanModel]
     capacity: Mapping[str, int]
-    method: Literal["exact", "heuristic", "next-use", "always-unload"]
+    method: Method
+    lower_bound: float | None = None  # load seconds no plan can beat (None: not computed)
+    search_s: float = 0.0  # seconds the planner searched
+
+    @property
+    def gap(self) -> float:
+        """How far above the optimum this plan's load time can be at most, as a fraction
+        (0.0 for an exact plan; ``inf`` when no lower bound is known)."""
+        if self.method == "exact":
+            return 0.0
+        if self.lower_bound is None:
+            return math.inf
+        if self.load_time <= self.lower_bound:
+            return 0.0
+        return (self.load_time - self.lower_bound) / self.lower_bound if self.lower_bound > 0 else math.inf
+
+    @property
+    def method_text(self) -> str:
+        """``exact`` or ``anytime best-so-far, gap ≤ 1.3 %`` (the gap rounded up)."""
+        if self.method != "anytime":
+            return self.method
+        gap = self.gap
+        if math.isinf(gap):
+            return "anytime best-so-far, gap unknown"
+        return f"anytime best-so-far, gap ≤ {math.ceil(gap * 1000) / 10:.1f} %"
 
     @property
     def loads(self) -> int:
@@ -94,7 +129,7 @@ class ResidencyPlan:
             tail = f" ({'; '.join(extra)})" if extra else ""
             lines.append(f"{step.index + 1}. {what}: {action}{tail}")
         lines.append(
-            f"{self.loads} loads, {self.load_time:.1f}s of loading, {self.method} plan within {self.capacity_text}"
+            f"{self.loads} loads, {self.load_time:.1f}s of loading, {self.method_text} plan within {self.capacity_text}"
         )
         return lines
 
@@ -114,8 +149,15 @@ class _Fit:
         self.models = models
         self.capacity = capacity
         self.max_models = max_models
+        self._known: dict[frozenset[str], bool] = {}
 
     def __call__(self, names: frozenset[str]) -> bool:
+        known = self._known.get(names)
+        if known is None:
+            known = self._known[names] = self._fits(names)
+        return known
+
+    def _fits(self, names: frozenset[str]) -> bool:
         if self.max_models is not None and len(names) > self.max_models:
             return False
         groups = [self.models[n].group for n in names if self.models[n].group]
@@ -133,12 +175,24 @@ def plan_residency(
     initial: Iterable[str] = (),
     max_models: int | None = None,
     prefetch: bool = True,
+    time_budget: float = TIME_BUDGET,
+    stop: Callable[[], bool] | None = None,
 ) -> ResidencyPlan:
-    """The plan with the least total load time for ``sequence`` (None: a step with no model).
+    """The plan with the least total load time for ``sequence`` (None: a step with no model)
+    that the search finds within ``time_budget`` seconds.
 
-    ``capacity`` is what the chain may use per device; ``initial`` the chain's models that
-    are resident already (free to reuse).
+    ``capacity`` is what the chain may use per device (bytes); ``initial`` the chain's
+    models that are resident already (free to reuse).  ``stop``, polled between search
+    states, ends the search early (e.g. when the caller is cancelled).  The result's
+    ``method`` is ``"exact"`` when the plan is proven optimal, else ``"anytime"`` with
+    ``lower_bound``/``gap`` saying how far from the optimum it can be.  CPU-bound for up
+    to ``time_budget``: run it in a worker thread from async code.  Raises ValueError for
+    a negative or non-finite ``time_budget``.
     """
+    if not math.isfinite(time_budget) or time_budget < 0:
+        raise ValueError(f"time_budget must be a finite number of seconds >= 0, got {time_budget!r}")
+    began = time.monotonic()
+    deadline = began + time_budget
     fit = _Fit(models, capacity, max_models)
     start = frozenset(n for n in initial if n in models and n in set(sequence))
     if not fit(start):
@@ -146,23 +200,81 @@ def plan_residency(
     distinct = {m for m in sequence if m is not None}
     path = None
     if len(distinct) <= EXACT_LIMIT:
-        path = _exact(sequence, models, fit, start)
-    method: Literal["exact", "heuristic"] = "exact"
-    if path is None:
-        path, method = _heuristic(sequence, models, fit, start), "heuristic"
-    return _eager(sequence, models, capacity, path, start, fit if prefetch else None, method)
+        path = _exact(sequence, models, fit, start, began + time_budget / 10, stop)
+    if path is not None:
+        return _eager(
+            sequence, models, capacity, path, start, fit if prefetch else None, "exact", None, began
+        )
+    found = search(
+        residency_problem(sequence, models, capacity, start, max_models), deadline=deadline, stop=stop
+    )
+    method: Method = "exact" if found.proven else "anytime"
+    return _eager(
+        sequence,
+        models,
+        capacity,
+        found.path,
+        start,
+        fit if prefetch else None,
+        method,
+        found.lower_bound,
+        began,
+    )
+
+
+def residency_problem(
+    sequence: Sequence[str | None],
+    models: Mapping[str, PlanModel],
+    capacity: Mapping[str, int],
+    start: frozenset[str] = frozenset(),
+    max_models: int | None = None,
+) -> SearchProblem:
+    """The chain as :func:`.search.search` takes it; ``start`` must fit."""
+    names = {m for m in sequence if m is not None} | start
+    fit = _Fit(models, capacity, max_models)
+    demand = _demand(models, capacity, max_models)
+    return SearchProblem(sequence, {n: models[n].load_time for n in names}, demand, fit, start)
+
+
+def _demand(
+    models: Mapping[str, PlanModel], capacity: Mapping[str, int], max_models: int | None
+) -> dict[str, dict[str, float]]:
+    """Each model's share of every bounded resource: a device's budget, an exclusive group
+    (room for one), the model-count cap.  Feeds the search's lower bound only."""
+    out: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        share: dict[str, float] = {}
+        for device, size in model.memory.items():
+            if device in capacity and size > 0:
+                share[f"device:{device}"] = size / capacity[device] if capacity[device] > 0 else math.inf
+        if model.group:
+            share[f"group:{model.group}"] = 1.0
+        if max_models is not None:
+            share["count"] = 1.0 / max_models if max_models > 0 else math.inf
+        out[name] = share
+    return out
 
 
 def _exact(
-    sequence: Sequence[str | None], models: Mapping[str, PlanModel], fit: _Fit, start: frozenset[str]
+    sequence: Sequence[str | None],
+    models: Mapping[str, PlanModel],
+    fit: _Fit,
+    start: frozenset[str],
+    deadline: float = math.inf,
+    stop: Callable[[], bool] | None = None,
 ) -> list[frozenset[str]] | None:
-    """Lazy resident set during each step on a cheapest path, or None past the state limit."""
+    """Lazy resident set during each step on a cheapest path, or None past the state limit,
+    the ``deadline`` (a :func:`time.monotonic` instant) or ``stop()``."""
     layer: dict[frozenset[str], float] = {start: 0.0}
     parents: list[dict[frozenset[str], frozenset[str]]] = []
+    seen = 0  # states expanded; small chains never look at the clock, so their plans are fixed
     for model in sequence:
         nxt: dict[frozenset[str], float] = {}
         back: dict[frozenset[str], frozenset[str]] = {}
         for state, cost in layer.items():
+            seen += 1
+            if seen > _UNTIMED_STATES and _past(deadline, stop):
+                return None
             if model is None or model in state:
                 options: Iterable[frozenset[str]] = (state,)
                 step_cost = 0.0
@@ -173,7 +285,7 @@ def _exact(
                 total = cost + step_cost
                 if option not in nxt or total < nxt[option]:
                     nxt[option], back[option] = total, state
-        if len(nxt) > STATE_LIMIT:
+        if len(nxt) > STATE_LIMIT or (seen > _UNTIMED_STATES and _past(deadline, stop)):
             return None
         layer = nxt
         parents.append(back)
@@ -183,6 +295,14 @@ def _exact(
         path.append(back[path[-1]])
     path.reverse()
     return path
+
+
+_UNTIMED_STATES = 256
+"""States the exact search expands before it starts checking its deadline."""
+
+
+def _past(deadline: float, stop: Callable[[], bool] | None) -> bool:
+    return time.monotonic() > deadline or (stop is not None and stop())
 
 
 def _admissions(state: frozenset[str], model: str, fit: _Fit) -> list[frozenset[str]]:
@@ -203,32 +323,6 @@ def _admissions(state: frozenset[str], model: str, fit: _Fit) -> list[frozenset[
     return found
 
 
-def _heuristic(
-    sequence: Sequence[str | None], models: Mapping[str, PlanModel], fit: _Fit, start: frozenset[str]
-) -> list[frozenset[str]]:
-    """Belady with costs: evict what is needed farthest ahead, cheap reloads first."""
-    state = set(start)
-    path: list[frozenset[str]] = []
-    for i, model in enumerate(sequence):
-        if model is not None and model not in state:
-            state.add(model)
-            while not fit(frozenset(state)) and len(state) > 1:
-                victim = max(
-                    (n for n in state if n != model),
-                    key=lambda n: (_next_use(sequence, n, i), -models[n].load_time, n),
-                )
-                state.discard(victim)
-        path.append(frozenset(state))
-    return path
-
-
-def _next_use(sequence: Sequence[str | None], name: str, after: int) -> float:
-    for j in range(after + 1, len(sequence)):
-        if sequence[j] == name:
-            return j
-    return math.inf
-
-
 def _eager(
     sequence: Sequence[str | None],
     models: Mapping[str, PlanModel],
@@ -236,7 +330,9 @@ def _eager(
     path: Sequence[frozenset[str]],
     start: frozenset[str],
     fit: _Fit | None,
-    method: Literal["exact", "heuristic"],
+    method: Method,
+    lower_bound: float | None,
+    began: float,
 ) -> ResidencyPlan:
     """Turn a lazy path into unload-as-soon-as-useless steps with prefetch decisions."""
     n = len(sequence)
@@ -278,7 +374,8 @@ def _eager(
             )
         )
         before = carried  # a prefetched model still counts as a load of its own step
-    return ResidencyPlan(tuple(steps), dict(models), dict(capacity), method)
+    plan = ResidencyPlan(tuple(steps), dict(models), dict(capacity), method, lower_bound)
+    return replace(plan, search_s=time.monotonic() - began)
 
 
 def plan_next_use(sequence: Sequence[str | None], models: Mapping[str, PlanModel]) -> ResidencyPlan:
@@ -312,10 +409,13 @@ def plan_always_unload(sequence: Sequence[str | None], models: Mapping[str, Plan
 __all__ = [
     "EXACT_LIMIT",
     "STATE_LIMIT",
+    "TIME_BUDGET",
+    "Method",
     "PlanModel",
     "PlannedStep",
     "ResidencyPlan",
     "plan_always_unload",
     "plan_next_use",
     "plan_residency",
+    "residency_problem",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,7 @@ class ConsoleObserver(ChainObserver):
 
 
 def render_plan(console: Console, plan: ResidencyPlan) -> None:
-    table = Table(title=f"Residency plan ({plan.method})", title_justify="left")
+    table = Table(title=f"Residency plan ({plan.method_text})", title_justify="left")
     for col in ("#", "model", "action", "resident during the step", "prefetch", "unload after"):
         table.add_column(col)
     for s in plan.steps:
@@ -206,6 +207,10 @@ def result_to_dict(result: ChainResult) -> dict[str, Any]:
 def plan_to_dict(plan: ResidencyPlan) -> dict[str, Any]:
     return {
         "method": plan.method,
+        "method_text": plan.method_text,
+        "lower_bound_s": plan.lower_bound,
+        "gap": None if math.isinf(plan.gap) else plan.gap,
+        "search_s": round(plan.search_s, 4),
         "loads": plan.loads,
         "load_time_s": plan.load_time,
         "capacity": dict(plan.capacity),

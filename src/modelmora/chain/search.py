@@ -1,0 +1,482 @@
+"""Anytime residency search: a widening beam search bounded below by a Lagrangian relaxation.
+
+The problem is offline *generalized caching* in the fault model: each gap between two uses
+of a model is an interval, and keeping the model resident through it saves one load of
+that model; at every step the kept intervals plus the step's own model must fit every
+budget.  With unequal sizes this is NP-hard (Bar-Noy, Bar-Yehuda, Freund, Naor, Schieber,
+"A unified approach to approximating resource allocation and scheduling", JACM 48(5),
+2001, which casts it as this interval packing), so the search is *anytime*:
+
+- **Upper bound.** Beam searches over resident sets, step by step, with widths 1, 2, 4, …
+  until the deadline.  A state is a resident set; a load that does not fit tries every
+  minimal eviction (as the exact dynamic programme does), and states are ranked by
+  ``f = g + h``: load seconds so far plus the lower bound below on what is still to come.
+  A run that never trims a layer explored every state the bound could not rule out, so
+  its best plan is optimal.
+- **Lower bound.** Lagrangian relaxation of the per-step capacity constraints (Fisher,
+  "The Lagrangian relaxation method for solving integer programming problems", Management
+  Science 27(1), 1981): with a price ``λ[t][r]`` per step and resource, each interval is
+  kept alone iff its load time exceeds the memory rent over its span, which bounds the
+  seconds any plan can save; the prices come from subgradient optimisation with Polyak
+  steps (Held, Wolfe, Crowder, Mathematical Programming 6, 1974).  A trimmed beam run adds
+  a second bound: no plan beats the smallest ``f`` it trimmed away.
+
+Everything here is pure and synchronous; :func:`search` checks its deadline and ``stop``
+between states so a caller runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+_EPS = 1e-9
+_OPTIONS_PER_WIDTH = 16
+"""Eviction sets one load tries per unit of beam width before the run stops being exhaustive."""
+_PRICE_ROUNDS = 300
+"""Most subgradient steps on the prices."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchProblem:
+    """A chain as the search sees it.
+
+    ``demand[m][r]`` is model ``m``'s share of resource ``r`` (1.0: all of it; a device's
+    bytes over its budget, 1 for an exclusive group of capacity 1, ``1/max_models`` for the
+    model-count cap).  ``fit`` decides whether a set may be resident together and is the
+    authority; ``demand`` only feeds the bound.  ``start``: resident before step 0.
+    """
+
+    sequence: Sequence[str | None]
+    load_time: Mapping[str, float]
+    demand: Mapping[str, Mapping[str, float]]
+    fit: Callable[[frozenset[str]], bool]
+    start: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """``path[t]``: the resident set during step ``t``; ``cost`` its load seconds, and no
+    plan costs less than ``lower_bound``; ``proven``: ``cost`` is the optimum."""
+
+    path: list[frozenset[str]]
+    cost: float
+    lower_bound: float
+    proven: bool
+    widest_beam: int
+
+
+class _Stopped(Exception):
+    pass
+
+
+def path_cost(
+    sequence: Sequence[str | None],
+    load_time: Mapping[str, float],
+    start: frozenset[str],
+    path: Sequence[frozenset[str]],
+) -> float:
+    """Load seconds of a lazy path: a step loads its model when the previous set lacks it."""
+    total, before = 0.0, start
+    for model, now in zip(sequence, path, strict=True):
+        if model is not None and model not in before:
+            total += load_time[model]
+        before = now
+    return total
+
+
+def belady_path(problem: SearchProblem) -> list[frozenset[str]]:
+    """Belady with costs: on a load that does not fit, evict what is needed farthest ahead
+    (cheap reloads first).  Optimal with equal sizes and costs; a start for the search."""
+    seq = problem.sequence
+    state = set(problem.start)
+    nxt = _next_uses(seq)
+    path: list[frozenset[str]] = []
+    for i, model in enumerate(seq):
+        if model is not None and model not in state:
+            state.add(model)
+            while not problem.fit(frozenset(state)) and len(state) > 1:
+                victim = max(
+                    (n for n in state if n != model),
+                    key=lambda n: (nxt[i].get(n, math.inf), -problem.load_time[n], n),
+                )
+                state.discard(victim)
+        path.append(frozenset(state))
+    return path
+
+
+def _next_uses(seq: Sequence[str | None]) -> list[dict[str, int]]:
+    """``out[i][m]``: the first step after ``i`` that uses ``m``."""
+    out: list[dict[str, int]] = [{} for _ in seq]
+    ahead: dict[str, int] = {}
+    for i in range(len(seq) - 1, -1, -1):
+        out[i] = dict(ahead)
+        model = seq[i]
+        if model is not None:
+            ahead[model] = i
+    return out
+
+
+class _Search:
+    def __init__(self, problem: SearchProblem, deadline: float, stop: Callable[[], bool] | None):
+        self.p = problem
+        self.deadline = deadline
+        self.stop = stop
+        self.ticks = 0
+        seq = problem.sequence
+        self.names = sorted({m for m in seq if m is not None} | set(problem.start))
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.cost = [problem.load_time[n] for n in self.names]
+        self.T = len(seq)
+        self.steps = [None if m is None else self.index[m] for m in seq]
+        self.start = self._mask(problem.start)
+        self._fit_cache: dict[int, bool] = {}
+        alive, mask = [0] * (self.T + 1), 0
+        for t in range(self.T - 1, -1, -1):
+            step = self.steps[t]
+            if step is not None:
+                mask |= 1 << step
+            alive[t] = mask
+        self.alive = alive  # models used at step t or later
+        self._bound_tables()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _mask(self, names: frozenset[str]) -> int:
+        return sum(1 << self.index[n] for n in names)
+
+    def _names(self, mask: int) -> frozenset[str]:
+        return frozenset(self.names[i] for i in _bits(mask))
+
+    def fits(self, mask: int) -> bool:
+        known = self._fit_cache.get(mask)
+        if known is None:
+            known = self._fit_cache[mask] = self.p.fit(self._names(mask))
+        return known
+
+    def check(self) -> None:
+        self.ticks += 1
+        if self.ticks % 32 == 0:
+            time.sleep(0)  # hand the GIL to the event loop's thread if it is waiting
+            if time.monotonic() > self.deadline or (self.stop is not None and self.stop()):
+                raise _Stopped
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline or (self.stop is not None and self.stop())
+
+    # -- the Lagrangian bound ---------------------------------------------------------------
+
+    def _bound_tables(self) -> None:
+        """Resources, per-step capacity left by the step's own model, and the intervals.
+
+        Lists are resource-major (``x[r][t]``) so that the bound's inner loops are
+        ``accumulate``/``map`` over whole rows."""
+        p, T, M = self.p, self.T, len(self.names)
+        resources = sorted({r for d in p.demand.values() for r, v in d.items() if v > 0})
+        self.R = R = len(resources)
+        self.dem: list[list[tuple[int, float]]] = [
+            [
+                (r, float(p.demand[n][res]))
+                for r, res in enumerate(resources)
+                if p.demand.get(n, {}).get(res, 0) > 0
+            ]
+            for n in self.names
+        ]
+        # constrained steps: the model fits alone; blocked: it never does (and is planned alone);
+        # a step without a model only ever holds a subset of the set before it
+        self.on = [0.0] * T
+        self.cap = [[0.0] * T for _ in range(R)]
+        blocked = [False] * T
+        for t, step in enumerate(self.steps):
+            if step is None:
+                continue
+            if self.fits(1 << step):
+                self.on[t] = 1.0
+                for r in range(R):
+                    self.cap[r][t] = 1.0
+                for r, d in self.dem[step]:
+                    self.cap[r][t] = 1.0 - d
+            else:
+                blocked[t] = True
+        # bad_prefix[m][i]: steps before i where m cannot stay resident beside the step's model
+        self.bad_prefix: list[list[int]] = []
+        for m in range(M):
+            no_room = [int(b) for b in blocked]
+            for r, d in self.dem[m]:
+                row, limit = self.cap[r], d - _EPS
+                no_room = [
+                    x or int(on > 0 and step != m and c < limit)
+                    for x, on, step, c in zip(no_room, self.on, self.steps, row, strict=True)
+                ]
+            self.bad_prefix.append([0, *itertools.accumulate(no_room)])
+        # intervals (s + 1, e, load seconds, model): keeping the model from step s through
+        # step e saves a load; s = -1 for a model resident before the chain
+        uses: dict[int, list[int]] = {}
+        for t, step in enumerate(self.steps):
+            if step is not None:
+                uses.setdefault(step, []).append(t)
+        items: list[tuple[int, int, float, int]] = []
+        for m, at in uses.items():
+            if self.start >> m & 1:
+                at = [-1, *at]
+            for s, e in itertools.pairwise(at):
+                if self.bad_prefix[m][e] - self.bad_prefix[m][s + 1] == 0:
+                    items.append((s + 1, e, self.cost[m], m))
+        self.items = items
+        costs = [0.0 if step is None else self.cost[step] for step in self.steps]
+        self.base = sum(costs)
+        self.future = [*reversed(list(itertools.accumulate(reversed(costs), initial=0.0)))]
+        self.lam: list[list[float]] = [[0.0] * T for _ in range(R)]
+        self._set_prices(self.lam)
+
+    def _prefix(self, lam: list[list[float]]) -> list[list[float]]:
+        """q[r][i]: the sum of lam[r][t] over t < i."""
+        return [list(itertools.accumulate(row, initial=0.0)) for row in lam]
+
+    def _dual(self, lam: list[list[float]]) -> tuple[float, list[list[float]]]:
+        """The relaxation's bound on seconds saved, and its subgradient."""
+        q = self._prefix(lam)
+        total = sum(sum(map(operator.mul, lam[r], self.cap[r])) for r in range(self.R))
+        diff = [[0.0] * (self.T + 1) for _ in range(self.R)]
+        dem = self.dem
+        for s1, e, cost, m in self.items:
+            dm = dem[m]
+            gain = cost - sum(d * (q[r][e] - q[r][s1]) for r, d in dm)
+            if gain > 0:
+                total += gain
+                for r, d in dm:
+                    diff[r][s1] += d
+                    diff[r][e] -= d
+        grad = [
+            [
+                (c - u) * on
+                for c, u, on in zip(self.cap[r], itertools.accumulate(diff[r]), self.on, strict=False)
+            ]
+            for r in range(self.R)
+        ]
+        return total, grad
+
+    def optimise_prices(self, best_saving: float, until: float) -> float:
+        """Subgradient descent on the prices; returns the lower bound on load seconds."""
+        lam = self.lam
+        best, best_lam = math.inf, lam
+        mu, stall = 2.0, 0
+        for _ in range(_PRICE_ROUNDS):
+            if time.monotonic() > until or (self.stop is not None and self.stop()):
+                break
+            value, grad = self._dual(lam)
+            if value < best - 1e-12:
+                best, best_lam, stall = value, lam, 0
+            else:
+                stall += 1
+                if stall >= 5:
+                    mu, stall = mu / 2, 0
+            if best <= best_saving + _EPS or mu < 1e-3:
+                break
+            norm = sum(
+                g * g
+                for row, grow in zip(lam, grad, strict=True)
+                for a, g in zip(row, grow, strict=True)
+                if a > 0 or g < 0
+            )
+            if norm <= 0:
+                break
+            step = mu * max(value - best_saving, _EPS) / norm
+            lam = [
+                [max(0.0, a - step * g) for a, g in zip(row, grow, strict=True)]
+                for row, grow in zip(lam, grad, strict=True)
+            ]
+        self.lam = best_lam
+        self._set_prices(best_lam)
+        return self.base - best if best < math.inf else 0.0
+
+    def _set_prices(self, lam: list[list[float]]) -> None:
+        """Tables for h(state, i) = ahead[i] - sum of keep[i][m] over m in state, where
+        i = t + 1 for the set resident during step t (i = 0: before the chain)."""
+        T, q = self.T, self._prefix(lam)
+        rent = [0.0] * T
+        for r in range(self.R):
+            rent = [x + a * c for x, a, c in zip(rent, lam[r], self.cap[r], strict=True)]
+        rent_after = [*reversed(list(itertools.accumulate(reversed(rent), initial=0.0)))]
+        # rent of each model's memory: price[m][i] = sum over t < i of its share times lam
+        price = [[0.0] * (T + 1) for _ in self.names]
+        for m, dm in enumerate(self.dem):
+            for r, d in dm:
+                price[m] = [x + d * y for x, y in zip(price[m], q[r], strict=True)]
+        starting = [0.0] * (T + 2)  # relaxed gains of the intervals that start at step i - 1
+        for s1, e, cost, m in self.items:
+            starting[s1] += max(0.0, cost - (price[m][e] - price[m][s1]))
+        # gains of the intervals starting at step i or later
+        gains_after = [*reversed(list(itertools.accumulate(reversed(starting[1:]), initial=0.0)))]
+        self.ahead = [self.future[i] - rent_after[i] - gains_after[i] for i in range(T + 1)]
+        following = [-1] * len(self.names)
+        rows: list[list[float]] = [[]] * (T + 1)
+        for i in range(T, -1, -1):  # following: each model's first use at step i or later
+            s1 = i  # an interval kept from step i - 1 covers steps i .. e - 1
+            row = [0.0] * len(self.names)
+            for m, e in enumerate(following):
+                if e >= 0 and self.bad_prefix[m][e] == self.bad_prefix[m][s1]:
+                    row[m] = max(0.0, self.cost[m] - (price[m][e] - price[m][s1]))
+            rows[i] = row
+            if i > 0:
+                step = self.steps[i - 1]
+                if step is not None:
+                    following[step] = i - 1
+        self.keep = rows
+
+    def h(self, mask: int, i: int) -> float:
+        """Lower bound on the load seconds after step i - 1 with ``mask`` resident during it."""
+        row = self.keep[i]
+        return self.ahead[i] - sum(row[m] for m in _bits(mask))
+
+    # -- the beam ---------------------------------------------------------------------------
+
+    def admissions(self, mask: int, m: int, i: int, limit: int) -> tuple[list[int], bool]:
+        """Resident sets after loading m with a minimal eviction: every one, or (False) the
+        first ``limit`` tried, smallest evictions of the least worth keeping first, plus
+        two greedy ones (by worth, and by worth per share of memory)."""
+        grown = mask | 1 << m
+        if self.fits(grown):
+            return [grown], True
+        if not self.fits(1 << m):
+            return [1 << m], True
+        row = self.keep[i]
+        others = sorted(_bits(mask), key=lambda n: (row[n], n))  # least worth keeping first
+        found: list[int] = []
+        per_share = sorted(others, key=lambda n: (row[n] / (sum(d for _, d in self.dem[n]) or _EPS), n))
+        for order in (others, per_share):
+            option = grown
+            for n in order:
+                if self.fits(option):
+                    break
+                option &= ~(1 << n)
+            for n in reversed(order):  # minimal: give back what is not needed after all
+                if not option >> n & 1 and mask >> n & 1 and self.fits(option | 1 << n):
+                    option |= 1 << n
+            if self.fits(option) and option not in found:
+                found.append(option)
+        tried = 0
+        for size in range(1, len(others) + 1):
+            for evicted in itertools.combinations(others, size):
+                tried += 1
+                if tried > limit:
+                    return found, False
+                option = grown & ~sum(1 << n for n in evicted)
+                if (
+                    self.fits(option)
+                    and option not in found
+                    and not any(option | kept == kept for kept in found)
+                ):
+                    found.append(option)
+        return found, True
+
+    def beam(self, width: int, upper: float) -> tuple[float, list[frozenset[str]] | None, float, bool]:
+        """One beam run of ``width`` states per step, pruning what cannot beat ``upper``:
+        (cost, path or None if nothing beat ``upper``, a lower bound on the optimum, whether
+        the run was exhaustive, i.e. its plan, or ``upper``'s, is optimal)."""
+        layer: dict[int, float] = {self.start: 0.0}
+        parents: list[dict[int, int]] = []
+        trimmed_f, exhaustive = math.inf, True
+        for t, m in enumerate(self.steps):
+            nxt: dict[int, float] = {}
+            back: dict[int, int] = {}
+            score: dict[int, float] = {}
+            for mask, g in layer.items():
+                self.check()
+                here = mask & self.alive[t]
+                if m is None or here >> m & 1:
+                    options, cost = [here], 0.0
+                else:
+                    options, whole = self.admissions(here, m, t + 1, _OPTIONS_PER_WIDTH * width)
+                    cost = self.cost[m]
+                    if not whole:  # the options left out keep no more than everything
+                        exhaustive = False
+                        trimmed_f = min(trimmed_f, g + cost + self.h(here | 1 << m, t + 1))
+                total = g + cost
+                for option in options:
+                    if option in nxt and nxt[option] <= total:
+                        continue
+                    f = total + self.h(option, t + 1)
+                    if f >= upper - _EPS:
+                        continue
+                    nxt[option], back[option], score[option] = total, mask, f
+            if len(nxt) > width:
+                ranked = sorted(nxt, key=lambda k: (score[k], nxt[k]))
+                trimmed_f = min(trimmed_f, score[ranked[width]])
+                exhaustive = False
+                nxt = {k: nxt[k] for k in ranked[:width]}
+            if not nxt:
+                break
+            layer = nxt
+            parents.append(back)
+        bound = min(trimmed_f, upper)
+        if len(parents) < self.T or not layer:
+            return math.inf, None, bound, exhaustive
+        best = min(layer, key=lambda k: (layer[k], k))
+        path = [best]
+        for back in reversed(parents[1:]):
+            path.append(back[path[-1]])
+        path.reverse()
+        found = layer[best]
+        return (
+            found,
+            [self._names(k) for k in path],
+            min(bound, found),
+            exhaustive,
+        )
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def search(
+    problem: SearchProblem,
+    *,
+    deadline: float,
+    stop: Callable[[], bool] | None = None,
+    incumbent: Sequence[frozenset[str]] | None = None,
+    max_width: int | None = None,
+) -> SearchResult:
+    """The cheapest plan found by ``deadline`` (a :func:`time.monotonic` instant) or until
+    ``stop()`` returns True, with a lower bound on the optimum.
+
+    ``incumbent`` (a lazy path) starts the search; without it, :func:`belady_path` does.
+    ``max_width`` caps the widening (a fixed amount of work, for tests and benchmarks).
+    Returns as soon as the plan is proven optimal.  Load seconds throughout.
+    """
+    seq, start = problem.sequence, problem.start
+    best_path = list(incumbent) if incumbent is not None else belady_path(problem)
+    best = path_cost(seq, problem.load_time, start, best_path)
+    s = _Search(problem, deadline, stop)
+    # a fifth of the time for the prices: the bound they give guides the beam as well
+    now = time.monotonic()
+    lower = s.optimise_prices(s.base - best, now + max(0.0, deadline - now) / 5)
+    width, widest, proven = 1, 0, lower >= best - _EPS
+    while not proven and not s.out_of_time() and (max_width is None or width <= max_width):
+        try:
+            found, path, bound, exhaustive = s.beam(width, best)
+        except _Stopped:
+            break
+        widest = width
+        if path is not None and found < best - _EPS:
+            best, best_path = found, path
+        if exhaustive:
+            proven = True
+        else:
+            lower = max(lower, bound)
+        proven = proven or lower >= best - _EPS
+        width *= 2
+    return SearchResult(best_path, best, best if proven else min(lower, best), proven, widest)
+
+
+__all__ = ["SearchProblem", "SearchResult", "belady_path", "path_cost", "search"]
