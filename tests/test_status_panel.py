@@ -118,9 +118,11 @@ def test_load_unload_and_pin_from_the_page(emu: OllamaEmulator) -> None:
             assert "ready" in row(page, "small")
             page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
             page.click("#models tr[data-model='small'] button[data-action=unload]")
+            # Ollama unloads a busy runner once its requests end, as the real one does
             page.wait_for_selector(
-                "#models tr[data-model='small'] .state:text-is('available')", timeout=10_000
+                "#models tr[data-model='small'] .state:text-is('unloading')", timeout=10_000
             )
+        page.wait_for_selector("#models tr[data-model='small'] .state:text-is('available')", timeout=10_000)
         holder.join(30)
         assert len(dialogs) == 2
 
