@@ -84,7 +84,8 @@ let state = {status: null, models: []}, lastGood = null, busy = new Set();
 
 function size(n) { if (n == null) return "-"; const u = ["B","KB","MB","GB","TB"]; let i = 0;
   while (Math.abs(n) >= 1000 && i < u.length - 1) { n /= 1000; i++; } return n.toFixed(i ? 1 : 0) + " " + u[i]; }
-function secs(s) { if (s == null) return "never"; return s < 60 ? s.toFixed(s < 10 ? 1 : 0) + " s" : (s / 60).toFixed(1) + " min"; }
+function secs(s) { if (s == null) return "never"; if (s < 1) return (1000 * s).toFixed(0) + " ms";
+  return s < 60 ? s.toFixed(s < 10 ? 1 : 0) + " s" : (s / 60).toFixed(1) + " min"; }
 function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls;
   if (text != null) e.textContent = text; return e; }
@@ -172,7 +173,8 @@ function renderModels() {
     tr.cells[5].replaceChildren(Object.keys(mem).length
       ? document.createTextNode(Object.entries(mem).map(([d, b]) => d + " " + size(b)).join(", "))
       : el("span", "dim", Object.entries(est).map(([d, b]) => d + " ~" + size(b)).join(", ") || "-"));
-    tr.cells[6].textContent = m ? secs(m.idle_s) + " · " + (m.pinned ? "pinned" : secs(m.expires_in_s)) : "";
+    tr.cells[6].textContent = m && (st === "ready" || st === "sleeping")
+      ? secs(m.idle_s) + " · " + (m.pinned ? "pinned" : secs(m.expires_in_s)) : "";
     const [load, unload, pin] = tr.cells[7].children, inFlight = busy.has(name);
     load.disabled = inFlight || (!!m && st !== "sleeping");
     unload.disabled = inFlight || !m;
