@@ -45,11 +45,11 @@ def test_status_page_shows_models_memory_and_events(
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1000, "height": 800})
         page.goto(f"{server.url}/?token=pagetoken")
-        page.wait_for_selector("text=no models resident")
+        page.wait_for_selector("tr[data-model=qwen] .state:text-is('available')")
         httpx.post(
             f"{server.url}/models/qwen/load", headers={"Authorization": "Bearer pagetoken"}, timeout=30
         )
-        page.wait_for_selector("tr[data-model=qwen]", timeout=10_000)
+        page.wait_for_selector("tr[data-model=qwen] .state:text-is('ready')", timeout=10_000)
         page.wait_for_selector("#events li:has-text('loaded qwen')", timeout=10_000)
         row = page.inner_text("tr[data-model=qwen]")
         assert "ollama" in row and "cuda:0 9.3 GB" in row and "ready" in row.lower()

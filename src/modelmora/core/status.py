@@ -33,6 +33,8 @@ class ModelStatus:
     # only a running manager enforces), None (nothing: expires_in_s is None)
     expires_by: str | None = None
     runtime_expires_in_s: float | None = None  # the runtime's own expiry, where it reports one
+    # of ``leases``, the callers waiting for it (to load, wake, or at its gate) rather than holding it
+    waiting: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -105,6 +107,7 @@ def model_status(core: Core, e: Entry, now: float) -> ModelStatus:
         estimate_error=_error(e),
         expires_by=None if expires is None else by,
         runtime_expires_in_s=runtime,
+        waiting=e.waiters,
     )
 
 

@@ -50,6 +50,7 @@ from .leases import HttpLeases
 from .metrics import Metrics
 from .page import render_page
 from .proxy import Proxy, router
+from .recent import RecentRequests, RequestRecord
 from .security import AUTHORISED, ApiKey, Guard, HostCheck, allowed_hosts, api_keys
 
 HISTORY = 50
@@ -245,7 +246,8 @@ def create_app(
     mm.events.subscribe(lambda e: history.append(described(e)), leases=False)
     # in front of everything FastAPI does: the host check, then CORS preflights, then the
     # guard, then the proxy's hot path (behind every check, in front of FastAPI's own layers)
-    front: ASGIApp = HotPath(app.inner, proxy)
+    recent = app.state.recent_requests = RecentRequests()
+    front: ASGIApp = HotPath(app.inner, proxy, recent)
     front = Guard(
         front,
         token=token,
@@ -383,17 +385,30 @@ def create_app(
         name = resident_or_registered(mm, name)
         return {"model": name, "unloaded": await mm.unload(name, force=body.force)}
 
+    @app.post(
+        "/models/{name:path}/unpin", tags=["models"], operation_id="unpin_model", responses=_links("/model")
+    )
+    async def unpin(name: str) -> dict[str, Any]:
+        """Let a pinned model go again like any other (its keep-alive, eviction); loads
+        nothing.  Pin with ``POST /models/{name}/load {"pin": true}``."""
+        name = resident_or_registered(mm, name)
+        mm.unpin(name)
+        return {"model": name, "pinned": False}
+
     @app.post("/unload-all", tags=["models"])
     async def unload_all(body: UnloadRequest | None = None) -> dict[str, Any]:
         body = body or UnloadRequest()
         return dataclasses.asdict(await mm.unload_all(force=body.force))
 
     @app.get("/events", tags=["server"], response_class=StreamingResponse)
-    async def events(request: Request, leases: bool = False) -> StreamingResponse:
+    async def events(request: Request, leases: bool = False, requests: bool = False) -> StreamingResponse:
         """Server-sent events, one JSON object per lifecycle transition; the recent ones
-        (up to 50, marked ``"history": true``) come first."""
-        send, receive = anyio.create_memory_object_stream[dict[str, Any]](256 + HISTORY)
-        for past in list(history):  # no await before subscribing: nothing falls in between
+        (up to 50, marked ``"history": true``) come first.  ``requests=true`` adds one
+        ``"kind": "Request"`` object per proxied request once it has ended (model, route,
+        status, ``duration_s``, ``waited_s``), the last 100 of them replayed first."""
+        replayed = list(history) + ([r.to_dict() for r in recent] if requests else [])
+        send, receive = anyio.create_memory_object_stream[dict[str, Any]](256 + len(replayed))
+        for past in replayed:  # no await before subscribing: nothing falls in between
             send.send_nowait({**past, "history": True})
 
         def on_event(event: ev.Event) -> None:
@@ -404,6 +419,14 @@ def create_app(
 
         # lease events only for a client that asks for them: built for nobody else
         unsubscribe = mm.events.subscribe(on_event, leases=leases)
+        stop_requests = None
+        if requests:
+
+            def on_request(record: RequestRecord) -> None:
+                with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+                    send.send_nowait(record.to_dict())
+
+            stop_requests = recent.subscribe(on_request)
         streams.add(send)
 
         async def stream() -> AsyncIterator[str]:
@@ -421,6 +444,8 @@ def create_app(
                     yield f"data: {json.dumps(item, default=str)}\n\n"
             finally:
                 unsubscribe()
+                if stop_requests is not None:
+                    stop_requests()
                 streams.senders.discard(send)
                 send.close()
                 receive.close()

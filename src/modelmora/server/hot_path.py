@@ -14,7 +14,8 @@ replayed, so every error keeps one answer and one place that writes it.
 
 Both paths are logged here, one line per proxied request on ``modelmora.requests`` once its
 answer has gone out (method, path, model, status, seconds, and how long it waited for the
-model's load); when that logger is not enabled for INFO the hot path pays one level check.
+model's load), and kept in the server's ring of recent requests
+(:class:`~modelmora.server.recent.RecentRequests`, shown by the status page).
 """
 
 from __future__ import annotations
@@ -25,29 +26,33 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .proxy import NOTE, ROUTES, Proxy, RequestNote
+from .recent import RecentRequests, RequestRecord
 from .security import API_KEY, header
 
 _PATHS = {f"/v1/{route}": route for route in ROUTES}
 log = logging.getLogger("modelmora.requests")
 
 
-def _log(scope: Scope, model: str, status: int, start: float, waited: float | None) -> None:
-    took = time.perf_counter() - start
-    if waited is None:
-        log.info("%s %s %s %s %.3fs", scope["method"], scope["path"], model, status or "-", took)
-    else:
-        log.info(
-            "%s %s %s %s %.3fs (waited %.2fs for its load)",
-            scope["method"], scope["path"], model, status or "-", took, waited,
-        )  # fmt: skip
+def _done(
+    recent: RecentRequests | None, scope: Scope, model: str, status: int, start: float, waited: float | None
+) -> None:
+    """A proxied request has ended: into the ring of recent requests and the request log."""
+    record = RequestRecord(
+        time.time(), scope["method"], scope["path"], model, status, time.perf_counter() - start, waited
+    )
+    if recent is not None:
+        recent.add(record)
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", record.describe())
 
 
 class HotPath:
     """ASGI middleware in front of the app's router; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, proxy: Proxy):
+    def __init__(self, app: ASGIApp, proxy: Proxy, recent: RecentRequests | None = None):
         self.app = app
         self.proxy = proxy
+        self.recent = recent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = _PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -60,8 +65,7 @@ class HotPath:
         ):
             await self.app(scope, receive, send)
             return
-        logged = log.isEnabledFor(logging.INFO)
-        start = time.perf_counter() if logged else 0.0
+        start = time.perf_counter()
         first = await receive()
         answer = None
         if first["type"] == "http.request" and not first.get("more_body", False):
@@ -73,10 +77,7 @@ class HotPath:
                 (header(scope, b"accept-encoding") or b"identity").decode("latin-1"),
             )
         if answer is None:
-            if logged:
-                await self._logged(scope, _replay(first, receive), send, start)
-            else:
-                await self.app(scope, _replay(first, receive), send)
+            await self._noted(scope, _replay(first, receive), send, start)
             return
         try:
             await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
@@ -91,11 +92,10 @@ class HotPath:
             await send({"type": "http.response.body", "body": held, "more_body": False})
         finally:
             answer.close()  # no await: nothing can cancel it
-        if logged:
-            _log(scope, answer.model, answer.status, start, None)
+        _done(self.recent, scope, answer.model, answer.status, start, None)
 
-    async def _logged(self, scope: Scope, receive: Receive, send: Send, start: float) -> None:
-        """The full path, logged: the proxy notes the model and its wait in the scope."""
+    async def _noted(self, scope: Scope, receive: Receive, send: Send, start: float) -> None:
+        """The full path: the proxy notes the model and its wait in the scope."""
         note = scope[NOTE] = RequestNote()
         status = 0
 
@@ -108,7 +108,7 @@ class HotPath:
         try:
             await self.app(scope, receive, sent)
         finally:
-            _log(scope, note.model, status, start, note.waited)
+            _done(self.recent, scope, note.model, status, start, note.waited)
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -648,8 +648,11 @@ def _vector(text: Any) -> list[float]:
 
 
 async def _paced(state: OllamaState, words: list[str]) -> AsyncIterator[str]:
-    """The reply's words, ``state.token_delay`` seconds apart (a checkpoint when 0)."""
+    """The reply's words, ``state.token_delay`` seconds apart (a checkpoint when 0); none
+    while ``state.generation_held`` (the OpenAI routes held like the native ones)."""
     for w in words:
+        while state.generation_held:  # noqa: ASYNC110 - set from the test's thread, not this loop
+            await anyio.sleep(0.01)
         await (anyio.sleep(state.token_delay) if state.token_delay else anyio.lowlevel.checkpoint())
         yield w
 
