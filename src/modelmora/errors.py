@@ -10,6 +10,7 @@ ModelMoraError
 ├── HandleClosed                a handle used after its model was unloaded
 ├── ModelMoraTimeout            waiting for memory, a load or an unload took too long
 ├── ManagerClosed               the manager was used outside its ``async with`` block
+├── LoadDeferred                a background load gave way (it would have evicted or waited)
 └── ProviderError               anything a runtime reported
     ├── ProviderUnavailable     runtime unreachable, not installed, or busy (transient)
     ├── LoadFailed              the runtime could not load the model
@@ -114,6 +115,11 @@ class ManagerClosed(ModelMoraError):
     """The manager is not running: use it inside ``async with ModelManager(...)``."""
 
 
+class LoadDeferred(ModelMoraError):
+    """A background load (``load(background=True)``, the baseline model) gave way: it
+    would have evicted or parked something, or another load or caller was waiting."""
+
+
 class ProviderError(ModelMoraError):
     """A runtime reported a failure."""
 
@@ -177,6 +183,7 @@ __all__ = [
     "ConfigError",
     "HandleClosed",
     "InsufficientMemory",
+    "LoadDeferred",
     "LoadFailed",
     "ManagerClosed",
     "ModelFileError",

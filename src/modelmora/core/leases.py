@@ -122,9 +122,12 @@ class Leases:
         pin: bool = False,
         retry: bool = False,
         on_start: Callable[[], None] | None = None,
+        background: bool = False,
     ) -> tuple[Entry, bool]:
         """A granted lease on ``name``: (its entry, whether this call started its load).
-        ``on_start`` is called when this call starts the load, before waiting for it."""
+        ``on_start`` is called when this call starts the load, before waiting for it.
+        ``background``: a load this call starts gives way (LoadDeferred) rather than
+        evict, park or wait, unless another caller comes to wait for it too."""
         core = self.core
         found = core.table.get(name)
         if found is not None and found.state is State.READY and found.gate is None and core.running:
@@ -133,7 +136,7 @@ class Leases:
             loaded_here = False
         else:
             with anyio.move_on_after(timeout) as scope:
-                entry, loaded_here = await self._slow(name, retry, on_start)
+                entry, loaded_here = await self._slow(name, retry, on_start, background)
             if scope.cancelled_caught:
                 current = core.table.get(name)
                 raise ModelMoraTimeout(
@@ -151,7 +154,9 @@ class Leases:
             core.bus.emit(ev.LeaseAcquired(model=name, leases=entry.holders))
         return entry, loaded_here
 
-    async def _slow(self, name: str, retry: bool, on_start: Callable[[], None] | None) -> tuple[Entry, bool]:
+    async def _slow(
+        self, name: str, retry: bool, on_start: Callable[[], None] | None, background: bool = False
+    ) -> tuple[Entry, bool]:
         core = self.core
         core.check_open()
         spec = core.spec(name)
@@ -164,6 +169,7 @@ class Leases:
                     core.provider(spec.provider)  # fail fast when its runtime is unavailable
                     self.loader.check_backoff(name, retry)
                     entry = core.new_entry(spec)
+                    entry.background = background
                     core.table.add(entry)
                     self.loader.start_load(entry)
                     loaded_here = True

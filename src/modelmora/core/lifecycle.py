@@ -107,6 +107,7 @@ class Entry:
     __slots__ = (
         "_changed",
         "attempt",
+        "background",
         "can_park",
         "claims",
         "died",
@@ -148,6 +149,7 @@ class Entry:
         self.prior = state
         self.generation = 0
         self.holders = 0  # leases granted
+        self.background = False  # a load that gives way: never evicts, parks or waits (baseline)
         self.waiters = 0  # callers waiting for it: to load, wake, park, unload, or at its gate
         self.total_leases = 0
         self.last_used = now
