@@ -31,7 +31,18 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .spec import AUTO, MAX_SIZE, Duration, Interval, ModelSpec, Size, check_name, format_size, parse_size
+from .spec import (
+    AUTO,
+    MAX_SIZE,
+    Duration,
+    Hooks,
+    Interval,
+    ModelSpec,
+    Size,
+    check_name,
+    format_size,
+    parse_size,
+)
 
 ENV_PREFIX = "MODELMORA_"
 NOT_CONFIG = frozenset(
@@ -45,6 +56,10 @@ NOT_CONFIG = frozenset(
         "MODELMORA_SCREENSHOT",  # test and benchmark knobs
         "MODELMORA_LOAD_STRICT",
         "MODELMORA_SOAK_OPS",
+        "MODELMORA_MODEL",  # what a lifecycle hook's command is told (modelmora.hooks)
+        "MODELMORA_EVENT",
+        "MODELMORA_DEVICE",
+        "MODELMORA_PROVIDER",
     }
 )
 """``MODELMORA_*`` variables that are not config overrides."""
@@ -266,6 +281,16 @@ class ManagerConfig(BaseModel):
     outage_cooldown_max: Interval = Field(
         120.0, description="Longest back-off while a runtime stays unreachable."
     )
+    hooks: Hooks = Field(default_factory=Hooks, description="Lifecycle hooks of every model.")
+    hook_timeout: Interval = Field(30.0, description="How long one hook may run before it is killed.")
+    on_startup: list[str] = Field(
+        default_factory=list, description="Models loaded when the manager starts (a failure is logged)."
+    )
+    baseline: str | None = Field(
+        None,
+        description="A model brought back, in the background, whenever it fits without evicting "
+        "anything and nothing else loads or waits.",
+    )
     verbose: bool = False
 
     @model_validator(mode="before")
@@ -368,7 +393,18 @@ class ManagerConfig(BaseModel):
                     raise ValueError(f"api key {name!r}: {_unknown(model, models)}")
         return keys
 
-    @field_validator("default_model")
+    @field_validator("on_startup")
+    @classmethod
+    def _preloads_are_registered(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        models = info.data.get("models")
+        if models is None:
+            return value  # their own error is reported
+        for name in value:
+            if name not in models:
+                raise ValueError(_unknown(name, models))
+        return list(dict.fromkeys(value))
+
+    @field_validator("default_model", "baseline")
     @classmethod
     def _default_is_registered(cls, value: str | None, info: ValidationInfo) -> str | None:
         models = info.data.get("models")

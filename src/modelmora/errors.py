@@ -11,6 +11,7 @@ ModelMoraError
 ├── ModelMoraTimeout            waiting for memory, a load or an unload took too long
 ├── Overloaded                  back-pressure: the model's queue is full or too slow (HTTP 429)
 ├── ManagerClosed               the manager was used outside its ``async with`` block
+├── LoadDeferred                a background load gave way (it would have evicted or waited)
 └── ProviderError               anything a runtime reported
     ├── ProviderUnavailable     runtime unreachable, not installed, or busy (transient)
     │   ├── RuntimeUnreachable  the one runtime all its models share refuses connections
@@ -143,6 +144,11 @@ class ManagerClosed(ModelMoraError):
     """The manager is not running: use it inside ``async with ModelManager(...)``."""
 
 
+class LoadDeferred(ModelMoraError):
+    """A background load (``load(background=True)``, the baseline model) gave way: it
+    would have evicted or parked something, or another load or caller was waiting."""
+
+
 class ProviderError(ModelMoraError):
     """A runtime reported a failure."""
 
@@ -236,6 +242,7 @@ __all__ = [
     "HandleClosed",
     "HeldByLeases",
     "InsufficientMemory",
+    "LoadDeferred",
     "LoadFailed",
     "ManagerClosed",
     "ModelFileError",

@@ -94,6 +94,35 @@ class OutOfMemoryRetry(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HookRan(Event):
+    """A lifecycle hook (``hook``: before_load, after_load, before_unload, after_unload)
+    finished; ``command`` as configured, or the callable's name."""
+
+    hook: str
+    command: str
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HookFailed(Event):
+    """A lifecycle hook failed, exited non-zero or ran past ``hook_timeout`` (and was
+    killed); what it was around went ahead all the same."""
+
+    hook: str
+    command: str
+    error: str
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BaselineWaiting(Event):
+    """The baseline model is out and not brought back yet: ``reason`` (it would evict,
+    something else loads or waits, its load failed).  Sent when the reason changes."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Unloading(Event):
     reason: str
     forced: bool = False
@@ -253,7 +282,7 @@ class LoggingSubscriber:
 
     def __call__(self, event: Event) -> None:
         level = logging.DEBUG if isinstance(event, _QUIET) else self.level
-        if isinstance(event, LoadFailed | Problem):
+        if isinstance(event, LoadFailed | Problem | HookFailed):
             level = logging.WARNING
         if isinstance(event, MemoryPressure):  # loud: memory past what admission was told
             level = logging.ERROR if event.action in ("alarm", "force", "stuck") else logging.WARNING
@@ -306,6 +335,12 @@ def describe(event: Event) -> str:
         case MemoryPressure():
             about = f" ({event.model})" if event.model else ""
             return f"memory watchdog on {event.device}{about}: {event.reason}"
+        case HookRan():
+            return f"{event.hook} hook of {event.model} ran in {event.duration_s:.2f}s ({event.command})"
+        case HookFailed():
+            return f"{event.hook} hook of {event.model} failed ({event.command}): {event.error}"
+        case BaselineWaiting():
+            return f"baseline {event.model} not brought back: {event.reason}"
         case Waiting():
             return f"{event.model} waits for memory held by {', '.join(event.blockers) or '?'}"
         case LeaseAcquired() | LeaseReleased():
@@ -315,9 +350,12 @@ def describe(event: Event) -> str:
 
 __all__ = [
     "Adopted",
+    "BaselineWaiting",
     "Event",
     "EventBus",
     "Evicted",
+    "HookFailed",
+    "HookRan",
     "LeaseAcquired",
     "LeaseReleased",
     "LoadAbandoned",

@@ -222,6 +222,46 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
+HOOK_EVENTS = ("before_load", "after_load", "before_unload", "after_unload")
+"""When a lifecycle hook runs: ``before_*`` are awaited before the runtime is asked,
+``after_*`` start once it has answered and run in the background."""
+
+
+def _check_command(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("a hook command cannot be empty")
+    elif isinstance(value, list) and (
+        not value or not all(isinstance(a, str) for a in value) or not value[0]
+    ):
+        raise ValueError(
+            "a hook command is a string (run by the shell) or a non-empty list of strings (argv)"
+        )
+    return value
+
+
+HookCommand = Annotated[str | list[str], BeforeValidator(_check_command)]
+"""A shell command line (``"docker stop comfy"``) or an argv list (``[curl, -X, POST, ...]``)."""
+
+
+class Hooks(BaseModel):
+    """Commands run around a model's load and unload, with ``MODELMORA_MODEL``,
+    ``MODELMORA_EVENT`` (the field's name) and ``MODELMORA_DEVICE`` in their environment.
+    Each is bounded by ``hook_timeout``; a failure is logged and reported (a
+    :class:`~modelmora.events.HookFailed` event), never fatal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    before_load: HookCommand | None = Field(None, description="Awaited before the runtime loads it.")
+    after_load: HookCommand | None = Field(None, description="Started once it is loaded (background).")
+    before_unload: HookCommand | None = Field(None, description="Awaited before the runtime unloads it.")
+    after_unload: HookCommand | None = Field(None, description="Started once it is unloaded (background).")
+
+    def command(self, event: str) -> str | list[str] | None:
+        value: str | list[str] | None = getattr(self, event)
+        return value
+
+
 class ModelSpec(BaseModel):
     """One model in the registry: where it runs and what it costs to keep resident."""
 
@@ -276,6 +316,7 @@ class ModelSpec(BaseModel):
     max_queue: int | None = Field(
         None, ge=0, description="Requests that may wait for it; one more is refused at once (HTTP 429)."
     )
+    hooks: Hooks | None = Field(None, description="This model's lifecycle hooks (after the global ones).")
     serves: list[str] | None = Field(
         None,
         description="OpenAI endpoints it answers through the proxy: chat, completions, embeddings "
@@ -337,8 +378,11 @@ class ModelSpec(BaseModel):
 __all__ = [
     "AUTO",
     "FOREVER",
+    "HOOK_EVENTS",
     "OPENAI_ENDPOINTS",
     "Duration",
+    "HookCommand",
+    "Hooks",
     "Interval",
     "ModelSpec",
     "Size",

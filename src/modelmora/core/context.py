@@ -25,6 +25,7 @@ from ..errors import (
     UnknownModel,
 )
 from ..footprint import EMPTY, Footprint, total
+from ..hooks import HookRunner
 from ..memory import DeviceMemory, MemoryMonitor
 from ..providers import ProviderRegistry
 from ..providers.base import Provider
@@ -109,6 +110,12 @@ class Core:
         self._transitions_done.set()
         self._changed = anyio.Event()
         self._waiting = 0
+        self.hooks = HookRunner(  # the manager adds the Python hooks it was given
+            global_hooks=config.hooks,
+            timeout=config.hook_timeout,
+            bus=bus,
+            spawn=lambda fn, name: self.spawn(fn, name=name),
+        )
 
     # -- providers and specs --------------------------------------------------------------
 

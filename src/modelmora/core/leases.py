@@ -170,12 +170,15 @@ class Leases:
         priority: int | None = None,
         key: str | None = None,
         weight: float = 1.0,
+        background: bool = False,
     ) -> tuple[Entry, bool]:
         """A granted lease on ``name``: (its entry, whether this call started its load).
         ``on_start`` is called when this call starts the load, before waiting for it.
         ``priority``, ``key`` and ``weight`` rank the caller while it waits
         (:mod:`modelmora.core.scheduling`); :class:`Overloaded` when it may not wait.
-        A load every caller left (cancelled, timed out) is dropped or stopped."""
+        A load every caller left (cancelled, timed out) is dropped or stopped.
+        ``background``: a load this call starts gives way (LoadDeferred) rather than
+        evict, park or wait, unless another caller comes to wait for it too."""
         core = self.core
         found = core.table.get(name)
         if (
@@ -193,7 +196,7 @@ class Leases:
             ticket = self.scheduler.arrive(core.spec(name), priority=priority, key=key, weight=weight)
             try:
                 with anyio.move_on_after(timeout) as scope:
-                    entry, loaded_here = await self._slow(name, retry, on_start, ticket)
+                    entry, loaded_here = await self._slow(name, retry, on_start, ticket, background)
             finally:
                 self.scheduler.leave(ticket)
             if scope.cancelled_caught:
@@ -215,7 +218,12 @@ class Leases:
         return entry, loaded_here
 
     async def _slow(
-        self, name: str, retry: bool, on_start: Callable[[], None] | None, ticket: Ticket
+        self,
+        name: str,
+        retry: bool,
+        on_start: Callable[[], None] | None,
+        ticket: Ticket,
+        background: bool = False,
     ) -> tuple[Entry, bool]:
         core = self.core
         core.check_open()
@@ -230,6 +238,7 @@ class Leases:
                     self.loader.check_outage(spec.provider, name, retry)
                     self.loader.check_backoff(name, retry)
                     entry = core.new_entry(spec)
+                    entry.background = background
                     core.table.add(entry)
                     self.loader.start_load(entry)
                     loaded_here = True

@@ -107,6 +107,7 @@ class Entry:
     __slots__ = (
         "_changed",
         "attempt",
+        "background",
         "can_park",
         "claims",
         "died",
@@ -151,6 +152,7 @@ class Entry:
         self.holders = 0  # leases granted
         # leases that say how long they are held (Lease.hold): id → (until, who), manager clock
         self.holds: dict[int, tuple[float, str]] = {}
+        self.background = False  # a load that gives way: never evicts, parks or waits (baseline)
         self.waiters = 0  # callers waiting for it: to load, wake, park, unload, or at its gate
         self.total_leases = 0
         self.last_used = now

@@ -34,6 +34,7 @@ from ..errors import (
     ConfigError,
     HeldByLeases,
     InsufficientMemory,
+    LoadDeferred,
     LoadFailed,
     ManagerClosed,
     ModelMoraError,
@@ -53,7 +54,7 @@ from .admission import Admission
 from .context import Core, Failure, unreachable
 from .lifecycle import Action, Entry, State
 from .outcome import Attempt
-from .planner import Admit, Refuse, Wait, on_device
+from .planner import Admit, Plan, Refuse, Wait, on_device
 from .transitions import Transitions
 
 log = logging.getLogger("modelmora")
@@ -124,6 +125,8 @@ class Loader:
                 core.lifecycle.apply(entry, Action.REQUEUE)
                 self.transitions.settle(entry)
                 raise Superseded
+            if not waking:
+                await core.hooks.before("before_load", entry.spec)  # bounded; never raises
             started = core.clock()
             called = True
             if waking:
@@ -187,6 +190,7 @@ class Loader:
                 core.provider_up(entry.provider)
                 attempt.ready()  # the same step: the waiters are served now, not after the evictions
                 self.transitions.watch(entry)
+                await core.hooks.after("after_load", entry.spec)
             entry.last_used = core.clock()
             core.monitor.note_usage(core.usage())
         except BaseException as exc:
@@ -340,7 +344,7 @@ class Loader:
         if abandoned:  # a caller that came meanwhile was answered AGAIN: it loads afresh
             stage = "loading" if called else "admission"
             core.bus.emit(ev.LoadAbandoned(model=entry.name, provider=entry.provider, stage=stage))
-        if error is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+        if error is not None and not isinstance(exc, LoadDeferred | anyio.get_cancelled_exc_class()):
             core.bus.emit(
                 ev.LoadFailed(
                     model=entry.name, provider=entry.provider, error=str(error), retry_after_s=retry_after
@@ -362,6 +366,7 @@ class Loader:
             | ConfigError
             | TransientError
             | Abandoned
+            | LoadDeferred
             | ManagerClosed
             | anyio.get_cancelled_exc_class(),
         )
@@ -467,7 +472,8 @@ class Loader:
         reconciled = False
         blocked: list[Entry] = []
         last: tuple[str, ...] | None = None
-        self.admission.arrive(entry)
+        if not entry.background:  # a background load never goes ahead of anyone
+            self.admission.arrive(entry)
         try:
             while True:
                 self._check_wanted(entry)
@@ -482,6 +488,8 @@ class Loader:
                         # memory freed while we held the turn: an admission waiting since
                         # before us takes it first (it was woken, and decides after us)
                         plan = Wait(blockers=(), reason=f"{first.name!r} waits for memory since before")
+                    if entry.background and entry.leases <= 1:
+                        self._give_way(entry, plan)
                     if isinstance(plan, Admit) and not plan.evict and not plan.sleep:
                         if entry.state in (State.QUEUED, State.SLEEPING):
                             self._reserve(entry, plan)
@@ -570,6 +578,20 @@ class Loader:
             held=texts,
             retry_after=min(until for until, _ in held) - now,
         )
+
+    def _give_way(self, entry: Entry, plan: Plan) -> None:
+        """A background load (the baseline model) goes ahead only into free memory with
+        nothing else loading or waiting; otherwise it gives way (LoadDeferred).  Called
+        while holding the admission's turn, so the answer holds until it reserves."""
+        core = self.core
+        if isinstance(plan, Admit) and (plan.evict or plan.sleep):
+            reason = f"would evict {', '.join((*plan.evict, *plan.sleep))}"
+        elif not isinstance(plan, Admit):
+            reason = plan.reason
+        else:
+            reason = core.table.busy(exclude=entry) or ""
+        if reason:
+            raise LoadDeferred(f"background load of {entry.name!r} gave way: {reason}", model=entry.name)
 
     def _check_wanted(self, entry: Entry) -> None:
         """Still ours to load or wake: in the table, not being unloaded, and wanted."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
@@ -25,15 +25,17 @@ import anyio.abc
 
 from .. import events as ev
 from ..config import ManagerConfig
-from ..errors import ModelInUse, UnloadFailed
+from ..errors import ConfigError, ModelInUse, UnloadFailed
 from ..footprint import Footprint, total
 from ..hardware import Hardware, hardware_view
+from ..hooks import HookCallable, check_hooks
 from ..memory import MemoryMonitor, MemoryProbe, ResolvedBudget, check_devices_present, resolve_budget_details
 from ..providers import ProviderRegistry
 from ..providers import registry as default_registry
 from ..providers.base import Handle, Provider
 from ..spec import ModelSpec, format_size
 from .admission import Admission
+from .baseline import Baseline, preload
 from .context import Core
 from .leases import Lease, Leases
 from .lifecycle import STABLE, Entry, State
@@ -55,7 +57,10 @@ class ModelManager:
 
     ``providers`` injects ready provider instances by name (tests, custom runtimes);
     others are built from ``config.providers`` through the provider ``registry``.
-    ``probe`` reads device memory (NVML/torch/psutil by default).
+    ``probe`` reads device memory (NVML/torch/psutil by default).  ``hooks``: Python
+    lifecycle hooks by event (``{"before_load": fn}``, sync or async ``fn(HookContext)``),
+    run after the configured commands (:mod:`modelmora.hooks`); an unknown event is a
+    ConfigError.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class ModelManager:
         probe: MemoryProbe | None = None,
         clock: Callable[[], float] = time.monotonic,
         unload_on_exit: bool = False,
+        hooks: Mapping[str, HookCallable | Sequence[HookCallable]] | None = None,
     ):
         if config is None:
             config = ManagerConfig()
@@ -83,6 +89,10 @@ class ModelManager:
         self._clock = clock
         self._registry = registry or default_registry
         self._injected = dict(providers or {})
+        try:
+            self._hooks = check_hooks(hooks)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._core = Core(config, self.events, self.monitor, clock)
         self._tg: anyio.abc.TaskGroup | None = None
         self._budget_details: dict[str, ResolvedBudget] = {}
@@ -93,6 +103,7 @@ class ModelManager:
         if self._tg is not None:
             raise RuntimeError("this ModelManager is already running")
         core = self._core = Core(self.config, self.events, self.monitor, self._clock)
+        core.hooks.callables = self._hooks
         core.build_providers(self._registry, self._injected)
         scheduler = Scheduler(core)
         admission = Admission(core, scheduler)
@@ -127,6 +138,13 @@ class ModelManager:
             await tg.start(self._reaper.run)
             if self.config.watchdog.enabled:
                 core.spawn(self._watchdog.run, name="modelmora-watchdog", service=True)
+            if self.config.on_startup:
+                names = self.config.on_startup
+                core.spawn(lambda: preload(self._leases, names), name="modelmora-on-startup")
+            if self.config.baseline is not None:
+                baseline = Baseline(core, self._leases, admission, self.config.baseline)
+                self.events.subscribe(baseline.on_event, leases=False)
+                core.spawn(baseline.run, name="modelmora-baseline", service=True)
         except BaseException:
             await self._shutdown()
             raise
@@ -242,14 +260,18 @@ class ModelManager:
         keep_alive: float | None = None,
         retry: bool = False,
         timeout: float | None = None,
+        background: bool = False,
     ) -> Handle:
         """Make ``name`` resident without holding a lease (it stays for its keep-alive, or
         until evicted; ``pin=True`` keeps it until unpinned or force-unloaded).
-        ``retry=True`` skips the cool-down after a recent failure (RecentlyFailed)."""
+        ``retry=True`` skips the cool-down after a recent failure (RecentlyFailed).
+        ``background=True``: a low-priority load that goes ahead only into free memory
+        while nothing else loads or waits, and otherwise raises :class:`LoadDeferred`
+        (it never evicts or parks anything; the ``baseline`` model is loaded so)."""
         spec = self.spec(name)
         leases = self._leases_or_closed()
         entry, _ = await leases.acquire(
-            spec.name, timeout=timeout, keep_alive=keep_alive, pin=pin, retry=retry
+            spec.name, timeout=timeout, keep_alive=keep_alive, pin=pin, retry=retry, background=background
         )
         handle = entry.handle
         leases.release(entry)

@@ -83,6 +83,19 @@ class Table:
         ``deciding``: callers queued at a row's gate behind that admission yield to it."""
         return [resident(e, deciding) for e in self._rows.values() if e is not exclude]
 
+    def busy(self, exclude: Entry | None = None) -> str | None:
+        """What keeps a background load waiting, e.g. ``"'qwen' is loading"``: another
+        row loading or waking, queued for memory, or with callers waiting for it (to load,
+        wake, unload or at its gate); None when the table is quiet."""
+        for e in self._rows.values():
+            if e is exclude:
+                continue
+            if e.state in (State.QUEUED, State.LOADING, State.WAKING):
+                return f"{e.name!r} is {'waiting for memory' if e.state is State.QUEUED else e.state.value}"
+            if e.waiters:
+                return f"callers wait for {e.name!r}"
+        return None
+
     def views(self) -> list[EntryView]:
         return [view(e) for e in self._rows.values()]
 

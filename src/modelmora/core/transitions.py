@@ -75,6 +75,7 @@ class Transitions:
         held = entry.held()
         try:
             with anyio.CancelScope(shield=True), core.transition():
+                await core.hooks.before("before_unload", entry.spec)  # bounded; never raises
                 with anyio.move_on_after(core.config.unload_timeout) as scope:
                     freed = await core.provider(entry.provider).unload(entry.handle) if entry.handle else {}
                 if scope.cancelled_caught:
@@ -107,6 +108,7 @@ class Transitions:
                 forced=forced,
             ),
         )
+        await core.hooks.after("after_unload", entry.spec)
         return Footprint(freed) if freed else held
 
     async def unload(

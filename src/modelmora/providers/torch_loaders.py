@@ -113,6 +113,28 @@ def load_object(name: str, target: str, device: str, options: dict[str, Any]) ->
         ) from exc
 
 
+def infer_once(obj: Any, extras: dict[str, Any], text: str = "hello world") -> bool:
+    """One tiny inference through whatever ``obj`` offers (blocking): a causal LM
+    generates one token, another model with a tokenizer runs a forward pass, a sentence
+    encoder encodes, a callable is called.  False when it offers none of these."""
+    tokenizer = extras.get("tokenizer")
+    if tokenizer is not None and callable(obj):
+        inputs = tokenizer(text, return_tensors="pt")
+        with contextlib.suppress(AttributeError, TypeError):
+            inputs = inputs.to(next(obj.parameters()).device)
+        if hasattr(obj, "generate"):
+            obj.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        else:
+            obj(**inputs)
+    elif hasattr(obj, "encode"):
+        obj.encode([text])
+    elif callable(obj):
+        obj(text)
+    else:
+        return False
+    return True
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 

@@ -5,8 +5,9 @@ parent over a :func:`multiprocessing.Pipe` (``multiprocessing.connection``: its 
 its pickling; nothing hand-rolled).  Every message carries the request's id:
 
 * parent → worker: ``(id, op, *args)`` with ``op`` one of ``"load"`` (name, target,
-  device, options, env), ``"call"`` (method, args, kwargs), ``"sleep"``/``"wake"``
-  (device) or ``"close"``;
+  device, options, env), ``"call"`` (method, args, kwargs), ``"probe"`` (text: one tiny
+  inference, whatever the model is: :func:`~.torch_loaders.infer_once`; answers whether
+  there was one), ``"sleep"``/``"wake"`` (device) or ``"close"``;
 * worker → parent: ``(id, "ok", value)`` or ``(id, "error", type_name, message)``.
 
 The worker answers requests one at a time, in order, and echoes each id; the parent (the
@@ -25,9 +26,10 @@ from typing import Any
 
 def serve(conn: Connection) -> None:
     """The worker's main loop (the target of the forked process)."""
-    from .torch_loaders import cuda_allocated, footprint, load_object, move
+    from .torch_loaders import cuda_allocated, footprint, infer_once, load_object, move
 
     obj: Any = None
+    extras: dict[str, Any] = {}
     loaded = False
     while True:
         try:
@@ -42,13 +44,15 @@ def serve(conn: Connection) -> None:
             if op == "load" and not loaded:
                 name, target, device, options, env = args
                 os.environ.update(env)  # the parent's environment now, not the fork server's
-                obj, _extras = load_object(name, target, device, options)
+                obj, extras = load_object(name, target, device, options)
                 loaded = True
                 reply: Any = {"footprint": footprint(obj), "cuda": cuda_allocated(device)}
             elif op == "call" and loaded:
                 method, call_args, kwargs = args
                 fn = obj if method == "__call__" else getattr(obj, method)
                 reply = fn(*call_args, **kwargs)
+            elif op == "probe" and loaded:
+                reply = infer_once(obj, extras, *args)
             elif op in ("sleep", "wake") and loaded:
                 move(obj, args[0])
                 reply = None
