@@ -55,3 +55,37 @@ def test_a_placed_vllm_container_asks_for_its_gpu_alone() -> None:
         0
     ]
     assert chosen["DeviceIDs"] == ["0", "1"], chosen  # an explicit choice in options stays
+
+
+def shared(provider: str, devices: list[str], **options: object) -> ModelSpec:
+    """A 2-GPU model as admission hands it over: its shares on the chosen devices."""
+    return ModelSpec(
+        name="m", provider=provider, target="m", device=devices[0], devices=devices, gpus=len(devices),
+        memory=dict.fromkeys(devices, 10**9), options=dict(options),
+    )  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_multi_gpu_process_server_sees_all_its_gpus(tmp_path: Path) -> None:
+    command = ["server", "--gpus", "${GPU}", "--port", "${PORT}"]
+    async with ProcessProvider("process", ProcessSettings(state_dir=str(tmp_path))) as provider:
+        spec = shared("process", ["cuda:1", "cuda:3"], command=command)
+        assert provider._env(spec)["CUDA_VISIBLE_DEVICES"] == "1,3"
+        assert provider._command(spec, 8123) == ["server", "--gpus", "1,3", "--port", "8123"]
+
+
+def test_a_multi_gpu_llama_server_sees_all_its_gpus() -> None:
+    from modelmora.providers.llamacpp import LlamaCppProvider
+
+    provider = LlamaCppProvider("llamacpp")
+    assert provider._env(shared("llamacpp", ["cuda:0", "cuda:2"]))["CUDA_VISIBLE_DEVICES"] == "0,2"
+
+
+def test_a_multi_gpu_vllm_container_asks_for_both_gpus_and_splits_the_model() -> None:
+    pytest.importorskip("docker")
+    provider = VLLMProvider("vllm")
+    kwargs = provider._create_kwargs(shared("vllm", ["cuda:2", "cuda:3"], port=8000))
+    request = kwargs["device_requests"][0]
+    assert request["DeviceIDs"] == ["2", "3"], request
+    command = kwargs["command"]
+    assert command[command.index("--tensor-parallel-size") + 1] == "2", command
