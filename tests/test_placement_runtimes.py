@@ -75,10 +75,13 @@ async def test_a_multi_gpu_process_server_sees_all_its_gpus(tmp_path: Path) -> N
 
 
 def test_a_multi_gpu_llama_server_sees_all_its_gpus() -> None:
-    from modelmora.providers.llamacpp import LlamaCppProvider
+    from modelmora.providers.llamacpp import LlamaCppProvider, LlamaCppSettings
 
-    provider = LlamaCppProvider("llamacpp")
-    assert provider._env(shared("llamacpp", ["cuda:0", "cuda:2"]))["CUDA_VISIBLE_DEVICES"] == "0,2"
+    provider = LlamaCppProvider("llamacpp", LlamaCppSettings(binary="/bin/true"))
+    spec = shared("llamacpp", ["cuda:0", "cuda:2"])
+    assert provider._env(spec)["CUDA_VISIBLE_DEVICES"] == "0,2"
+    command = provider._command(spec, 8123)
+    assert command[command.index("--tensor-split") + 1] == "953,953", command  # its shares, MiB
 
 
 def test_a_multi_gpu_vllm_container_asks_for_both_gpus_and_splits_the_model() -> None:
@@ -89,3 +92,20 @@ def test_a_multi_gpu_vllm_container_asks_for_both_gpus_and_splits_the_model() ->
     assert request["DeviceIDs"] == ["2", "3"], request
     command = kwargs["command"]
     assert command[command.index("--tensor-parallel-size") + 1] == "2", command
+
+
+@pytest.mark.anyio
+async def test_vllm_tensor_parallel_size_makes_a_placed_model_need_that_many_gpus() -> None:
+    from modelmora.providers.vllm import VLLMSettings
+
+    provider = VLLMProvider("vllm", VLLMSettings(gpu_total=80 * 10**9))
+    spec = ModelSpec(
+        name="m", provider="vllm", target="m", device="auto",
+        options={"port": 8000, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5},
+    )  # fmt: skip
+    prepared = await provider.prepare(spec)
+    assert prepared.gpus == 2
+    assert prepared.memory == {"auto": 80 * 10**9}  # 40 GB pre-allocated on each of the two
+    # a model on a fixed device keeps it: the user gave the container its GPUs (options.gpus)
+    fixed = spec.model_copy(update={"device": "cuda:0"})
+    assert (await provider.prepare(fixed)).gpus == 1

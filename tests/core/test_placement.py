@@ -329,13 +329,15 @@ def test_explicit_per_device_shares_are_kept_on_their_devices() -> None:
 
 @st.composite
 def shared_machines(draw: st.DrawFn) -> tuple[list[Resident], Candidate, dict[str, int], dict[str, int]]:
-    residents, single, budgets, external = draw(machines())
+    residents, _single, budgets, external = draw(machines())
     # some residents hold shares on several devices too
     for i in range(draw(st.integers(0, 3))):
         devices = draw(st.lists(st.sampled_from(GPUS), min_size=2, max_size=4, unique=True))
         share = draw(st.integers(1, 20)) * GB
         residents.append(
-            Resident(f"s{i}", dict.fromkeys(devices, share), leases=draw(st.sampled_from([0, 0, 1])), load_s=2.0)
+            Resident(
+                f"s{i}", dict.fromkeys(devices, share), leases=draw(st.sampled_from([0, 0, 1])), load_s=2.0
+            )
         )
     gpus = draw(st.integers(1, 4))
     options = tuple(draw(st.lists(st.sampled_from(GPUS), min_size=1, max_size=4, unique=True)))
@@ -356,7 +358,9 @@ def test_multi_device_placements_never_exceed_any_devices_budget(
     if not isinstance(p, Admit):
         return
     # an oracle independent of check_plan: the plan applied, device by device
-    assert len(p.devices) == candidate.gpus == len(set(p.devices)) and set(p.devices) <= set(candidate.options)
+    assert len(p.devices) == candidate.gpus == len(set(p.devices)) and set(p.devices) <= set(
+        candidate.options
+    )
     after = [r for r in residents if r.name not in p.evict]
     share = -(-candidate.memory["auto"] // candidate.gpus)
     used = usage(after)

@@ -286,4 +286,20 @@ class Provider(ABC):
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-__all__ = ["Capabilities", "Handle", "LostListener", "Observed", "Provider", "ProviderSettings", "Tier"]
+def gpu_ids(spec: ModelSpec) -> str:
+    """The CUDA indices a runtime for ``spec`` is started on, as ``CUDA_VISIBLE_DEVICES``
+    and the ``${GPU}`` placeholder take them: ``"1"``, or ``"0,2"`` for a model placed on
+    several GPUs (:attr:`ModelSpec.runs_on`); ``""`` on the CPU."""
+    return ",".join(d.partition(":")[2] for d in spec.runs_on if d.startswith("cuda:"))
+
+
+__all__ = [
+    "Capabilities",
+    "Handle",
+    "LostListener",
+    "Observed",
+    "Provider",
+    "ProviderSettings",
+    "Tier",
+    "gpu_ids",
+]
