@@ -386,3 +386,21 @@ async def test_a_two_gpu_model_loads_its_shares_on_the_chosen_devices() -> None:
         assert where(faulty, "one") == {"cuda:3": 12 * GB}
         note = next(e.note for e in events.of(ev.Loading, "tp"))
         assert "cuda:1" in note and "cuda:2" in note
+
+
+def test_modelmora_plan_previews_a_two_gpu_model_on_two_devices(tmp_path: Any) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from modelmora.cli import app
+
+    config = tmp_path / "modelmora.yaml"
+    config.write_text(
+        "budgets: {cuda:0: 24GB, cuda:1: 16GB, cuda:2: 24GB}\nmodels:\n  tp: {memory: 30GB, gpus: 2}\n"
+    )
+    result = CliRunner().invoke(app, ["plan", "tp", "-c", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    step = json.loads(result.stdout)["steps"][0]
+    assert step["placed"].startswith("cuda:0 + cuda:1: "), step
+    assert step["memory"] == {"cuda:0": 15 * GB, "cuda:1": 15 * GB}

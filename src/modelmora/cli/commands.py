@@ -874,7 +874,15 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
     """Each use of ``sequence`` decided by the admission planner, as the manager decides it
     (LRU among idle models, exclusive groups, the model cap, warm tiers), without loading:
     the steps, then a summary ``{"peak", "budgets", "loads"}``."""
-    from ..core.planner import Admit, Candidate, Resident, on_device, placement_options, plan_admission
+    from ..core.planner import (
+        Admit,
+        Candidate,
+        Resident,
+        on_devices,
+        placement_options,
+        plan_admission,
+        share_of,
+    )
 
     residents: dict[str, Resident] = {}  # in order of last use
     peak: dict[str, int] = {}
@@ -893,7 +901,13 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
             decision = plan_admission(
                 residents.values(),
                 Candidate(
-                    name, memory, spec.group, key=key, unknown=() if memory else (device,), options=options
+                    name,
+                    memory,
+                    spec.group,
+                    key=key,
+                    unknown=() if memory else (device,),
+                    options=options,
+                    gpus=spec.gpus if options else 1,
                 ),
                 budgets,
                 max_loaded=cfg.max_loaded_models,
@@ -901,8 +915,9 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
             if not isinstance(decision, Admit):
                 fail(f"step {i}: {name}: {decision.reason}")
             if decision.device is not None:
-                memory = on_device(memory, decision.device)
-                placed = f"{decision.device}: {decision.placement}"
+                chosen = decision.devices or (decision.device,)
+                memory = on_devices(share_of(memory, options, spec.gpus), chosen)
+                placed = f"{' + '.join(chosen)}: {decision.placement}"
             for gone in decision.sleep:
                 residents[gone] = residents[gone].parked()
             for gone in decision.evict:
