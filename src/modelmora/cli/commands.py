@@ -397,7 +397,7 @@ def render_status(status: dict[str, Any], *, direct: bool = False) -> None:
             "[dim]GPU memory is not observed on this machine (no NVML): budgets come from the config.[/]"
         )
     models = Table(title="Resident models", title_justify="left")
-    for col in ("model", "provider", "state", "leases", "memory", "idle", "expires in", "flags"):
+    for col in ("model", "provider", "state", "device", "leases", "memory", "idle", "expires in", "flags"):
         models.add_column(col)
     for m in status["models"]:
         flags = ", ".join(f for f, on in (("pinned", m["pinned"]), ("adopted", not m["owned"])) if on)
@@ -405,6 +405,7 @@ def render_status(status: dict[str, Any], *, direct: bool = False) -> None:
             m["name"],
             m["provider"],
             m["state"],
+            " + ".join(m.get("devices") or []) or "-",
             str(m["leases"]),
             format_memory(m["memory"]),
             format_duration(m["idle_s"]),
@@ -414,6 +415,9 @@ def render_status(status: dict[str, Any], *, direct: bool = False) -> None:
     problems: dict[str, str] = status.get("problems") or {}
     if status["models"]:
         out.print(models)
+        for m in status["models"]:  # why each placed model is where it is (device: auto, Ollama)
+            if m.get("placement"):
+                out.print(f"  [dim]{escape(m['name'])}: {escape(m['placement'])}[/]", soft_wrap=True)
     elif problems:
         out.print("No models known: a runtime could not be asked (see the problems below).")
     else:

@@ -119,6 +119,7 @@ class Loader:
                             provider=entry.provider,
                             estimate=entry.estimate.as_dict(),
                             device=entry.spec.device,
+                            devices=list(entry.spec.runs_on),
                             note="; ".join(n for n in (entry.placement, self._unknown_note(entry)) if n),
                         )
                     )

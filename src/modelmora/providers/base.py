@@ -63,6 +63,9 @@ class Handle:
     kind: str | None = None  # in-process loader kind ("transformers", "diffusers", ...)
     extras: dict[str, Any] = field(default_factory=dict)  # companions: tokenizer, processor
     pid: int | None = None  # the server or worker process, where there is one
+    # where a runtime that places models itself put this one, and how that is known
+    # (Ollama: its runner's NVML per-process bytes); empty when modelmora chose the device
+    placement: str = ""
     runtime: Any = field(default=None, repr=False)
     _obj: Any = field(default=None, repr=False)
     _closed: bool = field(default=False, repr=False)

@@ -25,7 +25,7 @@ PAGE = """<!doctype html>
 <table id="devices"><thead><tr><th>device</th><th>used by models</th><th>budget</th><th>peak</th></tr></thead><tbody></tbody></table>
 <canvas id="chart" width="900" height="220"></canvas>
 <h2>Resident models</h2>
-<table id="models"><thead><tr><th>model</th><th>provider</th><th>state</th><th>leases</th><th>memory</th><th>idle</th><th>expires in</th></tr></thead><tbody></tbody></table>
+<table id="models"><thead><tr><th>model</th><th>provider</th><th>state</th><th>device</th><th>leases</th><th>memory</th><th>idle</th><th>expires in</th></tr></thead><tbody></tbody></table>
 <h2>Recent events</h2><ul id="events"></ul>
 <script>
 const token = new URLSearchParams(location.search).get("token");
@@ -65,9 +65,12 @@ async function poll() {{
     }}
     const mt = document.querySelector("#models tbody"); mt.innerHTML = "";
     for (const m of s.models) {{ const tr = mt.insertRow(); tr.dataset.model = m.name;
-      [m.name, m.provider, m.state, String(m.leases), Object.entries(m.memory).map(([d, b]) => d + " " + size(b)).join(", ") || "-",
-       secs(m.idle_s), secs(m.expires_in_s)].forEach(v => cell(tr, v)); }}
-    if (!s.models.length) {{ const tr = mt.insertRow(); const td = cell(tr, "no models resident"); td.colSpan = 7; td.className = "dim"; }}
+      [m.name, m.provider, m.state, (m.devices || []).join(" + ") || "-", String(m.leases),
+       Object.entries(m.memory).map(([d, b]) => d + " " + size(b)).join(", ") || "-",
+       secs(m.idle_s), secs(m.expires_in_s)].forEach(v => cell(tr, v));
+      if (m.placement) {{ const why = document.createElement("div"); why.className = "dim why";  // why it is there
+        why.textContent = m.placement; tr.children[3].appendChild(why); tr.children[3].title = m.placement; }} }}
+    if (!s.models.length) {{ const tr = mt.insertRow(); const td = cell(tr, "no models resident"); td.colSpan = 8; td.className = "dim"; }}
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     draw();
   }} catch (e) {{ document.getElementById("updated").textContent = "cannot reach the server: " + e; }}
