@@ -109,3 +109,21 @@ async def test_vllm_tensor_parallel_size_makes_a_placed_model_need_that_many_gpu
     # a model on a fixed device keeps it: the user gave the container its GPUs (options.gpus)
     fixed = spec.model_copy(update={"device": "cuda:0"})
     assert (await provider.prepare(fixed)).gpus == 1
+
+
+@pytest.mark.anyio
+async def test_a_torch_model_with_device_auto_is_estimated_for_an_accelerator() -> None:
+    """Its safetensors estimate must be the accelerator share placement moves to the chosen
+    GPU; keyed ``cpu`` it stayed host memory, so a GPU it filled was counted as empty."""
+    pytest.importorskip("torch", reason="the torch extra is not installed (pip install 'modelmora[torch]')")
+    from modelmora.core.planner import on_device
+    from modelmora.providers.torch import TorchProvider
+    from modelmora.testing.models import minilm_path
+
+    spec = ModelSpec(
+        name="m", provider="torch", target=str(minilm_path()), device="auto",
+        options={"kind": "sentence-transformers"},
+    )  # fmt: skip
+    prepared = await TorchProvider().prepare(spec)
+    assert prepared.memory and "cpu" not in prepared.memory, prepared.memory
+    assert set(on_device(prepared.memory, "cuda:1")) == {"cuda:1"}
