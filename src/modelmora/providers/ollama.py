@@ -459,7 +459,7 @@ class OllamaProvider(Provider):
         self._abandoned.pop(key, None)
         self._targets[key] = spec.target
         locator = self.locator
-        before = set(await anyio.to_thread.run_sync(locator.runners)) if locator is not None else set()
+        before = await self._runners(locator)
         try:
             await self.request("POST", path, model=spec.name, json=body, timeout=None)
             seen = await self._find(spec.target)
@@ -548,6 +548,16 @@ class OllamaProvider(Provider):
         if self._held.get(key) is handle:
             del self._held[key]
             self._landed.pop(key, None)
+
+    async def _runners(self, locator: RunnerLocator | None) -> set[int]:
+        """The runner pids before a load (a reading, never a reason to fail it)."""
+        if locator is None:
+            return set()
+        try:
+            return set(await anyio.to_thread.run_sync(locator.runners))
+        except Exception as exc:
+            log.warning("could not list Ollama's runners: %s", exc)
+            return set()
 
     async def _locate(self, spec: ModelSpec, locator: RunnerLocator, before: set[int]) -> Landed | None:
         """Where Ollama put ``spec``'s runner (:mod:`.ollama_runners`); None when that cannot
