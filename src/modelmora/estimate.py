@@ -533,15 +533,20 @@ def ollama_estimate(
     )  # fmt: skip
 
 
-def vllm_estimate(utilization: float, device_total: int, *, device: str = "cuda:0") -> Estimate:
+def vllm_estimate(
+    utilization: float, device_total: int, *, device: str = "cuda:0", gpus: int = 1
+) -> Estimate:
     """vLLM pre-allocates ``gpu_memory_utilization`` × the device's total (bytes) for the
-    weights, activations and KV cache together (its docs: ``--gpu-memory-utilization``)."""
+    weights, activations and KV cache together (its docs: ``--gpu-memory-utilization``), on
+    each of its ``gpus`` when it runs tensor parallel (the total is all of them together).
+    Raises ``ValueError`` for a utilisation outside (0, 1]."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    each = f" on each of {gpus} GPUs (tensor parallel)" if gpus > 1 else ""
     return Estimate(
-        weights=int(utilization * device_total), device=device, source="vllm",
-        basis=f"vLLM gpu_memory_utilization {utilization:g} × device total {format_size(device_total)}",
-        fields={"gpu_memory_utilization": utilization, "device_total": device_total},
+        weights=int(utilization * device_total) * gpus, device=device, source="vllm",
+        basis=f"vLLM gpu_memory_utilization {utilization:g} × device total {format_size(device_total)}{each}",
+        fields={"gpu_memory_utilization": utilization, "device_total": device_total, "gpus": gpus},
     )  # fmt: skip
 
 

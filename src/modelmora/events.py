@@ -43,6 +43,7 @@ class Loading(Event):
     estimate: dict[str, int] = field(default_factory=dict)
     note: str = ""  # why the reservation is what it is, when that is not the estimate; placement's why
     device: str = ""  # the device it loads on (for device: auto / devices, the planner's choice)
+    devices: list[str] = field(default_factory=list)  # every device it loads on (several: gpus > 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -287,6 +287,15 @@ class ModelSpec(BaseModel):
         "[cuda:0, cuda:1]; implies device 'auto' when no device is given.",
         min_length=1,
     )
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs it runs on at once (vLLM tensor_parallel_size, llama.cpp --tensor-split): "
+        "the planner picks that many of its devices and puts an equal share of its accelerator "
+        "memory on each, or the share its memory names per device when those are its devices; "
+        "implies device 'auto' when no device is given.",
+    )
     memory: dict[str, Size] = Field(
         default_factory=dict, description="Estimated bytes per device, replaced by measurements."
     )
@@ -326,8 +335,10 @@ class ModelSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("devices") and "device" not in data:
-            data = {**data, "device": AUTO}
+        if isinstance(data, dict) and "device" not in data:
+            gpus = data.get("gpus")
+            if data.get("devices") or (isinstance(gpus, int) and not isinstance(gpus, bool) and gpus > 1):
+                data = {**data, "device": AUTO}
         if isinstance(data, dict) and isinstance(data.get("memory"), str | int | float):
             device = data.get("device", "cuda:0")
             if isinstance(device, str):  # a bad device is reported by its own field check
@@ -364,6 +375,29 @@ class ModelSpec(BaseModel):
         if not self.target:
             object.__setattr__(self, "target", self.name)
         return self
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> ModelSpec:
+        if self.gpus > 1 and not self.placed:
+            raise ValueError(
+                f"gpus: {self.gpus} needs device: auto or a devices list to choose {self.gpus} GPUs "
+                f"from, not the single device {self.device!r}"
+            )
+        if self.gpus > 1 and self.devices and len(set(self.devices)) < self.gpus:
+            raise ValueError(
+                f"gpus: {self.gpus} but devices lists only {len(set(self.devices))} "
+                f"({', '.join(self.devices)}): list at least {self.gpus}"
+            )
+        return self
+
+    @property
+    def runs_on(self) -> tuple[str, ...]:
+        """The devices a runtime starts it on: for a model of several ``gpus``, the set the
+        planner chose (admission writes it to ``devices`` before the load), else its
+        ``device``."""
+        if self.gpus > 1 and self.devices and self.device != AUTO:
+            return tuple(self.devices[: self.gpus])
+        return (self.device,)
 
     @property
     def total_memory(self) -> int:

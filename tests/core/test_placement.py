@@ -8,6 +8,7 @@ no plan evicts when a free placement exists."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -263,3 +264,143 @@ def test_modelmora_plan_previews_where_each_model_goes(tmp_path: Any) -> None:
     steps = json.loads(result.stdout)["steps"]
     assert [s["placed"].split(":", 2)[:2] for s in steps] == [["cuda", "1"], ["cuda", "0"], ["cuda", "0"]]
     assert all("without evicting" in s["placed"] for s in steps)
+
+
+# -- multi-GPU shares -----------------------------------------------------------------------
+
+
+def shared(name: str, gb: float, gpus: int, options: tuple[str, ...] = GPUS) -> Candidate:
+    """A model of ``gb`` GB that runs on ``gpus`` devices: ``gb / gpus`` on each."""
+    return Candidate(name, {"auto": int(gb * GB)}, options=options, gpus=gpus)
+
+
+def test_a_two_gpu_model_gets_two_devices_best_fit_first() -> None:
+    # 20 GB on each of two: room 70, 20, 40, 14 → cuda:1 (0 left) and cuda:2 (20 left)
+    p = plan([], shared("tp", 40, 2))
+    assert isinstance(p, Admit) and p.devices == ("cuda:1", "cuda:2") and not p.evict, p
+    assert p.device == "cuda:1"
+    assert "cuda:1" in p.placement and "cuda:2" in p.placement and "best fit" in p.placement
+
+
+def test_a_two_gpu_model_evicts_the_cheapest_pair_when_everything_is_full() -> None:
+    # 12 GB on each: costs a 700, b 100, c 40, d 140 GB·s → cuda:2 (c) and cuda:1 (b)
+    p = plan(full(), shared("tp", 24, 2))
+    assert isinstance(p, Admit) and p.devices == ("cuda:1", "cuda:2"), p
+    assert set(p.evict) == {"b", "c"}, p
+    assert "costs least" in p.placement
+
+
+def test_a_two_gpu_model_waits_when_only_one_device_can_make_room() -> None:
+    residents = full()
+    for i in range(3):  # a, b, c leased: only d's cuda:3 could be freed
+        residents[i] = replace(residents[i], leases=1)
+    p = plan(residents, shared("tp", 24, 2))
+    assert isinstance(p, Wait), p
+
+
+def test_a_two_gpu_model_never_goes_on_one_device() -> None:
+    # 50 GB would fit whole on cuda:0, but as two shares of 25 only cuda:0 and cuda:2 hold one
+    p = plan([], shared("tp", 50, 2))
+    assert isinstance(p, Admit) and p.devices == ("cuda:0", "cuda:2"), p
+    # a share no second device can hold: refused, naming what the second-largest lacks
+    p = plan([], shared("tp", 100, 2))
+    assert isinstance(p, Refuse), p
+    assert "2 devices" in p.reason, p.reason
+
+
+def test_a_model_needing_more_gpus_than_it_may_use_is_refused_at_once() -> None:
+    p = plan([], shared("tp", 20, 2, options=("cuda:0",)))
+    assert isinstance(p, Refuse) and "needs 2 GPUs" in p.reason, p.reason
+
+
+def test_explicit_per_device_shares_are_kept_on_their_devices() -> None:
+    from modelmora.core.planner import on_devices
+
+    c = Candidate("tp", {"cuda:0": 30 * GB, "cuda:2": 10 * GB}, options=("cuda:0", "cuda:2"), gpus=2)
+    p = plan([], c)
+    assert isinstance(p, Admit) and p.devices == ("cuda:0", "cuda:2"), p
+    assert on_devices(c.memory, ("cuda:0", "cuda:2")) == {"cuda:0": 30 * GB, "cuda:2": 10 * GB}
+    assert on_devices({"auto": 40 * GB, "cpu": GB}, ("cuda:1", "cuda:3")) == {
+        "cuda:1": 20 * GB,
+        "cuda:3": 20 * GB,
+        "cpu": GB,
+    }
+
+
+@st.composite
+def shared_machines(draw: st.DrawFn) -> tuple[list[Resident], Candidate, dict[str, int], dict[str, int]]:
+    residents, _single, budgets, external = draw(machines())
+    # some residents hold shares on several devices too
+    for i in range(draw(st.integers(0, 3))):
+        devices = draw(st.lists(st.sampled_from(GPUS), min_size=2, max_size=4, unique=True))
+        share = draw(st.integers(1, 20)) * GB
+        residents.append(
+            Resident(
+                f"s{i}", dict.fromkeys(devices, share), leases=draw(st.sampled_from([0, 0, 1])), load_s=2.0
+            )
+        )
+    gpus = draw(st.integers(1, 4))
+    options = tuple(draw(st.lists(st.sampled_from(GPUS), min_size=1, max_size=4, unique=True)))
+    memory = {"auto": draw(st.integers(1, 80)) * GB}
+    if draw(st.booleans()):
+        memory["cpu"] = draw(st.integers(0, 4)) * GB
+    return residents, Candidate("x", memory, options=options, gpus=gpus), budgets | {"cpu": 64 * GB}, external
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shared_machines())
+def test_multi_device_placements_never_exceed_any_devices_budget(
+    machine: tuple[list[Resident], Candidate, dict[str, int], dict[str, int]],
+) -> None:
+    residents, candidate, budgets, external = machine
+    p = plan_admission(residents, candidate, budgets, external=external)
+    check_plan(residents, candidate, p, budgets, external=external)
+    if not isinstance(p, Admit):
+        return
+    # an oracle independent of check_plan: the plan applied, device by device
+    assert len(p.devices) == candidate.gpus == len(set(p.devices)) and set(p.devices) <= set(
+        candidate.options
+    )
+    after = [r for r in residents if r.name not in p.evict]
+    share = -(-candidate.memory["auto"] // candidate.gpus)
+    used = usage(after)
+    before = usage(residents)
+    for d in GPUS:
+        mine = share if d in p.devices else 0
+        limit = budgets[d] - external[d]
+        assert used.get(d, 0) + mine <= max(limit, before.get(d, 0) if not mine else limit), (d, p)
+    busy = {r.name for r in residents if r.leases or r.pinned}
+    assert not busy & set(p.evict)
+
+
+@pytest.mark.anyio
+async def test_a_two_gpu_model_loads_its_shares_on_the_chosen_devices() -> None:
+    faulty, cfg = gpus()
+    models = {"tp": model(40, device="auto", gpus=2), "one": model(12, device="auto")}
+    async with faulty_manager(faulty, models, **cfg) as mm:
+        events = Events(mm)
+        await mm.load("tp")
+        await mm.load("one")
+        assert where(faulty, "tp") == {"cuda:1": 20 * GB, "cuda:2": 20 * GB}
+        assert mm.spec("tp").gpus == 2 and mm.spec("tp").device == "auto"
+        assert where(faulty, "one") == {"cuda:3": 12 * GB}
+        note = next(e.note for e in events.of(ev.Loading, "tp"))
+        assert "cuda:1" in note and "cuda:2" in note
+
+
+def test_modelmora_plan_previews_a_two_gpu_model_on_two_devices(tmp_path: Any) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from modelmora.cli import app
+
+    config = tmp_path / "modelmora.yaml"
+    config.write_text(
+        "budgets: {cuda:0: 24GB, cuda:1: 16GB, cuda:2: 24GB}\nmodels:\n  tp: {memory: 30GB, gpus: 2}\n"
+    )
+    result = CliRunner().invoke(app, ["plan", "tp", "-c", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    step = json.loads(result.stdout)["steps"][0]
+    assert step["placed"].startswith("cuda:0 + cuda:1: "), step
+    assert step["memory"] == {"cuda:0": 15 * GB, "cuda:1": 15 * GB}

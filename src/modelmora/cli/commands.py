@@ -397,7 +397,7 @@ def render_status(status: dict[str, Any], *, direct: bool = False) -> None:
             "[dim]GPU memory is not observed on this machine (no NVML): budgets come from the config.[/]"
         )
     models = Table(title="Resident models", title_justify="left")
-    for col in ("model", "provider", "state", "leases", "memory", "idle", "expires in", "flags"):
+    for col in ("model", "provider", "state", "device", "leases", "memory", "idle", "expires in", "flags"):
         models.add_column(col)
     for m in status["models"]:
         flags = ", ".join(f for f, on in (("pinned", m["pinned"]), ("adopted", not m["owned"])) if on)
@@ -405,6 +405,7 @@ def render_status(status: dict[str, Any], *, direct: bool = False) -> None:
             m["name"],
             m["provider"],
             m["state"],
+            " + ".join(m.get("devices") or []) or "-",
             str(m["leases"]),
             format_memory(m["memory"]),
             format_duration(m["idle_s"]),
@@ -414,6 +415,9 @@ def render_status(status: dict[str, Any], *, direct: bool = False) -> None:
     problems: dict[str, str] = status.get("problems") or {}
     if status["models"]:
         out.print(models)
+        for m in status["models"]:  # why each placed model is where it is (device: auto, Ollama)
+            if m.get("placement"):
+                out.print(f"  [dim]{escape(m['name'])}: {escape(m['placement'])}[/]", soft_wrap=True)
     elif problems:
         out.print("No models known: a runtime could not be asked (see the problems below).")
     else:
@@ -874,7 +878,15 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
     """Each use of ``sequence`` decided by the admission planner, as the manager decides it
     (LRU among idle models, exclusive groups, the model cap, warm tiers), without loading:
     the steps, then a summary ``{"peak", "budgets", "loads"}``."""
-    from ..core.planner import Admit, Candidate, Resident, on_device, placement_options, plan_admission
+    from ..core.planner import (
+        Admit,
+        Candidate,
+        Resident,
+        on_devices,
+        placement_options,
+        plan_admission,
+        share_of,
+    )
 
     residents: dict[str, Resident] = {}  # in order of last use
     peak: dict[str, int] = {}
@@ -893,7 +905,13 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
             decision = plan_admission(
                 residents.values(),
                 Candidate(
-                    name, memory, spec.group, key=key, unknown=() if memory else (device,), options=options
+                    name,
+                    memory,
+                    spec.group,
+                    key=key,
+                    unknown=() if memory else (device,),
+                    options=options,
+                    gpus=spec.gpus if options else 1,
                 ),
                 budgets,
                 max_loaded=cfg.max_loaded_models,
@@ -901,8 +919,9 @@ def _dry_run(cfg: ManagerConfig, sequence: list[str], budgets: dict[str, int]) -
             if not isinstance(decision, Admit):
                 fail(f"step {i}: {name}: {decision.reason}")
             if decision.device is not None:
-                memory = on_device(memory, decision.device)
-                placed = f"{decision.device}: {decision.placement}"
+                chosen = decision.devices or (decision.device,)
+                memory = on_devices(share_of(memory, options, spec.gpus), chosen)
+                placed = f"{' + '.join(chosen)}: {decision.placement}"
             for gone in decision.sleep:
                 residents[gone] = residents[gone].parked()
             for gone in decision.evict:

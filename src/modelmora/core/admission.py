@@ -39,9 +39,9 @@ from .planner import (
     PlanError,
     Refuse,
     check_plan,
-    on_device,
     placement_options,
     plan_admission,
+    share_of,
 )
 from .scheduling import Scheduler
 
@@ -67,10 +67,12 @@ class Admission:
         if memory is not None:
             need = dict(memory)
         elif options:
-            # one device's share, whatever device an estimate or a past load named
+            # one device's share (or a multi-GPU model's), whatever device an estimate or a
+            # past load named
+            gpus = entry.spec.gpus
             need = (
-                Footprint(on_device(entry.estimate, options[0]))
-                .maximum(on_device(entry.measured or {}, options[0]))
+                Footprint(share_of(entry.estimate, options, gpus))
+                .maximum(share_of(entry.measured or {}, options, gpus))
                 .as_dict()
             )
         elif entry.state in (State.SLEEPING, State.WAKING):
@@ -88,6 +90,7 @@ class Admission:
             key=f"{entry.provider}/{entry.key}",
             unknown=unknown,
             options=options,
+            gpus=entry.spec.gpus if options else 1,
         )
 
     def options(self, entry: Entry) -> tuple[str, ...]:

@@ -54,7 +54,7 @@ from .admission import Admission
 from .context import Core, Failure, unreachable
 from .lifecycle import Action, Entry, State
 from .outcome import Attempt
-from .planner import Admit, Plan, Refuse, Wait, on_device
+from .planner import Admit, Plan, Refuse, Wait, on_devices, share_of
 from .transitions import Transitions
 
 log = logging.getLogger("modelmora")
@@ -150,6 +150,7 @@ class Loader:
                             provider=entry.provider,
                             estimate=entry.estimate.as_dict(),
                             device=entry.spec.device,
+                            devices=list(entry.spec.runs_on),
                             note="; ".join(n for n in (entry.placement, self._unknown_note(entry)) if n),
                         )
                     )
@@ -213,7 +214,7 @@ class Loader:
         raised = self.core.raised.get(entry.name)
         if raised is None:
             return Footprint(spec.memory)
-        return Footprint(on_device(spec.memory, spec.device)).maximum(on_device(raised, spec.device))
+        return Footprint(on_devices(spec.memory, spec.runs_on)).maximum(on_devices(raised, spec.runs_on))
 
     def _free(self, entry: Entry, oom: OutOfMemory) -> int | None:
         """What was free on the entry's device: what the runtime said, else the budget less
@@ -611,15 +612,25 @@ class Loader:
         if plan.device is not None and action is Action.ADMIT:
             # placement: the runtime loads it where the planner chose (torch .to(device),
             # llama.cpp's CUDA_VISIBLE_DEVICES, ...), and its memory is counted there
+            # (a model of several gpus: its shares, and the chosen set as its devices)
             device, spec = plan.device, entry.spec
             options = self.admission.options(entry)
+            devices = plan.devices or (device,)
+
+            def there(memory: Mapping[str, int]) -> dict[str, int]:
+                return on_devices(share_of(memory, options, spec.gpus), devices)
+
             entry.spec = spec.model_copy(
-                update={"device": device, "memory": on_device(spec.memory, device), "devices": list(options)}
+                update={
+                    "device": device,
+                    "memory": there(spec.memory),
+                    "devices": list(devices if spec.gpus > 1 else options),
+                }
             )
             entry.placement = plan.placement
-            facts["estimate"] = Footprint(on_device(entry.estimate, device))
+            facts["estimate"] = Footprint(there(entry.estimate))
             if entry.measured is not None:
-                facts["measured"] = Footprint(on_device(entry.measured, device))
+                facts["measured"] = Footprint(there(entry.measured))
         if plan.reserve and action is Action.ADMIT:
             facts["estimate"] = Footprint(plan.reserve)
         self.core.lifecycle.apply(entry, action, claims=claims, **facts)

@@ -18,6 +18,7 @@ VRAM and comes back far faster than a cold load.  Nothing here awaits or touches
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -68,8 +69,10 @@ class Candidate:
     key: str | None = None  # models with the same key are one runner: they replace each other
     unknown: tuple[str, ...] = ()  # devices it loads on with nothing telling its size
     # devices it may be placed on (``device: auto``, ``devices: [...]``); empty: where its
-    # memory says.  Its accelerator bytes go to one of them whole (see :func:`on_device`).
+    # memory says.  Its accelerator bytes go to one of them whole (see :func:`on_device`),
+    # or for ``gpus`` > 1 in shares to that many of them (see :func:`on_devices`).
     options: tuple[str, ...] = ()
+    gpus: int = 1  # devices it runs on at once (tensor parallel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class Admit:
     reserve: Mapping[str, int] = field(default_factory=dict)  # a size-unknown load's reservation
     device: str | None = None  # the device placement chose (a candidate with options only)
     placement: str = ""  # why that device
+    devices: tuple[str, ...] = ()  # every device placement chose (``device`` first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +156,39 @@ def on_device(memory: Mapping[str, int], device: str) -> dict[str, int]:
     return placed
 
 
+def on_devices(memory: Mapping[str, int], devices: Sequence[str]) -> dict[str, int]:
+    """``memory`` (bytes per device) placed on several ``devices`` at once (a model that runs
+    tensor parallel): when its accelerator bytes already name exactly those devices, each
+    keeps its own share (an explicit split); otherwise their sum is shared equally, rounded
+    up, so ``{"auto": 40 GB}`` on two devices is 20 GB on each.  Host bytes stay on ``cpu``.
+    One device is :func:`on_device`."""
+    if len(devices) == 1:
+        return on_device(memory, devices[0])
+    accel = {d: n for d, n in memory.items() if d != "cpu"}
+    if set(accel) == set(devices):
+        placed = dict(accel)
+    else:
+        total = sum(accel.values())
+        share = -(-total // len(devices))
+        placed = dict.fromkeys(devices, share) if total else {}
+    if memory.get("cpu"):
+        placed["cpu"] = memory["cpu"]
+    return placed
+
+
+def share_of(memory: Mapping[str, int], options: Sequence[str], gpus: int = 1) -> dict[str, int]:
+    """``memory`` (an estimate or a measurement, keyed by whatever device it named) as a
+    placed candidate's memory: one device's share (:func:`on_device` on the first option),
+    or for several ``gpus`` the accelerator bytes under ``auto`` (shared when placed), unless
+    they name ``gpus`` of the options one by one (an explicit split, kept)."""
+    if gpus == 1:
+        return on_device(memory, options[0])
+    accel = [d for d in memory if d != "cpu"]
+    if len(accel) == gpus and set(accel) <= set(options):
+        return dict(memory)
+    return on_device(memory, "auto")
+
+
 def placement_options(spec: ModelSpec, budgets: Mapping[str, int]) -> tuple[str, ...]:
     """Devices the planner may place a model of ``spec`` on: its ``devices``, or for
     ``device: auto`` every GPU with a budget (``cuda:2`` before ``cuda:10``), or the CPU when
@@ -169,14 +206,25 @@ def _device_order(device: str) -> tuple[str, int]:
     return kind, int(index) if index.isdigit() else -1
 
 
-def placed(candidate: Candidate, device: str) -> Candidate:
-    """``candidate`` as it would load on ``device`` (one of its options)."""
+def placed(candidate: Candidate, device: str | Sequence[str]) -> Candidate:
+    """``candidate`` as it would load on ``device`` (one of its options), or on a set of
+    ``gpus`` of them (:func:`on_devices`)."""
+    devices = (device,) if isinstance(device, str) else tuple(device)
     return replace(
         candidate,
-        memory=on_device(candidate.memory, device),
-        unknown=(device,) if candidate.unknown else (),
+        memory=on_devices(candidate.memory, devices),
+        unknown=devices if candidate.unknown else (),
         options=(),
+        gpus=1,
     )
+
+
+def device_sets(options: Sequence[str], gpus: int, limit: int = 5000) -> list[tuple[str, ...]]:
+    """The sets of ``gpus`` distinct devices among ``options`` (each in the options' order),
+    at most ``limit`` of them (16 devices taken 8 at a time are 12 870 plans: the first
+    ``limit`` are tried)."""
+    options = tuple(dict.fromkeys(options))
+    return list(itertools.islice(itertools.combinations(options, gpus), limit))
 
 
 def plan_admission(
@@ -205,7 +253,12 @@ def plan_admission(
        evicts or parks of their bytes × their load seconds (leased, pinned and busy models
        are never chosen: the single-device plan never picks them); ties by device name;
     3. otherwise a wait when any device may make room later, else a refusal naming the
-       largest device and what it lacks."""
+       largest device and what it lacks.
+
+    A candidate of several ``gpus`` is planned the same way over every set of that many of
+    its options (its accelerator bytes shared over the set, :func:`on_devices`): best fit is
+    the least bytes left over the set, the cost the set's evictions; it is never put on
+    fewer devices, and one that may use fewer devices than it needs is refused at once."""
     if not candidate.options:
         return _plan_fixed(
             residents, candidate, budgets,
@@ -227,33 +280,46 @@ def _place(
     caps = {d: b - external.get(d, 0) for d, b in budgets.items()}
     used = usage(r for r in snapshot if r.name != candidate.name)
     by_name = {r.name: r for r in snapshot}
-    tried: list[tuple[str, Candidate, Plan]] = []
-    for device in dict.fromkeys(candidate.options):
-        here = placed(candidate, device)
+    options, gpus = tuple(dict.fromkeys(candidate.options)), candidate.gpus
+    if gpus > len(options):
+        return Refuse(
+            f"{candidate.name} needs {gpus} GPUs at once but may use only {len(options)} "
+            f"({', '.join(options)})"
+        )
+    tried: list[tuple[tuple[str, ...], Candidate, Plan]] = []
+    for devices in device_sets(options, gpus):
+        here = placed(candidate, devices)
         plan = _plan_fixed(
             snapshot, here, budgets,
             max_loaded=max_loaded, external=external, external_detail=external_detail, eviction=eviction,
         )  # fmt: skip
-        tried.append((device, here, plan))
+        tried.append((devices, here, plan))
     n = len(tried)
+    what = "device(s)" if gpus == 1 else f"sets of {gpus} devices"
 
-    def left(device: str, here: Candidate) -> float:
-        if device not in caps:
+    def left(devices: tuple[str, ...], here: Candidate) -> float:
+        if any(d not in caps for d in devices):
             return float("inf")  # no budget: not limited, chosen last
-        return caps[device] - used.get(device, 0) - here.memory.get(device, 0)
+        return sum(caps[d] - used.get(d, 0) - here.memory.get(d, 0) for d in devices)
+
+    def chosen(plan: Admit, devices: tuple[str, ...], why: str) -> Admit:
+        return replace(plan, device=devices[0], devices=devices, placement=why)
 
     free = [(d, c, p) for d, c, p in tried if isinstance(p, Admit) and not p.evict and not p.sleep]
     if free:
         if candidate.unknown:
-            device, here, plan = max(free, key=lambda t: (left(t[0], t[1]), _neg(t[0])))
-            why = f"fits on {device} without evicting: the most free memory of {n} device(s) (its size is unknown)"
+            devices, here, plan = max(free, key=lambda t: (left(t[0], t[1]), tuple(map(_neg, t[0]))))
+            why = (
+                f"fits on {_names(devices)} without evicting: the most free memory of {n} {what} "
+                "(its size is unknown)"
+            )
         else:
-            device, here, plan = min(free, key=lambda t: (left(t[0], t[1]), t[0]))
-            room = left(device, here)
+            devices, here, plan = min(free, key=lambda t: (left(t[0], t[1]), t[0]))
+            room = left(devices, here)
             rest = "no budget" if room == float("inf") else f"{format_size(int(room))} left there"
-            why = f"fits on {device} without evicting ({rest}; best fit of {len(free)} of {n} device(s) with room)"
+            why = f"fits on {_names(devices)} without evicting ({rest}; best fit of {len(free)} of {n} {what} with room)"
         assert isinstance(plan, Admit)
-        return replace(plan, device=device, placement=why)
+        return chosen(plan, devices, why)
 
     def cost(plan: Admit) -> float:
         victims = (by_name[x] for x in (*plan.evict, *plan.sleep) if x in by_name)
@@ -261,33 +327,52 @@ def _place(
 
     admits = [(d, p) for d, _, p in tried if isinstance(p, Admit)]
     if admits:
-        device, plan = min(admits, key=lambda t: (cost(t[1]), t[0]))
+        devices, plan = min(admits, key=lambda t: (cost(t[1]), t[0]))
         going = ", ".join((*plan.evict, *plan.sleep))
+        nothing = "no device has" if gpus == 1 else f"no set of {gpus} devices has"
         why = (
-            f"no device has room without evicting; {device} costs least to make room "
+            f"{nothing} room without evicting; {_names(devices)} costs least to make room "
             f"(evicts {going}: {cost(plan) / 1e9:.3g} GB·s of reloading)"
         )
-        return replace(plan, device=device, placement=why)
+        return chosen(plan, devices, why)
 
     waits = [(d, p) for d, _, p in tried if isinstance(p, Wait)]
     if waits:
         blockers = tuple(dict.fromkeys(b for _, p in waits for b in p.blockers))
-        return Wait(blockers=blockers, reason="; ".join(f"{d}: {p.reason}" for d, p in waits))
+        shown = [f"{_names(d)}: {p.reason}" for d, p in waits]
+        if gpus > 1 and len(shown) > 4:
+            shown = [*shown[:4], f"and {len(shown) - 4} more sets"]
+        return Wait(blockers=blockers, reason="; ".join(shown))
 
     refusals = [(d, p) for d, _, p in tried if isinstance(p, Refuse)]
     sized = [(d, p) for d, p in refusals if p.needed is not None and p.available is not None]
     if len(sized) < len(refusals) or not sized:
         return refusals[0][1]  # the same rule refuses it everywhere (a pinned runner or group)
-    device, worst = max(sized, key=lambda t: (t[1].available or 0, _neg(t[0])))
+    devices, worst = max(sized, key=lambda t: (t[1].available or 0, tuple(map(_neg, t[0]))))
     assert worst.needed is not None and worst.available is not None
+    lacks = format_size(worst.needed - worst.available)
+    if gpus == 1:
+        reason = (
+            f"{candidate.name} fits on none of {', '.join(_names(t[0]) for t in tried)}: the largest, "
+            f"{devices[0]}, lacks {lacks} ({worst.reason})"
+        )
+    else:
+        reason = (
+            f"{candidate.name} needs a share on {gpus} devices at once and fits on no {gpus} devices "
+            f"of {', '.join(options)}: on the closest set, {_names(devices)}, {worst.device} lacks "
+            f"{lacks} ({worst.reason})"
+        )
     return Refuse(
-        f"{candidate.name} fits on none of {', '.join(t[0] for t in tried)}: the largest, {device}, "
-        f"lacks {format_size(worst.needed - worst.available)} ({worst.reason})",
-        device=device,
+        reason,
+        device=devices[0] if gpus == 1 else worst.device,
         needed=worst.needed,
         available=worst.available,
         holders=worst.holders,
     )
+
+
+def _names(devices: Sequence[str]) -> str:
+    return " + ".join(devices)
 
 
 def _neg(device: str) -> tuple[int, ...]:
@@ -515,11 +600,18 @@ def check_plan(
         return
     problems = []
     if candidate.options:
-        if plan.device not in candidate.options:
+        devices = plan.devices or ((plan.device,) if plan.device is not None else ())
+        if (
+            len(set(devices)) != candidate.gpus
+            or len(devices) != candidate.gpus
+            or not set(devices) <= set(candidate.options)
+            or plan.device != devices[0]
+        ):
             raise PlanError(
-                f"plan for {candidate.name} places it on {plan.device}, not one of {candidate.options}"
+                f"plan for {candidate.name} places it on {list(devices)}, not {candidate.gpus} "
+                f"of {candidate.options}"
             )
-        candidate = placed(candidate, plan.device)
+        candidate = placed(candidate, devices)
     external = external or {}
     others = [r for r in residents if r.name != candidate.name and r.holds_memory]
     by_name = {r.name: r for r in others}
@@ -616,9 +708,12 @@ __all__ = [
     "Wait",
     "can_park_within",
     "check_plan",
+    "device_sets",
     "on_device",
+    "on_devices",
     "placed",
     "placement_options",
     "plan_admission",
+    "share_of",
     "usage",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..memory import MemorySnapshot
+from ..spec import AUTO
 from .context import Core
 from .lifecycle import Entry
 
@@ -35,6 +36,11 @@ class ModelStatus:
     runtime_expires_in_s: float | None = None  # the runtime's own expiry, where it reports one
     # of ``leases``, the callers waiting for it (to load, wake, or at its gate) rather than holding it
     waiting: int = 0
+    # where it runs (``cuda:1``; a multi-GPU model's set; empty while ``device: auto`` has not
+    # been placed yet), and why there: the planner's reason, or a runtime's own report of
+    # where it put it (Ollama places its runners itself)
+    devices: list[str] = field(default_factory=list)
+    placement: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -108,7 +114,20 @@ def model_status(core: Core, e: Entry, now: float) -> ModelStatus:
         expires_by=None if expires is None else by,
         runtime_expires_in_s=runtime,
         waiting=e.waiters,
+        **_placement(e),
     )
+
+
+def _placement(e: Entry) -> dict[str, Any]:
+    """``devices`` and ``placement`` of :class:`ModelStatus`: a runtime's report of where it
+    put the model (:attr:`Handle.placement`) when there is one, else the spec's devices and
+    the planner's reason."""
+    handle = e.handle
+    if handle is not None and handle.placement:
+        landed = sorted(d for d, n in handle.memory.items() if n > 0 and d != "cpu")
+        return {"devices": landed or ["cpu"], "placement": handle.placement}
+    devices = [d for d in e.spec.runs_on if d != AUTO]
+    return {"devices": devices, "placement": e.placement}
 
 
 def _error(e: Entry) -> float | None:

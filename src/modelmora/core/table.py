@@ -117,7 +117,7 @@ def resident(e: Entry, deciding: str | None = None) -> Resident:
         key=f"{e.provider}/{e.key}",
         queued=e.state is State.QUEUED,
         in_flight=e.in_flight,
-        unknown_on=(e.spec.device,) if e.in_flight and e.size_unknown else (),
+        unknown_on=e.spec.runs_on if e.in_flight and e.size_unknown else (),  # every GPU of a gpus: N model
     )
 
 

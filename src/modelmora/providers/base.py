@@ -63,6 +63,9 @@ class Handle:
     kind: str | None = None  # in-process loader kind ("transformers", "diffusers", ...)
     extras: dict[str, Any] = field(default_factory=dict)  # companions: tokenizer, processor
     pid: int | None = None  # the server or worker process, where there is one
+    # where a runtime that places models itself put this one, and how that is known
+    # (Ollama: its runner's NVML per-process bytes); empty when modelmora chose the device
+    placement: str = ""
     runtime: Any = field(default=None, repr=False)
     _obj: Any = field(default=None, repr=False)
     _closed: bool = field(default=False, repr=False)
@@ -286,4 +289,20 @@ class Provider(ABC):
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-__all__ = ["Capabilities", "Handle", "LostListener", "Observed", "Provider", "ProviderSettings", "Tier"]
+def gpu_ids(spec: ModelSpec) -> str:
+    """The CUDA indices a runtime for ``spec`` is started on, as ``CUDA_VISIBLE_DEVICES``
+    and the ``${GPU}`` placeholder take them: ``"1"``, or ``"0,2"`` for a model placed on
+    several GPUs (:attr:`ModelSpec.runs_on`); ``""`` on the CPU."""
+    return ",".join(d.partition(":")[2] for d in spec.runs_on if d.startswith("cuda:"))
+
+
+__all__ = [
+    "Capabilities",
+    "Handle",
+    "LostListener",
+    "Observed",
+    "Provider",
+    "ProviderSettings",
+    "Tier",
+    "gpu_ids",
+]

@@ -49,7 +49,7 @@ from ..errors import ConfigError, LoadFailed
 from ..memory import MemoryProbe
 from ..net import free_port
 from ..spec import Duration, ModelSpec, Size, parse_duration
-from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier, gpu_ids
 from .process import (
     ProcessProvider,
     ProcessSettings,
@@ -154,13 +154,17 @@ class LlamaCppProvider(ProcessProvider):
                 command += [flag, str(opts[key])]
         if opts.get("keep_prompt_cache"):
             command += ["--slot-save-path", str(self.prompt_cache_dir) + os.sep]
-        extra = [*self.settings.args, *(opts.get("args") or [])]
-        return command + [str(a) for a in extra]
+        extra = [str(a) for a in (*self.settings.args, *(opts.get("args") or []))]
+        shares = [spec.memory.get(d, 0) for d in spec.runs_on]
+        if len(shares) > 1 and all(shares) and not {"--tensor-split", "-ts"} & set(extra):
+            # the layers split over the GPUs placement chose as its shares there (MiB)
+            command += ["--tensor-split", ",".join(str(max(1, n >> 20)) for n in shares)]
+        return command + extra
 
     def _env(self, spec: ModelSpec) -> dict[str, str]:
         env = super()._env(spec)
         if spec.device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in (spec.options.get("env") or {}):
-            env["CUDA_VISIBLE_DEVICES"] = spec.device.partition(":")[2]
+            env["CUDA_VISIBLE_DEVICES"] = gpu_ids(spec)
         return env
 
     def _served_name(self, spec: ModelSpec) -> str:

@@ -35,6 +35,7 @@ where they are used.  Units: bytes and seconds.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
@@ -42,6 +43,7 @@ import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -62,6 +64,7 @@ from ..errors import (
 from ..estimate import Estimate, ollama_estimate, show_kv_per_token
 from ..spec import Duration, Interval, ModelSpec
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings
+from .ollama_runners import Landed, RunnerLocator, blob_digests
 
 OOM_MARKERS = (
     # llm/status.go outOfMemorySubstrings (compared lower-case, as IsOutOfMemoryMessage does)
@@ -82,6 +85,8 @@ OOM_MARKERS = (
 )
 GIB = 1024**3
 MIB = 1024**2
+
+log = logging.getLogger("modelmora")
 
 
 def ollama_name_key(name: str) -> str:
@@ -139,6 +144,12 @@ class OllamaSettings(ProviderSettings):
         1,
         ge=1,
         description="The server's OLLAMA_NUM_PARALLEL: a completion model's KV cache is that many contexts.",
+    )
+    locate_runners: bool | None = Field(
+        None,
+        description="Read which GPU(s) Ollama put each runner on (NVML per-process bytes of the "
+        "`ollama serve` children) and count its VRAM there instead of on `device`; default: when "
+        "base_url is this machine.",
     )
 
 
@@ -225,6 +236,14 @@ class OllamaProvider(Provider):
         # the target each model was configured as, by target_key: what observe() reports
         # it under (Ollama lists its own spelling), held or not
         self._targets: dict[str, str] = {}
+        # where Ollama put the runners of the models held (ollama_runners.py), by target_key;
+        # the locator is None for an Ollama elsewhere (or locate_runners: false)
+        local = urlsplit(self.base_url).hostname in ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+        wanted = self.settings.locate_runners
+        self.locator: RunnerLocator | None = (
+            RunnerLocator() if (local if wanted is None else wanted) else None
+        )
+        self._landed: dict[str, Landed] = {}
 
     def target_key(self, target: str) -> str:
         """``nomic-embed-text`` and ``registry.ollama.ai/library/Nomic-Embed-Text:latest``
@@ -440,6 +459,8 @@ class OllamaProvider(Provider):
         key = self.target_key(spec.target)
         self._abandoned.pop(key, None)
         self._targets[key] = spec.target
+        locator = self.locator
+        before = await self._runners(locator)
         try:
             await self.request("POST", path, model=spec.name, json=body, timeout=None)
             seen = await self._find(spec.target)
@@ -461,8 +482,15 @@ class OllamaProvider(Provider):
                 model=spec.name,
                 provider=self.name,
             )
+        memory, placement = dict(seen.memory), ""
+        if locator is not None:
+            landed = await self._locate(spec, locator, before)
+            if landed is not None:
+                self._landed[key] = landed
+                memory, placement = self._on_landed(seen.memory, landed), landed.describe()
         handle = Handle(
-            spec=spec, provider=self.name, endpoint=self.base_url, api="ollama", memory=dict(seen.memory),
+            spec=spec, provider=self.name, endpoint=self.base_url, api="ollama", memory=memory,
+            placement=placement,
             # what requests through this handle should send, so they neither reload the
             # model (options differ) nor disarm the dead man's switch (keep_alive -1)
             request_options=self.runner_options(spec), runtime=path,
@@ -520,6 +548,39 @@ class OllamaProvider(Provider):
         self._late.discard(key)
         if self._held.get(key) is handle:
             del self._held[key]
+            self._landed.pop(key, None)
+
+    async def _runners(self, locator: RunnerLocator | None) -> set[int]:
+        """The runner pids before a load (a reading, never a reason to fail it)."""
+        if locator is None:
+            return set()
+        try:
+            return set(await anyio.to_thread.run_sync(locator.runners))
+        except Exception as exc:
+            log.warning("could not list Ollama's runners: %s", exc)
+            return set()
+
+    async def _locate(self, spec: ModelSpec, locator: RunnerLocator, before: set[int]) -> Landed | None:
+        """Where Ollama put ``spec``'s runner (:mod:`.ollama_runners`); None when that cannot
+        be read (no NVML, no runner found), and the VRAM stays counted on ``device``."""
+        try:
+            blobs = blob_digests(await self._show(spec))
+        except ModelMoraError:
+            blobs = frozenset()
+        try:
+            return await anyio.to_thread.run_sync(locator.locate, before, blobs)
+        except Exception as exc:  # a reading, never a reason to fail the load
+            log.warning("could not read where Ollama put %s's runner: %s", spec.name, exc)
+            return None
+
+    def _on_landed(self, memory: Mapping[str, int], landed: Landed) -> dict[str, int]:
+        """``/api/ps``'s VRAM share (on ``device``) moved to the GPUs the runner landed on."""
+        vram = memory.get(self.settings.device, 0)
+        placed = landed.split(vram)
+        if not placed:
+            return dict(memory)
+        rest = {d: n for d, n in memory.items() if d != self.settings.device}
+        return {**placed, **rest}
 
     async def observe(self) -> list[Observed]:
         response = await self.request("GET", "/api/ps")
@@ -536,6 +597,8 @@ class OllamaProvider(Provider):
             memory = {self.settings.device: vram}
             if size > vram:
                 memory["cpu"] = size - vram
+            if key in self._landed and key in self._held:
+                memory = self._on_landed(memory, self._landed[key])
             out.append(
                 Observed(
                     # under the target it was loaded as: Ollama lists its own spelling
@@ -550,6 +613,7 @@ class OllamaProvider(Provider):
         for key, handle in list(self._held.items()):
             if key not in present and key not in self._unloading:
                 del self._held[key]
+                self._landed.pop(key, None)
                 if key in self._late:
                     why = "the unload that timed out took effect (Ollama waited for its last request)"
                 else:

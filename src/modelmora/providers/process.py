@@ -49,7 +49,7 @@ from ..errors import ConfigError, LoadFailed, UnloadFailed
 from ..memory import MemoryProbe, gpu_bytes_of
 from ..net import expand, free_port
 from ..spec import Duration, Interval, ModelSpec, parse_duration
-from .base import Capabilities, Handle, Observed, Provider, ProviderSettings
+from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, gpu_ids
 from .readiness import wait_until_ready
 
 
@@ -126,7 +126,7 @@ class ProcessProvider(Provider):
             )
         parts = shlex.split(raw) if isinstance(raw, str) else list(raw)
         values = {"PORT": str(port), "MODEL": spec.target, "HOST": self.settings.host, "DEVICE": spec.device}
-        values["GPU"] = spec.device.partition(":")[2] if spec.device.startswith("cuda:") else ""
+        values["GPU"] = gpu_ids(spec)
         return expand(parts, values)
 
     def _env(self, spec: ModelSpec) -> dict[str, str]:
@@ -136,7 +136,7 @@ class ProcessProvider(Provider):
         env = dict(os.environ)
         own = {str(k): str(v) for k, v in (spec.options.get("env") or {}).items()}
         if spec.placed and spec.device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in own:
-            env["CUDA_VISIBLE_DEVICES"] = spec.device.partition(":")[2]
+            env["CUDA_VISIBLE_DEVICES"] = gpu_ids(spec)
         env.update(own)
         return env
 
@@ -398,8 +398,9 @@ def _tree_memory(spec: ModelSpec, pid: int, probe: MemoryProbe | None) -> dict[s
         memory["cpu"] = _tree_rss(pid)
     elif spec.device.startswith("cuda"):
         measured = gpu_bytes_of([pid, *_descendants(pid)], probe)
-        if measured.get(spec.device):
-            memory[spec.device] = measured[spec.device]
+        for device in spec.runs_on:  # each GPU of a model placed on several
+            if measured.get(device):
+                memory[device] = measured[device]
     return memory
 
 

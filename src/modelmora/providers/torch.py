@@ -35,7 +35,7 @@ from pydantic import Field
 
 from ..errors import HandleClosed, LoadFailed, ModelFileError, ModelMoraError, ModelNotFound, ProviderError
 from ..estimate import Estimate, safetensors_estimate
-from ..spec import Duration, ModelSpec
+from ..spec import AUTO, Duration, ModelSpec
 from . import torch_loaders as loaders
 from . import torch_pool
 from .base import Capabilities, Handle, Observed, Provider, ProviderSettings, Tier
@@ -129,7 +129,8 @@ class TorchProvider(Provider):
                 return spec
         except ModelMoraError:
             return spec  # the load reports the bad kind
-        device = spec.device if spec.device.startswith("cuda") else "cpu"
+        # device: auto: keyed "auto", the accelerator share placement moves to the chosen GPU
+        device = spec.device if spec.device.startswith("cuda") or spec.device == AUTO else "cpu"
 
         def estimate() -> Estimate | None:
             folder = local_weights(spec.target)

@@ -178,6 +178,9 @@ class VLLMProvider(Provider):
                 "--gpu-memory-utilization", str(spec.options.get("gpu_memory_utilization", 0.9))]  # fmt: skip
         if spec.options.get("max_model_len"):
             args += ["--max-model-len", str(spec.options["max_model_len"])]
+        split = int(spec.options.get("tensor_parallel_size") or spec.gpus)
+        if split > 1:  # one share of the model per GPU it was given
+            args += ["--tensor-parallel-size", str(split)]
         if self.sleep_mode(spec):
             args.append("--enable-sleep-mode")
         return args + [str(a) for a in spec.options.get("extra_args", [])]
@@ -204,7 +207,7 @@ class VLLMProvider(Provider):
             volumes[str(host)] = {"bind": bind, "mode": mode or "rw"}
         gpus = spec.options.get("gpus", self.settings.gpus)
         if "gpus" not in spec.options and spec.placed and spec.device.startswith("cuda:"):
-            gpus = [spec.device.partition(":")[2]]  # the GPU placement chose, and only it
+            gpus = [d.partition(":")[2] for d in spec.runs_on]  # the GPUs placement chose, and only them
         devices = []
         if gpus == "all":
             devices = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
@@ -247,16 +250,21 @@ class VLLMProvider(Provider):
             with anyio.CancelScope(shield=True):
                 await self._run(self._stop_remove, client, container.name, True)
             raise
-        measured = await self._run(_nvml_container_usage, container)
+        measured = await self._run(_nvml_container_devices, container)
         handle = self._handle(spec, container.id, measured=measured)
         self._held[self.container_name(spec)] = handle
         self._slept.pop(self.container_name(spec), None)
         return handle
 
     def _handle(
-        self, spec: ModelSpec, container_id: str, *, owned: bool = True, measured: int | None = None
+        self,
+        spec: ModelSpec,
+        container_id: str,
+        *,
+        owned: bool = True,
+        measured: dict[str, int] | None = None,
     ) -> Handle:
-        memory = {spec.device: measured} if measured else self.footprint(spec)
+        memory = dict(measured) if measured else self.footprint(spec)
         return Handle(
             spec=spec, provider=self.name, endpoint=f"http://{self.settings.host}:{self.port(spec)}", api="openai",
             memory=memory, owned=owned,
@@ -363,13 +371,17 @@ class VLLMProvider(Provider):
 
     async def prepare(self, spec: ModelSpec) -> ModelSpec:
         """``gpu_memory_utilization`` × the GPU's total as the estimate (vLLM pre-allocates
-        it, :func:`modelmora.estimate.vllm_estimate`) unless the registry says otherwise."""
+        it, :func:`modelmora.estimate.vllm_estimate`) unless the registry says otherwise; a
+        placed model with ``options.tensor_parallel_size`` N runs on N GPUs (``gpus``)."""
+        split = int(spec.options.get("tensor_parallel_size") or 1)
+        if split > spec.gpus and spec.placed:
+            spec = spec.model_copy(update={"gpus": split})
         total = self.settings.gpu_total or await anyio.to_thread.run_sync(_nvml_total)
         if not total:
             return spec
         utilization = float(spec.options.get("gpu_memory_utilization", 0.9))
         try:
-            estimate = vllm_estimate(utilization, total, device=spec.device)
+            estimate = vllm_estimate(utilization, total, device=spec.device, gpus=spec.gpus)
         except ValueError:
             return spec
         return self.estimated(spec, estimate)
@@ -597,13 +609,20 @@ def _logs(container: Any) -> str:
 def _nvml_container_usage(container: Any) -> int | None:
     """GPU bytes used by the container's processes, from NVML's per-process accounting
     (None where there is no NVML or no process of the container on a GPU).  Blocking."""
+    return sum(_nvml_container_devices(container).values()) or None
+
+
+def _nvml_container_devices(container: Any) -> dict[str, int]:
+    """GPU bytes per device (``cuda:N``) the container's processes hold, from NVML's
+    per-process accounting: each GPU of a tensor-parallel model counted where it is; empty
+    where there is no NVML or no process of the container on a GPU.  Blocking."""
     try:
         container.reload()
         root = int(container.attrs["State"]["Pid"])
         pids = {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
     except Exception:
-        return None
-    return sum(gpu_bytes_of(pids).values()) or None
+        return {}
+    return gpu_bytes_of(pids)
 
 
 def _nvml_total() -> int | None:

@@ -323,12 +323,16 @@ def create_app(
     @app.get("/models", tags=["models"], operation_id="list_models", responses=_links("/0/name"))
     async def models() -> list[dict[str, Any]]:
         out = []
+        placed = {m.name: m for m in (await mm.status()).models}  # where each one is, and why
         for name, spec in sorted(mm.config.models.items()):
+            row = placed.get(name)
             out.append(
                 {
                     "name": name, "provider": spec.provider, "target": spec.target, "group": spec.group,
                     "memory": dict(spec.memory), "pinned": spec.pinned, "loaded": mm.is_loaded(name),
                     "leases": mm.leases(name), "default": name == mm.config.default_model,
+                    "device": spec.device, "gpus": spec.gpus,
+                    "devices": row.devices if row else [], "placement": row.placement if row else "",
                 }
             )  # fmt: skip
         return out

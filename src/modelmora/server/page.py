@@ -173,6 +173,7 @@ function renderModels() {
     tr.cells[5].replaceChildren(Object.keys(mem).length
       ? document.createTextNode(Object.entries(mem).map(([d, b]) => d + " " + size(b)).join(", "))
       : el("span", "dim", Object.entries(est).map(([d, b]) => d + " ~" + size(b)).join(", ") || "-"));
+    if (m && m.placement) tr.cells[5].append(el("span", "why placement", m.placement));  // where, and why there
     tr.cells[6].textContent = m && (st === "ready" || st === "sleeping")
       ? secs(m.idle_s) + " · " + (m.pinned ? "pinned" : secs(m.expires_in_s)) : "";
     const [load, unload, pin] = tr.cells[7].children, inFlight = busy.has(name);
