@@ -247,11 +247,13 @@ function draw(c, dev, d, colour) {
 function renderBanners(health) {
   const box = document.getElementById("banners"); box.replaceChildren();
   const problems = {...(state.status.problems || {}), ...((health && health.problems) || {})};
+  const outages = (health && health.outages) || {};
+  for (const provider of Object.keys(outages)) delete problems["observe:" + provider];  // one banner each
   for (const [component, error] of Object.entries(problems)) {
     const b = el("div", "banner"); b.append(el("b", null, component), document.createTextNode(": " + error));
     box.appendChild(b);
   }
-  for (const [provider, o] of Object.entries((health && health.outages) || {})) {
+  for (const [provider, o] of Object.entries(outages)) {
     const b = el("div", "banner");
     b.append(el("b", null, provider), document.createTextNode(" unreachable since " + o.since + ": " + o.error
       + (o.retry_in_s != null ? " (asked again in " + secs(o.retry_in_s) + ")" : "")));
