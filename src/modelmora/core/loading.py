@@ -426,16 +426,6 @@ class Loader:
             cause=cause,
         )
 
-    def _check_outage_before_evicting(self, entry: Entry) -> None:
-        """After the reconcile that precedes any eviction: a provider it found unreachable
-        (or whose cool-down still runs) is no reason to evict anything."""
-        outage = self.core.outages.get(entry.provider)
-        if outage is None:
-            return
-        remaining = outage.until - self.core.clock()
-        if remaining > 0:
-            raise self._outage_error(entry.provider, entry.name, outage.since, remaining, outage.error)
-
     def _record_failure(self, name: str, error: BaseException) -> float:
         config, now = self.core.config, self.core.clock()
         previous = self.core.failures.get(name)
@@ -514,7 +504,7 @@ class Loader:
                     reconciled = True  # runtime truth before evicting, waiting or refusing
                     why[0] = "the runtimes did not answer what they hold (reconcile)"
                     await self.reconcile()
-                    self._check_outage_before_evicting(entry)
+                    self.check_outage(entry.provider, entry.name)  # found down: no reason to evict
                     continue
                 if isinstance(plan, Admit):
                     why[0] = f"evicting {', '.join((*plan.evict, *plan.sleep))}"
