@@ -69,6 +69,7 @@ class Soak:
         self.rng = random.Random(seed)
         self.result = SoakResult()
         self.reachable = True  # the runtime, as the faults last set it
+        self.back_at = 0  # the operation at which an unreachable runtime comes back
         mm.events.subscribe(self._on_event)
 
     def _on_event(self, e: ev.Event) -> None:
@@ -117,6 +118,9 @@ class Soak:
         async with anyio.create_task_group() as tg:
             for _ in range(ops):
                 self.result.ops += 1
+                if not self.reachable and self.result.ops >= self.back_at and faults.set_reachable is not None:
+                    faults.set_reachable(True)  # an outage lasts operations, not seconds: the
+                    self.reachable = True  # same soak whatever the machine's speed
                 name = rng.choice(self.models)
                 roll = rng.random()
                 try:
@@ -152,8 +156,8 @@ class Soak:
                     elif roll < 0.87 and faults.set_reachable is not None:
                         faults.set_reachable(False)
                         self.reachable = False
+                        self.back_at = self.result.ops + rng.randint(2, 20)
                         self.result.faults["runtime unreachable"] += 1
-                        tg.start_soon(self._reachable_later)
                     elif roll < 0.9:
                         reachable = self.reachable
                         await mm.reconcile()
@@ -174,8 +178,3 @@ class Soak:
         await anyio.sleep(self.rng.uniform(0.01, 0.2))
         self.faults.unhang(name)
 
-    async def _reachable_later(self) -> None:
-        await anyio.sleep(self.rng.uniform(0.01, 0.1))
-        if self.faults.set_reachable is not None:
-            self.faults.set_reachable(True)
-            self.reachable = True

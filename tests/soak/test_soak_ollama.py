@@ -52,7 +52,7 @@ async def test_soak_on_the_ollama_emulator(make_ollama: Callable[..., OllamaEmul
     }  # fmt: skip
     config = {
         "budgets": {"cuda:0": "24GB"}, "models": models, "wait_timeout": 0.5, "reconcile_interval": 0.1,
-        "failure_cooldown": 0.01, "failure_cooldown_max": 0.05, "unload_timeout": 5, "reaper_interval": 0.02,
+        "failure_cooldown": 0.01, "failure_cooldown_max": 0.05, "outage_cooldown": 0.01, "outage_cooldown_max": 0.05, "unload_timeout": 5, "reaper_interval": 0.02,
         "providers": {"ollama": {"base_url": emu.url, "retries": 2, "retry_initial": 0.01, "retry_max": 0.05,
                                  "timeout": 5, "unload_timeout": 5, "poll_interval": 0.01}},
     }  # fmt: skip

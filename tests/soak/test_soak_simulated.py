@@ -56,6 +56,7 @@ async def test_soak_on_the_simulated_runtime(seed: int, record_property: object)
     async with make_manager(
         sim, models, budgets={"cuda:0": "24GB", "cpu": "40GB"}, wait_timeout=0.2,
         failure_cooldown=0.01, failure_cooldown_max=0.05, reconcile_interval=0.05, unload_timeout=1,
+        outage_cooldown=0.01, outage_cooldown_max=0.05,
     ) as mm:  # fmt: skip
         soak = Soak(mm, simulated_faults(sim), list(models), budgets, seed=seed)
         result = await soak.run(soak_ops(1500))
