@@ -63,7 +63,7 @@ def test_a_guess_is_the_likeliest_follower_and_only_over_both_thresholds(
         learned.request(name)
     for a in NAMES:
         after = followers(trace, a, window)
-        best = max((after.count(b) / len(after) for b in NAMES), default=0.0)
+        best = max(after.count(b) / len(after) for b in NAMES) if after else 0.0
         guess = learned.likely(a, min_probability, min_observations)
         if len(after) < min_observations or best < min_probability:
             assert guess is None
