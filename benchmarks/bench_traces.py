@@ -1,7 +1,6 @@
 """Eviction policies on request traces: LRU, the cost-aware default, and the offline optimum.
 
-    python benchmarks/bench_traces.py [--requests 300] [--seed 0] [--scale 0.001] [--json]
-                                      [--window 32] [--tiny]
+    python benchmarks/bench_traces.py [--requests 300] [--seed 0] [--json] [--window 32] [--tiny]
 
 Six traces, each replayed through the real :class:`ModelManager` (simulated runtime) by
 one client, one request after the other, each request holding its lease for 2 s:
@@ -16,12 +15,17 @@ one client, one request after the other, each request holding its lease for 2 s:
 
 Models (except ``periodic``'s) have unequal sizes and load times drawn for a card of
 16, 20 or 24 GB (budget: the card less 1 GB): sizes 20–60 % of the budget, load time
-1.5 s + 0.3–1.2 s per GB.  On the replay a load sleeps its load time × ``--scale`` and a
-request its service time × ``--scale``, so the run takes seconds; the manager's clock is
-modelled (a load advances it by the model's load time, a request by 2 s), so the load
-seconds the policy measures and the waits reported are exact and the same on every
-machine.  Per policy and trace: loads, load-seconds (Σ modelled load time over the loads
-made) and p50/p95 of the wait per request (from asking for the lease to holding it).
+1.5 s + 0.3–1.2 s per GB.  Time is simulated: the manager's clock is a discrete-event
+clock that jumps to the next modelled deadline (a load's end, a request's end) once every
+task waits, so a prefetch that loads while a request is served overlaps it as it would on
+a card, the load seconds the policy measures and the waits reported are exact and the
+same on every machine, and the run takes seconds.  Per policy and trace: loads,
+load-seconds (Σ modelled load time over the loads made, prefetches included) and p50/p95
+of the wait per request (from asking for the lease to holding it).
+
+Policies: ``lru``, ``cost`` (the default) and ``cost+prefetch`` (the default policy with
+``prefetch.enabled`` at its default thresholds: the likely next model is loaded in the
+background, only into free memory).
 
 The offline optimum is exact: a dynamic programme over the sets of resident models
 (every subset that fits the budget) along the known trace, where a request for a model
@@ -37,6 +41,8 @@ installed here (``pip install ray`` in its own virtualenv); the LRU row is what
 from __future__ import annotations
 
 import argparse
+import asyncio
+import heapq
 import json
 import math
 import random
@@ -52,8 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import anyio
 
 from modelmora import ModelManager
+from modelmora import events as ev
 from modelmora.core.policy import Reuse
-from modelmora.memory import StaticProbe
+from modelmora.memory import DeviceMemory, MemoryMonitor, StaticProbe
 from modelmora.providers.base import Handle
 from modelmora.providers.simulated import SimulatedProvider
 from modelmora.spec import ModelSpec
@@ -174,20 +181,62 @@ def optimum(trace: Trace) -> tuple[float, int]:
 
 
 class Clock:
-    """The manager's clock, in modelled seconds: a load advances it by the model's load
-    time and a request by its service time, so what the policy measures and the waits
-    reported are exact, whatever else runs on this machine."""
+    """The manager's clock, in modelled seconds, driven as a discrete-event simulation:
+    :meth:`sleep` waits for a modelled deadline, and :meth:`drive` jumps to the earliest
+    one once every other task waits (nothing runs in a worker thread: see
+    :class:`InlineMonitor`)."""
 
     def __init__(self) -> None:
         self.now = 0.0
+        self._timers: list[tuple[float, int, anyio.Event]] = []
+        self._seq = 0
 
     def __call__(self) -> float:
         return self.now
 
+    async def sleep(self, seconds: float) -> None:
+        event = anyio.Event()
+        self._seq += 1
+        heapq.heappush(self._timers, (self.now + seconds, self._seq, event))
+        await event.wait()
+
+    async def drive(self) -> None:
+        """Runs until cancelled: once every task waits, the earliest deadline comes."""
+        while True:
+            await settled()
+            if self._timers:
+                deadline, _, event = heapq.heappop(self._timers)
+                self.now = max(self.now, deadline)
+                event.set()
+            else:
+                await anyio.sleep(0.001)  # only real timers left (none on the replay's path)
+
+
+async def settled() -> None:
+    """Return once every other asyncio task waits on something not done yet (a loop
+    iteration at a time: asyncio's own ``wait_all_tasks_blocked`` sleeps 0.1 s per try)."""
+    this = asyncio.current_task()
+    while True:
+        await asyncio.sleep(0)
+        for task in asyncio.all_tasks():
+            waiter = getattr(task, "_fut_waiter", None)
+            if task is not this and (waiter is None or waiter.done()):
+                break
+        else:
+            return
+
+
+class InlineMonitor(MemoryMonitor):
+    """Reads the (static) probe on the loop: a worker thread would look idle to
+    :func:`settled` and let the clock jump while it runs."""
+
+    async def read(self) -> list[DeviceMemory]:
+        return self.probe.read()
+
 
 class Sim(SimulatedProvider):
-    """The simulated runtime (each load sleeps ``load_time × scale`` of wall time),
-    remembering which model each load was for and advancing the modelled clock."""
+    """The simulated runtime: a load takes the model's load time on the modelled clock,
+    remembering which model each load was for."""
 
     def __init__(self, clock: Clock, load_s: dict[str, float]) -> None:
         super().__init__()
@@ -196,36 +245,47 @@ class Sim(SimulatedProvider):
 
     async def load(self, spec: ModelSpec) -> Handle:
         self.loaded.append(spec.name)
-        handle = await super().load(spec)
-        self.clock.now += self.load_s[spec.name]
-        return handle
+        await self.clock.sleep(self.load_s[spec.name])
+        return await super().load(spec)
 
 
-async def replay(trace: Trace, policy: str, scale: float, window: int) -> dict[str, Any]:
+POLICIES = ("lru", "cost", "cost+prefetch")
+
+
+async def replay(trace: Trace, policy: str, window: int) -> dict[str, Any]:
     clock = Clock()
     sim = Sim(clock, {m.name: m.load_s for m in trace.models})
-    models = {
-        m.name: {"memory": m.size, "load_time": m.load_s, "options": {"load_time": m.load_s * scale}}
-        for m in trace.models
-    }
+    models = {m.name: {"memory": m.size, "load_time": m.load_s} for m in trace.models}
     config: dict[str, Any] = {
         "budgets": {"cuda:0": trace.budget},
         "models": models,
-        "eviction": policy,
+        "eviction": policy.split("+")[0],
+        "prefetch": {"enabled": policy.endswith("+prefetch")},
         "idle_ttl": -1,
         "reaper_interval": 3600,
         "reconcile_interval": 3600,
         "watchdog": {"enabled": False},
     }
     waits = []
-    async with ModelManager(config, providers={"simulated": sim}, probe=StaticProbe({}), clock=clock) as mm:
+    mm = ModelManager(config, providers={"simulated": sim}, probe=StaticProbe({}), clock=clock)
+    mm.monitor = InlineMonitor(StaticProbe({}))
+    guesses: dict[str, int] = {}  # prefetch outcomes: loaded, gave way, stale, ...
+
+    def count(event: ev.Event) -> None:
+        if isinstance(event, ev.Prefetched):
+            kind = event.outcome.split(":")[0]
+            guesses[kind] = guesses.get(kind, 0) + 1
+
+    mm.events.subscribe(count, leases=False)
+    async with mm, anyio.create_task_group() as tg:
+        tg.start_soon(clock.drive)
         mm._core.reuse = Reuse(window)  # the window under study (default: the policy's)
         for name in trace.requests:
             asked = clock.now
             async with mm.use(name):
                 waits.append(clock.now - asked)
-                await anyio.sleep(SERVICE_S * scale)
-                clock.now += SERVICE_S
+                await clock.sleep(SERVICE_S)
+        tg.cancel_scope.cancel()
     by_name = {m.name: m for m in trace.models}
     waits.sort()
     return {
@@ -234,13 +294,13 @@ async def replay(trace: Trace, policy: str, scale: float, window: int) -> dict[s
         "wait_p50_s": round(waits[len(waits) // 2], 2),
         "wait_p95_s": round(waits[min(len(waits) - 1, int(len(waits) * 0.95))], 2),
         "wait_mean_s": round(statistics.fmean(waits), 2),
+        "prefetches": guesses,
     }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": args.requests,
-        "scale": args.scale,
         "window": args.window,
         "traces": {},
     }
@@ -252,28 +312,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "budget_gb": round(trace.budget / GB, 1),
             "requests": len(trace.requests),
         }
-        row["lru"] = await replay(trace, "lru", args.scale, args.window)
-        row["cost"] = await replay(trace, "cost", args.scale, args.window)
+        for policy in POLICIES:
+            row[policy] = await replay(trace, policy, args.window)
         seconds, loads = optimum(trace)
         row["optimum"] = {"loads": loads, "load_s": round(seconds, 1)}
-        row["cost_vs_lru"] = round(row["cost"]["load_s"] / max(row["lru"]["load_s"], 1e-9), 3)
+        for policy in POLICIES[1:]:
+            row[f"{policy}_vs_lru"] = round(row[policy]["load_s"] / max(row["lru"]["load_s"], 1e-9), 3)
         out["traces"][trace.name] = row
     return out
 
 
 def table(data: dict[str, Any]) -> str:
     lines = [
-        "| trace | LRU loads / load-s | cost loads / load-s (× LRU) | optimum loads / load-s | "
-        "wait p50 / p95, LRU | wait p50 / p95, cost |",
-        "|---|---|---|---|---|---|",
+        "| trace | optimum loads / load-s | "
+        + " | ".join(f"{p} loads / load-s (× LRU) | {p} wait p50 / p95" for p in POLICIES)
+        + " |",
+        "|---|---|" + "---|---|" * len(POLICIES),
     ]
     for name, r in data["traces"].items():
-        lru, cost, opt = r["lru"], r["cost"], r["optimum"]
-        lines.append(
-            f"| {name} | {lru['loads']} / {lru['load_s']:.0f} | {cost['loads']} / {cost['load_s']:.0f} "
-            f"({r['cost_vs_lru']:.2f}) | {opt['loads']} / {opt['load_s']:.0f} | "
-            f"{lru['wait_p50_s']:.1f} / {lru['wait_p95_s']:.1f} s | {cost['wait_p50_s']:.1f} / {cost['wait_p95_s']:.1f} s |"
-        )
+        opt = r["optimum"]
+        cells = [name, f"{opt['loads']} / {opt['load_s']:.0f}"]
+        for p in POLICIES:
+            x = r[p]
+            ratio = f" ({r[f'{p}_vs_lru']:.2f})" if p != "lru" else ""
+            cells.append(f"{x['loads']} / {x['load_s']:.0f}{ratio}")
+            cells.append(f"{x['wait_p50_s']:.1f} / {x['wait_p95_s']:.1f} s")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -285,19 +349,16 @@ def main() -> None:
         "--requests", type=int, default=300, help="Requests per trace (periodic: always 180)."
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=float, default=0.001, help="Wall seconds per modelled second.")
     parser.add_argument(
         "--window", type=int, default=Reuse().window, help="Reuse gaps the cost policy keeps per model."
     )
-    parser.add_argument(
-        "--tiny", action="store_true", help="40 requests per trace, scale 0.0001 (a smoke run)."
-    )
+    parser.add_argument("--tiny", action="store_true", help="40 requests per trace (a smoke run).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.requests < 1 or args.scale <= 0 or args.window < 1:
-        parser.error("--requests, --scale and --window must be positive")
+    if args.requests < 1 or args.window < 1:
+        parser.error("--requests and --window must be positive")
     if args.tiny:
-        args.requests, args.scale = 40, 0.0001
+        args.requests = 40
     started = time.perf_counter()
     data = anyio.run(run, args)
     data["wall_s"] = round(time.perf_counter() - started, 1)
@@ -306,6 +367,8 @@ def main() -> None:
     else:
         print(table(data))
         print(f"\n{data['wall_s']} s wall; waits and load-seconds in modelled seconds.")
+        for name, r in data["traces"].items():
+            print(f"prefetch guesses acted on, {name}: {r['cost+prefetch']['prefetches'] or 'none'}")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def test_bench_traces_tiny_run_reports_every_trace_and_the_optimum_bounds_them()
     data = json.loads(proc.stdout)
     assert set(data["traces"]) == {"uniform", "zipf", "bursty", "agent", "tools", "periodic"}
     for name, row in data["traces"].items():
-        for policy in ("lru", "cost"):
+        for policy in ("lru", "cost", "cost+prefetch"):  # prefetch loads count in its load-s
             r = row[policy]
             assert r["loads"] >= row["optimum"]["loads"] or r["load_s"] >= row["optimum"]["load_s"], name
             assert r["load_s"] >= row["optimum"]["load_s"] - 1e-6, name

@@ -214,6 +214,24 @@ class SchedulingConfig(BaseModel):
     )
 
 
+class PrefetchConfig(BaseModel):
+    """Prefetch learned from live traffic (issue 24): after each request the manager looks
+    up which model was asked for next after this one (its last 16 times); when one was
+    at least ``min_probability`` of them, with at least ``min_observations`` counted, and
+    it is not resident, it is loaded in the background, only into free memory (it never
+    evicts or parks anything, and gives way to any other load or waiting caller)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Load the likely next model ahead of its request.")
+    min_probability: float = Field(
+        0.6, gt=0, le=1, description="How likely (0–1) the next model must be to be prefetched."
+    )
+    min_observations: int = Field(
+        4, ge=1, description="Requests that followed the current model's before any guess is made."
+    )
+
+
 class ApiKeyConfig(BaseModel):
     """One API key of ``modelmora serve`` (issue 25): its secret is read from the environment
     variable ``token_env`` (never written in the file); requests carrying it as ``Authorization:
@@ -264,6 +282,7 @@ class ManagerConfig(BaseModel):
         description="Which idle model goes first when room is needed: 'cost' keeps what is slow to "
         "reload, small and often used (GreedyDual-Size-Frequency); 'lru' the least recently used.",
     )
+    prefetch: PrefetchConfig = Field(default_factory=PrefetchConfig)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     api_keys: dict[str, ApiKeyConfig] = Field(
         default_factory=dict,
@@ -765,6 +784,7 @@ __all__ = [
     "NOT_CONFIG",
     "Budget",
     "ManagerConfig",
+    "PrefetchConfig",
     "WatchdogConfig",
     "deep_merge",
     "describe_validation_error",

@@ -124,6 +124,17 @@ class BaselineWaiting(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Prefetched(Event):
+    """A prefetch guess was acted on: ``model`` was likely (``probability``, 0–1) to be
+    asked for after ``after``; ``outcome`` is ``"loaded"``, or why not (``"gave way: ..."``,
+    ``"stale: ..."``, ``"failed: ..."``).  One per guess, in the order they were made."""
+
+    after: str
+    probability: float
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Unloading(Event):
     reason: str
     forced: bool = False
@@ -342,6 +353,11 @@ def describe(event: Event) -> str:
             return f"{event.hook} hook of {event.model} failed ({event.command}): {event.error}"
         case BaselineWaiting():
             return f"baseline {event.model} not brought back: {event.reason}"
+        case Prefetched():
+            return (
+                f"prefetch of {event.model} (asked for after {event.after} "
+                f"{event.probability:.0%} of the time): {event.outcome}"
+            )
         case Waiting():
             return f"{event.model} waits for memory held by {', '.join(event.blockers) or '?'}"
         case LeaseAcquired() | LeaseReleased():
@@ -366,6 +382,7 @@ __all__ = [
     "LoggingSubscriber",
     "MemoryPressure",
     "OutOfMemoryRetry",
+    "Prefetched",
     "Problem",
     "Slept",
     "Subscriber",

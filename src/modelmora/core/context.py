@@ -32,7 +32,7 @@ from ..providers.base import Provider
 from ..spec import ModelSpec, format_size
 from .lifecycle import STABLE, Entry, Lifecycle, State
 from .planner import Resident
-from .policy import Reuse
+from .policy import Reuse, Successors
 from .table import Table
 
 log = logging.getLogger("modelmora")
@@ -97,6 +97,8 @@ class Core:
         self.failures: dict[str, Failure] = {}
         self.outages: dict[str, Outage] = {}  # provider → its runtime's outage, until it answers
         self.reuse = Reuse()  # gaps between each model's requests: the eviction policy's history
+        self.successors = Successors()  # which model followed which: the prefetch's history
+        self.on_request: Callable[[str], None] = lambda name: None  # the prefetch, when enabled
         self.problems: dict[str, str] = {}
         self.tg: anyio.abc.TaskGroup | None = None
         self.running = False  # from the start of the task group until shutdown begins
@@ -225,8 +227,11 @@ class Core:
         ]
 
     def requested(self, name: str) -> None:
-        """A lease on ``name`` was granted: count it for the eviction policy."""
+        """A lease on ``name`` was granted to a request (not to a background load): count
+        it for the eviction policy and the prefetch."""
         self.reuse.request(name)
+        self.successors.request(name)
+        self.on_request(name)
 
     def key(self, spec: ModelSpec) -> str:
         """The runtime's identity of ``spec``'s target (see ``Provider.target_key``)."""

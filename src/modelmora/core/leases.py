@@ -208,7 +208,8 @@ class Leases:
                 )
         entry.total_leases += 1
         entry.last_used = core.clock()
-        core.requested(name)
+        if not background:  # a background load (baseline, prefetch) is nobody's request
+            core.requested(name)
         if keep_alive is not None:
             entry.keep_alive = self._ttl(keep_alive)
         if pin:

@@ -41,6 +41,7 @@ from .leases import Lease, Leases
 from .lifecycle import STABLE, Entry, State
 from .loading import Loader
 from .planner import Admit, Plan, can_park_within
+from .prefetch import Prefetch
 from .reaper import Reaper
 from .reconcile import Reconciler
 from .scheduling import Scheduler
@@ -141,6 +142,10 @@ class ModelManager:
             if self.config.on_startup:
                 names = self.config.on_startup
                 core.spawn(lambda: preload(self._leases, names), name="modelmora-on-startup")
+            if self.config.prefetch.enabled:
+                prefetch = Prefetch(core, self._leases, self.config.prefetch)
+                core.on_request = prefetch.on_request
+                core.spawn(prefetch.run, name="modelmora-prefetch", service=True)
             if self.config.baseline is not None:
                 baseline = Baseline(core, self._leases, admission, self.config.baseline)
                 self.events.subscribe(baseline.on_event, leases=False)

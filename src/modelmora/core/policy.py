@@ -23,7 +23,8 @@ Two policies order the planner's victims (``eviction`` in the manager's config):
   equal sizes and load times and no history (one request each) the policy *is* LRU.
 
 :class:`Reuse` keeps the gaps: plain bookkeeping, updated by the core on every granted
-lease; nothing here awaits or touches a runtime.
+lease; nothing here awaits or touches a runtime.  :class:`Successors` learns which model
+tends to be asked for next, for the prefetch (``core/prefetch.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Literal, Protocol, TypeVar
 Eviction = Literal["cost", "lru"]
 EVICTIONS: tuple[Eviction, ...] = ("cost", "lru")
 WINDOW = 32  # gaps kept per model (chosen on benchmarks/bench_traces.py: 8, 16, 32 tried)
+FOLLOWERS = 16  # successors kept per model for the prefetch's guess
 STRAY = 1.5  # how far past LRU's estimate a model's expected next use may go (1, 1.25, 1.5, 2 tried)
 
 
@@ -110,6 +112,59 @@ class Reuse:
         return expected_next_use(self._gaps.get(name, ()), self.requests - last)
 
 
+class Successors:
+    """First-order transitions between models in the request stream: which models were
+    asked for right after each one, its last ``window`` times (older ones age out).
+
+    A first-order Markov predictor of the next request, as in V. N. Padmanabhan and
+    J. C. Mogul, *Using Predictive Prefetching to Improve World Wide Web Latency* (ACM
+    SIGCOMM CCR 26(3), 1996): ``probability(a, b)`` is the share of ``a``'s last
+    ``window`` followers that were ``b``.  ``request(name)`` is fed every counted request,
+    like :class:`Reuse`; plain bookkeeping, nothing awaits."""
+
+    __slots__ = ("_after", "_last", "window")
+
+    def __init__(self, window: int = FOLLOWERS):
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        self.window = window
+        self._last: str | None = None
+        self._after: dict[str, deque[str]] = {}
+
+    def request(self, name: str) -> None:
+        if self._last is not None:
+            after = self._after.get(self._last)
+            if after is None:
+                after = self._after[self._last] = deque(maxlen=self.window)
+            after.append(name)
+        self._last = name
+
+    def observations(self, name: str) -> int:
+        """How many of ``name``'s followers are counted (at most ``window``)."""
+        return len(self._after.get(name, ()))
+
+    def probability(self, name: str, follower: str) -> float:
+        """The share (0–1) of ``name``'s counted followers that were ``follower``; 0 with none."""
+        after = self._after.get(name)
+        return after.count(follower) / len(after) if after else 0.0
+
+    def likely(self, name: str, min_probability: float, min_observations: int) -> tuple[str, float] | None:
+        """The likeliest model asked for after ``name`` and its probability, or None when
+        ``name`` has fewer than ``min_observations`` followers counted or no follower's
+        probability reaches ``min_probability``.  Ties go to the most recent follower.  It
+        may be ``name`` itself (it is asked for again)."""
+        after = self._after.get(name)
+        if not after or len(after) < min_observations:
+            return None
+        counts: dict[str, int] = {}
+        for follower in after:  # oldest first: a later follower wins a tie below
+            counts[follower] = counts.get(follower, 0) + 1
+        recency = {follower: i for i, follower in enumerate(after)}
+        best = max(counts, key=lambda f: (counts[f], recency[f]))
+        p = counts[best] / len(after)
+        return (best, p) if p >= min_probability else None
+
+
 def expected_next_use(gaps: Iterable[int], since: int) -> float:
     """Requests until the next request of a model last requested ``since`` requests ago,
     given its past gaps between requests: ``E[g - since | g > since]`` over the gaps (LRB's
@@ -130,10 +185,12 @@ def expected_next_use(gaps: Iterable[int], since: int) -> float:
 
 __all__ = [
     "EVICTIONS",
+    "FOLLOWERS",
     "STRAY",
     "WINDOW",
     "Eviction",
     "Reuse",
+    "Successors",
     "Victim",
     "eviction_order",
     "expected_next_use",
