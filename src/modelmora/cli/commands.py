@@ -1419,6 +1419,7 @@ def _duration_opt(flag: str, value: str | None) -> float | None:
 
 
 from . import estimate as _estimate  # noqa: E402, F401  (registers `modelmora estimate` on app)
+from . import lease as _lease  # noqa: E402, F401  (registers `modelmora lease` on app)
 
 
 def main() -> None:
