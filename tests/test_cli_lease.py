@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from modelmora.cli.commands import app
+from modelmora.cli.loadbar import eta_text
 from modelmora.server import create_app
 from modelmora.testing.threaded import ThreadedServer
 
@@ -77,3 +78,28 @@ def test_an_unknown_model_is_one_line(url: str) -> None:
     assert result.exit_code == 1 and "qwn" in result.output and "Traceback" not in result.output, (
         result.output
     )
+
+
+def test_eta_text_from_the_measured_load_time() -> None:
+    assert eta_text(4.0, 10.0) == "40 % (about 6 s left)"
+    assert eta_text(12.0, 10.0) == "99 % (took longer than the 10s measured)"
+    assert eta_text(3.2, None) == "3 s so far, no load time measured yet"
+
+
+def test_load_says_what_it_expects_in_direct_mode_and_through_a_server(url: str, tmp_path: Path) -> None:
+    """Off a terminal (here) the bar is one line with the expected load time; on one it is
+    a rich bar fed with :func:`eta_text` (the server's side through ``GET /models/NAME``)."""
+    config = tmp_path / "m.yaml"
+    config.write_text(
+        "budgets: {cuda:0: 24GB}\nmodels: {qwen: {provider: simulated, memory: 9GB, load_time: 0.2}}\n"
+    )
+    direct = runner.invoke(app, ["load", "qwen", "-c", str(config), "--keep-alive", "1m"])
+    assert direct.exit_code == 0, direct.output
+    assert "loading qwen (expected to take about 200ms) …" in direct.stderr, direct.stderr
+    assert "loaded qwen" in direct.stdout
+    served = runner.invoke(app, ["load", "qwen", "--url", url])
+    assert served.exit_code == 0, served.output
+    assert f"loading qwen on {url} (expected to take about 10ms) …" in served.stderr, served.stderr
+    assert "loaded qwen" in served.stdout
+    missing = runner.invoke(app, ["load", "qwn", "--url", url])
+    assert missing.exit_code == 1 and "qwn" in missing.output and "Traceback" not in missing.output
