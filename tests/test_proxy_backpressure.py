@@ -121,3 +121,34 @@ def test_api_keys_carry_priority_and_an_allow_list(
         assert bad.status_code == 400 and "X-Priority" in bad.json()["error"]["message"], bad.text
         ok = c.post("/v1/chat/completions", json=chat("mistral"), headers={**ui, "X-Priority": "-3"})
         assert ok.status_code == 200
+
+
+def test_a_stream_in_flight_holds_its_slot_until_the_runtime_has_answered(
+    serve: Callable[..., str], make_ollama: Callable[..., OllamaEmulator]
+) -> None:
+    """A streamed answer holds its lease while the runtime's stream is relayed: after its
+    first chunk it still counts toward ``qwen``'s ``max_concurrency`` of 1 (in flight 1,
+    listed as forwarded), so a second stream is refused 429 before any byte; once the
+    runtime's stream has ended the slot is free.  (Issue 22 gives the lease back with the
+    chunk that completes the runtime's answer, before the client has the last byte; this
+    checks that the lease is not given back any earlier.)"""
+    emu = make_ollama(token_delay=0.1)
+    url = serve(config_for(emu))
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/v1/chat/completions", json=chat("qwen")).status_code == 200  # loaded
+        with c.stream("POST", "/v1/chat/completions", json=chat("qwen", stream=True)) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # mid-stream now
+            status = c.get("/status").json()["models"][0]
+            assert status["leases"] == 1, status
+            listed = c.get("/requests").json()
+            assert [(r["model"], r["state"]) for r in listed] == [("qwen", "forwarded")], listed
+            with c.stream("POST", "/v1/chat/completions", json=chat("qwen", stream=True)) as second:
+                head = next(second.iter_raw())
+                assert second.status_code == 429 and head.startswith(b"{"), head
+                assert second.headers["x-modelmora-in-flight"] == "1"
+            rest = list(lines)
+            assert "data: [DONE]" in rest, rest[-3:]
+        assert c.get("/status").json()["models"][0]["leases"] == 0
+        assert c.post("/v1/chat/completions", json=chat("qwen", stream=True)).status_code == 200

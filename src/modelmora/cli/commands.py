@@ -18,6 +18,8 @@ import math
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -38,9 +40,11 @@ from ..extras import require_extra
 from ..footprint import Footprint
 from ..memory import StaticProbe
 from ..providers import Factory, ProviderRegistry, check_providers
+from ..providers.base import Handle
 from ..providers.simulated import SimulatedProvider
 from ..spec import ModelSpec, format_duration, format_memory, format_size, parse_duration
 from .cache import Cleared, clear_hf_cache, clear_ollama_model, hf_cached
+from .loadbar import load_bar
 from .registry import RegistryFile
 
 T = TypeVar("T")
@@ -773,8 +777,7 @@ def load(
     """Load a model (evicting idle ones if needed)."""
     ttl = _duration_opt("--keep-alive", keep_alive)
     if url:
-        with progress(f"loading {name} on {url}"):
-            result = remote(url, lambda c: c.load(name, pin=pin, keep_alive=ttl))
+        result = _load_remote(url, name, pin=pin, keep_alive=ttl)
         mem = format_memory(result["memory"], "no memory reported")
         out.print(f"loaded {name} ({mem})")
         return
@@ -784,15 +787,40 @@ def load(
         took: list[float] = []
         evicted: list[str] = []
 
+        started: list[float] = []
+
         def on_event(e: ev.Event) -> None:
-            if isinstance(e, ev.Loaded) and e.model == name:
+            if isinstance(e, ev.Loading) and e.model == name:
+                started.append(time.monotonic())
+            elif isinstance(e, ev.Loaded) and e.model == name:
                 took.append(e.duration_s)
             elif isinstance(e, ev.Evicted):
                 evicted.append(e.model)
 
         mm.events.subscribe(on_event)
-        with progress(f"loading {name}"):
-            handle = await mm.load(name, pin=pin, keep_alive=ttl, retry=retry)
+        got: list[Handle] = []
+        failed: list[BaseException] = []
+        done = anyio.Event()
+
+        async def run_load() -> None:
+            try:
+                got.append(await mm.load(name, pin=pin, keep_alive=ttl, retry=retry))
+            except Exception as exc:  # raised below, once the bar is gone
+                failed.append(exc)
+            finally:
+                done.set()
+
+        with load_bar(err, f"loading {name}", _finite(mm.footprint(name)[1])) as update:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_load)
+                while not done.is_set():
+                    with anyio.move_on_after(0.1):
+                        await done.wait()
+                    if started:
+                        update(time.monotonic() - started[0])
+        if failed:
+            raise failed[0]
+        handle = got[0]
         when = f" in {format_duration(took[-1])}" if took else " (already loaded)"
         gone = f"; evicted {', '.join(evicted)}" if evicted else ""
         out.print(
@@ -819,6 +847,45 @@ def load(
 
     with _quiet_load_failures(enabled=not verbose):  # the error line says why, once
         with_manager(config, job, verbose=verbose)
+
+
+def _finite(seconds: float | None) -> float | None:
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds > 0 else None
+
+
+def _load_remote(url: str, name: str, *, pin: bool, keep_alive: float | None) -> dict[str, Any]:
+    """``POST /models/{name}/load`` on the server, with a progress bar fed by polling ``GET
+    /models/{name}`` (the load under way: seconds elapsed and expected) from this thread
+    while the load request runs in another."""
+    from .remote import RemoteManager
+
+    answer: list[dict[str, Any]] = []
+    failed: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            with RemoteManager(url) as client:
+                answer.append(client.load(name, pin=pin, keep_alive=keep_alive))
+        except Exception as exc:  # raised in this thread below
+            failed.append(exc)
+
+    worker = threading.Thread(target=call, name="modelmora-load", daemon=True)
+    try:
+        with RemoteManager(url, timeout=5.0) as poll:
+            queue = poll.model(name).get("queue", {})
+            worker.start()
+            with load_bar(err, f"loading {name} on {url}", _finite(queue.get("expected_s"))) as update:
+                while worker.is_alive():
+                    worker.join(0.25)
+                    with contextlib.suppress(ModelMoraError):
+                        queue = poll.model(name).get("queue", {})
+                        if queue.get("loading") and queue.get("elapsed_s") is not None:
+                            update(float(queue["elapsed_s"]))
+        if failed:
+            raise failed[0]
+    except ModelMoraError as exc:
+        fail(str(exc))
+    return answer[0]
 
 
 @app.command()
@@ -1419,6 +1486,7 @@ def _duration_opt(flag: str, value: str | None) -> float | None:
 
 
 from . import estimate as _estimate  # noqa: E402, F401  (registers `modelmora estimate` on app)
+from . import lease as _lease  # noqa: E402, F401  (registers `modelmora lease` on app)
 
 
 def main() -> None:

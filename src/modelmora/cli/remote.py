@@ -68,6 +68,22 @@ class RemoteManager:
             self._call("POST", f"/models/{quote(name, safe='/:@+')}/unload", {"force": force})["unloaded"]
         )
 
+    def take_lease(self, name: str, *, holder: str, reason: str, ttl: float) -> dict[str, Any]:
+        """``POST /leases``: the lease (``id``, ``expires_at`` unix seconds, ``left_s``)."""
+        return dict(
+            self._call("POST", "/leases", {"model": name, "holder": holder, "reason": reason, "ttl": ttl})
+        )
+
+    def extend_lease(self, lease_id: str, *, ttl: float) -> dict[str, Any]:
+        return dict(self._call("POST", f"/leases/{quote(lease_id, safe='')}/extend", {"ttl": ttl}))
+
+    def release_lease(self, lease_id: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/leases/{quote(lease_id, safe='')}"))
+
+    def model(self, name: str) -> dict[str, Any]:
+        """``GET /models/{name}``: its state and the load under way (``queue``, seconds)."""
+        return dict(self._call("GET", f"/models/{quote(name, safe='/:@+')}"))
+
     def unload_all(self, *, force: bool = False) -> dict[str, list[str]]:
         return dict(self._call("POST", "/unload-all", {"force": force}))
 
