@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -56,7 +57,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
-from modelmora import Handle, ModelManager, ModelMoraError
+from modelmora import Handle, HeldByLeases, ModelManager, ModelMoraError
 from modelmora import events as ev
 from modelmora.providers import ProviderRegistry
 from modelmora.providers.base import Tier
@@ -207,6 +208,16 @@ class Unanswered(Violation):
     pass
 
 
+class WrongRefusal(Violation):
+    """A load refused as held by leases (``HeldByLeases``) though a named lease was not
+    held past now, or was no longer held."""
+
+
+class AbandonedLoad(Violation):
+    """A load the runtime is still doing although nobody waits for it any more: no caller
+    of ``use()`` or ``load()`` wants the model."""
+
+
 class ShutdownUnclean(Violation):
     pass
 
@@ -238,6 +249,8 @@ class LeaseRec:
     unanswered: bool = False  # reported waiting past ANSWER_BOUND (once)
     exposed: bool = False  # a forced call ran while it was held: its handle may close
     flagged: bool = False  # reported waiting on a ready model (once)
+    lease: Any = None  # the manager's Lease object
+    held_until: float | None = None  # Lease.hold: said held until (the loop's clock)
 
     @property
     def waiting(self) -> bool:
@@ -272,6 +285,7 @@ class World:
     checked_calls: int = 0
     failed_at: dict[int, float] = field(default_factory=dict)  # failed load call → when seen failed
     cooled: set[int] = field(default_factory=set)  # failed load calls already reported
+    abandoned: set[int] = field(default_factory=set)  # load calls reported as nobody's (once)
     unseen: dict[int, int] = field(default_factory=dict)  # call → host RAM of models not adopted yet
     unknown_measured: bool = False  # the size-unknown model has loaded once: its size is known
     unknown_reserved: int = 0  # what its last load reserved (all it could know of its size)
@@ -623,6 +637,22 @@ class ManagerMachine(RuleBasedStateMachine):
                         f"{instance.target}#{instance.id} is held by the runtime, put there by a load that "
                         f"failed, and the manager neither counts nor cleaned it up ({self._describe(world)})",
                     )
+        # abandoned: once a step has settled, the runtime is loading only what some caller
+        # still wants (a load every caller left is stopped: issue 25)
+        if not world.left and not world.stop.is_set():
+            wanted = {r.name for r in world.leases.values() if r.waiting or r.active} | {
+                m.group(1)
+                for o in world.ops.values()
+                if not o.done and (m := re.match(r"load\('(\w+)'", o.what))
+            }
+            for call in faulty.pending:
+                if call.op == "load" and call.target not in wanted and call.seq not in world.abandoned:
+                    world.abandoned.add(call.seq)
+                    world.violate(
+                        AbandonedLoad,
+                        f"the runtime still loads {call.target} (call {call.seq}) that nobody waits for "
+                        f"({self._describe(world)})",
+                    )
         # deaths: a runtime that reported its death never stays behind a settled row
         for name, instance in _settled_instances(mm, faulty).items():
             if instance in world.reported_lost:
@@ -689,7 +719,8 @@ class ManagerMachine(RuleBasedStateMachine):
             async def holder() -> None:
                 with rec.scope:
                     try:
-                        async with world.mm.use(name, timeout=timeout) as handle:
+                        rec.lease = world.mm.use(name, timeout=timeout)
+                        async with rec.lease as handle:
                             rec.granted = rec.active = True
                             rec.handle, rec.instance = handle, world.faulty.instance_id(handle)
                             rec.outcome = "held"
@@ -702,6 +733,7 @@ class ManagerMachine(RuleBasedStateMachine):
                         rec.outcome = "released"
                     except ModelMoraError as exc:
                         rec.outcome = f"{type(exc).__name__}: {exc}"
+                        self._check_refusal(world, exc, f"lease #{rec.id} on {name}")
                     except Exception as exc:
                         rec.outcome = f"foreign {exc!r}"
                         world.violate(
@@ -721,6 +753,41 @@ class ManagerMachine(RuleBasedStateMachine):
         """A caller uses the model someone else loaded, once the manager has adopted it
         (waking it when it was found asleep)."""
         self.take_lease(FOREIGN, timeout)
+
+    @precondition(lambda self: any(r.active for r in self.world.leases.values()))
+    @rule(data=st.data(), seconds=st.sampled_from([30.0, 200.0, 3600.0]))
+    def hold_lease(self, data: st.DataObject, seconds: float) -> None:
+        """A holder says how long it holds its lease (an HTTP lease's TTL; again: extended)."""
+        held = sorted(r.id for r in self.world.leases.values() if r.active)
+        self.hold(data.draw(st.sampled_from(held), label="lease"), seconds)
+
+    def hold(self, lease: int, seconds: float) -> None:
+        """Lease ``lease`` says it is held ``seconds`` more (a step of its own; replays use it)."""
+
+        async def action(world: World) -> None:
+            rec = world.leases[lease]
+            if rec.active:
+                rec.lease.hold(f"#{rec.id}", seconds)
+                rec.held_until = world.loop.now + seconds
+
+        self.step(f"hold_lease(#{lease}, {seconds:g}s)", action)
+
+    def _check_refusal(self, world: World, exc: ModelMoraError, who: str) -> None:
+        """A refusal as held by leases names leases held past now, each still held."""
+        if not isinstance(exc, HeldByLeases):
+            return
+        named = [int(m.group(1)) for text in exc.held if (m := re.match(r"#(\d+),", text))]
+        if not named:
+            world.violate(WrongRefusal, f"{who} refused as held by leases naming none it knows: {exc.held}")
+        for lease in named:
+            rec = world.leases.get(lease)
+            if rec is None or not rec.active or rec.held_until is None or rec.held_until <= world.loop.now:
+                world.violate(
+                    WrongRefusal,
+                    f"{who} refused as held by lease #{lease}, which is "
+                    f"{'not held' if rec is None or not rec.active else 'held only until ' + str(rec.held_until)} "
+                    f"at {world.loop.now:g}s: {exc}",
+                )
 
     @precondition(lambda self: any(r.granted and not r.done for r in self.world.leases.values()))
     @rule(data=st.data())
@@ -744,6 +811,16 @@ class ManagerMachine(RuleBasedStateMachine):
 
         self.step(f"cancel_waiting_lease(#{lease})", action)
 
+    def cancel_waiting(self, name: str) -> None:
+        """Every caller waiting for ``name`` leaves (a step of its own; replays use it)."""
+
+        async def action(world: World) -> None:
+            for rec in world.leases.values():
+                if rec.waiting and rec.name == name:
+                    rec.scope.cancel()
+
+        self.step(f"cancel_waiting({name!r})", action)
+
     def _op(self, label: str, forced: bool, fn: Callable[[ModelManager], Awaitable[Any]]) -> None:
         async def action(world: World) -> None:
             rec = OpRec(next(self._ids), label, forced, world.loop.now)
@@ -760,6 +837,7 @@ class ManagerMachine(RuleBasedStateMachine):
                     rec.outcome = "ok"
                 except ModelMoraError as exc:
                     rec.outcome = f"{type(exc).__name__}: {exc}"
+                    self._check_refusal(world, exc, label)
                 except Exception as exc:
                     rec.outcome = f"foreign {exc!r}"
                     world.violate(
@@ -1253,6 +1331,22 @@ REPLAYS: dict[str, Callable[[ManagerMachine], None]] = {
         m.load("e", pin=False),
         m.reconcile(),
         m.load("a", pin=False),
+    ),
+    # issue 25: a load every caller left ran to its end (the runtime loading for nobody)
+    "abandoned-load-is-stopped": lambda m: (
+        m.hold_next_call("load", "a"),
+        m.take_lease("a", timeout=None),
+        m.cancel_waiting("a"),
+    ),
+    # issue 25: a load that needs the memory of a lease held for an hour waits out its
+    # wait_timeout; the hold is now honoured (refused at once), and a hold that lapsed is not
+    "held-lease-refuses-then-lapses": lambda m: (
+        m.take_lease("d", timeout=None),
+        m.hold(next(r.id for r in m.world.leases.values() if r.name == "d"), 3600.0),
+        m.load("c", pin=False),
+        m.time_passes(301.0),
+        *(m.time_passes(301.0) for _ in range(12)),
+        m.load("c", pin=False),
     ),
     # 70575ef: b's caller waited for the park and unload of a that b's measurement called for
     "waiters-through-rebalance": lambda m: (
