@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -41,9 +40,6 @@ def tiny(memory: str, factory: str = "tiny_encoder", **more: Any) -> dict[str, A
 def cluster() -> Iterator[Any]:
     with local_cluster({"alpha": 4 * GB, "beta": 2 * GB}) as c:
         yield c
-    import ray
-
-    ray.shutdown()  # the test process's connection, made by the providers
 
 
 def node_ids(cluster: Any) -> dict[str, str]:
@@ -129,15 +125,18 @@ async def test_a_restarted_manager_adopts_the_actors_a_killed_one_left(cluster: 
         """
     )
     env = {**os.environ, "PYTHONPATH": SRC}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
-    try:
-        assert proc.stdout is not None
-        line = await anyio.to_thread.run_sync(proc.stdout.readline)
-        assert line.strip() == "ready", line
-        os.kill(proc.pid, signal.SIGKILL)  # no unload, no clean-up: the actors are detached
-    finally:
-        proc.kill()
-        proc.wait()
+    async with await anyio.open_process([sys.executable, "-c", script], env=env) as proc:
+        try:
+            assert proc.stdout is not None
+            out = b""
+            with anyio.fail_after(240):
+                while b"\n" not in out:
+                    out += await proc.stdout.receive()
+            assert out.strip() == b"ready", out
+            os.kill(proc.pid, signal.SIGKILL)  # no unload, no clean-up: the actors are detached
+        finally:
+            proc.kill()
+            await proc.wait()
     assert await _actors() == {"ray:" + TINY, "ray:" + TINY + "_b"}
     async with manager(cluster, models) as mm:
         assert set(mm.loaded()) == {"one", "two"}  # adopted at start-up
