@@ -142,6 +142,7 @@ class RayProvider(Provider):
         self._gpus: dict[str, dict[int, int]] = {}
         self._budgeted: set[str] = set()  # devices given a budget at start: the only ones placed on
         self._actor_class: Any = None
+        self._suspect: set[str] = set()  # node ids whose actor died: not placed on until they answer
 
     # -- the cluster ----------------------------------------------------------------------
 
@@ -160,9 +161,18 @@ class RayProvider(Provider):
         return self._ray
 
     async def nodes(self) -> list[RayNode]:
-        """The live nodes now (with the GPU totals probed when this provider connected)."""
+        """The live nodes now (with the GPU totals probed when this provider connected).  A
+        node where an actor just died is left out until a task pinned there runs (Ray lists
+        a node whose raylet is gone as alive until its health checks fail)."""
         ray = await self._connect()
-        return await anyio.to_thread.run_sync(ray_cluster.live_nodes, ray, self._gpus)
+        nodes = await anyio.to_thread.run_sync(ray_cluster.live_nodes, ray, self._gpus)
+        for node in nodes:
+            if node.node_id in self._suspect and await anyio.to_thread.run_sync(
+                ray_cluster.node_answers, ray, node.node_id
+            ):
+                self._suspect.discard(node.node_id)
+        self._suspect &= {n.node_id for n in nodes}
+        return [n for n in nodes if n.node_id not in self._suspect]
 
     async def devices(self) -> dict[str, int]:
         """Budgets, bytes by node-qualified device, of every live node (see the module
@@ -261,9 +271,9 @@ class RayProvider(Provider):
                 raise kind(
                     f"{text} (in its Ray actor on {node.name})", model=spec.name, provider=self.name
                 ) from None
-            if isinstance(exc, ray.exceptions.RayActorError):
+            if isinstance(exc, ray.exceptions.RayError):
                 raise LoadFailed(
-                    f"{spec.name}: its Ray actor on {node.name} died while loading ({_first_line(exc)})",
+                    f"{spec.name}: its Ray actor on {node.name} failed while loading ({_first_line(exc)})",
                     model=spec.name, provider=self.name,
                 ) from None  # fmt: skip
             raise
@@ -418,6 +428,7 @@ class RayProvider(Provider):
         else:  # wait_dead never returns
             reason = f"{handle.name}: its Ray actor on {handle.node} stopped"
         handle._death = reason
+        self._suspect.add(handle.node_id)
         return reason
 
     async def aclose(self) -> None:

@@ -75,10 +75,10 @@ def connect(address: str | None, namespace: str, init_options: dict[str, Any]) -
     Raises ProviderUnavailable, one line naming the address, when it cannot be reached: a
     TCP check bounded by 5 s comes first, since Ray's own connect retries for minutes."""
     ray = import_ray()
-    if ray.is_initialized():
-        return False
     if address not in (None, "auto", "local"):
         _check_reachable(address)
+    if ray.is_initialized():
+        return False
     try:
         ray.init(
             address=address,
@@ -148,8 +148,36 @@ def probe_gpus(ray: Any, timeout: float = 60.0) -> dict[str, dict[int, int]]:
     return out
 
 
+def node_answers(ray: Any, node_id: str, timeout: float = 3.0) -> bool:
+    """Whether a task pinned to ``node_id`` runs within ``timeout`` seconds (a node whose
+    raylet is gone still counts as alive in ``ray.nodes()`` until its health checks fail)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_noop).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+    )
+    try:
+        ray.get(task.remote(), timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+def _noop() -> None:
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-__all__ = ["PREFIX", "RayNode", "connect", "import_ray", "live_nodes", "probe_gpus", "split_device"]
+__all__ = [
+    "PREFIX",
+    "RayNode",
+    "connect",
+    "import_ray",
+    "live_nodes",
+    "node_answers",
+    "probe_gpus",
+    "split_device",
+]
