@@ -181,3 +181,35 @@ async def _actors() -> set[str]:
 
     names = await anyio.to_thread.run_sync(lambda: ray.util.list_named_actors(all_namespaces=True))
     return {a["name"] for a in names if a["namespace"] == "modelmora"}
+
+
+def test_the_proxy_answers_embeddings_from_a_ray_hosted_model(cluster: Any) -> None:
+    import httpx
+
+    from modelmora.server import create_app
+    from modelmora.testing.threaded import ThreadedServer
+
+    config = {"models": {"emb": tiny("1GB")}, "providers": {"ray": {"address": cluster.address}}}
+    server = ThreadedServer(create_app(config)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            reply = c.post("/v1/embeddings", json={"model": "emb", "input": ["a", "bbb"]})
+            assert reply.status_code == 200, reply.text
+            assert [d["embedding"] for d in reply.json()["data"]] == [[1.0] * 8, [3.0] * 8]
+            assert (
+                c.post(
+                    "/v1/chat/completions",
+                    json={"model": "emb", "messages": [{"role": "user", "content": "hi"}]},
+                ).status_code
+                == 400
+            )
+    finally:
+        server.stop()  # the server's manager leaves its models running, for the next to adopt
+
+    async def adopt_and_unload() -> set[str]:
+        async with manager(cluster, config["models"]) as mm:
+            assert mm.loaded() == ["emb"]
+            assert await mm.unload("emb")
+        return await _actors()
+
+    assert anyio.run(adopt_and_unload) == set()
