@@ -14,7 +14,7 @@
 #
 # The library itself keeps ranges (users combine it with their own stack); only this file
 # is exact. Extras covered: dev (test tools and every optional runtime the tests use),
-# torch, llama. torch is pinned to 2.13.0 by .ci/lock-pins.in (a free torch resolves to a
+# torch, llama, ray. torch is pinned to 2.13.0 by .ci/lock-pins.in (a free torch resolves to a
 # CUDA build of several GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ echo "resolving (a few minutes: llama-cpp-python's metadata comes from its sourc
 start=$SECONDS
 CUSTOM_COMPILE_COMMAND="bash .ci/lock.sh" "$work/venv/bin/pip-compile" --quiet --strip-extras --allow-unsafe \
     --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
-    --extra dev --extra torch --extra llama \
+    --extra dev --extra torch --extra llama --extra ray \
     --output-file requirements-dev.txt \
     "$@" pyproject.toml .ci/lock-pins.in
 # The extras name modelmora itself (dev = "modelmora[docker,...]"), which pip-compile pins

@@ -13,7 +13,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements-dev.txt"
-LOCKED_EXTRAS = ("dev", "torch", "llama")  # what .ci/lock.sh compiles
+LOCKED_EXTRAS = ("dev", "torch", "llama", "ray")  # what .ci/lock.sh compiles
 
 
 def setup_block() -> list[str]:

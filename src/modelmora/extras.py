@@ -31,6 +31,7 @@ EXTRAS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "docker": ("docker",),
         "gpu": ("pynvml",),
         "llama": ("llama_cpp", "gguf"),
+        "ray": ("ray", *_TORCH),
         # `modelmora demo` on its in-process models; the extra also brings server and chain
         "demo": _TORCH,
     }

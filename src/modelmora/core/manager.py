@@ -125,6 +125,9 @@ class ModelManager:
             self._budget_details = resolve_budget_details(
                 self.config.budgets, self.config.reserve, core.readings, self.config.devices
             )
+            for provider in core.providers.values():  # devices a runtime brings (a Ray cluster's nodes)
+                for device, budget in (await provider.devices()).items():
+                    self._budget_details.setdefault(device, ResolvedBudget(device, budget, 0, "runtime"))
             core.budgets = {d: r.budget for d, r in self._budget_details.items()}
         except BaseException:
             await self._close_providers()

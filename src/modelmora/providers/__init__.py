@@ -36,6 +36,7 @@ KNOWN_PROVIDERS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "llamacpp": ("modelmora.providers.llamacpp:LlamaCppProvider", ""),
         "llamacpp_router": ("modelmora.providers.llamacpp:LlamaCppRouterProvider", ""),
         "torch": ("modelmora.providers.torch:TorchProvider", "pip install 'modelmora[torch]'"),
+        "ray": ("modelmora.providers.ray:RayProvider", "pip install 'modelmora[ray]'"),
     }
 )
 

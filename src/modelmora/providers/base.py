@@ -225,6 +225,13 @@ class Provider(ABC):
         estimate with it), so the planner reserves what the load will really take."""
         return spec
 
+    async def devices(self) -> dict[str, int]:
+        """Budgets, bytes by device name, of devices the runtime brings beyond this machine's
+        (a Ray cluster's nodes: ``node-<name>/cpu``, ``node-<name>/cuda:0``), asked once as
+        the manager starts; a budget the config gives for the same device wins.  Default:
+        none.  Raises ProviderUnavailable when the runtime cannot be reached."""
+        return {}
+
     async def serves(self, spec: ModelSpec) -> frozenset[str] | None:
         """The OpenAI routes (``chat/completions``, ``completions``, ``embeddings``) the model
         answers, so the proxy refuses others before taking a lease; None when the runtime
