@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -52,6 +53,20 @@ def _stop_multiprocessing_helpers() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+_SESSION_HOME = tempfile.TemporaryDirectory(prefix="modelmora-home-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A MODELMORA_HOME of the session's own, set before any fixture runs, module-scoped
+    servers included: nothing a test writes there (HTTP leases, the simulated runtime's
+    state) reaches the user's home or another test's server.  Removed at the end."""
+    os.environ["MODELMORA_HOME"] = _SESSION_HOME.name
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _SESSION_HOME.cleanup()
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,9 @@ class Serve:
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
         environ |= {"PYTHONPATH": str(ROOT / "src"), "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+        # a home of its own next to the config: HTTP leases another server left in the
+        # user's home (~/.cache/modelmora/server) are not this one's to drop or grant
+        environ["MODELMORA_HOME"] = str(config.parent / "modelmora-home")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "modelmora.cli", "serve", "-c", str(config), "--port", str(self.port), *args],
             env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
