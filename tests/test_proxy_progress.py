@@ -6,6 +6,7 @@ ready opens its stream at once, so the first line is always a comment (no timing
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ UPSTREAM = textwrap.dedent(
 
     async def chat(request):
         body = await request.json()
+        if not body.get("stream"):
+            return JSONResponse({"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": "one two three"}}]})
         async def chunks():
             for word in ["one", "two", "three"]:
                 chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
@@ -86,4 +91,30 @@ def test_the_openai_client_streams_through_the_progress_lines(server: str) -> No
     )
     words = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert words == "one two three "
+    client.close()
+
+
+def test_a_waiting_answer_that_asked_for_keepalive_gets_spaces_then_its_json(server: str) -> None:
+    """Non-streaming opt-in (``X-Modelmora-Keepalive: 1``): while the model loads the
+    answer is 200 with spaces (insignificant before JSON, RFC 8259), then the runtime's
+    JSON; without the header a waiting answer sends nothing until it is whole."""
+    body = {**BODY, "stream": False}
+    with httpx.stream(
+        "POST", f"{server}/v1/chat/completions", json=body, headers={"X-Modelmora-Keepalive": "1"}, timeout=30
+    ) as response:
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+        raw = response.read()
+    assert raw.startswith(b" ") and json.loads(raw)["choices"][0]["message"]["content"] == "one two three"
+    with httpx.Client() as plain:
+        assert plain.post(f"{server}/models/m/unload", json={}).status_code == 200  # cold again
+        answer = plain.post(f"{server}/v1/chat/completions", json=body, timeout=30)
+    assert answer.status_code == 200 and not answer.content.startswith(b" ")
+
+
+def test_the_openai_client_reads_a_kept_alive_answer(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Modelmora-Keepalive": "1"}
+    )
+    assert completion.choices[0].message.content == "one two three"
     client.close()
