@@ -307,12 +307,14 @@ class Proxy:
         inflight = self.requests.add(
             name, stream=body.stream, key=key.name if key is not None else None, lease=lease_id
         )
-        if body.stream and not ready:
+        keepalive = not body.stream and request.headers.get("x-modelmora-keepalive", "").strip() == "1"
+        if (body.stream or keepalive) and not ready:
             # the queue's limits answer before any byte of the stream
             self._check_queue(name, size)
             return _WaitingStream(
-                self, inflight, path, body, request, keep_alive, size, note, priority=priority, key=key
-            )
+                self, inflight, path, body, request, keep_alive, size, note,
+                priority=priority, key=key, keepalive=keepalive,
+            )  # fmt: skip
         try:
             got = await unless(
                 lambda: self._lease(name, keep_alive, size, note, priority, key),
@@ -673,7 +675,15 @@ class _WaitingStream(Response):
     :mod:`modelmora.server.progress`) until its model is ready, then the runtime's stream;
     an error after the stream opened is one ``data: {"error": …}`` event, which OpenAI's
     clients raise as an API error.  A client that leaves, or a cancel through
-    ``/requests``, ends the wait with nothing taken and nothing forwarded."""
+    ``/requests``, ends the wait with nothing taken and nothing forwarded.
+
+    ``keepalive``: a non-streaming request that asked for it (``X-Modelmora-Keepalive:
+    1``) gets the same wait with ``application/json`` and one space every
+    ``progress_every`` seconds instead of comment lines, then the runtime's JSON: leading
+    whitespace is insignificant in JSON (RFC 8259, section 2), so every parser reads the
+    answer unchanged, while the bytes keep idle connections and intermediate proxies from
+    timing out.  Its price, and why it is opt-in: the status is then committed to 200, so a
+    failure after that arrives as an OpenAI error object in a 200 body."""
 
     def __init__(
         self,
@@ -688,11 +698,12 @@ class _WaitingStream(Response):
         *,
         priority: int | None = None,
         key: ApiKey | None = None,
+        keepalive: bool = False,
     ):
         super().__init__(status_code=200)
         self.proxy, self.inflight, self.path, self.payload = proxy, inflight, path, body
         self.request, self.keep_alive, self.size, self.note = request, keep_alive, size, note
-        self.priority, self.key = priority, key
+        self.priority, self.key, self.keepalive = priority, key, keepalive
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         proxy, inflight = self.proxy, self.inflight
@@ -719,13 +730,11 @@ class _WaitingStream(Response):
                 await ready.wait()
             while not ready.is_set():
                 if not opened:
-                    headers = [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                    ]
+                    kind = b"application/json" if self.keepalive else b"text/event-stream; charset=utf-8"
+                    headers = [(b"content-type", kind), (b"cache-control", b"no-cache")]
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                     opened = True
-                line = proxy.progress(inflight).encode()
+                line = b" " if self.keepalive else proxy.progress(inflight).encode()
                 await send({"type": "http.response.body", "body": line, "more_body": True})
                 with anyio.move_on_after(proxy.progress_every):
                     await ready.wait()
@@ -751,7 +760,8 @@ class _WaitingStream(Response):
                 proxy.metrics.count_request(self.payload.model, http_status(proxy.manager, exc))
             if not opened:
                 raise exc  # the app's error handlers answer it
-            await send({"type": "http.response.body", "body": _error_event(proxy, exc), "more_body": False})
+            error = _error_json(proxy, exc) if self.keepalive else _error_event(proxy, exc)
+            await send({"type": "http.response.body", "body": error, "more_body": False})
             return
         lease, handle = got[0]
         response = await proxy.serve(inflight, lease, handle, self.path, self.payload, self.request)
@@ -760,10 +770,11 @@ class _WaitingStream(Response):
         elif isinstance(response, _LeasedStream):
             await response.body_only(scope, receive, send)
         else:  # an in-process answer (embeddings): it does not stream
+            answer = bytes(response.body)
             await send(
                 {
                     "type": "http.response.body",
-                    "body": b"data: " + bytes(response.body) + b"\n\n",
+                    "body": answer if self.keepalive else b"data: " + answer + b"\n\n",
                     "more_body": False,
                 }
             )
@@ -771,6 +782,11 @@ class _WaitingStream(Response):
 
 def _error_event(proxy: Proxy, exc: BaseException) -> bytes:
     """One ``data:`` event in OpenAI's error shape, ending the stream."""
+    return b"data: " + _error_json(proxy, exc) + b"\n\n"
+
+
+def _error_json(proxy: Proxy, exc: BaseException) -> bytes:
+    """``exc`` in OpenAI's error shape, as JSON."""
     if isinstance(exc, APIError):
         body: dict[str, object] = error_body(exc)
     elif isinstance(exc, ModelMoraError):
@@ -779,7 +795,7 @@ def _error_event(proxy: Proxy, exc: BaseException) -> bytes:
         body = openai_error(
             500, f"internal error: {type(exc).__name__}: {exc}".splitlines()[0][:500], "internal_error"
         )
-    return b"data: " + _json(body) + b"\n\n"
+    return _json(body)
 
 
 def router(proxy: Proxy) -> APIRouter:
