@@ -165,7 +165,7 @@ async def test_noisy_load_times_of_equal_models_never_cost_more_loads_than_lru(k
     """Issue 24 on the real llama-server: three equal models whose measured loads varied
     0.05–1.54 s made ``cost`` keep whichever loaded slowly last (27–31 loads, LRU 25).
     Equal sizes on one provider, the same true load time, noise on every load: the
-    default policy needs no more loads than LRU on that benchmark's trace."""
+    default policy needs fewer loads than LRU on that benchmark's trace."""
     loads = {}
     for policy in ("cost", "lru"):
         sim = NoisySim(Clock(), noise(kind, seed))
@@ -173,4 +173,4 @@ async def test_noisy_load_times_of_equal_models_never_cost_more_loads_than_lru(k
         async with manager(sim, models, eviction=policy) as mm:
             await replay(mm, agent_bursts_random(120, 0), sim.clock)
         loads[policy] = sim.stats.loads
-    assert loads["cost"] <= loads["lru"], loads
+    assert loads["cost"] < loads["lru"], loads
