@@ -2,13 +2,15 @@
 C++ ``llama-server``, the same GGUFs and the same request trace.
 
     python benchmarks/bench_llamacpp_router.py [--models 3] [--requests 120] [--rounds 2] [--json]
+                                               [--policies cost,lru]
 
 Three random-weight F32 GGUFs of ~128 MB (``make_tiny_gguf``; ~150 MB RSS each once served)
 and room for two: the router runs with ``--models-max 2``; modelmora with a CPU budget of
 340 MB, so admission evicts.  The trace (fixed seed) is sequential, from one keep-alive
 client, ``/v1/completions`` with 4 tokens: an agent loop (one model called many times in a
 row with short detours to a second), bursts on one model, and uniform random picks.
-Rounds alternate the two systems so drift hits both alike.  Reported per system: loads
+Rounds alternate the systems so drift hits all alike; ``--policies`` runs modelmora once per
+``eviction`` policy named (default: ``cost``, the default policy; ``cost,lru`` adds LRU).  Reported per system: loads
 (server processes spawned), p50/p95 latency, mean time per request, peak RSS of all
 server processes (the manager's own process included for modelmora), requests retried
 (the client retries a failed connection twice, as the official OpenAI clients do; the
@@ -215,12 +217,13 @@ def run_router(binary: str, folder: Path, requests: list[str], work: Path) -> di
 
 
 def run_modelmora(
-    binary: str, folder: Path, names: list[str], requests: list[str], work: Path
+    binary: str, folder: Path, names: list[str], requests: list[str], work: Path, eviction: str = "cost"
 ) -> dict[str, Any]:
     port = free_port()
     state = work / f"mm-state-{port}"
     cfg = {
         "budgets": {"cpu": "340MB"},
+        "eviction": eviction,
         "providers": {"llamacpp": {"binary": binary, "state_dir": str(state), "args": SERVER_ARGS}},
         "models": {
             name: {
@@ -258,13 +261,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--policies", default="cost", help="modelmora's eviction policies to run, comma-separated.")
     args = parser.parse_args()
+    policies = [p for p in args.policies.split(",") if p]
+    if not policies or any(p not in ("cost", "lru") for p in policies):
+        parser.error("--policies: cost, lru or both, comma-separated")
     binary = find_llama_server()
     if binary is None:
         sys.exit("no llama-server: bash .ci/setup-llama-server.sh or set MODELMORA_LLAMA_SERVER")
     names = [f"m{i}" for i in range(args.models)]
     requests = trace(names, args.requests)
-    results: dict[str, list[dict[str, Any]]] = {"llama.cpp router": [], "modelmora serve": []}
+    systems = {f"modelmora serve, {p}": p for p in policies}
+    results: dict[str, list[dict[str, Any]]] = {"llama.cpp router": [], **{s: [] for s in systems}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         folder = work / "models"
@@ -272,7 +280,8 @@ def main() -> None:
             make_tiny_gguf(folder / f"{name}.gguf", layers=3, hidden=1024, seed=i)
         for _ in range(args.rounds):
             results["llama.cpp router"].append(run_router(binary, folder, requests, work))
-            results["modelmora serve"].append(run_modelmora(binary, folder, names, requests, work))
+            for system, policy in systems.items():
+                results[system].append(run_modelmora(binary, folder, names, requests, work, policy))
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -294,7 +303,7 @@ def main() -> None:
           "bare = bare_proxy.py):")  # fmt: skip
     print("| round | direct | relay | bare proxy | modelmora | added: relay | added: bare | added: modelmora | modelmora p95 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for i, r in enumerate(results["modelmora serve"], 1):
+    for i, r in enumerate(results[next(iter(systems))], 1):
         o = r["proxy"]
         d = o["direct_p50_ms"]
         print(

@@ -1,6 +1,7 @@
 """Eviction policies on request traces: LRU, the cost-aware default, and the offline optimum.
 
     python benchmarks/bench_traces.py [--requests 300] [--seed 0] [--json] [--window 32] [--tiny]
+                                      [--noise none|uniform|heavy]
 
 Six traces, each replayed through the real :class:`ModelManager` (simulated runtime) by
 one client, one request after the other, each request holding its lease for 2 s:
@@ -26,6 +27,13 @@ of the wait per request (from asking for the lease to holding it).
 Policies: ``lru``, ``cost`` (the default) and ``cost+prefetch`` (the default policy with
 ``prefetch.enabled`` at its default thresholds: the likely next model is loaded in the
 background, only into free memory).
+
+``--noise`` makes every load take its model's load time times a factor drawn per load
+(the same draws, in load order, for every policy): ``uniform`` ±30 %, ``heavy`` a Pareto
+factor (α = 1.5, median 1: one load in ten takes ≥ 2.2×, one in a hundred ≥ 10×) — what a
+busy machine does to measured load times.  Only the measurements are noisy: load-seconds
+still count each load at its model's true load time (a policy is not charged for the draw
+it happened to get, which would swamp the comparison), so the optimum still bounds them.
 
 The offline optimum is exact: a dynamic programme over the sets of resident models
 (every subset that fits the budget) along the known trace, where a request for a model
@@ -234,27 +242,42 @@ class InlineMonitor(MemoryMonitor):
         return self.probe.read()
 
 
-class Sim(SimulatedProvider):
-    """The simulated runtime: a load takes the model's load time on the modelled clock,
-    remembering which model each load was for."""
+NOISES = ("none", "uniform", "heavy")
 
-    def __init__(self, clock: Clock, load_s: dict[str, float]) -> None:
+
+def noise_factor(rng: random.Random, noise: str) -> float:
+    """One load's factor on its model's load time (see the module docstring)."""
+    if noise == "uniform":
+        return rng.uniform(0.7, 1.3)
+    if noise == "heavy":  # Pareto, α = 1.5, scaled to median 1
+        return 2 ** (-1 / 1.5) * (1 - rng.random()) ** (-1 / 1.5)
+    return 1.0
+
+
+class Sim(SimulatedProvider):
+    """The simulated runtime: a load takes the model's load time (times its noise factor)
+    on the modelled clock, remembering which model each load was for."""
+
+    def __init__(self, clock: Clock, load_s: dict[str, float], noise: str = "none", seed: int = 0) -> None:
         super().__init__()
-        self.clock, self.load_s = clock, load_s
+        self.clock, self.load_s, self.noise = clock, load_s, noise
+        self.rng = random.Random(seed)
         self.loaded: list[str] = []
 
     async def load(self, spec: ModelSpec) -> Handle:
         self.loaded.append(spec.name)
-        await self.clock.sleep(self.load_s[spec.name])
+        await self.clock.sleep(self.load_s[spec.name] * noise_factor(self.rng, self.noise))
         return await super().load(spec)
 
 
 POLICIES = ("lru", "cost", "cost+prefetch")
 
 
-async def replay(trace: Trace, policy: str, window: int) -> dict[str, Any]:
+async def replay(
+    trace: Trace, policy: str, window: int, noise: str = "none", seed: int = 0
+) -> dict[str, Any]:
     clock = Clock()
-    sim = Sim(clock, {m.name: m.load_s for m in trace.models})
+    sim = Sim(clock, {m.name: m.load_s for m in trace.models}, noise, seed)
     models = {m.name: {"memory": m.size, "load_time": m.load_s} for m in trace.models}
     config: dict[str, Any] = {
         "budgets": {"cuda:0": trace.budget},
@@ -290,7 +313,7 @@ async def replay(trace: Trace, policy: str, window: int) -> dict[str, Any]:
     waits.sort()
     return {
         "loads": len(sim.loaded),
-        "load_s": round(sum(by_name[n].load_s for n in sim.loaded), 1),
+        "load_s": round(sum(by_name[n].load_s for n in sim.loaded), 1),  # at true load times
         "wait_p50_s": round(waits[len(waits) // 2], 2),
         "wait_p95_s": round(waits[min(len(waits) - 1, int(len(waits) * 0.95))], 2),
         "wait_mean_s": round(statistics.fmean(waits), 2),
@@ -302,6 +325,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": args.requests,
         "window": args.window,
+        "noise": args.noise,
         "traces": {},
     }
     for trace in traces(args.requests, args.seed):
@@ -313,7 +337,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "requests": len(trace.requests),
         }
         for policy in POLICIES:
-            row[policy] = await replay(trace, policy, args.window)
+            row[policy] = await replay(trace, policy, args.window, args.noise, args.seed)
         seconds, loads = optimum(trace)
         row["optimum"] = {"loads": loads, "load_s": round(seconds, 1)}
         for policy in POLICIES[1:]:
@@ -353,6 +377,9 @@ def main() -> None:
         "--window", type=int, default=Reuse().window, help="Reuse gaps the cost policy keeps per model."
     )
     parser.add_argument("--tiny", action="store_true", help="40 requests per trace (a smoke run).")
+    parser.add_argument(
+        "--noise", choices=NOISES, default="none", help="Per-load noise on load times (see above)."
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.requests < 1 or args.window < 1:

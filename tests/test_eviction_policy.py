@@ -7,6 +7,7 @@ how fast this machine is.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -117,3 +118,59 @@ def test_an_unknown_policy_is_one_clear_error() -> None:
         ManagerConfig.from_dict({"eviction": "mru"})
     assert "eviction" in str(info.value)
     assert "lru" in str(info.value)
+
+
+class NoisySim(TimedSim):
+    """A load takes its spec's ``load_time`` times a factor drawn per load: what the
+    manager measures is noisy, the true load time is the same for every load."""
+
+    def __init__(self, clock: Clock, factors: list[float]):
+        super().__init__(clock)
+        self.factors = factors
+
+    async def load(self, spec: ModelSpec) -> Handle:
+        self.clock.now += (spec.load_time or 0.0) * self.factors[self.stats.loads % len(self.factors)]
+        return await SimulatedProvider.load(self, spec)
+
+
+def agent_bursts_random(n: int, seed: int) -> list[str]:
+    """``benchmarks/bench_llamacpp_router.py``'s trace over three models: agent loops with
+    detours, bursts on one model, uniform picks."""
+    rng = random.Random(seed)
+    models, out = ["m0", "m1", "m2"], []
+    while len(out) < n:
+        pattern = rng.choice(("agent", "burst", "random"))
+        if pattern == "agent":
+            planner, tool = rng.sample(models, 2)
+            for _ in range(rng.randint(3, 6)):
+                out += [planner] * rng.randint(1, 3) + [tool]
+        elif pattern == "burst":
+            out += [rng.choice(models)] * rng.randint(4, 10)
+        else:
+            out += [rng.choice(models) for _ in range(rng.randint(4, 10))]
+    return out[:n]
+
+
+def noise(kind: str, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    if kind == "uniform":  # ±30 %
+        return [rng.uniform(0.7, 1.3) for _ in range(500)]
+    return [0.5 * (1 - rng.random()) ** (-1 / 1.5) for _ in range(500)]  # Pareto α 1.5, heavy tail
+
+
+@pytest.mark.parametrize(
+    ("kind", "seed"), [("uniform", s) for s in range(4)] + [("heavy", s) for s in range(4)]
+)
+async def test_noisy_load_times_of_equal_models_never_cost_more_loads_than_lru(kind: str, seed: int) -> None:
+    """Issue 24 on the real llama-server: three equal models whose measured loads varied
+    0.05–1.54 s made ``cost`` keep whichever loaded slowly last (27–31 loads, LRU 25).
+    Equal sizes on one provider, the same true load time, noise on every load: the
+    default policy needs fewer loads than LRU on that benchmark's trace."""
+    loads = {}
+    for policy in ("cost", "lru"):
+        sim = NoisySim(Clock(), noise(kind, seed))
+        models = {n: {"memory": "8GB", "load_time": 1.0} for n in ("m0", "m1", "m2")}
+        async with manager(sim, models, eviction=policy) as mm:
+            await replay(mm, agent_bursts_random(120, 0), sim.clock)
+        loads[policy] = sim.stats.loads
+    assert loads["cost"] < loads["lru"], loads

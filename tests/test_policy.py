@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelmora.core.planner import Admit, Candidate, Resident, plan_admission
-from modelmora.core.policy import Reuse, eviction_order, expected_next_use
+from modelmora.core.policy import (
+    LOAD_SAMPLES,
+    Measured,
+    Reuse,
+    eviction_order,
+    expected_next_use,
+    load_estimate,
+    load_samples,
+)
 
 GB = 10**9
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +160,60 @@ def test_bench_traces_tiny_run_reports_every_trace_and_the_optimum_bounds_them()
             assert 0 <= r["wait_p50_s"] <= r["wait_p95_s"]
     periodic = data["traces"]["periodic"]
     assert (periodic["lru"]["loads"], periodic["optimum"]["loads"]) == (101, 62)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 1000), min_size=2, max_size=7, unique=True),
+    st.lists(st.lists(st.floats(0.7, 1.3), min_size=1, max_size=LOAD_SAMPLES), min_size=7, max_size=7),
+    st.floats(0.05, 60),
+    st.booleans(),
+)
+def test_equal_models_with_noisy_load_times_are_evicted_as_lru(
+    last_used: list[int], factors: list[list[float]], true_s: float, history: bool
+) -> None:
+    """Equal sizes on one provider, the same true load time measured with up to ±30 % noise
+    on every load (1 to LOAD_SAMPLES loads each), and no useful history (one request
+    each, or none): the cost policy's victim order is LRU's, whatever the noise drew."""
+    names = [f"m{i}" for i in range(len(last_used))]
+    measured = {
+        n: Measured("llamacpp", 3 * GB, [true_s * f for f in factors[i]]) for i, n in enumerate(names)
+    }
+    reuse = Reuse()
+    for i in sorted(range(len(names)), key=lambda i: last_used[i]):
+        reuse.request(names[i])
+    pool = []
+    for i, n in enumerate(names):
+        seconds = load_estimate(load_samples(n, measured))[0]
+        bounds = load_estimate(measured[n].seconds)[1]
+        pool.append(
+            Resident(
+                n,
+                {"cuda:0": 3 * GB},
+                last_used=float(last_used[i]),
+                load_s=seconds,
+                load_bounds=bounds,
+                next_use=reuse.next_use(n) if history else None,
+            )
+        )
+    assert [r.name for r in eviction_order(pool, "cost", ("cuda:0",))] == [
+        r.name for r in eviction_order(pool, "lru")
+    ]
+
+
+def test_equal_models_that_really_load_at_different_speeds_keep_their_own_estimates() -> None:
+    """Pooling is for noise: 2 s against 40 s, or ranges that never meet, stay apart."""
+    measured = {
+        "fast": Measured("p", GB, [2.0, 2.1]),
+        "slow": Measured("p", GB, [40.0, 38.0]),
+        "other": Measured("q", GB, [2.05]),  # another provider: never pooled
+        "big": Measured("p", 2 * GB, [2.0]),  # another size: never pooled
+        "noisy": Measured("p", GB, [0.05, 1.54, 0.3]),  # median 0.3, ranges apart from fast's
+        "wide": Measured("p", GB, [0.5, 2.05]),  # its range meets fast's
+    }
+    assert sorted(load_samples("fast", measured)) == [0.5, 2.0, 2.05, 2.1]
+    assert load_samples("slow", measured) == [40.0, 38.0]
+    assert sorted(load_samples("noisy", measured)) == [0.05, 0.3, 0.5, 1.54, 2.05]  # wide: ranges meet
+    assert load_samples("none", measured) == []
+    assert load_estimate([1.0, 3.0, 2.0]) == (2.0, (1.0, 3.0))
+    assert load_estimate([4.0]) == (4.0, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
@@ -32,7 +33,7 @@ from ..providers.base import Provider
 from ..spec import ModelSpec, format_size
 from .lifecycle import STABLE, Entry, Lifecycle, State
 from .planner import Resident
-from .policy import Reuse, Successors
+from .policy import LOAD_SAMPLES, Measured, Reuse, Successors, load_estimate, load_samples
 from .table import Table
 
 log = logging.getLogger("modelmora")
@@ -93,6 +94,7 @@ class Core:
         self.ours_at_reading: Footprint = EMPTY  # what our rows held when ``readings`` were taken
         self.leaked_at_reading: Footprint = EMPTY  # what providers reported leaked right after
         self.history: dict[str, tuple[Footprint, float]] = {}  # last load: measured, seconds
+        self.load_times: dict[str, deque[float]] = {}  # the last LOAD_SAMPLES loads' seconds
         self.raised: dict[str, Footprint] = {}  # estimates an out-of-memory load raised, until measured
         self.failures: dict[str, Failure] = {}
         self.outages: dict[str, Outage] = {}  # provider → its runtime's outage, until it answers
@@ -207,24 +209,48 @@ class Core:
         entry.can_park = spec.warm_tier and provider is not None and provider.capabilities.warm_tier
         return entry
 
+    def measured(self, name: str, footprint: Footprint, seconds: float) -> None:
+        """A load of ``name`` took ``seconds`` and holds ``footprint``: the last
+        measurement, and one more sample of its load time."""
+        self.history[name] = (footprint, seconds)
+        samples = self.load_times.get(name)
+        if samples is None:
+            samples = self.load_times[name] = deque(maxlen=LOAD_SAMPLES)
+        samples.append(seconds)
+
     def reload_seconds(self, name: str) -> float:
-        """What loading ``name`` again would take (seconds): its last load here, else its
-        spec's ``load_time``, else 1 s; at least 1 ms.  What losing it costs, per byte, for
-        placement's evictions and the watchdog's order."""
-        if name in self.history:
-            seconds: float | None = self.history[name][1]
-        else:
-            entry = self.table.get(name)
-            seconds = entry.spec.load_time if entry is not None else None
-        return max(seconds if seconds is not None else 1.0, 1e-3)
+        """What loading ``name`` again would take (seconds): the median of its measured
+        loads here, pooled with those of equal-size models on its provider
+        (:func:`~modelmora.core.policy.load_samples`), else its spec's ``load_time``, else
+        1 s; at least 1 ms.  What losing it costs, per byte, for placement's evictions and
+        the watchdog's order."""
+        return self._reload(name)[0]
+
+    def _reload(self, name: str) -> tuple[float, tuple[float, float] | None]:
+        """:meth:`reload_seconds` and the fastest and slowest of ``name``'s own measured loads."""
+        samples = load_samples(name, self._measured()) if name in self.load_times else []
+        if samples:  # the pool's median, the bounds of its own loads
+            return max(load_estimate(samples)[0], 1e-3), load_estimate(self.load_times[name])[1]
+        entry = self.table.get(name)
+        spec_s = entry.spec.load_time if entry is not None else None
+        return max(spec_s if spec_s is not None else 1.0, 1e-3), None
+
+    def _measured(self) -> dict[str, Measured]:
+        return {
+            n: Measured(self.specs[n].provider, sum(self.history[n][0].values()), samples)
+            for n, samples in self.load_times.items()
+            if n in self.specs and n in self.history
+        }
 
     def snapshot(self, exclude: Entry | None = None, deciding: str | None = None) -> list[Resident]:
         """The planner's view of the table (:meth:`Table.residents`) with what the eviction
-        policy needs of each model: its reload seconds and when it is expected next."""
-        return [
-            replace(r, load_s=self.reload_seconds(r.name), next_use=self.reuse.next_use(r.name))
-            for r in self.table.residents(exclude=exclude, deciding=deciding)
-        ]
+        policy needs of each model: its reload seconds (and their bounds) and when it is
+        expected next."""
+        out = []
+        for r in self.table.residents(exclude=exclude, deciding=deciding):
+            seconds, bounds = self._reload(r.name)
+            out.append(replace(r, load_s=seconds, load_bounds=bounds, next_use=self.reuse.next_use(r.name)))
+        return out
 
     def requested(self, name: str) -> None:
         """A lease on ``name`` was granted to a request (not to a background load): count

@@ -172,7 +172,7 @@ class Loader:
                 seconds = core.clock() - started
                 measured = Footprint(handle.memory) if handle.memory else entry.estimate
                 entry.owned, entry.loaded_at = handle.owned, core.clock()
-                core.history[entry.name] = (measured, seconds)
+                core.measured(entry.name, measured, seconds)
                 core.raised.pop(entry.name, None)  # measured: an estimate raised by an OOM is moot
                 core.lifecycle.apply(
                     entry,

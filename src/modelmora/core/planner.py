@@ -44,8 +44,9 @@ class Resident:
     queued: bool = False  # waiting for admission: holds nothing yet
     in_flight: bool = False  # loading or waking: the runtime may be allocating
     unknown_on: tuple[str, ...] = ()  # in flight with nothing telling its size: loads alone there
-    load_s: float = 1.0  # seconds a load of it takes (last measured, else its spec's load_time)
+    load_s: float = 1.0  # seconds a load of it takes (median measured, else its spec's load_time)
     next_use: float | None = None  # requests until its next, expected (policy.Reuse); None: never asked
+    load_bounds: tuple[float, float] | None = None  # its fastest, slowest measured load (s); None: < 2
 
     def is_evictable(self) -> bool:
         return self.settled and self.leases == 0 and not self.pinned

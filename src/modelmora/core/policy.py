@@ -22,6 +22,30 @@ Two policies order the planner's victims (``eviction`` in the manager's config):
   ``WINDOW`` gaps count.  A model never requested is worth 0; ties go to LRU, so with
   equal sizes and load times and no history (one request each) the policy *is* LRU.
 
+``load_s`` is measured on a machine that does other work, so one load says little: the
+three equal GGUFs of ``benchmarks/bench_llamacpp_router.py`` measured 0.05–1.54 s a load
+on a busy 2-core box, and a policy fed the last load kept whichever loaded slowly last
+time (27–31 loads where LRU needs 25).  The policy is made robust three ways:
+
+* the median of the last ``LOAD_SAMPLES`` loads, not the last one — the median ignores
+  up to half its samples however far off they are (breakdown point ½; F. R. Hampel,
+  *The Influence Curve and Its Role in Robust Estimation*, JASA 69, 1974; P. J. Huber and
+  E. M. Ronchetti, *Robust Statistics*, 2nd ed., Wiley 2009, §3);
+* models of the same size (within ``SAME_SIZE``) on the same provider whose measured
+  loads do not tell them apart (medians within a factor ``SAME_LOAD``, or overlapping
+  ranges) share one pool of samples: a runtime's load time is the bytes it reads and places over the bandwidth of
+  where they come from (the load-time model of ServerlessLLM — Y. Fu et al.,
+  *ServerlessLLM: Low-Latency Serverless Inference for Large Language Models*, OSDI 2024,
+  §5), so what tells equal-size models apart there is noise, not the model.  With equal
+  sizes on one provider and noise within ±1/3 every estimate is the same number, and the
+  policy orders by expected next use alone (LRU where the gaps tell nothing); a model
+  that really loads much slower (2 s against 40 s) keeps its own estimate;
+* the cheapest to lose goes before LRU's choice only when it is cheaper even with both
+  load times at the far ends of their measured ranges, a distribution-free confidence
+  interval for each median (:func:`significantly_cheaper`); otherwise LRU breaks the tie.
+  Where load times are known exactly the ranges are points and the order is the plain
+  cost order.
+
 :class:`Reuse` keeps the gaps: plain bookkeeping, updated by the core on every granted
 lease; nothing here awaits or touches a runtime.  :class:`Successors` learns which model
 tends to be asked for next, for the prefetch (``core/prefetch.py``).
@@ -30,14 +54,26 @@ tends to be asked for next, for the prefetch (``core/prefetch.py``).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping
-from typing import Literal, Protocol, TypeVar
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from statistics import median
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 Eviction = Literal["cost", "lru"]
 EVICTIONS: tuple[Eviction, ...] = ("cost", "lru")
 WINDOW = 32  # gaps kept per model (chosen on benchmarks/bench_traces.py: 8, 16, 32 tried)
 FOLLOWERS = 16  # successors kept per model for the prefetch's guess
 STRAY = 1.5  # how far past LRU's estimate a model's expected next use may go (1, 1.25, 1.5, 2 tried)
+LOAD_SAMPLES = 5  # measured loads kept per model for its load-time estimate (3, 5, 8 tried)
+SAME_SIZE = 0.1  # models whose bytes differ by at most this share pool their load times
+SAME_LOAD = 2.0  # ... when their median loads are within this factor (noise up to ±1/3)
+
+
+class Measured(NamedTuple):
+    """What the core measured of one model's loads (``load_estimate``'s input)."""
+
+    provider: str
+    bytes: int  # its measured footprint, all devices
+    seconds: Sequence[float]  # its last ``LOAD_SAMPLES`` loads, oldest first
 
 
 class Victim(Protocol):
@@ -53,6 +89,8 @@ class Victim(Protocol):
     def load_s(self) -> float: ...
     @property
     def next_use(self) -> float | None: ...
+    @property
+    def load_bounds(self) -> tuple[float, float] | None: ...
 
 
 R = TypeVar("R", bound=Victim)
@@ -71,10 +109,38 @@ def priority(r: Victim, contended: Collection[str]) -> float:
 
 def eviction_order(pool: Iterable[R], policy: Eviction, contended: Collection[str] = ()) -> list[R]:
     """``pool`` in the order victims are taken: ``lru`` by ``last_used``; ``cost`` by
-    :func:`priority` on the ``contended`` devices, ties by ``last_used``, then name."""
+    :func:`priority` on the ``contended`` devices, ties by ``last_used``, then name — except
+    that the cheapest to lose goes before LRU's choice only when it is *significantly*
+    cheaper (:func:`significantly_cheaper`); else LRU's choice goes first."""
+    by_lru = sorted(pool, key=lambda r: r.last_used)
     if policy == "lru":
-        return sorted(pool, key=lambda r: r.last_used)
-    return sorted(pool, key=lambda r: (priority(r, contended), r.last_used, r.name))
+        return by_lru
+    by_cost = sorted(by_lru, key=lambda r: (priority(r, contended), r.last_used, r.name))
+    out: list[R] = []
+    taken: set[int] = set()
+    while len(out) < len(by_lru):
+        cheapest = next(r for r in by_cost if id(r) not in taken)
+        oldest = next(r for r in by_lru if id(r) not in taken)
+        pick = cheapest if significantly_cheaper(cheapest, oldest, contended) else oldest
+        out.append(pick)
+        taken.add(id(pick))
+    return out
+
+
+def significantly_cheaper(r: Victim, other: Victim, contended: Collection[str] = ()) -> bool:
+    """Whether losing ``r`` costs less than losing ``other`` even at the far ends of what
+    their load times' measurements allow: ``r``'s priority with its load time at the top of
+    its bounds below ``other``'s with its at the bottom (:func:`load_estimate`; a model with
+    no bounds — one load measured, or none — counts at its estimate).  With every load time
+    known exactly, or both estimated from the same pool of loads (equal models: the error,
+    whatever it is, is the same on both sides), this is ``priority(r) < priority(other)``."""
+    if r is other:
+        return True
+    if r.load_s == other.load_s:
+        return priority(r, contended) < priority(other, contended)
+    high = r.load_bounds[1] / max(r.load_s, 1e-9) if r.load_bounds else 1.0
+    low = other.load_bounds[0] / max(other.load_s, 1e-9) if other.load_bounds else 1.0
+    return priority(r, contended) * high < priority(other, contended) * low
 
 
 class Reuse:
@@ -165,6 +231,47 @@ class Successors:
         return (best, p) if p >= min_probability else None
 
 
+def load_samples(name: str, measured: Mapping[str, Measured]) -> list[float]:
+    """The measured loads (seconds) that estimate ``name``'s: its own last ones pooled with
+    those of its *peers*; empty when ``name`` has none measured.  Their median is the
+    estimate, their fastest and slowest its bounds (:func:`load_estimate`).
+
+    A peer is a model on the same provider whose bytes are within ``SAME_SIZE`` of
+    ``name``'s and whose loads do not tell it apart from ``name``'s: the medians are within
+    a factor ``SAME_LOAD`` of each other, or the ranges [fastest, slowest] of the two
+    models' measured loads overlap (the module docstring says why).  Two equal models
+    measured 2 s and 40 s are not peers; two that measured 0.05–1.5 s each are."""
+    own = measured.get(name)
+    if own is None or not own.seconds:
+        return []
+    low, high = own.bytes * (1 - SAME_SIZE), own.bytes * (1 + SAME_SIZE)
+    mid, fastest, slowest = median(own.seconds), min(own.seconds), max(own.seconds)
+    pooled: list[float] = []
+    for other in measured.values():
+        if other.provider != own.provider or not low <= other.bytes <= high or not other.seconds:
+            continue
+        m = median(other.seconds)
+        near = max(m, mid) <= SAME_LOAD * max(min(m, mid), 1e-9)
+        overlap = min(other.seconds) <= slowest and fastest <= max(other.seconds)
+        if near or overlap:
+            pooled += other.seconds
+    return pooled
+
+
+def load_estimate(samples: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """``(median, (fastest, slowest))`` of measured loads (seconds); the bounds are None
+    with fewer than two samples.  [fastest, slowest] of n samples holds the median of
+    their distribution with probability 1 − 2^(1−n) whatever the distribution (94 % at
+    n = 5; the order-statistic confidence interval for a median — H. A. David and H. N.
+    Nagaraja, *Order Statistics*, 3rd ed., Wiley 2003, §7.1).  The core takes the median
+    of the pooled loads (:func:`load_samples`) and the bounds of the model's own: how far
+    its own measurements stray.  Raises ValueError on none."""
+    if not samples:
+        raise ValueError("no load measured")
+    bounds = (min(samples), max(samples)) if len(samples) > 1 else None
+    return median(samples), bounds
+
+
 def expected_next_use(gaps: Iterable[int], since: int) -> float:
     """Requests until the next request of a model last requested ``since`` requests ago,
     given its past gaps between requests: ``E[g - since | g > since]`` over the gaps (LRB's
@@ -186,13 +293,20 @@ def expected_next_use(gaps: Iterable[int], since: int) -> float:
 __all__ = [
     "EVICTIONS",
     "FOLLOWERS",
+    "LOAD_SAMPLES",
+    "SAME_LOAD",
+    "SAME_SIZE",
     "STRAY",
     "WINDOW",
     "Eviction",
+    "Measured",
     "Reuse",
     "Successors",
     "Victim",
     "eviction_order",
     "expected_next_use",
+    "load_estimate",
+    "load_samples",
     "priority",
+    "significantly_cheaper",
 ]
