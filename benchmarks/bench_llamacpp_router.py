@@ -238,6 +238,7 @@ def run_modelmora(
     config = work / f"modelmora-{port}.json"
     config.write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env["MODELMORA_HOME"] = str(work / f"home-{port}")  # its state (HTTP leases) stays in the run's folder
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelmora.cli", "serve", "--config", str(config), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=(work / f"serve-{port}.log").open("wb"), env=env, start_new_session=True,

@@ -45,6 +45,7 @@ def start_server(config: Path, port: int, queue_limit: int = 1000) -> subprocess
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelmora.cli", "serve", "-c", str(config), "--port", str(port), "--queue-limit", str(queue_limit)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "MODELMORA_HOME": str(config.parent / f"home-{port}")},  # its state stays in the run's folder
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while True:
