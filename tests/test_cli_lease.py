@@ -65,6 +65,8 @@ def test_take_extend_and_release_a_lease(url: str) -> None:
         (["--extend", "lease-x"], "--extend needs --ttl"),
         (["--release", "lease-x", "--ttl", "1h"], "--release takes no --ttl"),
         (["qwen", "--ttl", "soon"], "--ttl"),
+        (["qwen", "--ttl", "-1"], "--ttl"),  # -1 ("never") was a ValueError traceback from json
+        (["--extend", "lease-x", "--ttl", "-1"], "--ttl"),
     ],
 )
 def test_bad_input_is_one_line(args: list[str], expected: str, url: str) -> None:
