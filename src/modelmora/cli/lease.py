@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import getpass
+import math
 import socket
 from typing import Annotated, Any
 
@@ -59,8 +60,10 @@ def lease(
     if extend is not None and ttl is None:
         fail("--extend needs --ttl (how long from now)")
     seconds = _duration_opt("--ttl", ttl)
-    if seconds is not None and seconds <= 0:
-        fail(f"--ttl must be positive (got {ttl})")
+    if seconds is not None and (seconds <= 0 or math.isinf(seconds)):
+        fail(
+            f"--ttl must be a positive duration; an HTTP lease always ends, so -1 (never) is refused (got {ttl})"
+        )
     url = url or local_server()
     if url is None:
         fail("no modelmora server: start `modelmora serve` or pass --url (leases live on the server)")
