@@ -84,6 +84,23 @@ async def test_a_lease_longer_than_the_cap_is_refused_naming_it(tmp_path: Path) 
         assert bad.status_code == 422 and bad.json()["error"]["param"] == "ttl"
 
 
+async def test_a_never_ending_or_zero_ttl_is_refused_in_the_users_words(tmp_path: Path) -> None:
+    """``ttl: -1`` was refused as "not inf", and ``0`` as "not 0.0": words the user never wrote."""
+    mm = manager()
+    async with served(mm, tmp_path) as http:
+        lease = (await http.post("/leases", json={"model": "a", "holder": "ci", "ttl": "1m"})).json()
+        for ttl in ("-1", -1, 0, "0s"):
+            for refused in (
+                await http.post("/leases", json={"model": "b", "holder": "ci", "ttl": ttl}),
+                await http.post(f"/leases/{lease['id']}/extend", json={"ttl": ttl}),
+            ):
+                assert refused.status_code == 422 and refused.json()["error"]["param"] == "ttl"
+                message = refused.json()["error"]["message"]
+                assert "inf" not in message and "0.0" not in message, message
+                assert "-1" in message if ttl in ("-1", -1) else "0s" in message, message
+        assert not mm.is_loaded("b")
+
+
 async def test_an_expired_lease_is_released(tmp_path: Path) -> None:
     mm = manager()
     async with served(mm, tmp_path) as http:
