@@ -173,8 +173,21 @@ class HttpLeases:
     # -- taking, extending, releasing ---------------------------------------------------------
 
     def _ttl(self, ttl: float) -> float:
+        if math.isinf(ttl):  # -1, the config's "never": a lease over HTTP always ends
+            raise api_error(
+                422,
+                f"ttl must be a positive duration, not -1 (never): a lease over HTTP always ends; "
+                f"give at most {format_duration(self.max_ttl)} and extend it",
+                "invalid_ttl",
+                param="ttl",
+            )
         if not math.isfinite(ttl) or ttl <= 0:
-            raise api_error(422, f"ttl must be a positive duration, not {ttl!r}", "invalid_ttl", param="ttl")
+            raise api_error(
+                422,
+                f"ttl must be a positive duration, got {format_duration(ttl)}",
+                "invalid_ttl",
+                param="ttl",
+            )
         if ttl > self.max_ttl:
             raise api_error(
                 422,
