@@ -37,6 +37,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ("idle_ttl: soon\n", "idle_ttl: expected a duration"),
         ("budgets:\n  cuda:0: 150%\n", "budgets.cuda:0: a percentage budget must be in (0, 100]"),
         ("modles: {}\n", "modles: unknown field (did you mean 'models'?)"),
+        (  # a field that may be unset (Hooks | None) suggests too, as the global hooks do
+            "models:\n  a:\n    hooks: {afterload: x}\n",
+            "models.a.hooks.afterload: unknown field (did you mean 'after_load'?)",
+        ),
         (
             "default_model: qwen\nmodels:\n  qwen-14b: {}\n",
             "default_model: 'qwen' is not a registered model (did you mean 'qwen-14b'?)",
