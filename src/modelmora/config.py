@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -763,7 +764,7 @@ def _allowed_fields(model: type[BaseModel], loc: list[str]) -> list[str]:
         info = current.model_fields.get(parts[i])
         if info is None:
             return []
-        current = info.annotation
+        current = _unwrap_optional(info.annotation)
         if typing.get_origin(current) is dict:
             current = typing.get_args(current)[1]
             i += 1  # the dict key
@@ -771,6 +772,14 @@ def _allowed_fields(model: type[BaseModel], loc: list[str]) -> list[str]:
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """``X`` for ``X | None`` (e.g. a model's ``hooks: Hooks | None``); others unchanged."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
 
 
 def _unknown(name: str, known: Mapping[str, Any]) -> str:
