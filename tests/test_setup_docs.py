@@ -70,3 +70,19 @@ def test_the_lock_pins_everything_pyproject_asks_for_within_its_ranges() -> None
             f"{LOCK.name} pins {name}=={pins[name]}, outside {req}: run bash .ci/lock.sh"
         )
     assert pins["torch"] == Version("2.13.0+cpu")  # the CPU build; any other is a multi-GB CUDA one
+
+
+def test_the_configuration_table_names_every_config_field() -> None:
+    """README's Configuration table says 'Every field': a field added to the config (or to
+    a model's spec) without a row there is a key a newcomer cannot find."""
+    from modelmora.config import ManagerConfig
+    from modelmora.spec import ModelSpec
+
+    section = (ROOT / "README.md").read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    rows = [cell for line in table.splitlines() for cell in re.findall(r"`([^`]+)`", line.split(" | ")[0])]
+    top = {row.split(".", 1)[0].split(" ", 1)[0] for row in rows}
+    per_model = {row.split(".")[2] for row in rows if row.startswith("models.<name>.")}
+    missing = [f for f in ManagerConfig.model_fields if f not in top]
+    missing += [f"models.<name>.{f}" for f in ModelSpec.model_fields if f != "name" and f not in per_model]
+    assert not missing, f"README's Configuration table lacks: {', '.join(missing)}"
