@@ -194,8 +194,9 @@ def test_an_unreachable_runtime_is_a_503_with_retry_after_and_named_by_health(
     url = serve(config)
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/models/sim/load").status_code == 200
-        first = c.post("/models/llm/load")
-        assert first.status_code in (502, 503), first.text
+        first = c.post("/models/llm/load")  # the failure that finds the outage says so too
+        assert first.status_code == 503 and first.json()["error"]["code"] == "ProviderOutage", first.text
+        assert 1 <= int(first.headers["retry-after"]) <= 30
         again = c.post("/v1/chat/completions", json={"model": "llm", **CHAT})
         assert again.status_code == 503, again.text
         assert again.json()["error"]["code"] == "ProviderOutage"
@@ -208,3 +209,27 @@ def test_an_unreachable_runtime_is_a_503_with_retry_after_and_named_by_health(
         assert set(health["outages"]) == {"ollama"}
         assert health["outages"]["ollama"]["since"]  # a wall-clock time
         assert "127.0.0.1" in health["outages"]["ollama"]["error"]
+
+
+def test_the_request_that_finds_the_runtime_down_is_a_503_with_retry_after(
+    serve: Callable[..., str], make_ollama: Callable[..., OllamaEmulator]
+) -> None:
+    """Ollama answered at start and has died since: the load itself meets the dead runtime
+    (nothing to evict, so no reconcile first).  Its caller gets what every later caller
+    gets, 503 ProviderOutage with Retry-After (red: 502 RuntimeUnreachable with no
+    Retry-After, so clients that retry on 503 gave up)."""
+    emu = make_ollama(models={"qwen2.5:14b": "9GB"})
+    config = {
+        "budgets": {"cuda:0": "24GB"},
+        "outage_cooldown": "30s",
+        "providers": {"ollama": {"base_url": emu.url, "retries": 1}},
+        "models": {"llm": {"provider": "ollama", "target": "qwen2.5:14b", "memory": "9GB"}},
+    }
+    url = serve(config)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/health").status_code == 200
+        emu.stop()
+        first = c.post("/v1/chat/completions", json={"model": "llm", **CHAT})
+        assert first.status_code == 503, first.text
+        assert first.json()["error"]["code"] == "ProviderOutage"
+        assert 1 <= int(first.headers["retry-after"]) <= 30
