@@ -331,7 +331,10 @@ class Loader:
             and not isinstance(error, ProviderOutage)
             and entry.provider in core.providers  # not a runtime that was never there
         ):
-            retry_after = core.provider_down(entry.provider, error).until - core.clock()
+            outage = core.provider_down(entry.provider, error)
+            retry_after = outage.until - core.clock()
+            # its callers learn it as every later caller will: an outage, and when to retry
+            error = self._outage_error(entry.provider, entry.name, outage.since, retry_after, error)
         if entry.state in (State.QUEUED, State.LOADING) or (entry.state is State.WAKING and called):
             self.transitions.leave(entry, Action.FAIL)
         elif entry.state is State.WAKING:
@@ -417,8 +420,8 @@ class Loader:
     ) -> ProviderOutage:
         now = self.core.clock()
         return ProviderOutage(
-            f"cannot load {name!r}: provider {provider!r} is unreachable since {format_duration(now - since)} "
-            f"ago ({cause}); asked again in {format_duration(remaining)}",
+            f"cannot load {name!r}: provider {provider!r} has been unreachable for {format_duration(now - since)} "
+            f"({cause}); asked again in {format_duration(remaining)}",
             model=name,
             provider=provider,
             retry_after=remaining,

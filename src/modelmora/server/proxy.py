@@ -252,6 +252,8 @@ class Proxy:
         runtime decides).  A provider that cannot say now limits nothing: the lease reports
         why it is unavailable."""
         declared = None if spec.serves is None else frozenset(OPENAI_ENDPOINTS[s] for s in spec.serves)
+        if spec.provider in self.manager.outages():
+            return declared  # its runtime is down: asking it would only wait out its retries
         try:
             said = await self.manager.provider(spec.provider).serves(spec)
         except ModelMoraError:
