@@ -90,6 +90,7 @@ def test_a_request_past_the_queue_bound_gets_429_with_retry_after_before_any_byt
             )
             error = json.loads(b"".join([head, *chunks]))["error"]
             assert error["code"] == "Overloaded" and error["in_flight"] == 1 and error["waiting"] == 0, error
+            assert error["type"] == "rate_limit_error", error  # OpenAI's type for a 429
         first.join()
         assert c.post("/v1/chat/completions", json=chat("qwen")).status_code == 200  # the slot is free again
 
