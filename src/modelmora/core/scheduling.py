@@ -251,7 +251,7 @@ class Scheduler:
         if wait is None:  # nothing measured yet: about one load or one service time
             wait = self.service.get(spec.name) or self.core.reload_seconds(spec.name)
         if full:
-            why = f"{waiting} requests already wait for it (max_queue {spec.max_queue})"
+            why = f"its queue is full (max_queue {spec.max_queue})"
         else:
             why = (
                 f"it would wait about {format_duration(wait)}, past max_wait "

@@ -110,7 +110,8 @@ def openai_error(status: int, message: str, code: str | None, param: str | None 
     """OpenAI's error shape, the one every error of the server has: ``{"error": {"message",
     "type", "param", "code"}}``, ``code`` a string or null (the ``openai`` SDK reads them
     into its exceptions' ``.code`` and ``.param``)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
+    # OpenAI's types: 429 is a rate_limit_error (its SDK raises RateLimitError on the status)
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
