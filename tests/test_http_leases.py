@@ -232,3 +232,13 @@ async def test_a_load_waits_for_a_lease_that_ends_within_its_wait(tmp_path: Path
             assert (await http.delete(f"/leases/{taken['id']}")).status_code == 200
         assert answers[0].status_code == 200, answers[0].text
         assert mm.is_loaded("b")
+
+
+async def test_a_ready_model_has_no_eta(tmp_path: Path) -> None:
+    """``GET /models/{name}``: a model that is not loading has no time left to tell (red:
+    ``eta_s`` was its whole expected load time); times are to the millisecond."""
+    mm = manager(models={"a": {"memory": "3GB", "device": "cpu", "load_time": 0.01}})
+    async with served(mm, tmp_path) as http:
+        assert (await http.post("/models/a/load")).status_code == 200
+        queue = (await http.get("/models/a")).json()["queue"]
+        assert queue["loading"] is False and queue["eta_s"] is None and queue["percent"] is None, queue
