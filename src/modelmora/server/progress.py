@@ -36,8 +36,9 @@ class LoadClock:
             self.started.pop(event.model, None)
 
     def estimate(self, model: str) -> dict[str, Any]:
-        """``{"loading": bool, "elapsed_s", "expected_s", "eta_s", "percent"}`` (seconds; the
-        last three None where unknown) for the load of ``model`` under way, if any."""
+        """``{"loading": bool, "elapsed_s", "expected_s", "eta_s", "percent"}`` (seconds, to
+        the millisecond; None where unknown) for the load of ``model`` under way, if any:
+        with none under way only ``expected_s`` (what a load takes) is set."""
         started = self.started.get(model)
         expected: float | None = None
         if model in self.manager.config.models:
@@ -48,14 +49,14 @@ class LoadClock:
                 "loading": False,
                 "elapsed_s": None,
                 "expected_s": expected,
-                "eta_s": expected,
+                "eta_s": None,
                 "percent": None,
             }
-        elapsed = max(0.0, self.clock() - started)
+        elapsed = round(max(0.0, self.clock() - started), 3)
         if expected is None:
             return {"loading": True, "elapsed_s": elapsed, "expected_s": None, "eta_s": None, "percent": None}
         percent = min(99, int(100 * elapsed / expected))
-        eta = max(0.0, expected - elapsed)
+        eta = round(max(0.0, expected - elapsed), 3)
         return {
             "loading": True,
             "elapsed_s": elapsed,
