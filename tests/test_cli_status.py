@@ -92,3 +92,11 @@ def test_status_uses_a_running_local_server_and_says_so(
         assert "qwen" in table.stdout and "only while a manager runs" not in table.stdout
         data = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
         assert [m["name"] for m in data["models"]] == ["qwen"]
+
+
+def test_a_held_model_says_it_is_held_not_that_it_expires() -> None:
+    """A model a lease holds (an HTTP lease of hours, say) runs no idle countdown: its row
+    says so (red: 'expires in 5m' while a lease held it for hours)."""
+    row = {"provider": "simulated", "expires_by": "manager", "expires_in_s": 300.0, "leases": 1, "waiting": 0}
+    assert commands.expiry(row, direct=False).startswith("held"), commands.expiry(row, direct=False)
+    assert commands.expiry({**row, "leases": 0}, direct=False) == "5m"
