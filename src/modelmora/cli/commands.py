@@ -363,6 +363,8 @@ def expiry(m: dict[str, Any], direct: bool) -> str:
     runtime = m.get("runtime_expires_in_s")
     if left is None:
         return "never"
+    if m.get("leases", 0) - m.get("waiting", 0) > 0 and by != "runtime":
+        return f"held; {format_duration(left)} idle after"  # a lease keeps it: no countdown runs
     if by == "runtime":
         return f"{format_duration(round(left))} by {m['provider']}"
     if direct and by == "manager":
