@@ -16,9 +16,8 @@ each), then through a :class:`ModelManager` with the ray provider:
 * **park / wake**: ``mm.park`` seconds, and the next ``mm.use`` (wake) seconds; on this
   CPU-only machine the move is a no-op, so these are the warm tier's fixed costs.
 
-The request traces of ``bench_traces.py`` through Ray-hosted models against Ray Serve's
-``@serve.multiplexed`` are not run here: Serve's HTTP proxy and controller need more than
-the 2 cores this benchmark was sized for; the script says so and skips it.
+The request traces through Ray-hosted models against Ray Serve's ``@serve.multiplexed``
+are ``bench_ray_serve.py``.
 """
 
 from __future__ import annotations
@@ -113,9 +112,6 @@ async def run(calls: int) -> dict[str, Any]:
             async with mm.use("minilm"):
                 out["wake_s"] = time.perf_counter() - t
             await mm.unload("minilm")
-    out["serve_multiplexed"] = (
-        "skipped: Ray Serve's proxy and controller do not fit this 2-core machine's run"
-    )
     return out
 
 
@@ -133,7 +129,7 @@ def main() -> None:
         print(f"  {key[:-2]:<22} {out[key]:8.3f} s")
     for key in ("plain_ray_call_s", "provider_actor_raw_s", "handle_call_s", "encode_via_handle_s"):
         print(f"  {key[:-2]:<22} {out[key] * 1e3:8.2f} ms (median of {args.calls})")
-    print(f"  Ray Serve @serve.multiplexed: {out['serve_multiplexed']}")
+    print("  against Ray Serve's @serve.multiplexed: python benchmarks/bench_ray_serve.py")
 
 
 if __name__ == "__main__":
