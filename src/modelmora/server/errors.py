@@ -111,7 +111,9 @@ def openai_error(status: int, message: str, code: str | None, param: str | None 
     "type", "param", "code"}}``, ``code`` a string or null (the ``openai`` SDK reads them
     into its exceptions' ``.code`` and ``.param``)."""
     # OpenAI's types: 429 is a rate_limit_error (its SDK raises RateLimitError on the status)
-    kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    kind = (
+        "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    )
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
