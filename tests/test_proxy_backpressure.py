@@ -122,6 +122,9 @@ def test_api_keys_carry_priority_and_an_allow_list(
         assert bad.status_code == 400 and "X-Priority" in bad.json()["error"]["message"], bad.text
         ok = c.post("/v1/chat/completions", json=chat("mistral"), headers={**ui, "X-Priority": "-3"})
         assert ok.status_code == 200
+        # levels, not arbitrary integers: out of the range a config may give (red: accepted)
+        huge = c.post("/v1/chat/completions", json=chat("mistral"), headers={**ui, "X-Priority": "99999999999999999999"})  # fmt: skip
+        assert huge.status_code == 400 and "-1000" in huge.json()["error"]["message"], huge.text
 
 
 def test_a_stream_in_flight_holds_its_slot_until_the_runtime_has_answered(
