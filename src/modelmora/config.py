@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .spec import (
     AUTO,
     MAX_SIZE,
+    PRIORITIES,
     Duration,
     Hooks,
     Interval,
@@ -243,7 +244,10 @@ class ApiKeyConfig(BaseModel):
 
     token_env: str = Field(min_length=1, description="The environment variable that holds the key.")
     priority: int = Field(
-        0, description="Its requests' priority (higher first); X-Priority may only lower it."
+        0,
+        ge=PRIORITIES[0],
+        le=PRIORITIES[1],
+        description="Its requests' priority (higher first); X-Priority may only lower it.",
     )
     weight: float = Field(1.0, gt=0, description="Its share of a busy model against other keys.")
     models: list[str] | None = Field(None, description="The models it may use; unset: all.")

@@ -244,6 +244,11 @@ HookCommand = Annotated[str | list[str], BeforeValidator(_check_command)]
 """A shell command line (``"docker stop comfy"``) or an argv list (``[curl, -X, POST, ...]``)."""
 
 
+# the levels a priority may take (a model's, an API key's, a request's X-Priority): waiting
+# requests rise one level per ``scheduling.ageing`` seconds
+PRIORITIES = (-1000, 1000)
+
+
 class Hooks(BaseModel):
     """Commands run around a model's load and unload, with ``MODELMORA_MODEL``,
     ``MODELMORA_EVENT`` (the field's name) and ``MODELMORA_DEVICE`` in their environment.
@@ -317,7 +322,10 @@ class ModelSpec(BaseModel):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Provider options.")
     priority: int = Field(
-        0, description="Requests for it rank this high unless they say otherwise (higher first)."
+        0,
+        ge=PRIORITIES[0],
+        le=PRIORITIES[1],
+        description="Requests for it rank this high unless they say otherwise (higher first).",
     )
     max_concurrency: int | None = Field(
         None, ge=1, description="Leases held at once; more wait in line (unset: no limit)."

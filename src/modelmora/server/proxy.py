@@ -38,7 +38,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ..core import Lease, ModelManager, State
 from ..errors import ModelMoraError
 from ..providers.base import Handle
-from ..spec import OPENAI_ENDPOINTS, ModelSpec, parse_duration
+from ..spec import OPENAI_ENDPOINTS, PRIORITIES, ModelSpec, parse_duration
 from .errors import APIError, api_error, error_body, http_status, openai_error, registered
 from .metrics import Metrics
 from .progress import LoadClock, progress_line
@@ -198,7 +198,13 @@ class Proxy:
         try:
             priority = int(raw.strip())
         except ValueError:
-            raise api_error(400, f"X-Priority: {raw[:40]!r} is not an integer", "invalid_priority") from None
+            priority = None
+        low, high = PRIORITIES
+        if priority is None or not low <= priority <= high:
+            self.metrics.count_request(name, 400)
+            raise api_error(
+                400, f"X-Priority: {raw[:40]!r} is not an integer from {low} to {high}", "invalid_priority"
+            )
         return (min(priority, key.priority) if key is not None else priority), key
 
     async def _lease(
