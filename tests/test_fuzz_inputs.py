@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -193,3 +194,27 @@ def test_fuzzed_config_files_through_the_cli(
         if result.exit_code == 1:
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"budgets": {"\x1e": "1GB"}},  # the fuzz's find: a record separator in a key
+        {"budgets": {"": {"\x1e": 1}}},
+        {"models": {"a": {"memory": "1GB\u2028x"}}},  # a line separator in a value
+        {"idle_ttl": "5m\x0bsoon"},
+    ],
+)
+def test_control_characters_in_a_config_stay_on_the_error_line(tmp_path: Path, data: dict[str, object]) -> None:
+    """A key or value with a character that ends a line for ``str.splitlines`` (\\x1e,
+    \\u2028, \\x0b, …) is written escaped: the error is still one line (red: the fuzz
+    found ``budgets.'': \\x1e: Extra inputs`` printed on two)."""
+    from typer.testing import CliRunner
+
+    from modelmora.cli import app
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    result = CliRunner().invoke(app, ["models", "list", "-c", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, repr(result.stderr)
