@@ -145,7 +145,7 @@ class OneLineErrors(TyperGroup):
                 command = " ".join([prog_name or "modelmora", *(w for w in words if not w.startswith("-"))])
             if getattr(exc, "exit_code", 1) == 2:  # usage errors: say where the usage is
                 message = f"{message.rstrip('.')} (see '{command} --help')"
-            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -240,8 +240,15 @@ def progress(message: str) -> Iterator[Callable[[str], None]]:
     yield lambda step: err.print(f"  {message}: {step}", highlight=False, soft_wrap=True)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that is not printable (a newline, ``\x1e``,
+    ``\u2028``: what ends a line for a terminal or ``str.splitlines``) written as its escape,
+    so an error quoting a user's input stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
