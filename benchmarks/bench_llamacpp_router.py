@@ -25,7 +25,6 @@ import collections
 import contextlib
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -44,24 +43,9 @@ import psutil
 from modelmora.net import free_port
 from modelmora.providers.llamacpp import find_llama_server
 from modelmora.testing.gguf import make_tiny_gguf
+from modelmora.testing.traces import agent_bursts_random
 
 SERVER_ARGS = ["--ctx-size", "256", "--parallel", "1", "-ngl", "0"]
-
-
-def trace(models: list[str], n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    out: list[str] = []
-    while len(out) < n:
-        pattern = rng.choice(("agent", "burst", "random"))
-        if pattern == "agent":  # a planner model called in a loop, with detours to a tool model
-            planner, tool = rng.sample(models, 2)
-            for _ in range(rng.randint(3, 6)):
-                out += [planner] * rng.randint(1, 3) + [tool]
-        elif pattern == "burst":
-            out += [rng.choice(models)] * rng.randint(4, 10)
-        else:
-            out += [rng.choice(models) for _ in range(rng.randint(4, 10))]
-    return out[:n]
 
 
 class RssSampler:
@@ -271,7 +255,7 @@ def main() -> None:
     if binary is None:
         sys.exit("no llama-server: bash .ci/setup-llama-server.sh or set MODELMORA_LLAMA_SERVER")
     names = [f"m{i}" for i in range(args.models)]
-    requests = trace(names, args.requests)
+    requests = agent_bursts_random(names, args.requests)
     systems = {f"modelmora serve, {p}": p for p in policies}
     results: dict[str, list[dict[str, Any]]] = {"llama.cpp router": [], **{s: [] for s in systems}}
     with tempfile.TemporaryDirectory() as tmp:

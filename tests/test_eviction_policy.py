@@ -17,6 +17,7 @@ from modelmora.memory import StaticProbe
 from modelmora.providers.base import Handle
 from modelmora.providers.simulated import SimulatedProvider
 from modelmora.spec import ModelSpec
+from modelmora.testing.traces import agent_bursts_random
 
 pytestmark = pytest.mark.anyio
 
@@ -133,24 +134,6 @@ class NoisySim(TimedSim):
         return await SimulatedProvider.load(self, spec)
 
 
-def agent_bursts_random(n: int, seed: int) -> list[str]:
-    """``benchmarks/bench_llamacpp_router.py``'s trace over three models: agent loops with
-    detours, bursts on one model, uniform picks."""
-    rng = random.Random(seed)
-    models, out = ["m0", "m1", "m2"], []
-    while len(out) < n:
-        pattern = rng.choice(("agent", "burst", "random"))
-        if pattern == "agent":
-            planner, tool = rng.sample(models, 2)
-            for _ in range(rng.randint(3, 6)):
-                out += [planner] * rng.randint(1, 3) + [tool]
-        elif pattern == "burst":
-            out += [rng.choice(models)] * rng.randint(4, 10)
-        else:
-            out += [rng.choice(models) for _ in range(rng.randint(4, 10))]
-    return out[:n]
-
-
 def noise(kind: str, seed: int) -> list[float]:
     rng = random.Random(seed)
     if kind == "uniform":  # ±30 %
@@ -171,6 +154,6 @@ async def test_noisy_load_times_of_equal_models_never_cost_more_loads_than_lru(k
         sim = NoisySim(Clock(), noise(kind, seed))
         models = {n: {"memory": "8GB", "load_time": 1.0} for n in ("m0", "m1", "m2")}
         async with manager(sim, models, eviction=policy) as mm:
-            await replay(mm, agent_bursts_random(120, 0), sim.clock)
+            await replay(mm, agent_bursts_random(["m0", "m1", "m2"], 120, 0), sim.clock)
         loads[policy] = sim.stats.loads
     assert loads["cost"] < loads["lru"], loads
