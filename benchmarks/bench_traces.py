@@ -1,7 +1,7 @@
 """Eviction policies on request traces: LRU, the cost-aware default, and the offline optimum.
 
     python benchmarks/bench_traces.py [--requests 300] [--seed 0] [--json] [--window 32] [--tiny]
-                                      [--noise none|uniform|heavy]
+                                      [--noise none|uniform|heavy] [--traces agent,tools] [--ablation]
 
 Six traces, each replayed through the real :class:`ModelManager` (simulated runtime) by
 one client, one request after the other, each request holding its lease for 2 s:
@@ -41,9 +41,13 @@ not resident loads it and may evict any subset of the others (demand loading; Be
 setting with sizes and costs, where loading ahead never lowers the total).  It minimises
 load-seconds (then loads); with 6 models that is at most 3^6 moves per request.
 
-A peer mode through Ray Serve's ``@serve.multiplexed`` is not included: Ray is not
-installed here (``pip install ray`` in its own virtualenv); the LRU row is what
-``@serve.multiplexed`` does (per-replica LRU by count).
+The peer, Ray Serve's ``@serve.multiplexed`` (per-replica LRU by count: the ``lru`` row's
+rule), runs the periodic and agent-loop traces on a real Ray node beside modelmora's
+``ray`` provider in ``benchmarks/bench_ray_serve.py`` (loads and per-request overhead);
+here, where the runtime is simulated, it would only repeat the LRU row.
+
+``--ablation`` adds the ``cost`` policy with its set duel turned off (``cost/bounded``,
+``cost/unbounded``: one next-use estimate each, see ``core/policy.py``'s ``Reuse``).
 """
 
 from __future__ import annotations
@@ -271,6 +275,20 @@ class Sim(SimulatedProvider):
 
 
 POLICIES = ("lru", "cost", "cost+prefetch")
+ABLATIONS = ("cost/bounded", "cost/unbounded")  # the default with one next-use estimate only
+
+
+class OneEstimate(Reuse):
+    """The ``cost`` policy's history with the set duel turned off: always the bounded
+    estimate, or always the unbounded one (``--ablation``)."""
+
+    def __init__(self, window: int, bounded: bool) -> None:
+        super().__init__(window)
+        self.fixed = bounded
+
+    @property
+    def bounded(self) -> bool:
+        return self.fixed
 
 
 async def replay(
@@ -282,7 +300,7 @@ async def replay(
     config: dict[str, Any] = {
         "budgets": {"cuda:0": trace.budget},
         "models": models,
-        "eviction": policy.split("+")[0],
+        "eviction": policy.split("+")[0].split("/")[0],
         "prefetch": {"enabled": policy.endswith("+prefetch")},
         "idle_ttl": -1,
         "reaper_interval": 3600,
@@ -302,7 +320,9 @@ async def replay(
     mm.events.subscribe(count, leases=False)
     async with mm, anyio.create_task_group() as tg:
         tg.start_soon(clock.drive)
-        mm._core.reuse = Reuse(window)  # the window under study (default: the policy's)
+        ablation = policy.partition("/")[2]
+        # the window under study (default: the policy's)
+        mm._core.reuse = OneEstimate(window, ablation == "bounded") if ablation else Reuse(window)
         for name in trace.requests:
             asked = clock.now
             async with mm.use(name):
@@ -329,6 +349,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "traces": {},
     }
     for trace in traces(args.requests, args.seed):
+        if args.traces and trace.name not in args.traces:
+            continue
         row: dict[str, Any] = {
             "models": [
                 {"name": m.name, "gb": round(m.size / GB, 1), "load_s": m.load_s} for m in trace.models
@@ -336,27 +358,29 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "budget_gb": round(trace.budget / GB, 1),
             "requests": len(trace.requests),
         }
-        for policy in POLICIES:
+        policies = POLICIES + (ABLATIONS if args.ablation else ())
+        for policy in policies:
             row[policy] = await replay(trace, policy, args.window, args.noise, args.seed)
         seconds, loads = optimum(trace)
         row["optimum"] = {"loads": loads, "load_s": round(seconds, 1)}
-        for policy in POLICIES[1:]:
+        for policy in policies[1:]:
             row[f"{policy}_vs_lru"] = round(row[policy]["load_s"] / max(row["lru"]["load_s"], 1e-9), 3)
         out["traces"][trace.name] = row
     return out
 
 
 def table(data: dict[str, Any]) -> str:
+    policies = [p for p in POLICIES + ABLATIONS if p in next(iter(data["traces"].values()), {})]
     lines = [
         "| trace | optimum loads / load-s | "
-        + " | ".join(f"{p} loads / load-s (× LRU) | {p} wait p50 / p95" for p in POLICIES)
+        + " | ".join(f"{p} loads / load-s (× LRU) | {p} wait p50 / p95" for p in policies)
         + " |",
-        "|---|---|" + "---|---|" * len(POLICIES),
+        "|---|---|" + "---|---|" * len(policies),
     ]
     for name, r in data["traces"].items():
         opt = r["optimum"]
         cells = [name, f"{opt['loads']} / {opt['load_s']:.0f}"]
-        for p in POLICIES:
+        for p in policies:
             x = r[p]
             ratio = f" ({r[f'{p}_vs_lru']:.2f})" if p != "lru" else ""
             cells.append(f"{x['loads']} / {x['load_s']:.0f}{ratio}")
@@ -380,10 +404,24 @@ def main() -> None:
     parser.add_argument(
         "--noise", choices=NOISES, default="none", help="Per-load noise on load times (see above)."
     )
+    parser.add_argument(
+        "--traces",
+        type=lambda v: v.split(","),
+        default=[],
+        help="Only these traces, comma-separated (default: all six).",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="Also the cost policy with one next-use estimate only (bounded, unbounded): no set duel.",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.requests < 1 or args.window < 1:
         parser.error("--requests and --window must be positive")
+    unknown = set(args.traces) - {t.name for t in traces(1, 0)}
+    if unknown:
+        parser.error(f"unknown trace {sorted(unknown)[0]!r}: uniform, zipf, bursty, agent, tools or periodic")
     if args.tiny:
         args.requests = 40
     started = time.perf_counter()
