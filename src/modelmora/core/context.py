@@ -33,7 +33,7 @@ from ..providers.base import Provider
 from ..spec import ModelSpec, format_size
 from .lifecycle import STABLE, Entry, Lifecycle, State
 from .planner import Resident
-from .policy import LOAD_SAMPLES, Measured, Reuse, Successors, load_estimate, load_samples
+from .policy import LOAD_SAMPLES, Cost, Measured, Reuse, Room, Successors, load_estimate, load_samples
 from .table import Table
 
 log = logging.getLogger("modelmora")
@@ -255,7 +255,13 @@ class Core:
     def requested(self, name: str) -> None:
         """A lease on ``name`` was granted to a request (not to a background load): count
         it for the eviction policy and the prefetch."""
-        self.reuse.request(name)
+        entry = self.table.get(name)
+        held = entry.planned().as_dict() if entry is not None else {}
+        if held and self.budgets:
+            cost = Cost(held, self.reload_seconds(name))
+            self.reuse.request(name, cost, Room(dict(self.budgets), self.config.max_loaded_models))
+        else:
+            self.reuse.request(name)
         self.successors.request(name)
         self.on_request(name)
 
