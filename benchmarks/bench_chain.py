@@ -12,6 +12,8 @@ Part 3 (planner): ``--large`` random chains of 14 and 20 models x 200 steps plan
 the default 200 ms budget in a worker thread while a heartbeat task on the loop ticks
 every 10 ms: wall time, method, proven gap, longest heartbeat interval, and distance to a
 reference plan searched for ``--reference`` seconds (the optimum where that one is exact).
+SciPy, whose HiGHS solves the integer programme, is imported once per process by the
+first plan that needs it (outside that plan's budget): timed apart, before the rows.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import anyio
 from modelmora import ModelManager
 from modelmora.chain import Chain, PlanModel, Step, plan_always_unload, plan_next_use, plan_residency
 from modelmora.chain.plan import ResidencyPlan
+from modelmora.chain.search import _highs
 from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
 
@@ -160,7 +163,11 @@ async def planned_beside_heartbeat(
 
 
 def planner_figures(count: int, reference_s: float) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    # SciPy (HiGHS) is imported once per process, on the first plan that needs the search;
+    # timed here on its own so that the rows show the planner's own wall time
+    started = time.perf_counter()
+    _highs()
+    out: dict[str, Any] = {"scipy_import_s": time.perf_counter() - started}
     for n in (14, 20):
         rows = []
         for seed in range(count):
@@ -191,6 +198,8 @@ def main() -> None:
     parser.add_argument("--reference", type=float, default=10.0, help="Seconds for each reference plan.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.random < 1 or args.large < 0 or args.scale <= 0 or args.reference <= 0:
+        parser.error("--random must be at least 1, --large at least 0, --scale and --reference positive")
 
     report: dict[str, Any] = {"scenarios": {}, "executed": {}}
     for name, (budget, spec, seq) in SCENARIOS.items():
@@ -258,6 +267,8 @@ def main() -> None:
     print(f"{'chains':24} {'wall max':>9} {'exact':>6} {'proven gap mean/max':>20} "
           f"{'above reference mean/max':>25} {'ref exact':>9} {'longest tick':>13}")  # fmt: skip
     for name, rows in report["planner"].items():
+        if name == "scipy_import_s":
+            continue
         gaps = [r["gap"] for r in rows if r["method"] == "anytime"] or [0.0]
         above = [r["above_reference"] for r in rows]
         print(
@@ -265,6 +276,10 @@ def main() -> None:
             f"{statistics.mean(gaps):>9.1%} / {max(gaps):>6.1%} {statistics.mean(above):>13.2%} / {max(above):>7.2%} "
             f"{sum(r['reference_exact'] for r in rows):>6}/{len(rows):<2} {max(r['longest_tick_s'] for r in rows) * 1000:>10.1f} ms"
         )
+    print(
+        f"(the first plan that reaches the search imports SciPy, once per process and outside the "
+        f"budget: {report['planner']['scipy_import_s']:.2f} s here, timed apart)"
+    )
 
 
 if __name__ == "__main__":

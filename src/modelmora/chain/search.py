@@ -1,4 +1,4 @@
-"""Anytime residency search: a widening beam search bounded below by a Lagrangian relaxation.
+"""Anytime residency search: beam searches and an integer programme (HiGHS), bounded below.
 
 The problem is offline *generalized caching* in the fault model: each gap between two uses
 of a model is an interval, and keeping the model resident through it saves one load of
@@ -7,8 +7,20 @@ budget.  With unequal sizes this is NP-hard (Bar-Noy, Bar-Yehuda, Freund, Naor, 
 "A unified approach to approximating resource allocation and scheduling", JACM 48(5),
 2001, which casts it as this interval packing), so the search is *anytime*:
 
+- **The integer programme.**  The interval packing itself — keep each interval or not,
+  every step within every budget share, most load seconds saved — goes to HiGHS's branch
+  and bound (through SciPy's ``milp``) after the first, greedy beam run below, for up to
+  ``_MILP_SHARE`` of the time left (at most ``_MILP_SLICE`` when there is a ``stop`` to
+  poll).  It proves most chains of 20 models × 200 steps optimal in 10–170 ms, where the
+  beam search alone stopped at its budget with a 5–20 % gap; its dual bound is a lower
+  bound whenever it stops.  HiGHS runs without the GIL, so the event loop keeps its
+  pace.  ``demand`` may be looser than ``fit`` (``fit`` is the authority), so a solution
+  is used only if every step's set passes ``fit``.  Without SciPy (the ``chain`` extra)
+  the beam search has all the time.
 - **Upper bound.** Beam searches over resident sets, step by step, with widths 1, 2, 4, …
-  until the deadline.  A state is a resident set; a load that does not fit tries every
+  until the deadline (the first, width 1, runs to its end once begun: a greedy plan is
+  always there, at the price of overrunning the budget by one pass on huge chains — 60
+  ms at 60 models × 1,000 steps here).  A state is a resident set; a load that does not fit tries every
   minimal eviction (as the exact dynamic programme does), and states are ranked by
   ``f = g + h``: load seconds so far plus the lower bound below on what is still to come.
   A run that never trims a layer explored every state the bound could not rule out, so
@@ -18,27 +30,36 @@ budget.  With unequal sizes this is NP-hard (Bar-Noy, Bar-Yehuda, Freund, Naor, 
   Science 27(1), 1981): with a price ``λ[t][r]`` per step and resource, each interval is
   kept alone iff its load time exceeds the memory rent over its span, which bounds the
   seconds any plan can save; the prices come from subgradient optimisation with Polyak
-  steps (Held, Wolfe, Crowder, Mathematical Programming 6, 1974).  A trimmed beam run adds
-  a second bound: no plan beats the smallest ``f`` it trimmed away.
+  steps (Held, Wolfe, Crowder, Mathematical Programming 6, 1974), for a tenth of the
+  budget.  A trimmed beam run adds a second bound: no plan beats the smallest ``f`` it
+  trimmed away; the integer programme's dual bound a third.
 
 Everything here is pure and synchronous; :func:`search` checks its deadline and ``stop``
-between states so a caller runs it in a worker thread.
+between states (and before and after the integer programme, which cannot be interrupted:
+hence its slice) so a caller runs it in a worker thread.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 _EPS = 1e-9
 _OPTIONS_PER_WIDTH = 16
 """Eviction sets one load tries per unit of beam width before the run stops being exhaustive."""
 _PRICE_ROUNDS = 300
 """Most subgradient steps on the prices."""
+_MILP_SHARE = 0.75
+"""Share of the budget the integer programme may take; the beam search has the rest."""
+_MILP_SLICE = 1.0
+"""Most seconds the HiGHS run takes when there is a ``stop`` to poll: it cannot be stopped
+before its time limit, and ``stop`` is polled after it and in the beam search."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +148,7 @@ class _Search:
         self.deadline = deadline
         self.stop = stop
         self.ticks = 0
+        self.patient = False  # a run that ignores the deadline (only ``stop`` ends it)
         seq = problem.sequence
         self.names = sorted({m for m in seq if m is not None} | set(problem.start))
         self.index = {n: i for i, n in enumerate(self.names)}
@@ -162,7 +184,8 @@ class _Search:
         self.ticks += 1
         if self.ticks % 32 == 0:
             time.sleep(0)  # hand the GIL to the event loop's thread if it is waiting
-            if time.monotonic() > self.deadline or (self.stop is not None and self.stop()):
+            late = not self.patient and time.monotonic() > self.deadline
+            if late or (self.stop is not None and self.stop()):
                 raise _Stopped
 
     def out_of_time(self) -> bool:
@@ -259,6 +282,76 @@ class _Search:
             for r in range(self.R)
         ]
         return total, grad
+
+    # -- the integer programme --------------------------------------------------------------
+
+    def integer_programme(
+        self, seconds: float, sliced: bool = False
+    ) -> tuple[list[frozenset[str]] | None, float, float, bool] | None:
+        """The relaxation's intervals as a 0/1 programme — keep interval ``i`` or not, at
+        most each step's capacity on every resource, most load seconds saved — solved by
+        HiGHS (Q. Huangfu and J. A. J. Hall, *Parallelizing the dual revised simplex
+        method*, Math. Prog. Comp. 10, 2018; through :func:`scipy.optimize.milp`) for at
+        most ``seconds`` (at most ``_MILP_SLICE`` when ``sliced``: there is a ``stop`` to
+        poll, and HiGHS cannot).  Returns ``(path, its load seconds, lower bound, optimal)``:
+        ``path`` is None when HiGHS found no solution in time or its solution does not
+        pass ``fit`` (the authority: ``demand`` may be looser); the bound holds either way.
+        None without SciPy (the ``chain`` extra), or with nothing to keep."""
+        highs = _highs()
+        if highs is None:
+            return None
+        np, Bounds, LinearConstraint, milp, coo_matrix = highs
+        began = time.monotonic()
+        items = self.items
+        if sliced:
+            seconds = min(seconds, _MILP_SLICE)
+        if not items or seconds <= 0:
+            return None
+        rows: dict[tuple[int, int], int] = {}
+        at: list[int] = []
+        var: list[int] = []
+        share: list[float] = []
+        for j, (s1, e, _, m) in enumerate(items):
+            for r, d in self.dem[m]:
+                for t in range(s1, e):
+                    if self.on[t] > 0:
+                        at.append(rows.setdefault((r, t), len(rows)))
+                        var.append(j)
+                        share.append(d)
+        saved = np.array([cost for _, _, cost, _ in items])
+        constraints = []
+        if rows:
+            matrix = coo_matrix((share, (at, var)), shape=(len(rows), len(items))).tocsr()
+            room = np.array([self.cap[r][t] for r, t in rows]) + 1e-9
+            constraints.append(LinearConstraint(matrix, -np.inf, room))
+        seconds -= time.monotonic() - began  # building the programme counts
+        if seconds <= 0:
+            return None
+        result = milp(
+            -saved,
+            constraints=constraints,
+            integrality=np.ones(len(items)),
+            bounds=Bounds(0, 1),
+            options={"time_limit": seconds, "mip_rel_gap": 0.0},  # optimal, not within 0.01 %
+        )
+        dual = getattr(result, "mip_dual_bound", None)
+        bound = self.base + dual if dual is not None and math.isfinite(dual) else 0.0
+        if result.x is None:
+            return None, 0.0, max(bound, 0.0), False
+        kept: list[set[str]] = [set() for _ in range(self.T)]
+        for keep, (s1, e, _, m) in zip(result.x, items, strict=True):
+            if keep > 0.5:
+                for t in range(s1, e):
+                    kept[t].add(self.names[m])
+        path = [
+            frozenset(kept[t] | ({self.names[step]} if step is not None else set()))
+            for t, step in enumerate(self.steps)
+        ]
+        if not all(self.fits(self._mask(names)) for names in path):
+            return None, 0.0, max(bound, 0.0), False
+        cost = path_cost(self.p.sequence, self.p.load_time, self.p.start, path)
+        optimal = result.status == 0 and cost <= bound + 1e-6 * max(1.0, cost)
+        return path, cost, max(bound, 0.0), optimal
 
     def optimise_prices(self, best_saving: float, until: float) -> float:
         """Subgradient descent on the prices; returns the lower bound on load seconds."""
@@ -430,6 +523,19 @@ class _Search:
         )
 
 
+@functools.cache
+def _highs() -> tuple[Any, ...] | None:
+    """NumPy and SciPy's HiGHS interface, imported once (about 0.5 s the first time), or
+    None without SciPy."""
+    try:
+        import numpy as np
+        from scipy.optimize import Bounds, LinearConstraint, milp
+        from scipy.sparse import coo_matrix
+    except ImportError:
+        return None
+    return np, Bounds, LinearConstraint, milp, coo_matrix
+
+
 def _bits(mask: int) -> list[int]:
     out = []
     while mask:
@@ -446,27 +552,36 @@ def search(
     stop: Callable[[], bool] | None = None,
     incumbent: Sequence[frozenset[str]] | None = None,
     max_width: int | None = None,
+    integer_programme: bool = True,
 ) -> SearchResult:
     """The cheapest plan found by ``deadline`` (a :func:`time.monotonic` instant) or until
     ``stop()`` returns True, with a lower bound on the optimum.
 
     ``incumbent`` (a lazy path) starts the search; without it, :func:`belady_path` does.
-    ``max_width`` caps the widening (a fixed amount of work, for tests and benchmarks).
-    Returns as soon as the plan is proven optimal.  Load seconds throughout.
+    ``max_width`` caps the beam's widening; ``integer_programme=False`` skips HiGHS (the
+    beam search alone, as without SciPy): with both, a fixed amount of work, for tests
+    and benchmarks.  Returns as soon as the plan is proven optimal.  Load seconds
+    throughout.
     """
     seq, start = problem.sequence, problem.start
+    began = time.monotonic()
+    _highs()  # imported once per process: that time does not count against the deadline
+    deadline += time.monotonic() - began
     best_path = list(incumbent) if incumbent is not None else belady_path(problem)
     best = path_cost(seq, problem.load_time, start, best_path)
     s = _Search(problem, deadline, stop)
-    # a fifth of the time for the prices: the bound they give guides the beam as well
+    # a tenth of the time for the prices: their bound guides the beam and proves easy chains
     now = time.monotonic()
-    lower = s.optimise_prices(s.base - best, now + max(0.0, deadline - now) / 5)
+    lower = s.optimise_prices(s.base - best, now + max(0.0, deadline - now) / 10)
     width, widest, proven = 1, 0, lower >= best - _EPS
     while not proven and not s.out_of_time() and (max_width is None or width <= max_width):
+        s.patient = width == 1  # the greedy run, once started, ends: a plan at least that good
         try:
             found, path, bound, exhaustive = s.beam(width, best)
         except _Stopped:
             break
+        finally:
+            s.patient = False
         widest = width
         if path is not None and found < best - _EPS:
             best, best_path = found, path
@@ -475,6 +590,18 @@ def search(
         else:
             lower = max(lower, bound)
         proven = proven or lower >= best - _EPS
+        if width == 1 and integer_programme and not proven and not s.out_of_time():
+            # after one greedy beam (a good plan at once, even on chains too large for the
+            # rest), the integer programme: HiGHS proves most chains of 20 models x 200
+            # steps optimal within the default budget, without the GIL
+            solved = s.integer_programme(_MILP_SHARE * (deadline - time.monotonic()), stop is not None)
+            if solved is not None:
+                path, cost, bound, optimal = solved
+                if path is not None and cost < best - _EPS:
+                    best, best_path = cost, path
+                lower = max(lower, bound)
+                proven = optimal and path is not None and cost <= best + _EPS
+                proven = proven or lower >= best - _EPS
         width *= 2
     return SearchResult(best_path, best, best if proven else min(lower, best), proven, widest)
 
