@@ -332,7 +332,10 @@ class _Search:
             constraints=constraints,
             integrality=np.ones(len(items)),
             bounds=Bounds(0, 1),
-            options={"time_limit": seconds, "mip_rel_gap": 0.0},  # optimal, not within 0.01 %
+            # optimal, not within 0.01 %; no presolve: HiGHS 1.x (SciPy 1.17) printf()s a debug
+            # line to stdout when it maps a presolved solution back ("...tmpSolver.run();"),
+            # which would land in `modelmora plan --json`; as fast on these programmes
+            options={"time_limit": seconds, "mip_rel_gap": 0.0, "presolve": False},
         )
         dual = getattr(result, "mip_dual_bound", None)
         bound = self.base + dual if dual is not None and math.isfinite(dual) else 0.0
