@@ -1,16 +1,16 @@
 """Chain residency: the exact plan vs the seeds' rule vs always-unload, and prefetch.
 
     python benchmarks/bench_chain.py [--random 300] [--scale 0.02] [--seed 7] [--large 8]
-        [--reference 10] [--json]
+        [--reference 10] [--sizes 14x200,20x200] [--beams-only] [--json]
 
 Part 1 (modelled, every chain): loads and total switch (load) time of each strategy on
 named scenarios plus ``--random`` random chains with unequal sizes and load times.
 Part 2 (executed): the named scenarios run through the real executor on the simulated
 runtime, whose loads sleep ``load_time x --scale`` seconds and whose steps take a fixed
 time, once per strategy and once with prefetch off: wall time and loads as measured.
-Part 3 (planner): ``--large`` random chains of 14 and 20 models x 200 steps planned with
-the default 200 ms budget in a worker thread while a heartbeat task on the loop ticks
-every 10 ms: wall time, method, proven gap, longest heartbeat interval, and distance to a
+Part 3 (planner): ``--large`` random chains of each ``--sizes`` (14 and 20 models x 200
+steps) planned with the default 200 ms budget in a worker thread while a heartbeat task
+on the loop ticks every 10 ms (``--beams-only``: without the integer programme): wall time, method, proven gap, longest heartbeat interval, and distance to a
 reference plan searched for ``--reference`` seconds (the optimum where that one is exact).
 SciPy, whose HiGHS solves the integer programme, is imported once per process by the
 first plan that needs it (outside that plan's budget): timed apart, before the rows.
@@ -33,6 +33,7 @@ import anyio
 
 from modelmora import ModelManager
 from modelmora.chain import Chain, PlanModel, Step, plan_always_unload, plan_next_use, plan_residency
+from modelmora.chain import search as search_module
 from modelmora.chain.plan import ResidencyPlan
 from modelmora.chain.search import _highs
 from modelmora.memory import StaticProbe
@@ -162,17 +163,25 @@ async def planned_beside_heartbeat(
     return plan, wall, longest, ticks
 
 
-def planner_figures(count: int, reference_s: float) -> dict[str, Any]:
+def planner_figures(
+    count: int, reference_s: float, sizes: list[tuple[int, int]], beams_only: bool = False
+) -> dict[str, Any]:
     # SciPy (HiGHS) is imported once per process, on the first plan that needs the search;
     # timed here on its own so that the rows show the planner's own wall time
     started = time.perf_counter()
     _highs()
     out: dict[str, Any] = {"scipy_import_s": time.perf_counter() - started}
-    for n in (14, 20):
+    for n, length in sizes:
         rows = []
         for seed in range(count):
-            seq, models, cap = large_chain(seed, n, 200)
-            plan, wall, longest, ticks = anyio.run(planned_beside_heartbeat, seq, models, cap)
+            seq, models, cap = large_chain(seed, n, length)
+            share = search_module._MILP_SHARE
+            if beams_only:  # the ablation: the search without the integer programme
+                search_module._MILP_SHARE = 0.0
+            try:
+                plan, wall, longest, ticks = anyio.run(planned_beside_heartbeat, seq, models, cap)
+            finally:
+                search_module._MILP_SHARE = share
             ref = plan_residency(seq, models, cap, time_budget=reference_s)
             rows.append({
                 "seed": seed, "wall_s": wall, "method": plan.method, "gap": plan.gap,
@@ -180,7 +189,7 @@ def planner_figures(count: int, reference_s: float) -> dict[str, Any]:
                 "above_reference": plan.load_time / ref.load_time - 1 if ref.load_time else 0.0,
                 "longest_tick_s": longest, "ticks": ticks,
             })  # fmt: skip
-        out[f"{n} models x 200 steps"] = rows
+        out[f"{n} models x {length} steps"] = rows
     return out
 
 
@@ -192,8 +201,17 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.02, help="Seconds slept per modelled load second.")
     parser.add_argument("--step", type=float, default=0.05, help="Seconds each step computes.")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--large", type=int, default=8, help="Random chains of each size for the planner.")
     parser.add_argument(
-        "--large", type=int, default=8, help="Random 14- and 20-model chains for the planner."
+        "--sizes",
+        type=lambda v: [tuple(int(x) for x in size.split("x")) for size in v.split(",")],
+        default=[(14, 200), (20, 200)],
+        help="Planner chain sizes, models x steps, comma-separated (default 14x200,20x200).",
+    )
+    parser.add_argument(
+        "--beams-only",
+        action="store_true",
+        help="Part 3 without the integer programme (the beam searches alone), for comparison.",
     )
     parser.add_argument("--reference", type=float, default=10.0, help="Seconds for each reference plan.")
     parser.add_argument("--json", action="store_true")
@@ -228,7 +246,7 @@ def main() -> None:
                 "wall_s": statistics.median(walls),
             }
         report["executed"][name] = row
-    report["planner"] = planner_figures(args.large, args.reference)
+    report["planner"] = planner_figures(args.large, args.reference, args.sizes, args.beams_only)
     report["settings"] = {
         "scale": args.scale, "step_s": args.step, "random": args.random, "seed": args.seed,
         "large": args.large, "reference_s": args.reference,
