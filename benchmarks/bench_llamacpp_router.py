@@ -126,8 +126,10 @@ def drive(base: str, requests: list[str], root: int) -> dict[str, Any]:
             latencies.append(time.perf_counter() - t0)
             failed += not ok
         total = time.perf_counter() - started
+    in_order = [round(x * 1000, 2) for x in latencies]
     latencies.sort()
     return {
+        "latencies_ms": in_order,  # per request, in trace order (--json)
         "mean_ms": total / len(requests) * 1000,
         "p50_ms": statistics.median(latencies) * 1000,
         "p95_ms": latencies[int(0.95 * (len(latencies) - 1))] * 1000,
