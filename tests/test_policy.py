@@ -20,6 +20,7 @@ from modelmora.core.policy import (
     Room,
     eviction_order,
     expected_next_use,
+    first_victim,
     load_estimate,
     load_samples,
 )
@@ -264,3 +265,14 @@ def test_without_costs_or_with_room_for_everything_the_estimate_stays_bounded() 
         roomy.request(name, Cost({"cuda:0": GB}, 5.0), Room({"cuda:0": 4 * GB}))
     assert plain.bounded and roomy.bounded
     assert plain.next_use("d") == roomy.next_use("d") == expected_next_use([4] * 9, 1) == 1.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), st.sampled_from([(), ("cuda:0",)]))
+def test_first_victim_is_the_first_of_the_eviction_order(
+    residents: list[Resident], contended: tuple[str, ...]
+) -> None:
+    """The shadow caches take one victim at a time in O(n): the same one the whole order
+    puts first (the planner's rule), ties and significance included."""
+    pool = [r for r in residents if r.is_evictable()] or residents
+    assert first_victim(pool, contended) is eviction_order(pool, "cost", contended)[0]
