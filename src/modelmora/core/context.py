@@ -256,10 +256,12 @@ class Core:
         """A lease on ``name`` was granted to a request (not to a background load): count
         it for the eviction policy and the prefetch."""
         entry = self.table.get(name)
-        held = entry.planned().as_dict() if entry is not None else {}
-        if held and self.budgets:
-            cost = Cost(held, self.reload_seconds(name))
-            self.reuse.request(name, cost, Room(dict(self.budgets), self.config.max_loaded_models))
+        if entry is not None and self.budgets:  # priced only where a shadow cache misses it
+            self.reuse.request(
+                name,
+                lambda: Cost(entry.planned().as_dict(), self.reload_seconds(name)),
+                Room(self.budgets, self.config.max_loaded_models),
+            )
         else:
             self.reuse.request(name)
         self.successors.request(name)

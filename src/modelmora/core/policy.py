@@ -60,7 +60,7 @@ tends to be asked for next, for the prefetch (``core/prefetch.py``).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from statistics import median
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
@@ -136,6 +136,17 @@ def eviction_order(pool: Iterable[R], policy: Eviction, contended: Collection[st
     return out
 
 
+def first_victim(pool: Sequence[R], contended: Collection[str] = ()) -> R:
+    """``eviction_order(pool, "cost", contended)[0]`` in one pass (O(len(pool)) rather than
+    the whole order): the cheapest to lose if significantly cheaper than the least recently
+    used, else that one.  Raises ValueError on an empty pool."""
+    if not pool:
+        raise ValueError("no victim in an empty pool")
+    oldest = min(pool, key=lambda r: r.last_used)  # the first of equals, as a stable sort
+    cheapest = min(pool, key=lambda r: (priority(r, contended), r.last_used, r.name))
+    return cheapest if significantly_cheaper(cheapest, oldest, contended) else oldest
+
+
 def significantly_cheaper(r: Victim, other: Victim, contended: Collection[str] = ()) -> bool:
     """Whether losing ``r`` costs less than losing ``other`` even at the far ends of what
     their load times' measurements allow: ``r``'s priority with its load time at the top of
@@ -195,23 +206,31 @@ class Shadow:
         self.resident: set[str] = set()
 
     def request(self, name: str, reuse: Reuse, costs: Mapping[str, Cost], room: Room) -> None:
+        """Replay one request for ``name`` (its :class:`Cost` in ``costs`` when it is not
+        resident here): a hit only ages ``cost``; a miss adds its reload seconds and evicts
+        until ``room`` holds — O(resident) per eviction."""
         self.cost *= DECAY
         if name in self.resident:
             return
         self.cost += costs[name].load_s
         self.resident.add(name)
+        held = {d: sum(costs[n].memory.get(d, 0) for n in self.resident) for d in room.budgets}
         while True:
-            held = {d: sum(costs[n].memory.get(d, 0) for n in self.resident) for d in room.budgets}
             over = [d for d, cap in room.budgets.items() if held[d] > cap]
             crowded = room.max_loaded is not None and len(self.resident) > room.max_loaded
+            if not (over or crowded):
+                return
             pool = [
                 _Ghost(n, costs[n].memory, reuse.last(n), costs[n].load_s, reuse.next_use(n, self.bounded))
                 for n in sorted(self.resident)
                 if n != name and (crowded or any(costs[n].memory.get(d, 0) for d in over))
             ]
-            if not (over or crowded) or not pool:
+            if not pool:
                 return
-            self.resident.discard(eviction_order(pool, "cost", over)[0].name)
+            victim = first_victim(pool, over)
+            self.resident.discard(victim.name)
+            for d in held:
+                held[d] -= victim.memory.get(d, 0)
 
 
 class Reuse:
@@ -242,7 +261,7 @@ class Reuse:
     2, 3, 4 tried; at 2 one run of the bursty trace was 2.4 % worse).  Without
     costs (``request(name)`` alone) no shadow runs and the estimate is bounded."""
 
-    __slots__ = ("_costs", "_gaps", "_last", "_shadows", "requests", "window")
+    __slots__ = ("_costs", "_gaps", "_last", "_load_sum", "_shadows", "requests", "window")
 
     def __init__(self, window: int = WINDOW):
         if window < 1:
@@ -251,14 +270,20 @@ class Reuse:
         self.requests = 0  # requests counted so far: the ageing clock
         self._last: dict[str, int] = {}
         self._gaps: dict[str, deque[int]] = {}
-        self._costs: dict[str, Cost] = {}
+        self._costs: dict[str, Cost] = {}  # each model's cost when a shadow last missed it
+        self._load_sum = 0.0  # of the costs' load seconds: their mean is the duel's unit
         self._shadows = (Shadow(bounded=True), Shadow(bounded=False))
 
-    def request(self, name: str, cost: Cost | None = None, room: Room | None = None) -> None:
+    def request(
+        self, name: str, cost: Cost | Callable[[], Cost] | None = None, room: Room | None = None
+    ) -> None:
         """Count a request for ``name``; with its ``cost`` and the ``room``, replay it
-        through both shadow caches first (they decide as the manager did: before it counts)."""
+        through both shadow caches first (they decide as the manager did: before it counts).
+        ``cost`` may be a function: it is called only when a shadow misses ``name`` (a hit,
+        the lease hot path, prices nothing)."""
         if cost is not None and room is not None:
-            self._costs[name] = cost
+            if any(name not in shadow.resident for shadow in self._shadows):
+                self._price(name, cost() if callable(cost) else cost)
             for shadow in self._shadows:
                 shadow.request(name, self, self._costs, room)
         last = self._last.get(name)
@@ -270,13 +295,18 @@ class Reuse:
         self._last[name] = self.requests
         self.requests += 1
 
+    def _price(self, name: str, cost: Cost) -> None:
+        old = self._costs.get(name)
+        self._load_sum += cost.load_s - (old.load_s if old is not None else 0.0)
+        self._costs[name] = cost
+
     @property
     def bounded(self) -> bool:
         """Whether ``next_use`` caps its estimate now (see the class docstring)."""
         capped, free = self._shadows
         if not self._costs:
             return True
-        mean_load_s = sum(c.load_s for c in self._costs.values()) / len(self._costs)
+        mean_load_s = self._load_sum / len(self._costs)
         return capped.cost - free.cost <= SWITCH_LOADS * mean_load_s
 
     def last(self, name: str) -> int:
@@ -428,6 +458,7 @@ __all__ = [
     "Victim",
     "eviction_order",
     "expected_next_use",
+    "first_victim",
     "load_estimate",
     "load_samples",
     "priority",
