@@ -208,26 +208,32 @@ class Shadow:
     def request(self, name: str, reuse: Reuse, costs: Mapping[str, Cost], room: Room) -> None:
         """Replay one request for ``name`` (its :class:`Cost` in ``costs`` when it is not
         resident here): a hit only ages ``cost``; a miss adds its reload seconds and evicts
-        until ``room`` holds — O(resident) per eviction."""
+        until ``room`` holds — O(resident) per eviction, the estimates computed once."""
         self.cost *= DECAY
         if name in self.resident:
             return
         self.cost += costs[name].load_s
         self.resident.add(name)
         held = {d: sum(costs[n].memory.get(d, 0) for n in self.resident) for d in room.budgets}
+        ghosts: list[_Ghost] | None = None  # estimates do not move within one request
         while True:
             over = [d for d, cap in room.budgets.items() if held[d] > cap]
             crowded = room.max_loaded is not None and len(self.resident) > room.max_loaded
             if not (over or crowded):
                 return
-            pool = [
-                _Ghost(n, costs[n].memory, reuse.last(n), costs[n].load_s, reuse.next_use(n, self.bounded))
-                for n in sorted(self.resident)
-                if n != name and (crowded or any(costs[n].memory.get(d, 0) for d in over))
-            ]
+            if ghosts is None:
+                ghosts = [
+                    _Ghost(
+                        n, costs[n].memory, reuse.last(n), costs[n].load_s, reuse.next_use(n, self.bounded)
+                    )
+                    for n in sorted(self.resident)
+                    if n != name
+                ]
+            pool = [g for g in ghosts if crowded or any(g.memory.get(d, 0) for d in over)]
             if not pool:
                 return
             victim = first_victim(pool, over)
+            ghosts.remove(victim)
             self.resident.discard(victim.name)
             for d in held:
                 held[d] -= victim.memory.get(d, 0)
