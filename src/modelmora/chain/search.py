@@ -10,8 +10,8 @@ budget.  With unequal sizes this is NP-hard (Bar-Noy, Bar-Yehuda, Freund, Naor, 
 - **The integer programme.**  The interval packing itself — keep each interval or not,
   every step within every budget share, most load seconds saved — goes to HiGHS's branch
   and bound (through SciPy's ``milp``) after the first, greedy beam run below, for up to
-  ``_MILP_SHARE`` of the time left (at most ``_MILP_SLICE`` when there is a ``stop`` to
-  poll).  It proves most chains of 20 models × 200 steps optimal in 10–170 ms, where the
+  ``_MILP_SHARE`` of the time left (in slices of ``_MILP_SLICE``, 2×, 4×, … seconds when
+  there is a ``stop`` to poll: a cancelled plan waits for one slice at most).  It proves most chains of 20 models × 200 steps optimal in 10–170 ms, where the
   beam search alone stopped at its budget with a 5–20 % gap; its dual bound is a lower
   bound whenever it stops.  HiGHS runs without the GIL, so the event loop keeps its
   pace.  ``demand`` may be looser than ``fit`` (``fit`` is the authority), so a solution
@@ -58,8 +58,8 @@ _PRICE_ROUNDS = 300
 _MILP_SHARE = 0.75
 """Share of the budget the integer programme may take; the beam search has the rest."""
 _MILP_SLICE = 1.0
-"""Most seconds the HiGHS run takes when there is a ``stop`` to poll: it cannot be stopped
-before its time limit, and ``stop`` is polled after it and in the beam search."""
+"""Seconds of the first HiGHS run when there is a ``stop`` to poll (then 2, 4, ...): it
+cannot be stopped before its time limit, and ``stop`` is polled between runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,14 +286,13 @@ class _Search:
     # -- the integer programme --------------------------------------------------------------
 
     def integer_programme(
-        self, seconds: float, sliced: bool = False
+        self, seconds: float
     ) -> tuple[list[frozenset[str]] | None, float, float, bool] | None:
         """The relaxation's intervals as a 0/1 programme — keep interval ``i`` or not, at
         most each step's capacity on every resource, most load seconds saved — solved by
         HiGHS (Q. Huangfu and J. A. J. Hall, *Parallelizing the dual revised simplex
         method*, Math. Prog. Comp. 10, 2018; through :func:`scipy.optimize.milp`) for at
-        most ``seconds`` (at most ``_MILP_SLICE`` when ``sliced``: there is a ``stop`` to
-        poll, and HiGHS cannot).  Returns ``(path, its load seconds, lower bound, optimal)``:
+        most ``seconds`` (HiGHS cannot poll ``stop``: the caller gives it slices).  Returns ``(path, its load seconds, lower bound, optimal)``:
         ``path`` is None when HiGHS found no solution in time or its solution does not
         pass ``fit`` (the authority: ``demand`` may be looser); the bound holds either way.
         None without SciPy (the ``chain`` extra), or with nothing to keep."""
@@ -303,8 +302,6 @@ class _Search:
         np, Bounds, LinearConstraint, milp, coo_matrix = highs
         began = time.monotonic()
         items = self.items
-        if sliced:
-            seconds = min(seconds, _MILP_SLICE)
         if not items or seconds <= 0:
             return None
         rows: dict[tuple[int, int], int] = {}
@@ -567,9 +564,10 @@ def search(
     throughout.
     """
     seq, start = problem.sequence, problem.start
-    began = time.monotonic()
-    _highs()  # imported once per process: that time does not count against the deadline
-    deadline += time.monotonic() - began
+    if integer_programme:
+        began = time.monotonic()
+        _highs()  # imported once per process: that time does not count against the deadline
+        deadline += time.monotonic() - began
     best_path = list(incumbent) if incumbent is not None else belady_path(problem)
     best = path_cost(seq, problem.load_time, start, best_path)
     s = _Search(problem, deadline, stop)
@@ -596,15 +594,24 @@ def search(
         if width == 1 and integer_programme and not proven and not s.out_of_time():
             # after one greedy beam (a good plan at once, even on chains too large for the
             # rest), the integer programme: HiGHS proves most chains of 20 models x 200
-            # steps optimal within the default budget, without the GIL
-            solved = s.integer_programme(_MILP_SHARE * (deadline - time.monotonic()), stop is not None)
-            if solved is not None:
+            # steps optimal within the default budget, without the GIL.  With a ``stop`` to
+            # poll, in slices of 1, 2, 4 ... s (each run starts afresh: at most twice the
+            # work), so a cancelled plan waits for one slice at most
+            until = time.monotonic() + _MILP_SHARE * (deadline - time.monotonic())
+            piece = _MILP_SLICE
+            while (left := until - time.monotonic()) > 0 and not s.out_of_time():
+                began = time.monotonic()
+                solved = s.integer_programme(min(left, piece) if stop is not None else left)
+                if solved is None:
+                    break
                 path, cost, bound, optimal = solved
                 if path is not None and cost < best - _EPS:
                     best, best_path = cost, path
                 lower = max(lower, bound)
-                proven = optimal and path is not None and cost <= best + _EPS
-                proven = proven or lower >= best - _EPS
+                proven = (optimal and path is not None and cost <= best + _EPS) or lower >= best - _EPS
+                if proven or stop is None or time.monotonic() - began < 0.9 * min(left, piece):
+                    break  # proven, the whole time was given, or HiGHS ended before its limit
+                piece *= 2
         width *= 2
     return SearchResult(best_path, best, best if proven else min(lower, best), proven, widest)
 
