@@ -625,8 +625,9 @@ async def _with_gguf_estimate(provider: Provider, spec: ModelSpec, args: list[st
         options = tuple(sorted(gguf_options(spec, args).items()))
 
         def read() -> Estimate:
-            version = os.stat(spec.target)  # a changed file is a new version: read again
-            return _gguf_estimate(spec.target, version.st_size, version.st_mtime_ns, spec.device, options)
+            st = os.stat(spec.target)  # a changed or replaced file is a new version: read again
+            version = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            return _gguf_estimate(spec.target, version, spec.device, options)
 
         estimate = await anyio.to_thread.run_sync(read)
     except (ModelFileError, ValueError, OSError):
@@ -636,10 +637,10 @@ async def _with_gguf_estimate(provider: Provider, spec: ModelSpec, args: list[st
 
 @functools.lru_cache(maxsize=256)
 def _gguf_estimate(
-    path: str, size: int, mtime_ns: int, device: str, options: tuple[tuple[str, Any], ...]
+    path: str, version: tuple[int, int, int, int], device: str, options: tuple[tuple[str, Any], ...]
 ) -> Estimate:
-    """:func:`modelmora.estimate.gguf_estimate` of one version of a file (its ``size`` and
-    ``mtime_ns``) with ``options``: each load prepares its spec, and parsing the GGUF again
+    """:func:`modelmora.estimate.gguf_estimate` of one version of a file (its inode, size,
+    mtime and ctime: a file replaced with ``cp -p`` has a new inode or ctime) with ``options``: each load prepares its spec, and parsing the GGUF again
     took 13 ms of every swap for a 128 MB file here.  A failed read is not kept."""
     from .. import estimate
 
