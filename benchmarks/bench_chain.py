@@ -38,6 +38,7 @@ from modelmora.chain.plan import ResidencyPlan
 from modelmora.chain.search import _highs
 from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
+from modelmora.testing.traces import large_chain
 
 GB = 10**9
 
@@ -124,19 +125,6 @@ async def executed(
         wall = time.perf_counter() - started
     assert result.ok, result.reason
     return {"loads": sim.stats.loads, "wall_s": wall}
-
-
-def large_chain(seed: int, n: int, steps: int) -> tuple[list[str], dict[str, PlanModel], dict[str, int]]:
-    """``n`` models of 1-14 GB with 1-15 s loads, ``steps`` uses skewed towards a few of
-    them, a budget of 1.3-3x the largest model."""
-    rng = random.Random(seed)
-    sizes = {f"m{i:02d}": rng.choice([1, 2, 4, 7, 11, 14]) for i in range(n)}
-    models = {
-        k: PlanModel(k, {"cuda:0": s * GB}, float(rng.choice([1, 2, 4, 8, 15]))) for k, s in sizes.items()
-    }
-    weights = [rng.random() ** 2 + 0.05 for _ in sizes]
-    seq = rng.choices(list(sizes), weights=weights, k=steps)
-    return seq, models, {"cuda:0": int(max(sizes.values()) * rng.choice([1.3, 1.7, 2.2, 3.0]) * GB)}
 
 
 async def planned_beside_heartbeat(

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from modelmora.chain import PlanModel, plan_always_unload, plan_next_use, plan_residency
 from modelmora.chain.plan import ResidencyPlan, residency_problem
 from modelmora.chain.search import search
+from modelmora.testing.traces import large_chain
 
 GB = 10**9
 
@@ -227,19 +228,6 @@ def test_the_anytime_search_is_within_two_percent_of_the_optimum_on_random_chain
         assert found.cost <= 1.02 * optimum.load_time + 1e-9, (seed, found.cost, optimum.load_time)
         if found.proven:
             assert abs(found.cost - optimum.load_time) < 1e-9, seed
-
-
-def large_chain(seed: int, n: int, steps: int) -> tuple[list[str], dict[str, PlanModel], dict[str, int]]:
-    """``n`` models of 1-14 GB with 1-15 s loads, ``steps`` uses skewed towards a few of
-    them, a budget of 1.3-3x the largest model (``benchmarks/bench_chain.py``'s part 3)."""
-    rng = random.Random(seed)
-    sizes = {f"m{i:02d}": rng.choice([1, 2, 4, 7, 11, 14]) for i in range(n)}
-    models = {
-        k: PlanModel(k, {"cuda:0": s * GB}, float(rng.choice([1, 2, 4, 8, 15]))) for k, s in sizes.items()
-    }
-    weights = [rng.random() ** 2 + 0.05 for _ in sizes]
-    sequence = rng.choices(list(sizes), weights=weights, k=steps)
-    return sequence, models, {"cuda:0": int(max(sizes.values()) * rng.choice([1.3, 1.7, 2.2, 3.0]) * GB)}
 
 
 def test_twenty_models_by_two_hundred_steps_are_planned_and_proven_optimal() -> None:
