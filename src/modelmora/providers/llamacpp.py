@@ -640,8 +640,9 @@ def _gguf_estimate(
     path: str, version: tuple[int, int, int, int], device: str, options: tuple[tuple[str, Any], ...]
 ) -> Estimate:
     """:func:`modelmora.estimate.gguf_estimate` of one version of a file (its inode, size,
-    mtime and ctime: a file replaced with ``cp -p`` has a new inode or ctime) with ``options``: each load prepares its spec, and parsing the GGUF again
-    took 13 ms of every swap for a 128 MB file here.  A failed read is not kept."""
+    mtime and ctime: a file replaced with ``cp -p`` has a new inode or ctime) with
+    ``options``: each load prepares its spec, and parsing the GGUF again took 13 ms of
+    every swap for a 128 MB file here.  A failed read is not kept."""
     from .. import estimate
 
     return estimate.gguf_estimate(path, device=device, **dict(options))
