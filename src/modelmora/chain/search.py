@@ -12,18 +12,20 @@ budget.  With unequal sizes this is NP-hard (Bar-Noy, Bar-Yehuda, Freund, Naor, 
   and bound (through SciPy's ``milp``) after the first, greedy beam run below, for up to
   ``_MILP_SHARE`` of the time left (in slices of ``_MILP_SLICE``, 2×, 4×, … seconds when
   there is a ``stop`` to poll: a cancelled plan waits for the slice under way, within the
-  default 200 ms budget at most 150 ms, with a budget of minutes up to half of it).  It proves most chains of 20 models × 200 steps optimal in 10–170 ms, where the
-  beam search alone stopped at its budget with a 5–20 % gap; its dual bound is a lower
-  bound whenever it stops.  HiGHS runs without the GIL, so the event loop keeps its
+  default 200 ms budget at most 150 ms, with a budget of minutes up to half of it).  It
+  proves most chains of 20 models × 200 steps optimal in 10–170 ms, where the beam search
+  alone stopped at its budget with a 5–20 % gap; its dual bound is a lower bound
+  whenever it stops.  HiGHS runs without the GIL, so the event loop keeps its
   pace.  ``demand`` may be looser than ``fit`` (``fit`` is the authority), so a solution
   is used only if every step's set passes ``fit``.  Without SciPy (the ``chain`` extra)
   the beam search has all the time.
 - **Upper bound.** Beam searches over resident sets, step by step, with widths 1, 2, 4, …
   until the deadline (the first, width 1, runs to its end once begun: a greedy plan is
   always there, at the price of overrunning the budget by one pass on huge chains — 60
-  ms at 60 models × 1,000 steps here).  A state is a resident set; a load that does not fit tries every
-  minimal eviction (as the exact dynamic programme does), and states are ranked by
-  ``f = g + h``: load seconds so far plus the lower bound below on what is still to come.
+  ms at 60 models × 1,000 steps here).  A state is a resident set; a load that does not
+  fit tries every minimal eviction (as the exact dynamic programme does), and states are
+  ranked by ``f = g + h``: load seconds so far plus the lower bound below on what is
+  still to come.
   A run that never trims a layer explored every state the bound could not rule out, so
   its best plan is optimal.
 - **Lower bound.** Lagrangian relaxation of the per-step capacity constraints (Fisher,
@@ -293,7 +295,8 @@ class _Search:
         most each step's capacity on every resource, most load seconds saved — solved by
         HiGHS (Q. Huangfu and J. A. J. Hall, *Parallelizing the dual revised simplex
         method*, Math. Prog. Comp. 10, 2018; through :func:`scipy.optimize.milp`) for at
-        most ``seconds`` (HiGHS cannot poll ``stop``: the caller gives it slices).  Returns ``(path, its load seconds, lower bound, optimal)``:
+        most ``seconds`` (HiGHS cannot poll ``stop``: the caller gives it slices).  Returns
+        ``(path, its load seconds, lower bound, optimal)``:
         ``path`` is None when HiGHS found no solution in time or its solution does not
         pass ``fit`` (the authority: ``demand`` may be looser); the bound holds either way.
         None without SciPy (the ``chain`` extra), or with nothing to keep."""

@@ -256,10 +256,10 @@ class Reuse:
     one is clearly better (a loop).  Where neither is, it can do worse than either: on
     ``bench_traces.py``'s Zipf trace at seed 0, 0.99 × LRU's load-seconds against 0.96
     (bounded alone) and 0.97 (unbounded alone); over 18 runs the unbounded estimate alone
-    beat it on Zipf in 16.  The two run as :class:`Shadow` caches on the whole request stream, given each
-    model's :class:`Cost` and the :class:`Room` (ghost caches, as the ghost lists of ARC —
-    N. Megiddo and D. S. Modha, FAST 2003 — and LeCaR — G. Vietri et al., HotStorage
-    2018).  The unbounded estimate is followed while its shadow's decayed reload seconds
+    beat it on Zipf in 16.  The two run as :class:`Shadow` caches on the whole request
+    stream, given each model's :class:`Cost` and the :class:`Room` (ghost caches, as the
+    ghost lists of ARC — N. Megiddo and D. S. Modha, FAST 2003 — and LeCaR — G. Vietri et
+    al., HotStorage 2018).  The unbounded estimate is followed while its shadow's decayed reload seconds
     are below the bounded one's by more than ``SWITCH_LOADS`` mean loads: a lead of one
     lucky load on a trace where neither rule is better (runs of one model, picked at
     random) does not flip it.  Measured on ``benchmarks/bench_traces.py``, 6 seeds × 3
