@@ -131,6 +131,31 @@ async def test_waiting_for_memory_times_out_with_who_holds_it(sim: SimulatedProv
         assert mm.leases("a") == 0 and not mm.is_loaded("b")
 
 
+async def test_a_timeout_while_looking_again_still_names_who_holds_the_memory(
+    sim: SimulatedProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by CI (the test above failed once as "...: reading the devices' memory"): every
+    pass of the admission loop said it was reading the devices' memory, so a deadline that
+    fell while it looked again lost the holder the pass before had found.  Here every
+    reading after b's first wait outlasts the deadline."""
+    models = {"a": {"memory": "10GB"}, "b": {"memory": "10GB"}}
+    async with make_manager(sim, models, wait_timeout=0.2) as mm:
+        waiting = record(mm)
+        refresh = mm._core.refresh_readings
+
+        async def slow_after_the_first_wait() -> None:
+            if any(isinstance(e, ev.Waiting) and e.model == "b" for e in waiting):
+                await anyio.sleep(1)  # cancelled by b's deadline
+            await refresh()
+
+        async with mm.use("a"):
+            monkeypatch.setattr(mm._core, "refresh_readings", slow_after_the_first_wait)
+            with pytest.raises(ModelMoraTimeout, match=r"waiting for memory to load 'b'.*a: ready, 1 lease"):
+                async with mm.use("b"):
+                    pass
+        assert mm.leases("a") == 0 and not mm.is_loaded("b")
+
+
 async def test_waiters_are_served_in_fifo_order(sim: SimulatedProvider) -> None:
     models = {n: {"memory": "10GB"} for n in ("a", "b", "c", "d")}
     async with make_manager(sim, models) as mm:
