@@ -466,6 +466,7 @@ class Loader:
         reconciled = False
         blocked: list[Entry] = []
         last: tuple[str, ...] | None = None
+        waiting = ""  # the last Wait's reason: what a timeout while looking again reports
         if not entry.background:  # a background load never goes ahead of anyone
             self.admission.arrive(entry)
         try:
@@ -473,7 +474,7 @@ class Loader:
                 self._check_wanted(entry)
                 victims: list[Entry] = []
                 sleepers: list[Entry] = []
-                why[0] = "reading the devices' memory"
+                why[0] = waiting or "reading the devices' memory"
                 async with self.admission.turn:  # first come, first served; never held to wait
                     await core.refresh_readings()
                     self._check_wanted(entry)
@@ -510,6 +511,7 @@ class Loader:
                     self.check_outage(entry.provider, entry.name)  # found down: no reason to evict
                     continue
                 if isinstance(plan, Admit):
+                    waiting = ""  # what it waited for is gone
                     why[0] = f"evicting {', '.join((*plan.evict, *plan.sleep))}"
                     failures = await self._finish_all(victims, sleepers, reason=plan.reasons)
                     core.lifecycle.update(entry, claims=())
@@ -525,7 +527,7 @@ class Loader:
                     continue  # decide again on a fresh reading before calling the runtime
                 if isinstance(plan, Refuse):
                     raise self._refusal(entry, plan)
-                why[0] = f"{plan.reason} (held by {core.describe_holders(plan.blockers)})"
+                why[0] = waiting = f"{plan.reason} (held by {core.describe_holders(plan.blockers)})"
                 self._check_held_past(entry, plan, deadline)
                 if plan.blockers != last:
                     core.bus.emit(ev.Waiting(model=entry.name, blockers=plan.blockers, reason=plan.reason))
