@@ -7,8 +7,12 @@ import functools
 import itertools
 import math
 import random
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -260,6 +264,63 @@ def test_with_a_stop_to_poll_a_larger_budget_still_lets_highs_prove_a_large_chai
     plan = plan_residency(sequence, models, capacity, time_budget=60, stop=lambda: False)
     assert plan.method == "exact" and plan.gap == 0.0, plan.method_text
     check_consistent(plan, sequence, capacity["cuda:0"])
+
+
+def test_the_planner_offers_the_gil_to_the_event_loop_at_least_every_ten_thousand_lines() -> None:
+    """Issue 24: the plan runs in a worker thread while the event loop keeps ticking every
+    10 ms.  CPython lets the loop's thread wait a whole switch interval (5 ms) for the GIL
+    while another thread computes in pure Python, so a heartbeat beside the planner ticked
+    every 16-22 ms; the planner now offers the GIL (``chain.gil.handover``) from every
+    inner loop.  Counted in executed lines of the planner's own code between two offers
+    (a machine-independent measure of time: about a millisecond here), over every phase:
+    the exact search's attempt, Belady's path, the bound's tables, the prices, the beams,
+    the integer programme and the plan's steps.  Red before: one stretch of ~385,000
+    lines (it yielded only between beam states)."""
+    pytest.importorskip("scipy")
+    from modelmora.chain import gil
+
+    chain_dir = str(Path(gil.__file__).parent)
+    stretches, lines = [], [0]
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "line":
+            lines[0] += 1
+        return local
+
+    def calls(frame: FrameType, event: str, arg: object) -> Any:
+        if not frame.f_code.co_filename.startswith(chain_dir):
+            return None
+        if frame.f_code.co_name == "handover":
+            stretches.append(lines[0])
+            lines[0] = 0
+            return None
+        return local
+
+    for seed in range(2):
+        sequence, models, capacity = large_chain(seed, 20, 200)
+        sys.settrace(calls)
+        try:
+            plan = plan_residency(sequence, models, capacity, time_budget=10.0)  # ends when proven
+        finally:
+            sys.settrace(None)
+        stretches.append(lines[0])
+        assert plan.method == "exact", seed  # every phase ran, to the integer programme's proof
+    assert len(stretches) > 1000 and max(stretches) <= 10_000, max(stretches)
+
+
+def test_handing_over_the_gil_releases_it_once_half_a_millisecond_has_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from modelmora.chain import gil
+
+    now, slept = [100.0], []
+    monkeypatch.setattr(gil.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(gil.time, "sleep", slept.append)
+    monkeypatch.setattr(gil, "_last", 0.0)
+    for step in (0.0, 0.0001, 0.0003, 0.0002, 0.0001, 0.0005, 0.0):
+        now[0] += step
+        gil.handover()
+    assert slept == [0, 0, 0]  # at 100.0, at 100.0006 (0.6 ms later), at 100.0012
 
 
 @settings(max_examples=100, deadline=None)
