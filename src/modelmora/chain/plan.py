@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..spec import format_size
+from .gil import handover
 from .search import SearchProblem, search
 
 EXACT_LIMIT = 14
@@ -273,6 +274,7 @@ def _exact(
         back: dict[frozenset[str], frozenset[str]] = {}
         for state, cost in layer.items():
             seen += 1
+            handover()  # run in a worker thread: the event loop's thread takes the GIL soon
             if seen > _UNTIMED_STATES and _past(deadline, stop):
                 return None
             if model is None or model in state:
@@ -349,6 +351,7 @@ def _eager(
     live: list[frozenset[str]] = []
     previous = frozenset(m for m in start if kept_until_next_use(m, -1))
     for i, model in enumerate(sequence):
+        handover()  # O(steps²) on long chains, in the planner's worker thread
         now = set(previous)
         if model is not None:
             now.add(model)
@@ -357,6 +360,7 @@ def _eager(
     steps = []
     before = frozenset(m for m in start if kept_until_next_use(m, -1))
     for i, model in enumerate(sequence):
+        handover()
         after = live[i + 1] if i + 1 < n else frozenset()
         carried = frozenset(m for m in live[i] if kept_until_next_use(m, i))
         nxt = sequence[i + 1] if i + 1 < n else None

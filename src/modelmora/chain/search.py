@@ -53,6 +53,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .gil import handover
+
 _EPS = 1e-9
 _OPTIONS_PER_WIDTH = 16
 """Eviction sets one load tries per unit of beam width before the run stops being exhaustive."""
@@ -121,6 +123,7 @@ def belady_path(problem: SearchProblem) -> list[frozenset[str]]:
     nxt = _next_uses(seq)
     path: list[frozenset[str]] = []
     for i, model in enumerate(seq):
+        handover()
         if model is not None and model not in state:
             state.add(model)
             while not problem.fit(frozenset(state)) and len(state) > 1:
@@ -185,8 +188,8 @@ class _Search:
 
     def check(self) -> None:
         self.ticks += 1
+        handover()  # the event loop's thread gets the GIL within half a millisecond
         if self.ticks % 32 == 0:
-            time.sleep(0)  # hand the GIL to the event loop's thread if it is waiting
             late = not self.patient and time.monotonic() > self.deadline
             if late or (self.stop is not None and self.stop()):
                 raise _Stopped
@@ -231,6 +234,7 @@ class _Search:
         # bad_prefix[m][i]: steps before i where m cannot stay resident beside the step's model
         self.bad_prefix: list[list[int]] = []
         for m in range(M):
+            handover()
             no_room = [int(b) for b in blocked]
             for r, d in self.dem[m]:
                 row, limit = self.cap[r], d - _EPS
@@ -313,6 +317,7 @@ class _Search:
         var: list[int] = []
         share: list[float] = []
         for j, (s1, e, _, m) in enumerate(items):
+            handover()
             for r, d in self.dem[m]:
                 for t in range(s1, e):
                     if self.on[t] > 0:
@@ -344,6 +349,7 @@ class _Search:
             return None, 0.0, max(bound, 0.0), False
         kept: list[set[str]] = [set() for _ in range(self.T)]
         for keep, (s1, e, _, m) in zip(result.x, items, strict=True):
+            handover()
             if keep > 0.5:
                 for t in range(s1, e):
                     kept[t].add(self.names[m])
@@ -351,8 +357,10 @@ class _Search:
             frozenset(kept[t] | ({self.names[step]} if step is not None else set()))
             for t, step in enumerate(self.steps)
         ]
-        if not all(self.fits(self._mask(names)) for names in path):
-            return None, 0.0, max(bound, 0.0), False
+        for names in path:
+            handover()
+            if not self.fits(self._mask(names)):
+                return None, 0.0, max(bound, 0.0), False
         cost = path_cost(self.p.sequence, self.p.load_time, self.p.start, path)
         optimal = result.status == 0 and cost <= bound + 1e-6 * max(1.0, cost)
         return path, cost, max(bound, 0.0), optimal
@@ -363,6 +371,7 @@ class _Search:
         best, best_lam = math.inf, lam
         mu, stall = 2.0, 0
         for _ in range(_PRICE_ROUNDS):
+            handover()
             if time.monotonic() > until or (self.stop is not None and self.stop()):
                 break
             value, grad = self._dual(lam)
@@ -413,6 +422,7 @@ class _Search:
         following = [-1] * len(self.names)
         rows: list[list[float]] = [[]] * (T + 1)
         for i in range(T, -1, -1):  # following: each model's first use at step i or later
+            handover()
             s1 = i  # an interval kept from step i - 1 covers steps i .. e - 1
             row = [0.0] * len(self.names)
             for m, e in enumerate(following):
