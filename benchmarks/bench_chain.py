@@ -11,7 +11,10 @@ time, once per strategy and once with prefetch off: wall time and loads as measu
 Part 3 (planner): ``--large`` random chains of each ``--sizes`` (14 and 20 models x 200
 steps) planned with the default 200 ms budget in a worker thread while a heartbeat task
 on the loop ticks every 10 ms (``--beams-only``: without the integer programme): wall time, method, proven gap, longest heartbeat interval, and distance to a
-reference plan searched for ``--reference`` seconds (the optimum where that one is exact).
+reference plan searched for ``--reference`` seconds (the optimum where that one is exact);
+beside it, the same heartbeat's longest interval next to a worker thread that sleeps (the
+bare loop) and next to one that computes in pure Python (what CPython's 5 ms switch
+interval alone gives; the planner hands the GIL over every 0.5 ms, ``chain/gil.py``).
 SciPy, whose HiGHS solves the integer programme, is imported once per process by the
 first plan that needs it (outside that plan's budget): timed apart, before the rows.
 """
@@ -24,8 +27,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -39,6 +43,8 @@ from modelmora.chain.search import _highs
 from modelmora.memory import StaticProbe
 from modelmora.providers.simulated import SimulatedProvider
 from modelmora.testing.traces import large_chain
+
+T = TypeVar("T")
 
 GB = 10**9
 
@@ -131,6 +137,33 @@ async def planned_beside_heartbeat(
     seq: list[str], models: dict[str, PlanModel], cap: dict[str, int]
 ) -> tuple[ResidencyPlan, float, float, int]:
     """(plan, wall s, longest heartbeat interval s, ticks) with the planner in a worker thread."""
+    return await beside_heartbeat(lambda: plan_residency(seq, models, cap))
+
+
+def _idle() -> None:
+    time.sleep(0.2)
+
+
+def _busy() -> None:
+    """Pure Python for 0.2 s, never releasing the GIL on purpose: what CPython's switch
+    interval alone gives the loop."""
+    end, n = time.perf_counter() + 0.2, 0
+    while time.perf_counter() < end:
+        n += 1
+
+
+def heartbeat_baselines(runs: int = 3) -> dict[str, float]:
+    """Longest heartbeat interval (s, worst of ``runs``) beside a worker thread that sleeps
+    (the bare loop) and one that computes in pure Python without handing the GIL over."""
+    return {
+        name: max(anyio.run(beside_heartbeat, work)[2] for _ in range(runs))
+        for name, work in (("idle_thread", _idle), ("busy_thread", _busy))
+    }
+
+
+async def beside_heartbeat(work: Callable[[], T]) -> tuple[T, float, float, int]:
+    """(``work()``'s result, wall s, longest heartbeat interval s, ticks) with ``work`` in a
+    worker thread and a task on the loop that sleeps 10 ms at a time."""
     done = anyio.Event()
     longest, ticks = 0.0, 0
 
@@ -145,10 +178,10 @@ async def planned_beside_heartbeat(
     async with anyio.create_task_group() as tg:
         tg.start_soon(heartbeat)
         started = time.perf_counter()
-        plan = await anyio.to_thread.run_sync(lambda: plan_residency(seq, models, cap))
+        result = await anyio.to_thread.run_sync(work)
         wall = time.perf_counter() - started
         done.set()
-    return plan, wall, longest, ticks
+    return result, wall, longest, ticks
 
 
 def planner_figures(
@@ -159,6 +192,7 @@ def planner_figures(
     started = time.perf_counter()
     _highs()
     out: dict[str, Any] = {"scipy_import_s": time.perf_counter() - started}
+    out["heartbeat_baselines"] = heartbeat_baselines()
     for n, length in sizes:
         rows = []
         for seed in range(count):
@@ -273,7 +307,7 @@ def main() -> None:
     print(f"{'chains':24} {'wall max':>9} {'exact':>6} {'proven gap mean/max':>20} "
           f"{'above reference mean/max':>25} {'ref exact':>9} {'longest tick':>13}")  # fmt: skip
     for name, rows in report["planner"].items():
-        if name == "scipy_import_s":
+        if name in ("scipy_import_s", "heartbeat_baselines"):
             continue
         gaps = [r["gap"] for r in rows if r["method"] == "anytime"] or [0.0]
         above = [r["above_reference"] for r in rows]
@@ -282,6 +316,11 @@ def main() -> None:
             f"{statistics.mean(gaps):>9.1%} / {max(gaps):>6.1%} {statistics.mean(above):>13.2%} / {max(above):>7.2%} "
             f"{sum(r['reference_exact'] for r in rows):>6}/{len(rows):<2} {max(r['longest_tick_s'] for r in rows) * 1000:>10.1f} ms"
         )
+    base = report["planner"]["heartbeat_baselines"]
+    print(
+        f"(longest tick beside a worker thread that sleeps: {base['idle_thread'] * 1000:.1f} ms; "
+        f"one that computes in pure Python: {base['busy_thread'] * 1000:.1f} ms)"
+    )
     print(
         f"(the first plan that reaches the search imports SciPy, once per process and outside the "
         f"budget: {report['planner']['scipy_import_s']:.2f} s here, timed apart)"
