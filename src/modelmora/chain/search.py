@@ -39,7 +39,8 @@ budget.  With unequal sizes this is NP-hard (Bar-Noy, Bar-Yehuda, Freund, Naor, 
 
 Everything here is pure and synchronous; :func:`search` checks its deadline and ``stop``
 between states (and before and after the integer programme, which cannot be interrupted:
-hence its slice) so a caller runs it in a worker thread.
+hence its slice) so a caller runs it in a worker thread; its inner loops offer the GIL to
+the event loop's thread every half millisecond (:func:`.gil.handover`).
 """
 
 from __future__ import annotations
