@@ -9,7 +9,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -273,9 +273,10 @@ def test_the_planner_offers_the_gil_to_the_event_loop_at_least_every_ten_thousan
     every 16-22 ms; the planner now offers the GIL (``chain.gil.handover``) from every
     inner loop.  Counted in executed lines of the planner's own code between two offers
     (a machine-independent measure of time: about a millisecond here), over every phase:
-    the exact search's attempt, Belady's path, the bound's tables, the prices, the beams,
-    the integer programme and the plan's steps.  Red before: one stretch of ~385,000
-    lines (it yielded only between beam states)."""
+    the exact search (14 models), Belady's path, the bound's tables, the prices, the
+    beams (wide ones too, without the integer programme), the integer programme and the
+    plan's steps.  Red before: one stretch of ~385,000 lines (it yielded only between beam
+    states)."""
     pytest.importorskip("scipy")
     from modelmora.chain import gil
 
@@ -296,15 +297,25 @@ def test_the_planner_offers_the_gil_to_the_event_loop_at_least_every_ten_thousan
             return None
         return local
 
-    for seed in range(2):
-        sequence, models, capacity = large_chain(seed, 20, 200)
+    def traced(plan: Callable[[], Any]) -> Any:
+        before = sys.gettrace()  # a coverage run's or a debugger's tracer is put back
         sys.settrace(calls)
         try:
-            plan = plan_residency(sequence, models, capacity, time_budget=10.0)  # ends when proven
+            return plan()
         finally:
-            sys.settrace(None)
-        stretches.append(lines[0])
+            sys.settrace(before)
+            stretches.append(lines[0])
+            lines[0] = 0
+
+    for seed in range(2):
+        sequence, models, capacity = large_chain(seed, 20, 200)
+        plan = traced(functools.partial(plan_residency, sequence, models, capacity, time_budget=10.0))
         assert plan.method == "exact", seed  # every phase ran, to the integer programme's proof
+    sequence, models, capacity = large_chain(0, 14, 200)  # the exact search's own size
+    traced(functools.partial(plan_residency, sequence, models, capacity, time_budget=0.5))
+    problem = residency_problem(*large_chain(1, 20, 200))
+    found = traced(functools.partial(search, problem, deadline=math.inf, max_width=16, integer_programme=False))
+    assert found.widest_beam == 16  # the wide beams ran
     assert len(stretches) > 1000 and max(stretches) <= 10_000, max(stretches)
 
 
@@ -313,14 +324,14 @@ def test_handing_over_the_gil_releases_it_once_half_a_millisecond_has_passed(
 ) -> None:
     from modelmora.chain import gil
 
-    now, slept = [100.0], []
-    monkeypatch.setattr(gil.time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(gil.time, "sleep", slept.append)
+    now, released = [100.0], []
+    monkeypatch.setattr(gil, "_clock", lambda: now[0])
+    monkeypatch.setattr(gil, "_release", released.append)
     monkeypatch.setattr(gil, "_last", 0.0)
     for step in (0.0, 0.0001, 0.0003, 0.0002, 0.0001, 0.0005, 0.0):
         now[0] += step
         gil.handover()
-    assert slept == [0, 0, 0]  # at 100.0, at 100.0006 (0.6 ms later), at 100.0012
+    assert released == [0, 0, 0]  # at 100.0, at 100.0006 (0.6 ms later), at 100.0012
 
 
 @settings(max_examples=100, deadline=None)

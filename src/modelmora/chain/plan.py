@@ -291,7 +291,12 @@ def _exact(
             return None
         layer = nxt
         parents.append(back)
-    best = min(layer, key=lambda s: (layer[s], sum(sum(models[n].memory.values()) for n in s), sorted(s)))
+
+    def rank(s: frozenset[str]) -> tuple[float, int, list[str]]:
+        handover()  # up to STATE_LIMIT states
+        return layer[s], sum(sum(models[n].memory.values()) for n in s), sorted(s)
+
+    best = min(layer, key=rank)
     path = [best]
     for back in reversed(parents[1:]):
         path.append(back[path[-1]])
@@ -318,6 +323,7 @@ def _admissions(state: frozenset[str], model: str, fit: _Fit) -> list[frozenset[
     found: list[frozenset[str]] = []
     for size in range(1, len(others) + 1):
         for evicted in itertools.combinations(others, size):
+            handover()  # up to 2^13 combinations a state
             option = grown - set(evicted)
             # minimal: no smaller eviction found earlier is contained in this one
             if fit(option) and not any(option < kept for kept in found):

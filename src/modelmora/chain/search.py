@@ -412,6 +412,7 @@ class _Search:
         # rent of each model's memory: price[m][i] = sum over t < i of its share times lam
         price = [[0.0] * (T + 1) for _ in self.names]
         for m, dm in enumerate(self.dem):
+            handover()
             for r, d in dm:
                 price[m] = [x + d * y for x, y in zip(price[m], q[r], strict=True)]
         starting = [0.0] * (T + 2)  # relaxed gains of the intervals that start at step i - 1
@@ -470,6 +471,7 @@ class _Search:
         tried = 0
         for size in range(1, len(others) + 1):
             for evicted in itertools.combinations(others, size):
+                handover()
                 tried += 1
                 if tried > limit:
                     return found, False

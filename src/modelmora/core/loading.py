@@ -474,7 +474,7 @@ class Loader:
                 self._check_wanted(entry)
                 victims: list[Entry] = []
                 sleepers: list[Entry] = []
-                why[0] = waiting or "reading the devices' memory"
+                why[0] = f"{waiting}; looking again" if waiting else "reading the devices' memory"
                 async with self.admission.turn:  # first come, first served; never held to wait
                     await core.refresh_readings()
                     self._check_wanted(entry)
