@@ -41,6 +41,11 @@ not resident loads it and may evict any subset of the others (demand loading; Be
 setting with sizes and costs, where loading ahead never lowers the total).  It minimises
 load-seconds (then loads); with 6 models that is at most 3^6 moves per request.
 
+For the traces of independent draws (uniform, Zipf) the *online* optimum is also given:
+the best policy that knows each model's true probability but not the order
+(:func:`online_optimum`, a Markov decision process solved exactly) — what no online
+policy beats in expectation, so the floor for ours.
+
 The peer, Ray Serve's ``@serve.multiplexed`` (per-replica LRU by count: the ``lru`` row's
 rule), runs the periodic and agent-loop traces on a real Ray node beside modelmora's
 ``ray`` provider in ``benchmarks/bench_ray_serve.py`` (loads and per-request overhead);
@@ -95,6 +100,7 @@ class Trace:
     models: tuple[Model, ...]
     budget: int  # bytes
     requests: tuple[str, ...]
+    odds: dict[str, float] | None = None  # independent draws: each model's probability
 
 
 def card(rng: random.Random, n: int = 6) -> tuple[tuple[Model, ...], int]:
@@ -113,13 +119,15 @@ def traces(n: int, seed: int) -> list[Trace]:
 
     models, budget = card(rng)
     names = [m.name for m in models]
-    out.append(Trace("uniform", models, budget, tuple(rng.choice(names) for _ in range(n))))
+    uniform = tuple(rng.choice(names) for _ in range(n))
+    out.append(Trace("uniform", models, budget, uniform, {m: 1 / len(names) for m in names}))
 
     models, budget = card(rng)
     names = [m.name for m in models]
     ranked = rng.sample(names, len(names))
     weights = [1 / (k + 1) ** 1.2 for k in range(len(ranked))]
-    out.append(Trace("zipf", models, budget, tuple(rng.choices(ranked, weights, k=n))))
+    odds = {m: w / sum(weights) for m, w in zip(ranked, weights, strict=True)}
+    out.append(Trace("zipf", models, budget, tuple(rng.choices(ranked, weights, k=n)), odds))
 
     models, budget = card(rng)
     names = [m.name for m in models]
@@ -187,6 +195,65 @@ def optimum(trace: Trace) -> tuple[float, int]:
                 keep = (keep - 1) & mask
         best = nxt
     return min(best.values())
+
+
+def online_optimum(trace: Trace, rounds: int = 5000) -> tuple[float, int] | None:
+    """Load-seconds (and loads) on ``trace`` of the best *online* policy for its draws, for
+    traces of independent draws with known probabilities (``trace.odds``; None otherwise).
+
+    Under the independent reference model the best a policy that does not see the future
+    can do is the optimal policy of a Markov decision process (Aho, Denning, Ullman,
+    "Principles of optimal page replacement", JACM 18(1), 1971, for equal sizes and
+    costs: keep the most probable pages).  Here with sizes and costs: states are the
+    resident sets that fit the budget, a request for a model not resident costs its load
+    seconds and moves to any set that fits, holds it and is a subset of the old set plus
+    it; the long-run cost per request is minimised by relative value iteration (Puterman,
+    *Markov Decision Processes*, 1994, §8.5.5; damped by half, which keeps the policy and
+    makes the iteration converge on periodic chains).  The policy, which knows the true
+    probabilities and nothing else, is then replayed on the trace.  No online policy —
+    ours included — beats it in expectation; the offline optimum (:func:`optimum`) also
+    knows the order."""
+    if trace.odds is None:
+        return None
+    n = len(trace.models)
+    size = [m.size for m in trace.models]
+    cost = [m.load_s for m in trace.models]
+    p = [trace.odds.get(m.name, 0.0) for m in trace.models]
+    states = [s for s in range(1 << n) if sum(size[i] for i in range(n) if s >> i & 1) <= trace.budget]
+    fitting = set(states)
+
+    def moves(s: int, i: int) -> list[int]:
+        grown, out = s | 1 << i, []
+        keep = grown
+        while True:  # every subset of grown that holds i and fits
+            if keep >> i & 1 and keep in fitting:
+                out.append(keep)
+            if keep == 0:
+                break
+            keep = (keep - 1) & grown
+        return out
+
+    options = {(s, i): moves(s, i) for s in states for i in range(n) if not s >> i & 1}
+    h = dict.fromkeys(states, 0.0)
+    for _ in range(rounds):
+        best = {key: min(h[t] for t in targets) for key, targets in options.items()}
+        new = {
+            s: sum(p[i] * (h[s] if s >> i & 1 else cost[i] + best[s, i]) for i in range(n)) for s in states
+        }
+        ref = new[0]
+        new = {s: 0.5 * h[s] + 0.5 * (v - ref) for s, v in new.items()}
+        change = max(abs(new[s] - h[s]) for s in states)
+        h = new
+        if change < 1e-10:
+            break
+    index = {m.name: i for i, m in enumerate(trace.models)}
+    state, seconds, loads = 0, 0.0, 0
+    for name in trace.requests:
+        i = index[name]
+        if not state >> i & 1:
+            state = min(options[state, i], key=lambda t: (h[t], -t))
+            seconds, loads = seconds + cost[i], loads + 1
+    return seconds, loads
 
 
 # -- the replay through the manager ----------------------------------------------------------
@@ -363,6 +430,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             row[policy] = await replay(trace, policy, args.window, args.noise, args.seed)
         seconds, loads = optimum(trace)
         row["optimum"] = {"loads": loads, "load_s": round(seconds, 1)}
+        online = online_optimum(trace)
+        if online is not None:
+            seconds, loads = online
+            row["online_optimum"] = {"loads": loads, "load_s": round(seconds, 1)}
+            row["online_optimum_vs_lru"] = round(seconds / max(row["lru"]["load_s"], 1e-9), 3)
         for policy in policies[1:]:
             row[f"{policy}_vs_lru"] = round(row[policy]["load_s"] / max(row["lru"]["load_s"], 1e-9), 3)
         out["traces"][trace.name] = row
@@ -372,14 +444,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(data: dict[str, Any]) -> str:
     policies = [p for p in POLICIES + ABLATIONS if p in next(iter(data["traces"].values()), {})]
     lines = [
-        "| trace | optimum loads / load-s | "
+        "| trace | optimum loads / load-s | online optimum (× LRU) | "
         + " | ".join(f"{p} loads / load-s (× LRU) | {p} wait p50 / p95" for p in policies)
         + " |",
-        "|---|---|" + "---|---|" * len(policies),
+        "|---|---|---|" + "---|---|" * len(policies),
     ]
     for name, r in data["traces"].items():
         opt = r["optimum"]
-        cells = [name, f"{opt['loads']} / {opt['load_s']:.0f}"]
+        online = r.get("online_optimum")
+        best = (
+            f"{online['loads']} / {online['load_s']:.0f} ({r['online_optimum_vs_lru']:.2f})"
+            if online
+            else "—"
+        )
+        cells = [name, f"{opt['loads']} / {opt['load_s']:.0f}", best]
         for p in policies:
             x = r[p]
             ratio = f" ({r[f'{p}_vs_lru']:.2f})" if p != "lru" else ""

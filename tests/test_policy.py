@@ -3,10 +3,14 @@ snapshots and histories."""
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -183,6 +187,39 @@ def test_bench_traces_tiny_run_reports_every_trace_and_the_optimum_bounds_them()
             assert 0 <= r["wait_p50_s"] <= r["wait_p95_s"]
     periodic = data["traces"]["periodic"]
     assert (periodic["lru"]["loads"], periodic["optimum"]["loads"]) == (101, 62)
+
+
+def _bench_traces() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_traces", ROOT / "benchmarks" / "bench_traces.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_traces", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_online_optimum_of_independent_draws_keeps_the_likeliest_of_equal_models() -> None:
+    """The bench's floor for any online policy on the uniform and Zipf traces (issue 24's
+    Zipf target is below it): with equal sizes and costs it is Aho, Denning and Ullman's
+    A0, which never evicts the likeliest model when there is room for two of three — so
+    the second slot holds whichever of the others came last — and no trace's offline
+    optimum is above it."""
+    bench = _bench_traces()
+    models = tuple(bench.Model(n, 8 * bench.GB, 5.0) for n in "abc")
+    rng = random.Random(4)
+    requests = ("a", *rng.choices("abc", (0.6, 0.3, 0.1), k=200))  # a first: then A0's rule holds
+    trace = bench.Trace("t", models, 16 * bench.GB, requests, {"a": 0.6, "b": 0.3, "c": 0.1})
+    seconds, loads = bench.online_optimum(trace)
+    others = [r for r in requests if r != "a"]
+    expected = 1 + 1 + sum(x != y for x, y in itertools.pairwise(others))  # a once; the slot
+    assert loads == expected and seconds == 5.0 * expected
+    assert bench.optimum(trace)[0] <= seconds
+    for trace in bench.traces(120, 1):
+        if trace.odds is not None:
+            online = bench.online_optimum(trace)
+            assert online is not None and online[0] >= bench.optimum(trace)[0] - 1e-9, trace.name
+        else:
+            assert bench.online_optimum(trace) is None
 
 
 @settings(max_examples=300, deadline=None)
