@@ -52,7 +52,8 @@ rule), runs the periodic and agent-loop traces on a real Ray node beside modelmo
 here, where the runtime is simulated, it would only repeat the LRU row.
 
 ``--ablation`` adds the ``cost`` policy with its set duel turned off (``cost/bounded``,
-``cost/unbounded``: one next-use estimate each, see ``core/policy.py``'s ``Reuse``).
+``cost/unbounded``, ``cost/frequency``: one next-use estimate each, see
+``core/policy.py``'s ``Reuse``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ import anyio
 
 from modelmora import ModelManager
 from modelmora import events as ev
-from modelmora.core.policy import Reuse
+from modelmora.core.policy import ESTIMATES, Estimate, Reuse
 from modelmora.memory import DeviceMemory, MemoryMonitor, StaticProbe
 from modelmora.providers.base import Handle
 from modelmora.providers.simulated import SimulatedProvider
@@ -342,19 +343,19 @@ class Sim(SimulatedProvider):
 
 
 POLICIES = ("lru", "cost", "cost+prefetch")
-ABLATIONS = ("cost/bounded", "cost/unbounded")  # the default with one next-use estimate only
+ABLATIONS = tuple(f"cost/{kind}" for kind in ESTIMATES)  # the default with one next-use estimate only
 
 
 class OneEstimate(Reuse):
-    """The ``cost`` policy's history with the set duel turned off: always the bounded
-    estimate, or always the unbounded one (``--ablation``)."""
+    """The ``cost`` policy's history with the set duel turned off: always one of its
+    next-use estimates (``--ablation``)."""
 
-    def __init__(self, window: int, bounded: bool) -> None:
+    def __init__(self, window: int, kind: Estimate) -> None:
         super().__init__(window)
-        self.fixed = bounded
+        self.fixed = kind
 
     @property
-    def bounded(self) -> bool:
+    def estimate(self) -> Estimate:
         return self.fixed
 
 
@@ -389,7 +390,8 @@ async def replay(
         tg.start_soon(clock.drive)
         ablation = policy.partition("/")[2]
         # the window under study (default: the policy's)
-        mm._core.reuse = OneEstimate(window, ablation == "bounded") if ablation else Reuse(window)
+        kind = next((k for k in ESTIMATES if k == ablation), None)
+        mm._core.reuse = OneEstimate(window, kind) if kind else Reuse(window)
         for name in trace.requests:
             asked = clock.now
             async with mm.use(name):
@@ -491,7 +493,7 @@ def main() -> None:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="Also the cost policy with one next-use estimate only (bounded, unbounded): no set duel.",
+        help="Also the cost policy with one next-use estimate only (bounded, unbounded, frequency): no set duel.",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -22,11 +22,13 @@ Two policies order the planner's victims (``eviction`` in the manager's config):
   ``WINDOW`` gaps count.  A model never requested is worth 0; ties go to LRU, so with
   equal sizes and load times and no history (one request each) the policy *is* LRU.
 
-  The expected next use comes in two kinds: *bounded* near LRU's (where a model's gaps
-  mislead: short ones inside an agent's episode, long ones between episodes) or not (a
-  loop longer than the room: LRU evicts exactly the model needed next, Belady the one
-  just used).  Which one is trusted is decided by a set duel of two shadow caches on the
-  request stream (:class:`Reuse`, :class:`Shadow`).
+  The expected next use comes in three kinds: *bounded* near LRU's (where a model's gaps
+  mislead: short ones inside an agent's episode, long ones between episodes), *unbounded*
+  (a loop longer than the room: LRU evicts exactly the model needed next, Belady the one
+  just used) and *frequency* (the decayed mean interval, recency ignored: what requests
+  drawn independently call for — GreedyDual-Size-Frequency's F).  Which one is trusted is
+  decided by a set duel of three shadow caches on the request stream (:class:`Reuse`,
+  :class:`Shadow`).
 
 ``load_s`` is measured on a machine that does other work, so one load says little: the
 three equal GGUFs of ``benchmarks/bench_llamacpp_router.py`` measured 0.05–1.54 s a load
@@ -66,6 +68,8 @@ from typing import Literal, NamedTuple, Protocol, TypeVar
 
 Eviction = Literal["cost", "lru"]
 EVICTIONS: tuple[Eviction, ...] = ("cost", "lru")
+Estimate = Literal["bounded", "unbounded", "frequency"]
+ESTIMATES: tuple[Estimate, ...] = ("bounded", "unbounded", "frequency")
 WINDOW = 32  # gaps kept per model (chosen on benchmarks/bench_traces.py: 8, 16, 32 tried)
 FOLLOWERS = 16  # successors kept per model for the prefetch's guess
 STRAY = 1.5  # how far past LRU's estimate a model's expected next use may go (1, 1.25, 1.5, 2 tried)
@@ -198,10 +202,10 @@ class Shadow:
     modelled: the shadow answers "which estimator would have reloaded less on this
     stream", not what the manager will do."""
 
-    __slots__ = ("bounded", "cost", "resident")
+    __slots__ = ("cost", "kind", "resident")
 
-    def __init__(self, bounded: bool):
-        self.bounded = bounded
+    def __init__(self, kind: Estimate):
+        self.kind = kind
         self.cost = 0.0  # decayed reload seconds
         self.resident: set[str] = set()
 
@@ -223,9 +227,7 @@ class Shadow:
                 return
             if ghosts is None:
                 ghosts = [
-                    _Ghost(
-                        n, costs[n].memory, reuse.last(n), costs[n].load_s, reuse.next_use(n, self.bounded)
-                    )
+                    _Ghost(n, costs[n].memory, reuse.last(n), costs[n].load_s, reuse.next_use(n, self.kind))
                     for n in sorted(self.resident)
                     if n != name
                 ]
@@ -247,30 +249,40 @@ class Reuse:
     for a model never requested.  Gaps survive eviction: how a model was used is known
     before it is loaded again.
 
-    Which estimate — ``bounded`` (capped at ``STRAY ×`` the time since: near LRU) or not
-    (the gaps' conditional mean alone: Belady's guess on a loop) — is chosen by *set
-    dueling* (M. K. Qureshi, A. Jaleel, Y. N. Patt, S. C. Steely and J. Emer, *Adaptive
+    Which estimate — ``bounded`` (capped at ``STRAY ×`` the time since: near LRU),
+    ``unbounded`` (the gaps' conditional mean alone: Belady's guess on a loop) or
+    ``frequency`` (the mean interval between requests, decayed, recency ignored: right
+    where requests are independent draws, as under the independent reference model of
+    A. V. Aho, P. J. Denning and J. D. Ullman, *Principles of optimal page replacement*,
+    JACM 18(1), 1971) — is chosen by *set dueling* (M. K. Qureshi, A. Jaleel, Y. N. Patt, S. C. Steely and J. Emer, *Adaptive
     Insertion Policies for High Performance Caching*, ISCA 2007): LRU thrashes on a loop
     longer than the cache, a loop-resistant rule loses elsewhere, and a cache that runs
     both on the side and follows whichever missed less lately tracks the better one where
     one is clearly better (a loop).  Where neither is, it can do worse than either: on
     ``bench_traces.py``'s Zipf trace at seed 0, 0.99 × LRU's load-seconds against 0.96
     (bounded alone) and 0.97 (unbounded alone); over 18 runs the unbounded estimate alone
-    beat it on Zipf in 16.  The two run as :class:`Shadow` caches on the whole request
+    beat it on Zipf in 16.  The three run as :class:`Shadow` caches on the whole request
     stream, given each model's :class:`Cost` and the :class:`Room` (ghost caches, as the
     ghost lists of ARC — N. Megiddo and D. S. Modha, FAST 2003 — and LeCaR — G. Vietri et
-    al., HotStorage 2018).  The unbounded estimate is followed while its shadow's decayed reload seconds
-    are below the bounded one's by more than ``SWITCH_LOADS`` mean loads: a lead of one
-    lucky load on a trace where neither rule is better (runs of one model, picked at
-    random) does not flip it.  Measured on ``benchmarks/bench_traces.py``, 6 seeds × 3
-    load-time noise modes, 18 runs a trace: agent loops 0.76–1.00 × LRU's load-seconds
-    (mean 0.90; the bounded estimate alone 0.81–1.00, mean 0.96), the periodic trace 67–70
-    loads (bounded alone 82–84), and each other trace's worst run within 0.1 of a percent
-    of the bounded estimate's (``HALF_LIFE`` 50, 100, 200, 1000 and ``SWITCH_LOADS`` 0, 1,
-    2, 3, 4 tried; at 2 one run of the bursty trace was 2.4 % worse).  Without
+    al., HotStorage 2018).  The bounded estimate is the default; the unbounded one is
+    followed while its shadow's decayed reload seconds are below the bounded one's by more
+    than ``SWITCH_LOADS`` mean loads, and the frequency one while its shadow's are below
+    the one so chosen by as much: a lead of one lucky load on a trace where neither rule is
+    better (runs of one model, picked at random) does not flip it.  Measured on
+    ``benchmarks/bench_traces.py``, 6 seeds × 3 load-time noise modes, 18 runs a trace:
+    agent loops 0.75–1.00 × LRU's load-seconds (mean 0.91; the bounded estimate alone
+    0.81–1.00, mean 0.96), the periodic trace 67–70 loads but 83 in one heavy-tailed run
+    (bounded alone 82–84), uniform and Zipf worst 1.000 and 1.019 (means 0.978), the
+    others' worst runs within 0.1 of a percent of the bounded estimate's (``HALF_LIFE``
+    50, 100, 200, 1000 and ``SWITCH_LOADS`` 0, 1, 2, 3, 4 tried for the first duel; at 2
+    one run of the bursty trace was 2.4 % worse).  The frequency shadow, added later, took
+    the uniform trace's mean from 0.983 to 0.978 × LRU and Zipf's from 0.985 to 0.978
+    (worst 1.006 → 1.000 and 1.020 → 1.019), the others unchanged or better; alone, it
+    reaches the online optimum on Zipf at seed 0 (0.93 × LRU) but costs up to 2.2 × LRU
+    on the planner-between-tools trace.  Without
     costs (``request(name)`` alone) no shadow runs and the estimate is bounded."""
 
-    __slots__ = ("_costs", "_gaps", "_last", "_load_sum", "_shadows", "requests", "window")
+    __slots__ = ("_costs", "_gaps", "_last", "_load_sum", "_shadows", "_weight", "requests", "window")
 
     def __init__(self, window: int = WINDOW):
         if window < 1:
@@ -281,13 +293,14 @@ class Reuse:
         self._gaps: dict[str, deque[int]] = {}
         self._costs: dict[str, Cost] = {}  # each model's cost when a shadow last missed it
         self._load_sum = 0.0  # of the costs' load seconds: their mean is the duel's unit
-        self._shadows = (Shadow(bounded=True), Shadow(bounded=False))
+        self._weight: dict[str, tuple[float, int]] = {}  # decayed request count, as of a request
+        self._shadows = tuple(Shadow(kind) for kind in ESTIMATES)
 
     def request(
         self, name: str, cost: Cost | Callable[[], Cost] | None = None, room: Room | None = None
     ) -> None:
         """Count a request for ``name``; with its ``cost`` and the ``room``, replay it
-        through both shadow caches first (they decide as the manager did: before it counts).
+        through every shadow cache first (they decide as the manager did: before it counts).
         ``cost`` may be a function: it is called only when a shadow misses ``name`` (a hit,
         the lease hot path, prices nothing)."""
         if cost is not None and room is not None:
@@ -302,6 +315,9 @@ class Reuse:
                 gaps = self._gaps[name] = deque(maxlen=self.window)
             gaps.append(self.requests - last)
         self._last[name] = self.requests
+        weight, at = self._weight.get(name, (0.0, self.requests))
+        aged: float = weight * DECAY ** (self.requests - at)
+        self._weight[name] = (aged + 1.0, self.requests)
         self.requests += 1
 
     def _price(self, name: str, cost: Cost) -> None:
@@ -310,27 +326,42 @@ class Reuse:
         self._costs[name] = cost
 
     @property
-    def bounded(self) -> bool:
-        """Whether ``next_use`` caps its estimate now (see the class docstring)."""
-        capped, free = self._shadows
+    def estimate(self) -> Estimate:
+        """The next-use estimate ``next_use`` gives now (see the class docstring)."""
         if not self._costs:
-            return True
-        mean_load_s = self._load_sum / len(self._costs)
-        return capped.cost - free.cost <= SWITCH_LOADS * mean_load_s
+            return "bounded"
+        margin = SWITCH_LOADS * self._load_sum / len(self._costs)
+        chosen = self._shadows[0]  # bounded: the default
+        for shadow in self._shadows[1:]:  # another only where it reloaded clearly less
+            if chosen.cost - shadow.cost > margin:
+                chosen = shadow
+        return chosen.kind
+
+    @property
+    def bounded(self) -> bool:
+        """Whether ``next_use`` gives the bounded estimate now."""
+        return self.estimate == "bounded"
 
     def last(self, name: str) -> int:
         """The request count at ``name``'s last request (-1: never)."""
         return self._last.get(name, -1)
 
-    def next_use(self, name: str, bounded: bool | None = None) -> float | None:
-        """Requests until ``name``'s next request, expected (:func:`expected_next_use`,
-        capped as :attr:`bounded` says unless ``bounded`` is given); None if never asked."""
+    def next_use(self, name: str, estimate: Estimate | None = None) -> float | None:
+        """Requests until ``name``'s next request, expected — by ``estimate``, or the one
+        :attr:`estimate` says: ``bounded``/``unbounded``, :func:`expected_next_use` with or
+        without its cap; ``frequency``, the mean interval between its requests with each
+        request weighing half as much every ``HALF_LIFE`` requests (decayed LFU, recency
+        ignored: what independent draws call for).  At least 0.5; None if never asked."""
         last = self._last.get(name)
         if last is None:
             return None
-        return expected_next_use(
-            self._gaps.get(name, ()), self.requests - last, self.bounded if bounded is None else bounded
-        )
+        kind = self.estimate if estimate is None else estimate
+        if kind == "frequency":
+            weight, at = self._weight[name]
+            now: float = weight * DECAY ** (self.requests - 1 - at)
+            total: float = (1.0 - DECAY**self.requests) / (1.0 - DECAY)  # every request's weight
+            return max(total / now, 0.5)
+        return expected_next_use(self._gaps.get(name, ()), self.requests - last, kind == "bounded")
 
 
 class Successors:
@@ -448,6 +479,7 @@ def expected_next_use(gaps: Iterable[int], since: int, bounded: bool = True) -> 
 
 __all__ = [
     "DECAY",
+    "ESTIMATES",
     "EVICTIONS",
     "FOLLOWERS",
     "HALF_LIFE",
@@ -458,6 +490,7 @@ __all__ = [
     "SWITCH_LOADS",
     "WINDOW",
     "Cost",
+    "Estimate",
     "Eviction",
     "Measured",
     "Reuse",
