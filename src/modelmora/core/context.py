@@ -90,6 +90,7 @@ class Core:
         self.providers: dict[str, Provider] = {}
         self.provider_errors: dict[str, ModelMoraError] = {}
         self.budgets: dict[str, int] = {}
+        self._room = Room(self.budgets)  # the shadow caches' room, rebuilt when it changes
         self.readings: list[DeviceMemory] = []
         self.ours_at_reading: Footprint = EMPTY  # what our rows held when ``readings`` were taken
         self.leaked_at_reading: Footprint = EMPTY  # what providers reported leaked right after
@@ -257,11 +258,10 @@ class Core:
         it for the eviction policy and the prefetch."""
         entry = self.table.get(name)
         if entry is not None and self.budgets:  # priced only where a shadow cache misses it
-            self.reuse.request(
-                name,
-                lambda: Cost(entry.planned().as_dict(), self.reload_seconds(name)),
-                Room(self.budgets, self.config.max_loaded_models),
-            )
+            room = self._room
+            if room.budgets is not self.budgets or room.max_loaded != self.config.max_loaded_models:
+                room = self._room = Room(self.budgets, self.config.max_loaded_models)
+            self.reuse.request(name, lambda: Cost(entry.planned().as_dict(), self.reload_seconds(name)), room)
         else:
             self.reuse.request(name)
         self.successors.request(name)

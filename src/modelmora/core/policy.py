@@ -202,21 +202,29 @@ class Shadow:
     modelled: the shadow answers "which estimator would have reloaded less on this
     stream", not what the manager will do."""
 
-    __slots__ = ("cost", "kind", "resident")
+    __slots__ = ("_at", "_cost", "kind", "resident")
 
     def __init__(self, kind: Estimate):
         self.kind = kind
-        self.cost = 0.0  # decayed reload seconds
+        self._cost = 0.0  # reload seconds, decayed as of request number ``_at``
+        self._at = 0
         self.resident: set[str] = set()
+
+    def cost(self, now: int) -> float:
+        """Reload seconds so far, each weighing ``DECAY`` less per request since, as of
+        request number ``now`` (decayed lazily: a hit changes nothing)."""
+        aged: float = self._cost * DECAY ** (now - self._at)
+        return aged
 
     def request(self, name: str, reuse: Reuse, costs: Mapping[str, Cost], room: Room) -> None:
         """Replay one request for ``name`` (its :class:`Cost` in ``costs`` when it is not
-        resident here): a hit only ages ``cost``; a miss adds its reload seconds and evicts
-        until ``room`` holds — O(resident) per eviction, the estimates computed once."""
-        self.cost *= DECAY
+        resident here), as request number ``reuse.requests``: a hit changes nothing; a miss
+        adds its reload seconds and evicts until ``room`` holds — O(resident) per eviction,
+        the estimates computed once."""
         if name in self.resident:
             return
-        self.cost += costs[name].load_s
+        self._cost = self.cost(reuse.requests) + costs[name].load_s
+        self._at = reuse.requests
         self.resident.add(name)
         held = {d: sum(costs[n].memory.get(d, 0) for n in self.resident) for d in room.budgets}
         ghosts: list[_Ghost] | None = None  # estimates do not move within one request
@@ -304,10 +312,13 @@ class Reuse:
         ``cost`` may be a function: it is called only when a shadow misses ``name`` (a hit,
         the lease hot path, prices nothing)."""
         if cost is not None and room is not None:
-            if any(name not in shadow.resident for shadow in self._shadows):
-                self._price(name, cost() if callable(cost) else cost)
-            for shadow in self._shadows:
-                shadow.request(name, self, self._costs, room)
+            priced = False
+            for shadow in self._shadows:  # a hit in every one (the lease hot path) does nothing
+                if name not in shadow.resident:
+                    if not priced:
+                        self._price(name, cost() if callable(cost) else cost)
+                        priced = True
+                    shadow.request(name, self, self._costs, room)
         last = self._last.get(name)
         if last is not None:
             gaps = self._gaps.get(name)
@@ -331,9 +342,10 @@ class Reuse:
         if not self._costs:
             return "bounded"
         margin = SWITCH_LOADS * self._load_sum / len(self._costs)
+        now = self.requests - 1  # as of the last request counted
         chosen = self._shadows[0]  # bounded: the default
         for shadow in self._shadows[1:]:  # another only where it reloaded clearly less
-            if chosen.cost - shadow.cost > margin:
+            if chosen.cost(now) - shadow.cost(now) > margin:
                 chosen = shadow
         return chosen.kind
 
