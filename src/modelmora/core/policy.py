@@ -287,7 +287,9 @@ class Reuse:
     the uniform trace's mean from 0.983 to 0.978 × LRU and Zipf's from 0.985 to 0.978
     (worst 1.006 → 1.000 and 1.020 → 1.019), the others unchanged or better; alone, it
     reaches the online optimum on Zipf at seed 0 (0.93 × LRU) but costs up to 2.2 × LRU
-    on the planner-between-tools trace.  Without
+    on the planner-between-tools trace.  A smaller margin for it (1 or 0 mean loads
+    instead of 3) took Zipf's mean to 0.960 or 0.954 but the worst bursty run to 1.089 or
+    1.047 and the worst tools run to 1.038 or 1.071 × LRU.  Without
     costs (``request(name)`` alone) no shadow runs and the estimate is bounded."""
 
     __slots__ = ("_costs", "_gaps", "_last", "_load_sum", "_shadows", "_weight", "requests", "window")
