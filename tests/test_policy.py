@@ -6,17 +6,20 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import math
 import random
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelmora.core.planner import Admit, Candidate, Resident, plan_admission
 from modelmora.core.policy import (
+    DECAY,
     LOAD_SAMPLES,
     Cost,
     Measured,
@@ -312,6 +315,36 @@ def test_the_frequency_estimate_is_the_decayed_mean_interval_and_ignores_recency
     assert reuse.next_use("never", "frequency") is None
 
 
+def test_a_model_not_asked_for_in_a_hundred_thousand_requests_is_expected_never() -> None:
+    """Found in review: its decayed weight underflows to 0.0 (DECAY ** 108,000) and the
+    frequency estimate divided by it — a ZeroDivisionError on the lease path, from the
+    frequency shadow's eviction, whatever estimate the manager follows."""
+    reuse = Reuse()
+    room, cost = Room({"cuda:0": 3 * GB}), Cost({"cuda:0": GB}, 5.0)
+    for name in ("x", "a", "b", *("ab" * 54_000), "c"):
+        reuse.request(name, cost, room)  # c's miss evicts x from every shadow
+    assert reuse.next_use("x", "frequency") == math.inf
+    assert reuse.next_use("a", "frequency") == pytest.approx(2.0, rel=0.02)
+
+
+def test_the_shadows_decayed_reload_seconds_are_the_eager_sum() -> None:
+    """The shadows decay lazily; what ``cost`` reads is what multiplying by DECAY on
+    every request and adding each miss's reload seconds gives."""
+    rng = random.Random(7)
+    reuse = Reuse()
+    room = Room({"cuda:0": 10 * GB})
+    costs = {n: Cost({"cuda:0": rng.randint(2, 6) * GB}, rng.uniform(1, 20)) for n in "abcdef"}
+    eager = [0.0, 0.0, 0.0]
+    for _ in range(3000):
+        name = rng.choice("abcdef")
+        for i, shadow in enumerate(reuse._shadows):
+            eager[i] = eager[i] * DECAY + (costs[name].load_s if name not in shadow.resident else 0.0)
+        reuse.request(name, costs[name], room)
+        for i, shadow in enumerate(reuse._shadows):
+            assert shadow.cost(reuse.requests - 1) == pytest.approx(eager[i], rel=1e-9, abs=1e-9)
+    assert min(eager) > 0
+
+
 def test_the_frequency_estimate_alone_reaches_the_online_optimum_on_the_zipf_trace() -> None:
     """On the bench's Zipf trace (independent draws) at its README seed, the cost policy
     with the frequency estimate alone costs what the best online policy that knows the
@@ -324,7 +357,9 @@ def test_the_frequency_estimate_alone_reaches_the_online_optimum_on_the_zipf_tra
     assert proc.returncode == 0, proc.stderr
     zipf = json.loads(proc.stdout)["traces"]["zipf"]
     assert zipf["cost/frequency"]["load_s"] <= 1.01 * zipf["online_optimum"]["load_s"], zipf
-    assert zipf["cost/frequency"]["load_s"] < min(zipf["cost/bounded"]["load_s"], zipf["cost/unbounded"]["load_s"])
+    assert zipf["cost/frequency"]["load_s"] < min(
+        zipf["cost/bounded"]["load_s"], zipf["cost/unbounded"]["load_s"]
+    )
 
 
 def test_without_costs_or_with_room_for_everything_the_estimate_stays_bounded() -> None:
