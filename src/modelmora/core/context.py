@@ -248,9 +248,10 @@ class Core:
         policy needs of each model: its reload seconds (and their bounds) and when it is
         expected next."""
         out = []
+        kind = self.reuse.estimate  # the set duel's choice, once for the whole view
         for r in self.table.residents(exclude=exclude, deciding=deciding):
             seconds, bounds = self._reload(r.name)
-            out.append(replace(r, load_s=seconds, load_bounds=bounds, next_use=self.reuse.next_use(r.name)))
+            out.append(replace(r, load_s=seconds, load_bounds=bounds, next_use=self.reuse.next_use(r.name, kind)))
         return out
 
     def requested(self, name: str) -> None:

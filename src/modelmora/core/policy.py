@@ -61,6 +61,7 @@ tends to be asked for next, for the prefetch (``core/prefetch.py``).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from statistics import median
@@ -195,10 +196,12 @@ class _Ghost(NamedTuple):
 class Shadow:
     """One next-use estimator's cache, replayed on the request stream (a ghost cache).
 
-    Every counted request goes through it: a model not in it is "loaded" (its reload
-    seconds are added to ``cost``) and models are evicted by the ``cost`` rule with this
-    estimator until it fits ``Room``.  ``cost`` decays by half every ``HALF_LIFE``
-    requests, so it weighs the recent stream.  Leases, pins and other callers are not
+    Every counted request with a cost is replayed through it: a model not in it is
+    "loaded" (its reload seconds are added to :meth:`cost`) and models are evicted by the
+    ``cost`` rule with this estimator until it fits ``Room``.  :meth:`cost` decays by half
+    every ``HALF_LIFE`` counted requests, those without a cost included (requests the
+    manager counts while it has no budgets, or for a model it does not hold), so it weighs
+    the recent stream.  Leases, pins and other callers are not
     modelled: the shadow answers "which estimator would have reloaded less on this
     stream", not what the manager will do."""
 
@@ -365,7 +368,8 @@ class Reuse:
         :attr:`estimate` says: ``bounded``/``unbounded``, :func:`expected_next_use` with or
         without its cap; ``frequency``, the mean interval between its requests with each
         request weighing half as much every ``HALF_LIFE`` requests (decayed LFU, recency
-        ignored: what independent draws call for).  At least 0.5; None if never asked."""
+        ignored: what independent draws call for; ``inf`` once its weight has decayed below
+        what a float holds).  At least 0.5; None if never asked."""
         last = self._last.get(name)
         if last is None:
             return None
@@ -373,6 +377,8 @@ class Reuse:
         if kind == "frequency":
             weight, at = self._weight[name]
             now: float = weight * DECAY ** (self.requests - 1 - at)
+            if now <= 0.0:  # not asked for in ~100,000 requests: the weight underflowed
+                return math.inf
             total: float = (1.0 - DECAY**self.requests) / (1.0 - DECAY)  # every request's weight
             return max(total / now, 0.5)
         return expected_next_use(self._gaps.get(name, ()), self.requests - last, kind == "bounded")
