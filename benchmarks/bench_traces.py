@@ -212,8 +212,10 @@ def online_optimum(trace: Trace, rounds: int = 5000) -> tuple[float, int] | None
     *Markov Decision Processes*, 1994, §8.5.5; damped by half, which keeps the policy and
     makes the iteration converge on periodic chains).  The policy, which knows the true
     probabilities and nothing else, is then replayed on the trace.  No online policy —
-    ours included — beats it in expectation; the offline optimum (:func:`optimum`) also
-    knows the order."""
+    ours included — beats it in expectation (on one finite trace a policy may, by the
+    draws' luck); the offline optimum (:func:`optimum`) also knows the order.  Raises
+    ValueError when a model does not fit the budget alone, RuntimeError if the iteration
+    does not converge in ``rounds``."""
     if trace.odds is None:
         return None
     n = len(trace.models)
@@ -234,6 +236,9 @@ def online_optimum(trace: Trace, rounds: int = 5000) -> tuple[float, int] | None
             keep = (keep - 1) & grown
         return out
 
+    too_big = [m.name for m, bytes_ in zip(trace.models, size, strict=True) if bytes_ > trace.budget]
+    if too_big:
+        raise ValueError(f"{too_big[0]} does not fit the budget alone: no policy serves it")
     options = {(s, i): moves(s, i) for s in states for i in range(n) if not s >> i & 1}
     h = dict.fromkeys(states, 0.0)
     for _ in range(rounds):
@@ -247,6 +252,8 @@ def online_optimum(trace: Trace, rounds: int = 5000) -> tuple[float, int] | None
         h = new
         if change < 1e-10:
             break
+    else:
+        raise RuntimeError(f"the value iteration did not converge in {rounds} rounds ({trace.name})")
     index = {m.name: i for i, m in enumerate(trace.models)}
     state, seconds, loads = 0, 0.0, 0
     for name in trace.requests:
