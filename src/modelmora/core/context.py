@@ -251,7 +251,9 @@ class Core:
         kind = self.reuse.estimate  # the set duel's choice, once for the whole view
         for r in self.table.residents(exclude=exclude, deciding=deciding):
             seconds, bounds = self._reload(r.name)
-            out.append(replace(r, load_s=seconds, load_bounds=bounds, next_use=self.reuse.next_use(r.name, kind)))
+            out.append(
+                replace(r, load_s=seconds, load_bounds=bounds, next_use=self.reuse.next_use(r.name, kind))
+            )
         return out
 
     def requested(self, name: str) -> None:

@@ -201,9 +201,9 @@ class Shadow:
     ``cost`` rule with this estimator until it fits ``Room``.  :meth:`cost` decays by half
     every ``HALF_LIFE`` counted requests, those without a cost included (requests the
     manager counts while it has no budgets, or for a model it does not hold), so it weighs
-    the recent stream.  Leases, pins and other callers are not
-    modelled: the shadow answers "which estimator would have reloaded less on this
-    stream", not what the manager will do."""
+    the recent stream.  Leases, pins and other callers are not modelled: the shadow
+    answers "which estimator would have reloaded less on this stream", not what the
+    manager will do."""
 
     __slots__ = ("_at", "_cost", "kind", "resident")
 
@@ -265,11 +265,11 @@ class Reuse:
     ``frequency`` (the mean interval between requests, decayed, recency ignored: right
     where requests are independent draws, as under the independent reference model of
     A. V. Aho, P. J. Denning and J. D. Ullman, *Principles of optimal page replacement*,
-    JACM 18(1), 1971) — is chosen by *set dueling* (M. K. Qureshi, A. Jaleel, Y. N. Patt, S. C. Steely and J. Emer, *Adaptive
-    Insertion Policies for High Performance Caching*, ISCA 2007): LRU thrashes on a loop
-    longer than the cache, a loop-resistant rule loses elsewhere, and a cache that runs
-    both on the side and follows whichever missed less lately tracks the better one where
-    one is clearly better (a loop).  Where neither is, it can do worse than either: on
+    JACM 18(1), 1971) — is chosen by *set dueling* (M. K. Qureshi, A. Jaleel, Y. N. Patt,
+    S. C. Steely and J. Emer, *Adaptive Insertion Policies for High Performance Caching*,
+    ISCA 2007): LRU thrashes on a loop longer than the cache, a loop-resistant rule loses
+    elsewhere, and a cache that runs them on the side and follows whichever missed less
+    lately tracks the better one where one is clearly better (a loop).  Where neither is, it can do worse than either: on
     ``bench_traces.py``'s Zipf trace at seed 0, 0.99 × LRU's load-seconds against 0.96
     (bounded alone) and 0.97 (unbounded alone); over 18 runs the unbounded estimate alone
     beat it on Zipf in 16.  The three run as :class:`Shadow` caches on the whole request
@@ -292,8 +292,8 @@ class Reuse:
     reaches the online optimum on Zipf at seed 0 (0.93 × LRU) but costs up to 2.2 × LRU
     on the planner-between-tools trace.  A smaller margin for it (1 or 0 mean loads
     instead of 3) took Zipf's mean to 0.960 or 0.954 but the worst bursty run to 1.089 or
-    1.047 and the worst tools run to 1.038 or 1.071 × LRU.  Without
-    costs (``request(name)`` alone) no shadow runs and the estimate is bounded."""
+    1.047 and the worst tools run to 1.038 or 1.071 × LRU.  Without costs
+    (``request(name)`` alone) no shadow runs and the estimate is bounded."""
 
     __slots__ = ("_costs", "_gaps", "_last", "_load_sum", "_shadows", "_weight", "requests", "window")
 
