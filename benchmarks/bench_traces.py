@@ -2,6 +2,7 @@
 
     python benchmarks/bench_traces.py [--requests 300] [--seed 0] [--json] [--window 32] [--tiny]
                                       [--noise none|uniform|heavy] [--traces agent,tools] [--ablation]
+                                      [--redraws N]
 
 Six traces, each replayed through the real :class:`ModelManager` (simulated runtime) by
 one client, one request after the other, each request holding its lease for 2 s:
@@ -44,7 +45,8 @@ load-seconds (then loads); with 6 models that is at most 3^6 moves per request.
 For the traces of independent draws (uniform, Zipf) the *online* optimum is also given:
 the best policy that knows each model's true probability but not the order
 (:func:`online_optimum`, a Markov decision process solved exactly) — what no online
-policy beats in expectation, so the floor for ours.
+policy beats in expectation, so the floor for ours.  ``--redraws N`` adds its ratio to LRU
+over N traces redrawn from the same models and probabilities (one trace's ratio is a draw).
 
 The peer, Ray Serve's ``@serve.multiplexed`` (per-replica LRU by count: the ``lru`` row's
 rule), runs the periodic and agent-loop traces on a real Ray node beside modelmora's
@@ -67,7 +69,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +419,31 @@ async def replay(
     }
 
 
+async def redrawn(trace: Trace, count: int, window: int) -> dict[str, float]:
+    """The online optimum over LRU on ``count`` traces redrawn from ``trace``'s models and
+    probabilities (seeds 1000, 1001, ...): one trace's ratio is a draw, this its spread."""
+    assert trace.odds is not None
+    names = list(trace.odds)
+    ratios = []
+    for k in range(count):
+        rng = random.Random(1000 + k)
+        again = replace(
+            trace, requests=tuple(rng.choices(names, [trace.odds[n] for n in names], k=len(trace.requests)))
+        )
+        lru = (await replay(again, "lru", window))["load_s"]
+        online = online_optimum(again)
+        assert online is not None
+        ratios.append(online[0] / max(lru, 1e-9))
+    return {
+        "traces": count,
+        "mean": round(statistics.fmean(ratios), 3),
+        "sd": round(statistics.stdev(ratios), 3) if count > 1 else 0.0,
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+        "at_most_0.85": sum(r <= 0.85 for r in ratios),
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": args.requests,
@@ -444,6 +471,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds, loads = online
             row["online_optimum"] = {"loads": loads, "load_s": round(seconds, 1)}
             row["online_optimum_vs_lru"] = round(seconds / max(row["lru"]["load_s"], 1e-9), 3)
+            if args.redraws:
+                row["online_optimum_redrawn"] = await redrawn(trace, args.redraws, args.window)
         for policy in policies[1:]:
             row[f"{policy}_vs_lru"] = round(row[policy]["load_s"] / max(row["lru"]["load_s"], 1e-9), 3)
         out["traces"][trace.name] = row
@@ -502,10 +531,16 @@ def main() -> None:
         action="store_true",
         help="Also the cost policy with one next-use estimate only (bounded, unbounded, frequency): no set duel.",
     )
+    parser.add_argument(
+        "--redraws",
+        type=int,
+        default=0,
+        help="Also the online optimum over LRU on this many traces redrawn like uniform and Zipf.",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.requests < 1 or args.window < 1:
-        parser.error("--requests and --window must be positive")
+    if args.requests < 1 or args.window < 1 or args.redraws < 0:
+        parser.error("--requests and --window must be positive, --redraws at least 0")
     unknown = set(args.traces) - {t.name for t in traces(1, 0)}
     if unknown:
         parser.error(f"unknown trace {sorted(unknown)[0]!r}: uniform, zipf, bursty, agent, tools or periodic")
@@ -521,6 +556,13 @@ def main() -> None:
         print(f"\n{data['wall_s']} s wall; waits and load-seconds in modelled seconds.")
         for name, r in data["traces"].items():
             print(f"prefetch guesses acted on, {name}: {r['cost+prefetch']['prefetches'] or 'none'}")
+        for name, r in data["traces"].items():
+            if "online_optimum_redrawn" in r:
+                x = r["online_optimum_redrawn"]
+                print(
+                    f"online optimum × LRU, {name}, {x['traces']} traces redrawn: mean {x['mean']}, "
+                    f"SD {x['sd']}, {x['min']}–{x['max']}, at most 0.85 in {x['at_most_0.85']}"
+                )
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def test_bench_traces_agent_loops_cost_at_most_085_lru_and_no_trace_more_than_10
 
 def test_bench_traces_tiny_run_reports_every_trace_and_the_optimum_bounds_them() -> None:
     proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_traces.py", "--tiny", "--json"],
+        [sys.executable, "benchmarks/bench_traces.py", "--tiny", "--redraws", "2", "--json"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -190,6 +190,12 @@ def test_bench_traces_tiny_run_reports_every_trace_and_the_optimum_bounds_them()
             assert 0 <= r["wait_p50_s"] <= r["wait_p95_s"]
     periodic = data["traces"]["periodic"]
     assert (periodic["lru"]["loads"], periodic["optimum"]["loads"]) == (101, 62)
+    for name in ("uniform", "zipf"):  # independent draws: the online optimum, and redrawn
+        row = data["traces"][name]
+        assert row["optimum"]["load_s"] <= row["online_optimum"]["load_s"] + 1e-6
+        redrawn = row["online_optimum_redrawn"]
+        assert redrawn["traces"] == 2 and 0 < redrawn["min"] <= redrawn["mean"] <= redrawn["max"]
+    assert "online_optimum" not in periodic
 
 
 def _bench_traces() -> ModuleType:
