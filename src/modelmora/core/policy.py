@@ -306,7 +306,7 @@ class Reuse:
         self._gaps: dict[str, deque[int]] = {}
         self._costs: dict[str, Cost] = {}  # each model's cost when a shadow last missed it
         self._load_sum = 0.0  # of the costs' load seconds: their mean is the duel's unit
-        self._weight: dict[str, tuple[float, int]] = {}  # decayed request count, as of a request
+        self._weight: dict[str, float] = {}  # decayed request count, as of its last request
         self._shadows = tuple(Shadow(kind) for kind in ESTIMATES)
 
     def request(
@@ -325,15 +325,15 @@ class Reuse:
                         priced = True
                     shadow.request(name, self, self._costs, room)
         last = self._last.get(name)
+        aged = 0.0
         if last is not None:
             gaps = self._gaps.get(name)
             if gaps is None:
                 gaps = self._gaps[name] = deque(maxlen=self.window)
             gaps.append(self.requests - last)
+            aged = self._weight[name] * DECAY ** (self.requests - last)
         self._last[name] = self.requests
-        weight, at = self._weight.get(name, (0.0, self.requests))
-        aged: float = weight * DECAY ** (self.requests - at)
-        self._weight[name] = (aged + 1.0, self.requests)
+        self._weight[name] = aged + 1.0
         self.requests += 1
 
     def _price(self, name: str, cost: Cost) -> None:
@@ -375,8 +375,7 @@ class Reuse:
             return None
         kind = self.estimate if estimate is None else estimate
         if kind == "frequency":
-            weight, at = self._weight[name]
-            now: float = weight * DECAY ** (self.requests - 1 - at)
+            now: float = self._weight[name] * DECAY ** (self.requests - 1 - last)
             if now <= 0.0:  # not asked for in ~100,000 requests: the weight underflowed
                 return math.inf
             total: float = (1.0 - DECAY**self.requests) / (1.0 - DECAY)  # every request's weight
