@@ -295,7 +295,7 @@ def test_the_shadow_caches_switch_to_the_unbounded_estimate_on_a_loop_longer_tha
     reuse = Reuse()
     for name in "abcd" * 10:
         reuse.request(name, Cost({"cuda:0": GB}, 5.0), Room({"cuda:0": 3 * GB}))
-    assert not reuse.bounded
+    assert reuse.estimate != "bounded"
     # a is asked for next: of the others, the one just used is needed last (Belady); the
     # bounded estimate would cap d's at 1.5 × 1 request and pick c
     assert max("bcd", key=lambda n: reuse.next_use(n) or 0) == "d"
@@ -375,7 +375,7 @@ def test_without_costs_or_with_room_for_everything_the_estimate_stays_bounded() 
     for name in "abcd" * 10:
         plain.request(name)
         roomy.request(name, Cost({"cuda:0": GB}, 5.0), Room({"cuda:0": 4 * GB}))
-    assert plain.bounded and roomy.bounded
+    assert plain.estimate == roomy.estimate == "bounded"
     assert plain.next_use("d") == roomy.next_use("d") == expected_next_use([4] * 9, 1) == 1.5
 
 

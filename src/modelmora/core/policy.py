@@ -269,13 +269,13 @@ class Reuse:
     S. C. Steely and J. Emer, *Adaptive Insertion Policies for High Performance Caching*,
     ISCA 2007): LRU thrashes on a loop longer than the cache, a loop-resistant rule loses
     elsewhere, and a cache that runs them on the side and follows whichever missed less
-    lately tracks the better one where one is clearly better (a loop).  Where neither is, it can do worse than either: on
-    ``bench_traces.py``'s Zipf trace at seed 0, 0.99 × LRU's load-seconds against 0.96
-    (bounded alone) and 0.97 (unbounded alone); over 18 runs the unbounded estimate alone
-    beat it on Zipf in 16.  The three run as :class:`Shadow` caches on the whole request
-    stream, given each model's :class:`Cost` and the :class:`Room` (ghost caches, as the
-    ghost lists of ARC — N. Megiddo and D. S. Modha, FAST 2003 — and LeCaR — G. Vietri et
-    al., HotStorage 2018).  The bounded estimate is the default; the unbounded one is
+    lately tracks the better one where one is clearly better (a loop).  Where neither is,
+    it can do worse than either: on ``bench_traces.py``'s Zipf trace at seed 0, 0.99 ×
+    LRU's load-seconds against 0.96 (bounded alone) and 0.97 (unbounded alone); over 18
+    runs the unbounded estimate alone beat it on Zipf in 16.  The three run as
+    :class:`Shadow` caches on the whole request stream, given each model's :class:`Cost`
+    and the :class:`Room` (ghost caches, as the ghost lists of ARC — N. Megiddo and D. S.
+    Modha, FAST 2003 — and LeCaR — G. Vietri et al., HotStorage 2018).  The bounded estimate is the default; the unbounded one is
     followed while its shadow's decayed reload seconds are below the bounded one's by more
     than ``SWITCH_LOADS`` mean loads, and the frequency one while its shadow's are below
     the one so chosen by as much: a lead of one lucky load on a trace where neither rule is
@@ -353,11 +353,6 @@ class Reuse:
             if chosen.cost(now) - shadow.cost(now) > margin:
                 chosen = shadow
         return chosen.kind
-
-    @property
-    def bounded(self) -> bool:
-        """Whether ``next_use`` gives the bounded estimate now."""
-        return self.estimate == "bounded"
 
     def last(self, name: str) -> int:
         """The request count at ``name``'s last request (-1: never)."""
