@@ -79,7 +79,7 @@ import anyio
 
 from modelmora import ModelManager
 from modelmora import events as ev
-from modelmora.core.policy import ESTIMATES, Estimate, Reuse
+from modelmora.core.policy import NEXT_USE_ESTIMATES, NextUseEstimate, Reuse
 from modelmora.memory import DeviceMemory, MemoryMonitor, StaticProbe
 from modelmora.providers.base import Handle
 from modelmora.providers.simulated import SimulatedProvider
@@ -352,19 +352,21 @@ class Sim(SimulatedProvider):
 
 
 POLICIES = ("lru", "cost", "cost+prefetch")
-ABLATIONS = tuple(f"cost/{kind}" for kind in ESTIMATES)  # the default with one next-use estimate only
+ABLATIONS = tuple(
+    f"cost/{kind}" for kind in NEXT_USE_ESTIMATES
+)  # the default with one next-use estimate only
 
 
 class OneEstimate(Reuse):
     """The ``cost`` policy's history with the set duel turned off: always one of its
     next-use estimates (``--ablation``)."""
 
-    def __init__(self, window: int, kind: Estimate) -> None:
+    def __init__(self, window: int, kind: NextUseEstimate) -> None:
         super().__init__(window)
         self.fixed = kind
 
     @property
-    def estimate(self) -> Estimate:
+    def estimate(self) -> NextUseEstimate:
         return self.fixed
 
 
@@ -399,7 +401,7 @@ async def replay(
         tg.start_soon(clock.drive)
         ablation = policy.partition("/")[2]
         # the window under study (default: the policy's)
-        kind = next((k for k in ESTIMATES if k == ablation), None)
+        kind = next((k for k in NEXT_USE_ESTIMATES if k == ablation), None)
         mm._core.reuse = OneEstimate(window, kind) if kind else Reuse(window)
         for name in trace.requests:
             asked = clock.now

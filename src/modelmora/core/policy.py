@@ -69,8 +69,8 @@ from typing import Literal, NamedTuple, Protocol, TypeVar
 
 Eviction = Literal["cost", "lru"]
 EVICTIONS: tuple[Eviction, ...] = ("cost", "lru")
-Estimate = Literal["bounded", "unbounded", "frequency"]
-ESTIMATES: tuple[Estimate, ...] = ("bounded", "unbounded", "frequency")
+NextUseEstimate = Literal["bounded", "unbounded", "frequency"]
+NEXT_USE_ESTIMATES: tuple[NextUseEstimate, ...] = ("bounded", "unbounded", "frequency")
 WINDOW = 32  # gaps kept per model (chosen on benchmarks/bench_traces.py: 8, 16, 32 tried)
 FOLLOWERS = 16  # successors kept per model for the prefetch's guess
 STRAY = 1.5  # how far past LRU's estimate a model's expected next use may go (1, 1.25, 1.5, 2 tried)
@@ -207,7 +207,7 @@ class Shadow:
 
     __slots__ = ("_at", "_cost", "kind", "resident")
 
-    def __init__(self, kind: Estimate):
+    def __init__(self, kind: NextUseEstimate):
         self.kind = kind
         self._cost = 0.0  # reload seconds, decayed as of request number ``_at``
         self._at = 0
@@ -307,7 +307,7 @@ class Reuse:
         self._costs: dict[str, Cost] = {}  # each model's cost when a shadow last missed it
         self._load_sum = 0.0  # of the costs' load seconds: their mean is the duel's unit
         self._weight: dict[str, float] = {}  # decayed request count, as of its last request
-        self._shadows = tuple(Shadow(kind) for kind in ESTIMATES)
+        self._shadows = tuple(Shadow(kind) for kind in NEXT_USE_ESTIMATES)
 
     def request(
         self, name: str, cost: Cost | Callable[[], Cost] | None = None, room: Room | None = None
@@ -342,7 +342,7 @@ class Reuse:
         self._costs[name] = cost
 
     @property
-    def estimate(self) -> Estimate:
+    def estimate(self) -> NextUseEstimate:
         """The next-use estimate ``next_use`` gives now (see the class docstring)."""
         if not self._costs:
             return "bounded"
@@ -358,7 +358,7 @@ class Reuse:
         """The request count at ``name``'s last request (-1: never)."""
         return self._last.get(name, -1)
 
-    def next_use(self, name: str, estimate: Estimate | None = None) -> float | None:
+    def next_use(self, name: str, estimate: NextUseEstimate | None = None) -> float | None:
         """Requests until ``name``'s next request, expected — by ``estimate``, or the one
         :attr:`estimate` says: ``bounded``/``unbounded``, :func:`expected_next_use` with or
         without its cap; ``frequency``, the mean interval between its requests with each
@@ -493,20 +493,20 @@ def expected_next_use(gaps: Iterable[int], since: int, bounded: bool = True) -> 
 
 __all__ = [
     "DECAY",
-    "ESTIMATES",
     "EVICTIONS",
     "FOLLOWERS",
     "HALF_LIFE",
     "LOAD_SAMPLES",
+    "NEXT_USE_ESTIMATES",
     "SAME_LOAD",
     "SAME_SIZE",
     "STRAY",
     "SWITCH_LOADS",
     "WINDOW",
     "Cost",
-    "Estimate",
     "Eviction",
     "Measured",
+    "NextUseEstimate",
     "Reuse",
     "Room",
     "Shadow",
